@@ -1,0 +1,111 @@
+"""The IR: a Program is the model cut into Blocks, each with its traced fx graph.
+
+The Program owns the model (and so every weight); each Block's graph module shares the
+block's leaf modules, so a weight edited through one is edited in both. A pass that swaps a
+leaf (e.g. lowering a Linear) goes through `Block.replace_leaf`, which keeps both trees in step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import fx, nn
+
+from slimc.schemes import QuantScheme
+
+if TYPE_CHECKING:
+    from slimc.frontends.hf import ModelSource
+    from slimc.tracer import TracedBlock
+
+ROLES = ("text", "vision", "audio", "dit", "expert")
+
+
+@dataclass
+class QuantSpec:
+    """The quantization annotation of one Linear (or fused experts module), keyed by its qualified name."""
+
+    scheme_name: str
+    scheme: QuantScheme
+    weight_scale: torch.Tensor | None = None
+    weight_offset: torch.Tensor | None = None
+    output_error: float | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.weight_scale is not None
+
+
+@dataclass
+class Block:
+    """One repeated unit of the model (a decoder layer, a vision block, a DiT block)."""
+
+    name: str
+    module: nn.Module
+    container: nn.ModuleList
+    index: int
+    role: str = "text"
+    traced: TracedBlock | None = None
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        if self.traced is None:
+            raise RuntimeError(f"block {self.name} has not been traced yet")
+        return self.traced.graph_module
+
+    def qualified(self, target: str) -> str:
+        """The model-level name of a submodule path inside this block."""
+        return f"{self.name}.{target}" if target else self.name
+
+    def leaf(self, target: str) -> nn.Module:
+        return self.module.get_submodule(target)
+
+    def replace_leaf(self, target: str, new: nn.Module) -> None:
+        """Swap a leaf module in the block and in its graph module."""
+        self.module.set_submodule(target, new)
+        if self.traced is not None:
+            self.traced.graph_module.set_submodule(target, new)
+
+    def call_nodes(self, module_type: type | tuple[type, ...]) -> Iterator[fx.Node]:
+        """The graph's call_module nodes whose module is of the given type."""
+        gm = self.graph_module
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), module_type):
+                yield node
+
+
+@dataclass
+class Program:
+    """A model cut into blocks, with the quantization annotations of its layers."""
+
+    model: nn.Module
+    family: str
+    source: ModelSource
+    blocks: list[Block]
+    quant_specs: dict[str, QuantSpec] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def block_named(self, name: str) -> Block:
+        for block in self.blocks:
+            if block.name == name:
+                return block
+        raise KeyError(name)
+
+    @contextlib.contextmanager
+    def executing_graphs(self) -> Iterator[None]:
+        """Run the model through the blocks' graph modules (so inserted nodes take effect)."""
+        swapped = [block for block in self.blocks if block.traced is not None]
+        try:
+            for block in swapped:
+                block.container[block.index] = block.traced
+            yield
+        finally:
+            for block in swapped:
+                block.container[block.index] = block.module

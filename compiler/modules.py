@@ -1,0 +1,207 @@
+"""Modules the passes put into block graphs: activation quantizers and lowered (integer) layers.
+
+Backends read the lowered modules' buffers; nothing here knows about file formats.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimc.observers import Observer
+from slimc.quant import dequantize_weight, dynamic_fake_quantize, fake_quantize
+from slimc.schemes import QuantScheme, TensorScheme
+
+
+class FakeQuantize(nn.Module):
+    """Quantize-dequantize of an activation: a node in the block graph.
+
+    Modes: ``observe`` (collect statistics, pass through), ``quantize`` (apply), ``off``.
+    Dynamic schemes need no calibration and start in ``quantize``.
+    """
+
+    def __init__(self, scheme: TensorScheme) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.mode = "quantize" if scheme.dynamic else "observe"
+        self.observer: Observer | None = None if scheme.dynamic else Observer(scheme)
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("offset", torch.zeros(1))
+
+    def freeze(self) -> None:
+        """End observation: fix the static scale and offset and start quantizing."""
+        if self.observer is not None:
+            scale, offset = self.observer.qparams()
+            self.scale.copy_(scale)
+            self.offset.copy_(offset)
+            self.observer = None
+        self.mode = "quantize"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "observe":
+            self.observer.update(x)
+            return x
+        if self.mode == "off":
+            return x
+        if self.scheme.dynamic:
+            return dynamic_fake_quantize(x, self.scheme)
+        return fake_quantize(x, self.scale, self.offset, self.scheme)
+
+    def extra_repr(self) -> str:
+        s = self.scheme
+        return f"{s.dtype}, {s.granularity}, {'sym' if s.symmetric else 'asym'}, {'dynamic' if s.dynamic else 'static'}, mode={self.mode}"
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear lowered to integer weights and scales; computes what the quantized runtime computes.
+
+    Buffers: ``weight`` int8 codes (out, in) (int4 codes are stored unpacked in int8);
+    ``weight_scale``/``weight_offset`` float32 (out, 1) or (out, in / group); ``bias`` float32 or
+    absent; static activations add ``input_scale``/``input_offset`` float32 (1,).
+    """
+
+    def __init__(
+        self,
+        scheme: QuantScheme,
+        weight_codes: torch.Tensor,
+        weight_scale: torch.Tensor,
+        weight_offset: torch.Tensor,
+        bias: torch.Tensor | None,
+        input_qparams: tuple[torch.Tensor, torch.Tensor] | None,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.out_features, self.in_features = weight_codes.shape
+        self.dtype = dtype
+        self.register_buffer("weight", weight_codes.to(torch.int8))
+        self.register_buffer("weight_scale", weight_scale.float())
+        self.register_buffer("weight_offset", weight_offset.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        if input_qparams is not None:
+            self.register_buffer("input_scale", input_qparams[0].float().reshape(1))
+            self.register_buffer("input_offset", input_qparams[1].float().reshape(1))
+        else:
+            self.input_scale = self.input_offset = None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_weight(self.weight, self.weight_scale, self.weight_offset, self.scheme.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.scheme.act
+        x32 = x.float()
+        if act is not None:
+            if act.dynamic:
+                x32 = dynamic_fake_quantize(x32, act)
+            else:
+                x32 = fake_quantize(x32, self.input_scale, self.input_offset, act)
+        return F.linear(x32, self.dequantized_weight(), self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.scheme.label}"
+
+
+def _route(top_k_index: torch.Tensor, num_experts: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """For each expert that received tokens: (expert, top-k slot of each token, token index)."""
+    routed = []
+    for expert in torch.unique(top_k_index).tolist():
+        if 0 <= expert < num_experts:
+            token_idx, slot = torch.where(top_k_index == expert)
+            routed.append((expert, slot, token_idx))
+    return routed
+
+
+class FakeQuantExperts(nn.Module):
+    """A fused MoE experts module with a quantizer on each expert's inputs.
+
+    Keeps the `(hidden_states, top_k_index, top_k_weights)` interface of transformers' `*Experts`
+    modules and their fused weights: ``gate_up_proj`` (E, 2I, H), rows [0, I) gate and [I, 2I) up,
+    and ``down_proj`` (E, H, I). Routed tokens are only known inside this module, so activation
+    statistics are collected here, per expert. With ``route_all`` set during calibration, every
+    token also passes through every expert (its output is discarded) so that rarely routed
+    experts still get statistics.
+    """
+
+    def __init__(self, experts: nn.Module, scheme: QuantScheme) -> None:
+        super().__init__()
+        if getattr(experts, "is_transposed", False) or not getattr(experts, "has_gate", True):
+            raise NotImplementedError(f"{type(experts).__name__}: transposed or gate-less expert weights are not supported yet")
+        self.scheme = scheme
+        self.num_experts = experts.gate_up_proj.shape[0]
+        self.gate_up_proj = experts.gate_up_proj
+        self.down_proj = experts.down_proj
+        self.gate_up_proj_bias = getattr(experts, "gate_up_proj_bias", None)
+        self.down_proj_bias = getattr(experts, "down_proj_bias", None)
+        self.act_fn = experts.act_fn
+        self.route_all = False
+        act = scheme.act
+        self.gate_up_input = nn.ModuleList(FakeQuantize(act) for _ in range(self.num_experts)) if act else None
+        self.down_input = nn.ModuleList(FakeQuantize(act) for _ in range(self.num_experts)) if act else None
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_input is not None:
+            x = self.gate_up_input[expert](x)
+        gate_up = F.linear(x, self.gate_up_proj[expert], None if self.gate_up_proj_bias is None else self.gate_up_proj_bias[expert])
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = self.act_fn(gate) * up
+        if self.down_input is not None:
+            h = self.down_input[expert](h)
+        return F.linear(h, self.down_proj[expert], None if self.down_proj_bias is None else self.down_proj_bias[expert])
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.route_all:
+            for expert in range(self.num_experts):
+                self.expert_forward(expert, hidden_states)
+        out = torch.zeros_like(hidden_states)
+        for expert, slot, token_idx in _route(top_k_index, self.num_experts):
+            y = self.expert_forward(expert, hidden_states[token_idx]) * top_k_weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+
+class QuantizedExperts(nn.Module):
+    """Fused MoE experts lowered to integer weights: per expert, per output row scales.
+
+    Buffers: ``gate_up_proj`` int8 (E, 2I, H), ``down_proj`` int8 (E, H, I), each with
+    ``*_scale``/``*_offset`` float32 (E, rows, 1) or (E, rows, in / group); static activations add
+    ``gate_up_input_scale``/``_offset`` and ``down_input_scale``/``_offset`` float32 (E,).
+    """
+
+    def __init__(self, scheme: QuantScheme, act_fn: nn.Module, dtype: torch.dtype, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.act_fn = act_fn
+        self.dtype = dtype
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor)
+        self.num_experts = self.gate_up_proj.shape[0]
+
+    def _act(self, x: torch.Tensor, which: str, expert: int) -> torch.Tensor:
+        act = self.scheme.act
+        if act is None:
+            return x
+        if act.dynamic:
+            return dynamic_fake_quantize(x, act)
+        scale = getattr(self, f"{which}_input_scale")[expert]
+        offset = getattr(self, f"{which}_input_offset")[expert]
+        return fake_quantize(x, scale, offset, act)
+
+    def _weight(self, which: str, expert: int) -> torch.Tensor:
+        codes = getattr(self, which)[expert]
+        return dequantize_weight(codes, getattr(self, f"{which}_scale")[expert], getattr(self, f"{which}_offset")[expert], self.scheme.weight)
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self, "gate_up_proj_bias", None)
+        gate_up = F.linear(self._act(x.float(), "gate_up", expert), self._weight("gate_up_proj", expert), None if bias is None else bias[expert])
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = self.act_fn(gate) * up
+        bias = getattr(self, "down_proj_bias", None)
+        return F.linear(self._act(h, "down", expert), self._weight("down_proj", expert), None if bias is None else bias[expert])
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for expert, slot, token_idx in _route(top_k_index, self.num_experts):
+            y = self.expert_forward(expert, hidden_states[token_idx]) * top_k_weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out

@@ -1,0 +1,189 @@
+"""Quantization numerics: pure functions on tensors.
+
+Conventions (the ones Ascend runtimes use, see FORMATS.md):
+- symmetric: ``scale = amax / qmax``, ``offset = 0``;
+- asymmetric: ``scale = (max - min) / (qmax - qmin)``, ``offset = round(-min / scale) + qmin``;
+- ``q = clamp(round(x / scale) + offset, qmin, qmax)``, ``x ≈ (q - offset) * scale``.
+Scales and offsets are float32 and broadcast against the tensor they belong to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimc.schemes import TensorScheme
+
+_TINY = torch.finfo(torch.float32).tiny * 1024
+
+
+def qparams_from_range(
+    min_val: torch.Tensor, max_val: torch.Tensor, scheme: TensorScheme
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset for values in [min_val, max_val] (any broadcastable shape, float32 out).
+
+    The range is widened to include 0 so that exact zeros (padding, ReLU) stay exact.
+    """
+    min_val = torch.clamp(min_val.float(), max=0.0)
+    max_val = torch.clamp(max_val.float(), min=0.0)
+    if scheme.symmetric:
+        scale = torch.maximum(-min_val, max_val) / scheme.qmax
+        offset = torch.zeros_like(scale)
+    else:
+        scale = (max_val - min_val) / (scheme.qmax - scheme.qmin)
+        scale = torch.clamp(scale, min=_TINY)
+        offset = torch.round(-min_val / scale) + scheme.qmin
+        offset = torch.clamp(offset, scheme.qmin, scheme.qmax)
+    return torch.clamp(scale, min=_TINY), offset
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, scheme: TensorScheme) -> torch.Tensor:
+    """Integer codes of ``x`` (returned as int8 storage for int8 and int4 alike)."""
+    q = torch.round(x.float() / scale) + offset
+    return torch.clamp(q, scheme.qmin, scheme.qmax).to(torch.int8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Float32 values of integer codes."""
+    return (q.float() - offset) * scale
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, scheme: TensorScheme) -> torch.Tensor:
+    """Quantize then dequantize, in the dtype of ``x``."""
+    return dequantize(quantize(x, scale, offset, scheme), scale, offset).to(x.dtype)
+
+
+def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(out, in) -> (out, in / group_size, group_size); raises ValueError if it does not divide."""
+    out_features, in_features = w.shape
+    if in_features % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the input size {in_features}")
+    return w.reshape(out_features, in_features // group_size, group_size)
+
+
+def weight_range(w: torch.Tensor, scheme: TensorScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of a weight (out, in) at the scheme's granularity.
+
+    Shapes: per_tensor (1, 1); per_channel (out, 1); per_group (out, in / g).
+    """
+    w = w.float()
+    if scheme.granularity == "per_tensor":
+        return w.min().reshape(1, 1), w.max().reshape(1, 1)
+    if scheme.granularity == "per_channel":
+        return w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+    if scheme.granularity == "per_group":
+        g = grouped(w, scheme.group_size)
+        return g.amin(dim=2), g.amax(dim=2)
+    raise ValueError(f"weights cannot be quantized {scheme.granularity}")
+
+
+def expand_to_weight(param: torch.Tensor, w_shape: torch.Size, scheme: TensorScheme) -> torch.Tensor:
+    """Broadcast a stored weight scale/offset to the full (out, in) weight shape."""
+    if scheme.granularity == "per_group":
+        return param.repeat_interleave(scheme.group_size, dim=1)
+    return param.expand(w_shape)
+
+
+def act_range(x: torch.Tensor, scheme: TensorScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of an activation (..., in): per_tensor () or per_token (..., 1)."""
+    x = x.float()
+    if scheme.granularity == "per_tensor":
+        return x.min(), x.max()
+    if scheme.granularity == "per_token":
+        return x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+    raise ValueError(f"activations cannot be quantized {scheme.granularity}")
+
+
+def dynamic_fake_quantize(x: torch.Tensor, scheme: TensorScheme) -> torch.Tensor:
+    """Quantize-dequantize an activation with scales computed from ``x`` itself (dynamic)."""
+    scale, offset = qparams_from_range(*act_range(x, scheme), scheme)
+    return fake_quantize(x, scale, offset, scheme)
+
+
+def clip_search_weight_qparams(
+    w: torch.Tensor, scheme: TensorScheme, grid: int = 40, max_shrink: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight scale/offset minimising the squared quantization error per row or group (mse observer).
+
+    Tries shrinking the min/max range by factors in [1 - max_shrink, 1] and keeps, per scale
+    entry, the factor with the lowest error.
+    """
+    w = w.float()
+    lo, hi = weight_range(w, scheme)
+    best_err = torch.full_like(lo, float("inf"))
+    best_scale, best_offset = qparams_from_range(lo, hi, scheme)
+    for i in range(grid + 1):
+        factor = 1.0 - max_shrink * i / grid
+        scale, offset = qparams_from_range(lo * factor, hi * factor, scheme)
+        err = _weight_error(w, scale, offset, scheme)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_offset = torch.where(better, offset, best_offset)
+    return best_scale, best_offset
+
+
+def _weight_error(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, scheme: TensorScheme) -> torch.Tensor:
+    """Squared error per stored scale entry."""
+    full_scale = expand_to_weight(scale, w.shape, scheme)
+    full_offset = expand_to_weight(offset, w.shape, scheme)
+    sq = (fake_quantize(w, full_scale, full_offset, scheme) - w) ** 2
+    if scheme.granularity == "per_tensor":
+        return sq.sum().reshape(1, 1)
+    if scheme.granularity == "per_channel":
+        return sq.sum(dim=1, keepdim=True)
+    return grouped(sq, scheme.group_size).sum(dim=2)
+
+
+def weight_qparams(w: torch.Tensor, scheme: TensorScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset of a weight (out, in) by the scheme's observer (stored shapes as weight_range)."""
+    if scheme.observer == "mse":
+        return clip_search_weight_qparams(w, scheme)
+    if scheme.observer == "percentile":
+        lo, hi = _percentile_weight_range(w, scheme)
+        return qparams_from_range(lo, hi, scheme)
+    return qparams_from_range(*weight_range(w, scheme), scheme)
+
+
+def _percentile_weight_range(w: torch.Tensor, scheme: TensorScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    q = scheme.percentile / 100.0
+    w = w.float()
+    if scheme.granularity == "per_tensor":
+        flat = w.reshape(1, -1)
+    elif scheme.granularity == "per_channel":
+        flat = w
+    else:
+        flat = grouped(w, scheme.group_size)
+    lo = torch.quantile(flat, 1.0 - q, dim=-1, keepdim=scheme.granularity != "per_group")
+    hi = torch.quantile(flat, q, dim=-1, keepdim=scheme.granularity != "per_group")
+    return lo, hi
+
+
+def quantize_weight(w: torch.Tensor, scheme: TensorScheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest weight quantization: (codes int8 (out, in), scale, offset) with stored shapes."""
+    scale, offset = weight_qparams(w, scheme)
+    q = quantize(w, expand_to_weight(scale, w.shape, scheme), expand_to_weight(offset, w.shape, scheme), scheme)
+    return q, scale, offset
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, scheme: TensorScheme) -> torch.Tensor:
+    """Float32 weight (out, in) from codes and stored scale/offset."""
+    return dequantize(q, expand_to_weight(scale, q.shape, scheme), expand_to_weight(offset, q.shape, scheme))
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int4 codes in [-8, 7] two per byte along the last dim (low nibble first): (..., n) -> (..., n/2) int8."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even last dimension, got {q.shape[-1]}")
+    u = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    packed = u[..., 0::2] | (u[..., 1::2] << 4)
+    return packed.view(torch.int8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: (..., n/2) int8 -> (..., n) int8 codes in [-8, 7]."""
+    u = packed.view(torch.uint8)
+    low = (u & 0xF).to(torch.int16)
+    high = (u >> 4).to(torch.int16)
+    low = torch.where(low > 7, low - 16, low)
+    high = torch.where(high > 7, high - 16, high)
+    return torch.stack([low, high], dim=-1).flatten(-2).to(torch.int8)

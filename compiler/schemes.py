@@ -1,0 +1,81 @@
+"""Quantization schemes as data: what a tensor is quantized to, not how scales are found."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+IntDtype = Literal["int8", "int4"]
+Granularity = Literal["per_tensor", "per_channel", "per_group", "per_token"]
+ObserverName = Literal["minmax", "percentile", "mse"]
+
+QRANGES: dict[str, tuple[int, int]] = {"int8": (-128, 127), "int4": (-8, 7)}
+
+
+class TensorScheme(BaseModel):
+    """How one tensor (a weight or a Linear's input activation) is quantized."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dtype: IntDtype = "int8"
+    granularity: Granularity = "per_channel"
+    group_size: int | None = None
+    symmetric: bool = True
+    dynamic: bool = False
+    observer: ObserverName = "minmax"
+    percentile: float = 99.99
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TensorScheme:
+        if self.granularity == "per_group" and not (self.group_size and self.group_size > 0):
+            raise ValueError("granularity per_group needs a positive group_size (e.g. group_size: 64)")
+        if self.granularity != "per_group" and self.group_size is not None:
+            raise ValueError(f"group_size is only used with granularity per_group, not {self.granularity}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        return self
+
+    @property
+    def qmin(self) -> int:
+        return QRANGES[self.dtype][0]
+
+    @property
+    def qmax(self) -> int:
+        return QRANGES[self.dtype][1]
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.dtype == "int8" else 4
+
+
+class QuantScheme(BaseModel):
+    """A Linear's scheme: its weight and, unless weight-only, its input activation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weight: TensorScheme
+    act: TensorScheme | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QuantScheme:
+        if self.weight.dynamic:
+            raise ValueError("weight: dynamic is for activations only; weights are quantized once, offline")
+        if self.weight.granularity == "per_token":
+            raise ValueError("weight: per_token is an activation granularity; use per_channel or per_group")
+        if self.act is not None:
+            if self.act.granularity == "per_channel":
+                raise ValueError("act: per_channel activations cannot be folded into a matmul; use per_tensor or per_token")
+            if self.act.granularity == "per_group":
+                raise ValueError("act: per_group activations are not supported; use per_tensor or per_token")
+            if self.act.granularity == "per_token" and not self.act.dynamic:
+                raise ValueError("act: per_token scales depend on each token, so they need dynamic: true")
+        return self
+
+    @property
+    def label(self) -> str:
+        """W8A8, W8A8_DYNAMIC, W8A16, W4A4_DYNAMIC ... in the naming Ascend runtimes use."""
+        w = f"W{self.weight.bits}"
+        if self.act is None:
+            return f"{w}A16"
+        return f"{w}A{self.act.bits}" + ("_DYNAMIC" if self.act.dynamic else "")
