@@ -8,6 +8,7 @@ leaf (e.g. lowering a Linear) goes through `Block.replace_leaf`, which keeps bot
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,13 +31,13 @@ class QuantSpec:
 
     scheme_name: str
     scheme: QuantScheme
-    weight_scale: torch.Tensor | None = None
-    weight_offset: torch.Tensor | None = None
+    weight_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     output_error: float | None = None
 
     @property
     def calibrated(self) -> bool:
-        return self.weight_scale is not None
+        """Whether weight scales exist: per parameter, "weight" for a Linear, one per fused experts weight."""
+        return bool(self.weight_qparams)
 
 
 @dataclass
@@ -68,6 +69,39 @@ class Block:
         self.module.set_submodule(target, new)
         if self.traced is not None:
             self.traced.graph_module.set_submodule(target, new)
+
+    @staticmethod
+    def quantizer_target(layer_target: str) -> str:
+        """Where the input quantizer of a layer lives in the graph module."""
+        return "act_quant." + re.sub(r"\W", "_", layer_target)
+
+    def input_quantizer(self, layer_target: str) -> nn.Module | None:
+        """The quantize-dequantize node module on a layer's input, if one was inserted."""
+        try:
+            return self.graph_module.get_submodule(self.quantizer_target(layer_target))
+        except AttributeError:
+            return None
+
+    def insert_input_quantizer(self, layer_target: str, quantizer: nn.Module) -> None:
+        """Put `quantizer` on the first input of every call of the layer, as a call_module node."""
+        gm = self.graph_module
+        target = self.quantizer_target(layer_target)
+        gm.add_submodule(target, quantizer)
+        for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == layer_target]:
+            with gm.graph.inserting_before(node):
+                quantized = gm.graph.call_module(target, (node.args[0],))
+            node.args = (quantized, *node.args[1:])
+        gm.recompile()
+
+    def remove_input_quantizer(self, layer_target: str) -> None:
+        """Take a layer's input quantizer node out of the graph (its input goes straight to the layer)."""
+        gm = self.graph_module
+        target = self.quantizer_target(layer_target)
+        for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+        gm.delete_submodule(target)
+        gm.recompile()
 
     def call_nodes(self, module_type: type | tuple[type, ...]) -> Iterator[fx.Node]:
         """The graph's call_module nodes whose module is of the given type."""

@@ -1,0 +1,221 @@
+"""The YAML config: safe loading, typed validation, `--set` overrides, messages that point at the line.
+
+    version: 1
+    model: {family: auto, dtype: auto}
+    calibration: {dataset: builtin:text, samples: 128, seq_len: 512}
+    schemes: {w8a8_dynamic: {weight: {...}, act: {...}}}
+    pipeline: [{pass: norm_fusion}, {pass: smooth, alpha: 0.8}, ...]
+    export: [{format: mindie}]
+
+Pass and export parameters are validated by the pass/backend class itself (its typed fields).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from slimc.errors import ConfigError
+from slimc.schemes import QuantScheme
+
+CONFIG_VERSION = 1
+PLAIN_TAGS = {f"tag:yaml.org,2002:{kind}" for kind in ("str", "int", "float", "bool", "null", "map", "seq")}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    path: str | None = None
+    family: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+
+class CalibrationConfig(_Strict):
+    dataset: str = "builtin:text"
+    samples: int = Field(128, gt=0)
+    seq_len: int = Field(512, gt=1)
+    batch_size: int = Field(4, gt=0)
+
+
+class EvaluationConfig(_Strict):
+    dataset: str = "builtin:text-eval"
+    samples: int = Field(40, gt=0)
+    seq_len: int = Field(512, gt=1)
+    batch_size: int = Field(4, gt=0)
+
+
+class SlimcConfig(_Strict):
+    version: Literal[1] = 1
+    model: ModelConfig = ModelConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    schemes: dict[str, QuantScheme] = {}
+    pipeline: list[dict[str, Any]] = []
+    export: list[dict[str, Any]] = []
+    equivalence_tolerance: float | None = Field(None, gt=0)
+
+    source_file: str = Field("<config>", exclude=True)
+    lines: dict[tuple, int] = Field(default_factory=dict, exclude=True)
+
+    def where(self, *loc: Any) -> str:
+        """'file:line' of the deepest known key of a location, for messages."""
+        return _where(self.source_file, self.lines, loc)
+
+
+def _where(source: str, lines: dict[tuple, int], loc: tuple) -> str:
+    for end in range(len(loc), -1, -1):
+        if tuple(loc[:end]) in lines:
+            line = lines[tuple(loc[:end])]
+            return f"{source}:{line}" if line > 0 else f"{source} (--set)"
+    return source
+
+
+def _construct(node: yaml.Node, path: tuple, lines: dict[tuple, int]) -> Any:
+    """Build plain Python data from a composed YAML node, recording each key's line (1-based)."""
+    lines[path] = node.start_mark.line + 1
+    if node.tag not in PLAIN_TAGS:
+        raise ConfigError(f"line {node.start_mark.line + 1}: YAML tag {node.tag!r} is not allowed; configs are plain data")
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = yaml.safe_load(yaml.serialize(key_node))
+            if key in out:
+                raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
+            out[key] = _construct(value_node, path + (key,), lines)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(item, path + (i,), lines) for i, item in enumerate(node.value)]
+    return yaml.safe_load(yaml.serialize(node))
+
+
+def read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
+    """Safe-load a YAML file into plain data and a map from key path to line number."""
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    lines: dict[tuple, int] = {}
+    data = {} if node is None else _construct(node, (), lines)
+    return data, lines
+
+
+def apply_override(data: dict, assignment: str, lines: dict[tuple, int]) -> None:
+    """Apply one `key.path=value` override in place; the value is parsed as YAML; list items by index."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value, e.g. --set calibration.samples=32")
+    key_path, raw_value = assignment.split("=", 1)
+    keys = [int(k) if k.isdigit() else k for k in key_path.strip().split(".")]
+    try:
+        value = yaml.safe_load(raw_value)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML: {error}") from None
+    target = data
+    for depth, key in enumerate(keys[:-1]):
+        if isinstance(target, list):
+            if not isinstance(key, int) or key >= len(target):
+                raise ConfigError(f"--set {key_path}: {'.'.join(map(str, keys[:depth]))} has {len(target)} items; no item {key}")
+            target = target[key]
+        else:
+            target = target.setdefault(key, {})
+        if not isinstance(target, dict | list):
+            raise ConfigError(f"--set {key_path}: {'.'.join(map(str, keys[: depth + 1]))} is a value, not a section")
+    last = keys[-1]
+    if isinstance(target, list):
+        if not isinstance(last, int) or last >= len(target):
+            raise ConfigError(f"--set {key_path}: no item {last} in a list of {len(target)}")
+    target[last] = value
+    lines[tuple(keys)] = 0
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The field names of the pydantic model found at `loc` (None where it is not a model)."""
+    current: Any = model
+    for key in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(key) if isinstance(key, str) else None
+            if field is None:
+                return None
+            current = field.annotation
+        elif getattr(current, "__origin__", None) is dict:
+            current = current.__args__[1]
+        else:
+            current = next((a for a in getattr(current, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            if current is None:
+                return None
+            if isinstance(key, str):
+                field = current.model_fields.get(key)
+                if field is None:
+                    return None
+                current = field.annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return [name for name, field in current.model_fields.items() if not field.exclude]
+    inner = next((a for a in getattr(current, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return None if inner is None else [name for name, f in inner.model_fields.items() if not f.exclude]
+
+
+def format_validation_error(
+    error: ValidationError, model: type[BaseModel], source: str, lines: dict[tuple, int], prefix: tuple = ()
+) -> str:
+    """One line per problem: where, which key, what is wrong, and what is allowed."""
+    messages = []
+    for item in error.errors():
+        loc = prefix + tuple(item["loc"])
+        key = ".".join(str(k) for k in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, tuple(item["loc"])[:-1])
+            hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+            text = f"unknown key {loc[-1]!r}{hint}"
+        elif item["type"] == "missing":
+            text = "required key is missing"
+        else:
+            text = item["msg"].replace("Value error, ", "")
+            if "input" in item and not isinstance(item["input"], dict | list):
+                text += f" (got {item['input']!r})"
+        messages.append(f"{_where(source, lines, loc)}: {key}: {text}")
+    return "\n".join(messages)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> SlimcConfig:
+    """Read, override, migrate and validate a config file."""
+    path = Path(path)
+    data, lines = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping with keys such as version, model, pipeline")
+    for assignment in overrides:
+        apply_override(data, assignment, lines)
+    return config_from_data(data, source=str(path), lines=lines)
+
+
+def config_from_data(data: dict, *, source: str = "<config>", lines: dict[tuple, int] | None = None) -> SlimcConfig:
+    lines = lines or {}
+    data = copy.deepcopy(data)
+    version = data.get("version", CONFIG_VERSION)
+    if version != CONFIG_VERSION:
+        raise ConfigError(
+            f"{_where(source, lines, ('version',))}: version: this slimc reads config version {CONFIG_VERSION}, "
+            f"the file says {version!r}"
+        )
+    try:
+        config = SlimcConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, SlimcConfig, source, lines)) from None
+    config.source_file = source
+    config.lines = lines
+    for index, step in enumerate(config.pipeline):
+        if "pass" not in step:
+            raise ConfigError(f"{config.where('pipeline', index)}: pipeline.{index}: each step needs `pass: NAME`")
+    for index, step in enumerate(config.export):
+        if "format" not in step:
+            raise ConfigError(f"{config.where('export', index)}: export.{index}: each entry needs `format: NAME`")
+    return config

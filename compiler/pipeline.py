@@ -1,0 +1,161 @@
+"""The block-sequential pipeline: each block is traced, rewritten by every pass, run, and released.
+
+Calibration data enters at the first block; each later block's inputs are the previous block's
+outputs, computed after that block's passes (so quantization error propagates as it will at
+run time). Only one block's calibration activations are held at a time: outputs overwrite
+inputs batch by batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from tqdm.auto import tqdm
+
+from slimc.config import SlimcConfig, format_validation_error
+from slimc.errors import ConfigError, PassError
+from slimc.ir import Block, Program
+from slimc.pass_base import Pass, pass_class
+from slimc.patterns import propagate_shapes
+from slimc.report import RunReport
+from slimc.schemes import QuantScheme
+from slimc.tracer import trace_block
+
+BlockInput = tuple[tuple, dict[str, Any]]
+
+DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def primary_output(output: Any) -> torch.Tensor:
+    """The hidden states a block returns (a tensor, or the first element of a tuple)."""
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def rebind_hidden(inputs: BlockInput, hidden: torch.Tensor) -> BlockInput:
+    """The next block's inputs: the same call with the hidden states replaced."""
+    args, kwargs = inputs
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    reference = reference.float()
+    return float((actual.float() - reference).norm() / reference.norm().clamp_min(1e-12))
+
+
+class Context:
+    """What a pass sees while working on a block: the program, the config, the block's inputs."""
+
+    def __init__(self, program: Program, config: SlimcConfig, steps: Sequence[Pass], report: RunReport) -> None:
+        self.program = program
+        self.config = config
+        self.steps = steps
+        self.report = report
+        self.device = torch.device(config.model.device)
+        self.inputs: list[BlockInput] = []
+
+    @torch.no_grad()
+    def run(self, block: Block, batches: Sequence[BlockInput] | None = None) -> list[torch.Tensor]:
+        """The block graph's hidden-state outputs on (some of) its calibration inputs."""
+        batches = self.inputs if batches is None else batches
+        return [primary_output(block.traced(*args, **kwargs)) for args, kwargs in batches]
+
+    def planned_scheme(self, qualified_name: str) -> tuple[str, QuantScheme] | None:
+        """The scheme a later step will give a layer, so earlier steps (smoothing) can aim for it."""
+        for step in self.steps:
+            scheme_for = getattr(step, "scheme_for", None)
+            if scheme_for is not None:
+                found = scheme_for(qualified_name, self.config)
+                if found is not None:
+                    return found
+        return None
+
+    @property
+    def tolerance(self) -> float:
+        if self.config.equivalence_tolerance is not None:
+            return self.config.equivalence_tolerance
+        return DEFAULT_TOLERANCE.get(self.program.dtype, 1e-3)
+
+
+class Pipeline:
+    """The passes of a config, validated and ordered."""
+
+    def __init__(self, steps: list[Pass]) -> None:
+        self.steps = steps
+
+    @classmethod
+    def from_config(cls, config: SlimcConfig) -> Pipeline:
+        steps: list[Pass] = []
+        for index, raw in enumerate(config.pipeline):
+            params = {key: value for key, value in raw.items() if key != "pass"}
+            try:
+                step_class = pass_class(str(raw["pass"]))
+            except ConfigError as error:
+                raise ConfigError(f"{config.where('pipeline', index, 'pass')}: pipeline.{index}.pass: {error}") from None
+            try:
+                step = step_class(**params)
+            except ValidationError as error:
+                raise ConfigError(
+                    format_validation_error(error, step_class, config.source_file, config.lines, prefix=("pipeline", index))
+                ) from None
+            missing = [name for name in step.requires if name not in {s.name for s in steps}]
+            if missing:
+                raise ConfigError(
+                    f"{config.where('pipeline', index)}: pipeline.{index}: pass {step.name!r} needs "
+                    f"{', '.join(repr(m) for m in missing)} earlier in the pipeline"
+                )
+            step.check(config, index)
+            steps.append(step)
+        return cls(steps)
+
+    def run(self, program: Program, config: SlimcConfig, first_inputs: list[BlockInput], report: RunReport) -> Context:
+        """Run every pass on every block, in order. `first_inputs` are the first block's calibration inputs."""
+        ctx = Context(program, config, self.steps, report)
+        for step in self.steps:
+            with report.timed(step.name):
+                step.prepare(program, ctx)
+        ctx.inputs = first_inputs
+        for block in tqdm(program.blocks, desc="blocks", unit="block"):
+            self._run_block(block, ctx)
+        for step in self.steps:
+            with report.timed(step.name):
+                step.finish(program, ctx)
+        ctx.inputs = []
+        return ctx
+
+    def _run_block(self, block: Block, ctx: Context) -> None:
+        moved = ctx.device.type != "cpu"
+        if moved:
+            block.module.to(ctx.device)
+        if block.traced is None:
+            with ctx.report.timed("trace"):
+                args, kwargs = ctx.inputs[0]
+                block.traced = trace_block(block.module, args, kwargs, name=block.name)
+                propagate_shapes(block.traced.graph_module, block.traced.flatten_inputs(args, kwargs))
+        for step in self.steps:
+            reference = ctx.run(block, ctx.inputs[:2]) if step.preserves_function else None
+            with ctx.report.timed(step.name):
+                step.run_block(block, ctx)
+            if reference is not None:
+                self._check_equivalence(step, block, ctx, reference)
+        with torch.no_grad():
+            for index, batch in enumerate(ctx.inputs):
+                ctx.inputs[index] = rebind_hidden(batch, primary_output(block.traced(*batch[0], **batch[1])))
+        if moved:
+            block.module.to("cpu")
+
+    @staticmethod
+    def _check_equivalence(step: Pass, block: Block, ctx: Context, reference: list[torch.Tensor]) -> None:
+        after = ctx.run(block, ctx.inputs[: len(reference)])
+        error = max(relative_error(a, r) for a, r in zip(after, reference))
+        tolerance = ctx.tolerance
+        if not error <= tolerance:
+            raise PassError(
+                f"pass {step.name!r} changed what block {block.name} computes: relative output difference "
+                f"{error:.3e} exceeds the tolerance {tolerance:.1e}. The pass should preserve the function; "
+                "report this with the model, or set `equivalence_tolerance` in the config if the difference is expected"
+            )

@@ -1,0 +1,86 @@
+"""What a run measured: time per step, peak memory, per-layer quantization error, output size."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+def peak_memory_bytes() -> dict[str, int]:
+    """Peak resident memory of this process, and of the accelerator when one is in use."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peaks = {"host": rss if sys.platform == "darwin" else rss * 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks["cuda"] = torch.cuda.max_memory_allocated()
+    return peaks
+
+
+def directory_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    scheme: str
+    relative_error: float
+
+
+@dataclass
+class RunReport:
+    seconds: dict[str, float] = field(default_factory=dict)
+    layers: list[LayerRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    outputs: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    peak_memory: dict[str, int] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, step: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - start
+
+    def note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+
+    def finish(self) -> None:
+        self.peak_memory = peak_memory_bytes()
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def render(self, worst: int = 10) -> str:
+        """A plain-text summary for the terminal."""
+        lines = ["", "slimc run summary", "-----------------"]
+        total = self.seconds.get("total")
+        if total is not None:
+            lines.append(f"time: {total:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items() if k != "total") + ")")
+        for device, size in self.peak_memory.items():
+            lines.append(f"peak memory ({device}): {size / 2**20:.0f} MiB")
+        for fmt, size in self.outputs.items():
+            lines.append(f"output {fmt}: {size / 2**20:.1f} MiB")
+        for key, value in self.metrics.items():
+            lines.append(f"{key}: {value:.4g}")
+        if self.layers:
+            errors = [layer.relative_error for layer in self.layers]
+            lines.append(
+                f"quantized layers: {len(self.layers)}; relative output error mean {sum(errors) / len(errors):.4f}, "
+                f"max {max(errors):.4f}"
+            )
+            lines.append(f"worst {min(worst, len(self.layers))} layers:")
+            for layer in sorted(self.layers, key=lambda r: -r.relative_error)[:worst]:
+                lines.append(f"  {layer.relative_error:8.4f}  {layer.scheme:14s} {layer.name}")
+        lines.extend(f"note: {note}" for note in self.notes)
+        return "\n".join(lines)
