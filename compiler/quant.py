@@ -187,3 +187,15 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     low = torch.where(low > 7, low - 16, low)
     high = torch.where(high > 7, high - 16, high)
     return torch.stack([low, high], dim=-1).flatten(-2).to(torch.int8)
+
+
+def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant migration scales ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` per input channel.
+
+    Activations are divided by ``s`` and weights multiplied by it. Channels that are all zero in
+    either tensor keep ``s = 1``; scales are clamped to [1e-5, 1e5] to stay finite in low precision.
+    """
+    act_absmax, weight_absmax = act_absmax.float(), weight_absmax.float()
+    scales = act_absmax.pow(alpha) / weight_absmax.pow(1.0 - alpha)
+    dead = (act_absmax <= 0) | (weight_absmax <= 0) | ~torch.isfinite(scales)
+    return torch.where(dead, torch.ones_like(scales), scales).clamp(1e-5, 1e5)

@@ -1,0 +1,11 @@
+"""Built-in passes, one module each. Importing this package registers them.
+
+Users write their own passes against the same contract:
+
+    from slimc.passes import Pass, register_pass
+"""
+
+from slimc.pass_base import Pass, register_pass
+from slimc.passes import calibrate, fake_quant, lower, norm_fusion, smooth
+
+__all__ = ["Pass", "register_pass", "calibrate", "fake_quant", "lower", "norm_fusion", "smooth"]

@@ -1,0 +1,102 @@
+"""Calibration helpers: statistics from running a block on its inputs, through module hooks.
+
+Hooks sit on leaf modules, which a block and its graph module share, so they fire when the
+graph runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from slimc.ir import Block
+from slimc.quant import (
+    dequantize_weight,
+    dynamic_fake_quantize,
+    fake_quantize,
+    qparams_from_range,
+    quantize_weight,
+)
+from slimc.schemes import QuantScheme
+
+
+def _channel_absmax(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().abs().float().reshape(-1, x.shape[-1]).amax(0)
+
+
+@torch.no_grad()
+def channel_absmax(block: Block, batches: Sequence, targets: dict[str, str], run) -> dict[str, torch.Tensor]:
+    """Per-channel max |x| at leaves of the block: `targets` maps a leaf to "input" or "output".
+
+    `run(block, batches)` executes the block graph (the Context's runner).
+    """
+    stats: dict[str, torch.Tensor] = {}
+
+    def record(target: str, x: torch.Tensor) -> None:
+        current = _channel_absmax(x)
+        stats[target] = current if target not in stats else torch.maximum(stats[target], current)
+
+    handles = []
+    for target, where in targets.items():
+        module = block.leaf(target)
+        if where == "input":
+            handles.append(module.register_forward_pre_hook(lambda m, args, t=target: record(t, args[0])))
+        else:
+            handles.append(module.register_forward_hook(lambda m, args, out, t=target: record(t, out)))
+    try:
+        run(block, batches)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+@contextlib.contextmanager
+def captured_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Collect the first positional input of each module while the context is open."""
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    handles = [
+        module.register_forward_pre_hook(lambda m, args, n=name: captured[n].append(args[0].detach()))
+        for name, module in modules.items()
+    ]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def simulate_act(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Activation quantization as calibration will apply it, estimated from `x` itself."""
+    act = scheme.act
+    if act is None:
+        return x
+    if act.dynamic:
+        return dynamic_fake_quantize(x, act)
+    scale, offset = qparams_from_range(x.min(), x.max(), act)
+    return fake_quantize(x, scale, offset, act)
+
+
+@contextlib.contextmanager
+def simulated_quantization(block: Block, linears: dict[str, QuantScheme]) -> Iterator[None]:
+    """Temporarily quantize the given Linears (round-to-nearest weights, activations as planned)."""
+    saved, handles = {}, []
+    with torch.no_grad():
+        for target, scheme in linears.items():
+            linear = block.leaf(target)
+            saved[target] = linear.weight.detach().clone()
+            codes, scale, offset = quantize_weight(linear.weight, scheme.weight)
+            linear.weight.copy_(dequantize_weight(codes, scale, offset, scheme.weight).to(linear.weight.dtype))
+            if scheme.act is not None:
+                handles.append(linear.register_forward_pre_hook(lambda m, args, s=scheme: (simulate_act(args[0], s),)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for target, weight in saved.items():
+                block.leaf(target).weight.copy_(weight)

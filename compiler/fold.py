@@ -1,0 +1,88 @@
+"""Folding per-channel scales into weights, exactly: what norm fusion, smoothing and rotation share.
+
+A consumer (see patterns.Consumer) reads a tensor on its input channels: a Linear's weight
+columns, fused experts' `gate_up_proj[:, :, cols]`, or a parameter used by `F.linear` (a router).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimc.ir import Block
+from slimc.patterns import Consumer
+
+
+def consumer_weight(block: Block, consumer: Consumer) -> torch.Tensor:
+    """The weight whose last dimension is the consumer's input channels ((out, in) or (E, out, in))."""
+    if consumer.kind == "linear":
+        return block.leaf(consumer.target).weight
+    if consumer.kind == "experts":
+        return block.leaf(consumer.target).gate_up_proj
+    return block.module.get_parameter(consumer.target)
+
+
+def input_channel_absmax(block: Block, consumers: list[Consumer]) -> torch.Tensor:
+    """max |W[..., j]| over all consumers' weights, per input channel j."""
+    maxima = [consumer_weight(block, c).detach().abs().float().reshape(-1, consumer_weight(block, c).shape[-1]).amax(0) for c in consumers]
+    return torch.stack(maxima).amax(0)
+
+
+@torch.no_grad()
+def scale_input_channels(block: Block, consumers: list[Consumer], scale: torch.Tensor) -> None:
+    """Multiply every consumer's input channels by `scale` (weights computed in float32)."""
+    for consumer in consumers:
+        weight = consumer_weight(block, consumer)
+        weight.copy_((weight.float() * scale.to(weight.device)).to(weight.dtype))
+
+
+@torch.no_grad()
+def scale_output_channels(linear: nn.Module, scale: torch.Tensor, rows: slice | None = None) -> None:
+    """Multiply a Linear's output rows (and bias) by `scale`."""
+    rows = rows or slice(None)
+    weight = linear.weight
+    weight[rows].copy_((weight[rows].float() * scale.to(weight.device)[:, None]).to(weight.dtype))
+    if linear.bias is not None:
+        linear.bias[rows].copy_((linear.bias[rows].float() * scale.to(weight.device)).to(linear.bias.dtype))
+
+
+def norm_has_affine_weight(norm: nn.Module) -> bool:
+    weight = getattr(norm, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 1
+
+
+@torch.no_grad()
+def scale_norm(norm: nn.Module, scale: torch.Tensor) -> None:
+    """Multiply a norm's output channels by `scale` (its weight, and bias if any)."""
+    norm.weight.copy_((norm.weight.float() * scale.to(norm.weight.device)).to(norm.weight.dtype))
+    bias = getattr(norm, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        bias.copy_((bias.float() * scale.to(bias.device)).to(bias.dtype))
+
+
+def can_absorb_bias(block: Block, consumers: list[Consumer]) -> bool:
+    """Whether every consumer has a bias that a shift of its input can move into."""
+    return all(c.kind == "linear" and block.leaf(c.target).bias is not None for c in consumers)
+
+
+@torch.no_grad()
+def fold_norm(block: Block, norm_target: str, consumers: list[Consumer]) -> bool:
+    """Move a norm's affine weight (and bias) into its consumers; the norm becomes scale-free.
+
+    Returns False (and changes nothing) when the norm has a bias that a consumer cannot absorb.
+    """
+    norm = block.leaf(norm_target)
+    if not norm_has_affine_weight(norm):
+        return False
+    bias = getattr(norm, "bias", None)
+    has_bias = isinstance(bias, torch.Tensor) and bool(bias.detach().abs().max() > 0)
+    if has_bias and not can_absorb_bias(block, consumers):
+        return False
+    if has_bias:
+        for consumer in consumers:
+            linear = block.leaf(consumer.target)
+            linear.bias.copy_((linear.bias.float() + linear.weight.float() @ bias.float()).to(linear.bias.dtype))
+        bias.zero_()
+    scale_input_channels(block, consumers, norm.weight.detach().float())
+    norm.weight.fill_(1.0)
+    return True

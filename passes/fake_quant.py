@@ -1,0 +1,106 @@
+"""fake_quant: choose each layer's scheme by glob rules and put quantizers in the block graphs."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from slimc.config import SlimcConfig
+from slimc.errors import ConfigError
+from slimc.ir import Block, Program, QuantSpec
+from slimc.modules import FakeQuantExperts, FakeQuantize
+from slimc.pass_base import Pass, register_pass
+from slimc.patterns import find_experts, find_linears, is_experts_module
+from slimc.pipeline import Context
+from slimc.schemes import QuantScheme
+
+
+class Rule(BaseModel):
+    """Layers whose qualified name matches an `include` glob and no `exclude` glob get `scheme`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheme: str
+    include: list[str] = ["*"]
+    exclude: list[str] = []
+
+    def selects(self, name: str) -> bool:
+        return any(fnmatchcase(name, p) for p in self.include) and not any(fnmatchcase(name, p) for p in self.exclude)
+
+
+def glob_problem(pattern: str) -> str | None:
+    """Why a glob cannot be what the user meant, or None."""
+    if not pattern.strip():
+        return "is empty"
+    depth = 0
+    for char in pattern:
+        depth += char == "["
+        depth -= char == "]"
+        if depth < 0 or depth > 1:
+            return "has unbalanced [ ]"
+    return "has an unclosed [" if depth else None
+
+
+@register_pass("fake_quant")
+class FakeQuant(Pass):
+    """Annotate layers with their scheme (later rule wins; unselected layers stay float) and insert
+    an activation quantize-dequantize node before each selected Linear. Fused MoE experts get a
+    module that quantizes each expert's inputs. Weights are quantized by `calibrate`."""
+
+    rules: list[Rule] = Field(min_length=1)
+
+    def check(self, config: SlimcConfig, step_index: int) -> None:
+        for i, rule in enumerate(self.rules):
+            where = config.where("pipeline", step_index, "rules", i)
+            if rule.scheme not in config.schemes:
+                known = ", ".join(sorted(config.schemes)) or "none defined under `schemes:`"
+                raise ConfigError(f"{where}: pipeline.{step_index}.rules.{i}.scheme: unknown scheme {rule.scheme!r}; schemes: {known}")
+            for key in ("include", "exclude"):
+                for pattern in getattr(rule, key):
+                    if problem := glob_problem(pattern):
+                        raise ConfigError(f"{where}: pipeline.{step_index}.rules.{i}.{key}: glob {pattern!r} {problem}")
+
+    def scheme_for(self, name: str, config: SlimcConfig) -> tuple[str, QuantScheme] | None:
+        chosen = None
+        for rule in self.rules:
+            if rule.selects(name):
+                chosen = rule.scheme
+        return None if chosen is None else (chosen, config.schemes[chosen])
+
+    def prepare(self, program: Program, ctx: Context) -> None:
+        """Every include glob must select some layer: a glob that matches nothing is a typo."""
+        names = quantizable_layer_names(program)
+        for i, rule in enumerate(self.rules):
+            for pattern in rule.include:
+                if not any(fnmatchcase(name, pattern) for name in names):
+                    example = ", ".join(names[:3])
+                    raise ConfigError(
+                        f"fake_quant rule {i}: include glob {pattern!r} matches no quantizable layer; names look like {example}"
+                    )
+
+    def run_block(self, block: Block, ctx: Context) -> None:
+        gm = block.graph_module
+        experts = set(find_experts(gm))
+        layers = set(find_linears(gm)) | experts
+        for target in sorted(layers):
+            found = self.scheme_for(block.qualified(target), ctx.config)
+            if found is None:
+                continue
+            scheme_name, scheme = found
+            ctx.program.quant_specs[block.qualified(target)] = QuantSpec(scheme_name, scheme)
+            if target in experts:
+                block.replace_leaf(target, FakeQuantExperts(block.leaf(target), scheme))
+            elif scheme.act is not None:
+                block.insert_input_quantizer(target, FakeQuantize(scheme.act))
+
+
+def quantizable_layer_names(program: Program) -> list[str]:
+    """Qualified names of the Linears and fused experts inside the program's blocks."""
+    return [
+        block.qualified(name)
+        for block in program.blocks
+        for name, module in block.module.named_modules()
+        if isinstance(module, nn.Linear) or is_experts_module(module)
+    ]

@@ -1,0 +1,162 @@
+"""smooth: SmoothQuant, moving activation outliers into the weights of the layers that read them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from slimc.calib import channel_absmax, simulated_quantization
+from slimc.fold import (
+    consumer_weight,
+    input_channel_absmax,
+    norm_has_affine_weight,
+    scale_input_channels,
+    scale_norm,
+    scale_output_channels,
+)
+from slimc.ir import Block
+from slimc.pass_base import Pass, register_pass
+from slimc.patterns import Consumer, find_norm_linear_groups, find_ov_pairs, find_up_down_pairs
+from slimc.pipeline import Context, relative_error
+from slimc.quant import smoothing_scales
+
+Subgraph = Literal["norm-linear", "v-o", "up-down"]
+
+
+@dataclass
+class Migration:
+    """One place a per-channel scale can move: activations are divided by it, readers' weights multiplied."""
+
+    kind: Subgraph
+    observe: tuple[str, str]  # (leaf, "input" | "output") where the activation is measured
+    readers: list[Consumer]
+    weight_absmax: Callable[[], torch.Tensor]
+    apply: Callable[[torch.Tensor], None]  # takes activation-channel scales
+    tensors: Callable[[], list[torch.Tensor]]  # what `apply` changes, to undo a search trial
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+
+
+@register_pass("smooth")
+class Smooth(Pass):
+    """Per input channel j, scale s_j = max|X_j|^alpha / max|W_j|^(1-alpha); X is divided by s (folded into
+    the norm, the v projection or the up projection that produce it) and the readers' weights multiplied.
+
+    With `search: true`, alpha is chosen per group from `search_grid` to minimise the block's output
+    error when the group's Linears are quantized with the schemes the pipeline will give them.
+    """
+
+    preserves_function = True
+
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    search: bool = False
+    search_grid: list[float] = [round(0.1 * i, 1) for i in range(11)]
+    search_batches: int = Field(1, ge=1)
+    subgraphs: list[Subgraph] = ["norm-linear", "v-o", "up-down"]
+
+    @field_validator("search_grid")
+    @classmethod
+    def _grid_in_range(cls, grid: list[float]) -> list[float]:
+        if not grid or any(not 0.0 <= a <= 1.0 for a in grid):
+            raise ValueError("search_grid needs alphas in [0, 1], e.g. [0.3, 0.5, 0.7]")
+        return grid
+
+    def run_block(self, block: Block, ctx: Context) -> None:
+        migrations = self.migrations(block)
+        if not migrations:
+            return
+        stats = channel_absmax(block, ctx.inputs, dict(m.observe for m in migrations), ctx.run)
+        reference = ctx.run(block, ctx.inputs[: self.search_batches]) if self.search else None
+        for migration in migrations:
+            act_absmax = migration.reduce(stats[migration.observe[0]])
+            alpha = self._best_alpha(block, ctx, migration, act_absmax, reference) if self.search else self.alpha
+            migration.apply(smoothing_scales(act_absmax, migration.weight_absmax(), alpha))
+
+    def _best_alpha(self, block: Block, ctx: Context, migration: Migration, act_absmax, reference) -> float:
+        planned = {}
+        for reader in migration.readers:
+            found = ctx.planned_scheme(block.qualified(reader.target)) if reader.kind == "linear" else None
+            if found is not None:
+                planned[reader.target] = found[1]
+        if not planned:
+            return self.alpha
+        saved = [t.detach().clone() for t in migration.tensors()]
+        best_alpha, best_error = self.alpha, float("inf")
+        for alpha in self.search_grid:
+            migration.apply(smoothing_scales(act_absmax, migration.weight_absmax(), alpha))
+            with simulated_quantization(block, planned):
+                outputs = ctx.run(block, ctx.inputs[: self.search_batches])
+            error = max(relative_error(o, r) for o, r in zip(outputs, reference))
+            if error < best_error:
+                best_alpha, best_error = alpha, error
+            with torch.no_grad():
+                for tensor, original in zip(migration.tensors(), saved):
+                    tensor.copy_(original)
+        ctx.report.note(f"smooth: searched alpha per group (last {migration.kind} in {block.name}: {best_alpha})")
+        return best_alpha
+
+    def migrations(self, block: Block) -> list[Migration]:
+        gm = block.graph_module
+        found: list[Migration] = []
+        if "norm-linear" in self.subgraphs:
+            found += [_norm_migration(block, g.norm, g.consumers) for g in find_norm_linear_groups(gm) if norm_has_affine_weight(block.leaf(g.norm))]
+        if "v-o" in self.subgraphs:
+            found += [_ov_migration(block, p.v, p.o, p.head_dim) for p in find_ov_pairs(gm)]
+        if "up-down" in self.subgraphs:
+            found += [_up_down_migration(block, p.up, p.down) for p in find_up_down_pairs(gm)]
+        return found
+
+
+def _norm_migration(block: Block, norm_target: str, readers: list[Consumer]) -> Migration:
+    norm = block.leaf(norm_target)
+
+    def apply(scales: torch.Tensor) -> None:
+        scale_norm(norm, 1.0 / scales)
+        scale_input_channels(block, readers, scales)
+
+    def tensors() -> list[torch.Tensor]:
+        bias = getattr(norm, "bias", None)
+        return [norm.weight, *([bias] if isinstance(bias, torch.Tensor) else []), *(consumer_weight(block, r) for r in readers)]
+
+    return Migration("norm-linear", (norm_target, "output"), readers, lambda: input_channel_absmax(block, readers), apply, tensors)
+
+
+def _ov_migration(block: Block, v_target: str, o_target: str, head_dim: int) -> Migration:
+    """v's output rows are per kv head; o's input columns per query head (grouped-query attention
+    repeats each kv head for `repeat` query heads), so scales are shared across a kv head's group."""
+    v, o = block.leaf(v_target), block.leaf(o_target)
+    kv_heads = v.weight.shape[0] // head_dim
+    repeat = o.weight.shape[1] // v.weight.shape[0]
+    readers = [Consumer("linear", o_target)]
+
+    def reduce(per_o_channel: torch.Tensor) -> torch.Tensor:
+        return per_o_channel.reshape(kv_heads, repeat, head_dim).amax(1).reshape(-1)
+
+    def expand(per_v_channel: torch.Tensor) -> torch.Tensor:
+        return per_v_channel.reshape(kv_heads, 1, head_dim).expand(kv_heads, repeat, head_dim).reshape(-1)
+
+    def apply(scales: torch.Tensor) -> None:
+        scale_output_channels(v, 1.0 / scales)
+        scale_input_channels(block, readers, expand(scales))
+
+    def tensors() -> list[torch.Tensor]:
+        return [v.weight, *([v.bias] if v.bias is not None else []), o.weight]
+
+    return Migration("v-o", (o_target, "input"), readers, lambda: reduce(input_channel_absmax(block, readers)), apply, tensors, reduce)
+
+
+def _up_down_migration(block: Block, up_target: str, down_target: str) -> Migration:
+    up = block.leaf(up_target)
+    readers = [Consumer("linear", down_target)]
+
+    def apply(scales: torch.Tensor) -> None:
+        scale_output_channels(up, 1.0 / scales)
+        scale_input_channels(block, readers, scales)
+
+    def tensors() -> list[torch.Tensor]:
+        return [up.weight, *([up.bias] if up.bias is not None else []), block.leaf(down_target).weight]
+
+    return Migration("up-down", (down_target, "input"), readers, lambda: input_channel_absmax(block, readers), apply, tensors)

@@ -1,0 +1,126 @@
+"""Quantization numerics against plain reference formulas."""
+
+import pytest
+import torch
+
+from slimc.modules import FakeQuantize
+from slimc.observers import Observer
+from slimc.quant import (
+    dequantize_weight,
+    dynamic_fake_quantize,
+    pack_int4,
+    qparams_from_range,
+    quantize_weight,
+    smoothing_scales,
+    unpack_int4,
+)
+from slimc.schemes import QuantScheme, TensorScheme
+
+
+def test_symmetric_int8_per_channel_matches_the_textbook_formula():
+    w = torch.randn(16, 32)
+    scheme = TensorScheme(dtype="int8", granularity="per_channel")
+    codes, scale, offset = quantize_weight(w, scheme)
+    expected_scale = w.abs().amax(1, keepdim=True) / 127
+    assert torch.allclose(scale, expected_scale)
+    assert torch.equal(codes, torch.clamp(torch.round(w / expected_scale), -128, 127).to(torch.int8))
+    assert torch.all(offset == 0)
+
+
+def test_asymmetric_int8_follows_the_ascend_offset_convention():
+    x = torch.tensor([-1.0, 0.5, 3.0])
+    scheme = TensorScheme(dtype="int8", granularity="per_tensor", symmetric=False)
+    scale, offset = qparams_from_range(x.min(), x.max(), scheme)
+    assert torch.isclose(scale, torch.tensor(4.0 / 255))
+    assert offset == torch.round(torch.tensor(1.0) / scale) - 128
+
+
+def test_dequantized_weight_error_is_bounded_by_half_a_step():
+    w = torch.randn(8, 64)
+    for scheme in (
+        TensorScheme(dtype="int8", granularity="per_channel"),
+        TensorScheme(dtype="int4", granularity="per_group", group_size=16, symmetric=False),
+        TensorScheme(dtype="int4", granularity="per_tensor"),
+    ):
+        codes, scale, offset = quantize_weight(w, scheme)
+        error = (dequantize_weight(codes, scale, offset, scheme) - w).abs()
+        step = scale.repeat_interleave(16, 1) if scheme.granularity == "per_group" else scale
+        assert torch.all(error <= step / 2 + 1e-6)
+
+
+def test_int4_codes_stay_in_range_and_pack_round_trips():
+    w = torch.randn(4, 32) * 10
+    codes, _, _ = quantize_weight(w, TensorScheme(dtype="int4", granularity="per_channel", observer="mse"))
+    assert codes.min() >= -8 and codes.max() <= 7
+    packed = pack_int4(codes)
+    assert packed.shape == (4, 16) and packed.dtype == torch.int8
+    assert torch.equal(unpack_int4(packed), codes)
+
+
+def test_mse_observer_never_has_larger_error_than_minmax():
+    w = torch.randn(32, 128)
+    w[:, 0] *= 30  # an outlier column
+    minmax = TensorScheme(dtype="int4", granularity="per_channel")
+    mse = TensorScheme(dtype="int4", granularity="per_channel", observer="mse")
+    err_minmax = (dequantize_weight(*quantize_weight(w, minmax), minmax) - w).pow(2).sum()
+    err_mse = (dequantize_weight(*quantize_weight(w, mse), mse) - w).pow(2).sum()
+    assert err_mse <= err_minmax
+
+
+def test_per_token_dynamic_quantization_uses_each_tokens_own_range():
+    x = torch.tensor([[0.1, -0.2, 0.05], [100.0, -50.0, 25.0]])
+    scheme = TensorScheme(dtype="int8", granularity="per_token", dynamic=True)
+    out = dynamic_fake_quantize(x, scheme)
+    assert torch.allclose(out[0], x[0], atol=0.2 / 127)
+    assert torch.allclose(out[1], x[1], atol=100.0 / 127)
+
+
+def test_percentile_observer_clips_outliers_that_minmax_keeps():
+    torch.manual_seed(0)
+    values = torch.randn(100_000)
+    values[0] = 1000.0
+    minmax = Observer(TensorScheme(granularity="per_tensor"))
+    percentile = Observer(TensorScheme(granularity="per_tensor", observer="percentile", percentile=99.9))
+    for observer in (minmax, percentile):
+        observer.update(values)
+    assert minmax.qparams()[0] > 10 * percentile.qparams()[0]
+
+
+def test_static_fake_quantize_observes_then_applies_its_frozen_scale():
+    quantizer = FakeQuantize(TensorScheme(granularity="per_tensor", symmetric=False))
+    x = torch.linspace(-1, 3, 50)
+    assert torch.equal(quantizer(x), x)
+    quantizer.freeze()
+    assert quantizer.mode == "quantize"
+    assert torch.isclose(quantizer.scale, torch.tensor([4.0 / 255]))
+    assert (quantizer(x) - x).abs().max() <= quantizer.scale / 2 + 1e-6
+
+
+def test_smoothing_scales_balance_activation_and_weight_ranges():
+    act = torch.tensor([100.0, 1.0, 0.0])
+    weight = torch.tensor([1.0, 1.0, 2.0])
+    scales = smoothing_scales(act, weight, alpha=0.5)
+    assert torch.allclose(scales[:2], torch.tensor([10.0, 1.0]))
+    assert scales[2] == 1.0  # a dead channel is left alone
+
+
+@pytest.mark.parametrize(
+    ("weight", "act", "message"),
+    [
+        ({"granularity": "per_group"}, None, "group_size"),
+        ({"dynamic": True}, None, "dynamic is for activations"),
+        ({}, {"granularity": "per_token"}, "dynamic: true"),
+        ({}, {"granularity": "per_channel", "dynamic": True}, "per_channel activations"),
+    ],
+)
+def test_inconsistent_schemes_are_rejected_with_the_reason(weight, act, message):
+    with pytest.raises(ValueError, match=message):
+        QuantScheme(weight=weight, act=act)
+
+
+def test_scheme_labels_use_ascend_names():
+    w8 = {"dtype": "int8"}
+    assert QuantScheme(weight=w8, act={"granularity": "per_token", "dynamic": True}).label == "W8A8_DYNAMIC"
+    assert QuantScheme(weight=w8, act={"granularity": "per_tensor"}).label == "W8A8"
+    assert QuantScheme(weight=w8).label == "W8A16"
+    assert QuantScheme(weight={"dtype": "int4"}, act={"dtype": "int4", "granularity": "per_token", "dynamic": True}).label == "W4A4_DYNAMIC"
