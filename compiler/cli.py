@@ -1,0 +1,169 @@
+"""The `slimc` command line. Errors print one message and exit 2; `--debug` shows the traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from importlib import resources
+from pathlib import Path
+
+from slimc import __version__
+from slimc.errors import SlimcError
+
+EXIT_ERROR = 2
+EXIT_INTERNAL = 3
+
+
+def _compile(args: argparse.Namespace) -> None:
+    from slimc.compile import compile_model, resolve_source
+    from slimc.config import load_config
+    from slimc.evaluate import evaluate_perplexity
+
+    config = load_config(resolve_config_path(args.config), args.set)
+    report = compile_model(config, model_path=args.model, out_dir=Path(args.out), overwrite=args.overwrite)
+    print(report.render())
+    print(f"\nwrote {args.out}")
+    if args.eval:
+        ev = config.evaluation
+        results = evaluate_perplexity(
+            resolve_source(config, args.model), Path(args.out), corpus=ev.dataset, samples=ev.samples,
+            seq_len=ev.seq_len, batch_size=ev.batch_size,
+        )
+        print(_format_eval(results))
+
+
+def _format_eval(results: dict) -> str:
+    lines = [f"perplexity on {results['corpus']} ({results['tokens']} tokens):", f"  float      {results['float_ppl']:.4f}"]
+    if "quantized_ppl" in results:
+        lines.append(f"  quantized  {results['quantized_ppl']:.4f}  ({results['relative_change'] * 100:+.2f}%, from {results['quantized_dir']})")
+    return "\n".join(lines)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from slimc.evaluate import evaluate_perplexity
+    from slimc.frontends.hf import default_model_path, resolve_model_source
+
+    source = resolve_model_source(args.model or default_model_path())
+    results = evaluate_perplexity(
+        source, Path(args.quantized) if args.quantized else None, corpus=args.corpus, samples=args.samples,
+        seq_len=args.seq_len, batch_size=args.batch_size,
+    )
+    print(json.dumps(results) if args.json else _format_eval(results))
+
+
+def _trace(args: argparse.Namespace) -> None:
+    from slimc.explain import trace_report
+
+    print(trace_report(args.model, seq_len=args.seq_len))
+
+
+def _passes(args: argparse.Namespace) -> None:
+    from slimc.pass_base import PASSES, load_builtin_passes
+
+    load_builtin_passes()
+    for name, cls in sorted(PASSES.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        flags = [f for f, on in (("function-preserving", cls.preserves_function), (f"needs {', '.join(cls.requires)}", bool(cls.requires))) if on]
+        print(f"{name}: {doc}" + (f"  [{'; '.join(flags)}]" if flags else ""))
+        for field_name, field in cls.model_fields.items():
+            annotation = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+            default = "required" if field.is_required() else f"default {field.default!r}"
+            print(f"    {field_name}: {annotation} ({default})")
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Shipped configs by their name relative to the configs folder (e.g. llm/w8a8_dynamic.yaml)."""
+    root = resources.files("slimc.configs")
+    found = {}
+    for family in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")):
+        for item in sorted(family.iterdir()):
+            if item.name.endswith(".yaml"):
+                found[f"{family.name}/{item.name}"] = Path(str(item))
+    return found
+
+
+def resolve_config_path(name: str) -> Path:
+    """A config path as given, else a shipped config by name (`llm/w8a8_dynamic.yaml`)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    shipped = shipped_configs()
+    for key in (name, name.removeprefix("configs/"), f"{name.removeprefix('configs/')}.yaml"):
+        if key in shipped:
+            return shipped[key]
+    raise SlimcError(f"config {name!r} not found; give a path, or one of the shipped configs (slimc configs): {', '.join(shipped)}")
+
+
+def _configs(args: argparse.Namespace) -> None:
+    for name, path in shipped_configs().items():
+        summary = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        print(f"{name:32s} {summary}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimc", description="Post-training quantization compiler for transformer models.")
+    parser.add_argument("--version", action="version", version=f"slimc {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="quantize a model as a YAML config says and write its outputs")
+    p.add_argument("config", help="YAML config path, or a shipped config name such as llm/w8a8_dynamic.yaml")
+    p.add_argument("--model", help="model directory or .gguf file (default: the config's model.path, else SmolLM2-135M)")
+    p.add_argument("--out", required=True, help="output directory (one subdirectory per export format)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value (parsed as YAML)")
+    p.add_argument("--eval", action="store_true", help="afterwards, print float and quantized perplexity (config's evaluation section)")
+    p.set_defaults(run=_compile)
+
+    p = sub.add_parser("trace", help="print the blocks, leaves and patterns found in a model")
+    p.add_argument("model", nargs="?", help="model directory or .gguf file (default: SmolLM2-135M)")
+    p.add_argument("--seq-len", type=int, default=32)
+    p.set_defaults(run=_trace)
+
+    p = sub.add_parser("eval", help="perplexity of a float model and, optionally, of its quantized output")
+    p.add_argument("--model", help="the float model (default: SmolLM2-135M)")
+    p.add_argument("--quantized", help="a `slimc compile` output directory (or its mindie/ subdirectory)")
+    p.add_argument("--corpus", default="builtin:text-eval", help="builtin:text-eval, a .txt file, or a .jsonl of {\"text\": ...}")
+    p.add_argument("--samples", type=int, default=40)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--json", action="store_true", help="print one JSON object with float_ppl and quantized_ppl")
+    p.set_defaults(run=_eval)
+
+    sub.add_parser("passes", help="list registered passes and their parameters").set_defaults(run=_passes)
+    sub.add_parser("configs", help="list shipped configs and the models they target").set_defaults(run=_configs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not args.debug:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.formatwarning = lambda message, category, *rest: f"slimc: warning: {message}\n"
+    try:
+        args.run(args)
+    except SlimcError as error:
+        if args.debug:
+            raise
+        print(f"slimc: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("slimc: interrupted; no output was published", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"slimc: internal error: {type(error).__name__}: {error}\n(run again with --debug for the traceback, and report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""`slimc compile`: config → model → Program → passes → outputs, with a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from slimc.backends import Backend, backend_class
+from slimc.config import SlimcConfig, format_validation_error
+from slimc.data import corpus_fingerprint, load_corpus, token_samples
+from slimc.errors import ConfigError
+from slimc.export import check_disk_space, check_output_dir, staged_output
+from slimc.frontends import frontend_for
+from slimc.frontends.hf import (
+    ModelSource,
+    default_model_path,
+    load_model,
+    load_tokenizer,
+    resolve_model_source,
+)
+from slimc.ir import Program
+from slimc.pipeline import Pipeline
+from slimc.report import RunReport, directory_size
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REPORT_FILE = "slimc_report.json"
+
+
+def model_dtype(config: SlimcConfig, source: ModelSource) -> torch.dtype:
+    """The configured dtype; `auto` keeps the checkpoint's own (float32 for GGUF, which is dequantized)."""
+    if config.model.dtype != "auto":
+        return DTYPES[config.model.dtype]
+    declared = getattr(source.config, "dtype", None) or getattr(source.config, "torch_dtype", None)
+    if source.gguf_file is None and isinstance(declared, torch.dtype):
+        return declared
+    if source.gguf_file is None and isinstance(declared, str) and declared in DTYPES:
+        return DTYPES[declared]
+    return torch.float32
+
+
+def resolve_source(config: SlimcConfig, model_path: str | None) -> ModelSource:
+    path = model_path or config.model.path or default_model_path()
+    return resolve_model_source(path, trust_remote_code=config.model.trust_remote_code)
+
+
+def build_backends(config: SlimcConfig) -> list[Backend]:
+    backends = []
+    for index, raw in enumerate(config.export):
+        cls = backend_class(str(raw["format"]))
+        params = {k: v for k, v in raw.items() if k != "format"}
+        try:
+            backends.append(cls(**params))
+        except ValidationError as error:
+            raise ConfigError(format_validation_error(error, cls, config.source_file, config.lines, prefix=("export", index))) from None
+    names = [b.format_name for b in backends]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{config.where('export')}: export: each format may appear once, got {names}")
+    return backends
+
+
+def load_program(config: SlimcConfig, source: ModelSource, report: RunReport) -> Program:
+    frontend = frontend_for(source, config.model.family)
+    with report.timed("load"):
+        model = load_model(source, dtype=model_dtype(config, source), trust_remote_code=config.model.trust_remote_code)
+    return frontend.build(source, model)
+
+
+def calibration_batches(config: SlimcConfig, source: ModelSource, report: RunReport) -> list[torch.Tensor]:
+    cal = config.calibration
+    text = load_corpus(cal.dataset)
+    ids = token_samples(load_tokenizer(source), text, samples=cal.samples, seq_len=cal.seq_len)
+    report.metrics["calibration_tokens"] = float(ids.numel())
+    report.note(f"calibration: {ids.shape[0]} × {ids.shape[1]} tokens of {cal.dataset} (sha256 {corpus_fingerprint(cal.dataset)[:12]})")
+    return list(ids.split(cal.batch_size))
+
+
+def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path, overwrite: bool = False) -> RunReport:
+    """Run the whole compile; the output directory appears only when complete."""
+    report = RunReport()
+    with report.timed("total"):
+        check_output_dir(out_dir, overwrite)
+        pipeline = Pipeline.from_config(config)
+        backends = build_backends(config)
+        source = resolve_source(config, model_path)
+        program = load_program(config, source, report)
+        frontend = frontend_for(source, config.model.family)
+        batches = calibration_batches(config, source, report)
+        with report.timed("capture"):
+            first_inputs = frontend.first_block_inputs(program, batches)
+        pipeline.run(program, config, first_inputs, report)
+        if backends:
+            params = sum(t.numel() * t.element_size() for t in program.model.state_dict().values())
+            check_disk_space(out_dir, int(params * 1.1))
+            with report.timed("export"), staged_output(out_dir, overwrite) as staging:
+                for backend in backends:
+                    target = staging / backend.format_name
+                    target.mkdir()
+                    backend.write(program, target)
+                    backend.verify(program, target)
+                    report.outputs[backend.format_name] = directory_size(target)
+                report.finish()
+                (staging / REPORT_FILE).write_text(report.to_json())
+    report.finish()
+    return report
+

@@ -1,0 +1,73 @@
+"""`slimc trace`: what the compiler sees in a model — blocks, leaves, and the patterns found in each."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import torch
+
+from slimc.config import config_from_data
+from slimc.data import load_corpus, token_samples
+from slimc.frontends import frontend_for
+from slimc.frontends.hf import default_model_path, load_model, load_tokenizer, resolve_model_source
+from slimc.ir import Block, Program
+from slimc.patterns import find_experts, find_norm_linear_groups, find_ov_pairs, find_up_down_pairs, node_kind
+from slimc.pipeline import Pipeline
+from slimc.report import RunReport
+
+
+def traced_program(model_path: str | None, *, seq_len: int = 32) -> Program:
+    """Load a model in float32 and trace every block on a short sample of the built-in text."""
+    source = resolve_model_source(model_path or default_model_path())
+    frontend = frontend_for(source)
+    program = frontend.build(source, load_model(source, dtype=torch.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = token_samples(load_tokenizer(source), load_corpus("builtin:text"), samples=1, seq_len=seq_len)
+    Pipeline([]).run(program, config_from_data({}), frontend.first_block_inputs(program, [ids]), RunReport())
+    return program
+
+
+def describe_block(block: Block) -> list[str]:
+    gm = block.graph_module
+    kinds = Counter(node_kind(gm, n) for n in gm.graph.nodes if n.op == "call_module")
+    lines = [
+        f"  leaves: {kinds['linear']} Linear, {kinds['norm']} norm, {kinds['attention']} attention kernel, "
+        f"{kinds['experts']} experts; {len(gm.graph.nodes)} graph nodes"
+    ]
+    for group in find_norm_linear_groups(gm):
+        readers = ", ".join(f"{c.target}" + ("" if c.kind == "linear" else f" ({c.kind})") for c in group.consumers)
+        lines.append(f"  norm → linears   {group.norm} → {readers}")
+    for pair in find_ov_pairs(gm):
+        lines.append(f"  v → o            {pair.v} → {pair.o} (head_dim {pair.head_dim})")
+    for pair in find_up_down_pairs(gm):
+        lines.append(f"  up → down        {pair.up} → {pair.down} (gate {pair.gate})")
+    for experts in find_experts(gm):
+        module = gm.get_submodule(experts)
+        lines.append(f"  experts          {experts}: {module.gate_up_proj.shape[0]} experts, fused 3-D weights")
+    return lines
+
+
+def trace_report(model_path: str | None, *, seq_len: int = 32) -> str:
+    program = traced_program(model_path, seq_len=seq_len)
+    lines = [
+        f"model: {program.source.architecture} ({program.family} frontend), {len(program.blocks)} blocks, "
+        f"tied embeddings: {program.metadata.get('tied_embeddings', False)}"
+    ]
+    previous: list[str] | None = None
+    repeated: list[str] = []
+    for block in program.blocks:
+        description = describe_block(block)
+        if description == previous:
+            repeated.append(block.name)
+            continue
+        if repeated:
+            lines.append(f"  (same structure: {repeated[0]} … {repeated[-1]}, {len(repeated)} blocks)")
+            repeated = []
+        lines.append(f"block {block.name} [{block.role}]")
+        lines.extend(description)
+        previous = description
+    if repeated:
+        lines.append(f"  (same structure: {repeated[0]} … {repeated[-1]}, {len(repeated)} blocks)")
+    return "\n".join(lines)

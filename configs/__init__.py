@@ -1,0 +1,1 @@
+"""Shipped YAML configs, one folder per model family (`slimc configs` lists them)."""

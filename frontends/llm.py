@@ -1,0 +1,68 @@
+"""Decoder-only language models: Llama, Qwen2, Qwen3, Qwen3-MoE, GLM-4.7 (Glm4Moe).
+
+A model is its embeddings (prologue), a stack of decoder layers (the blocks), and the final
+norm and head (epilogue). Blocks are found as the module list holding `num_hidden_layers`
+layers of one class, so a model laid out like these needs no new code beyond its class name here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimc.errors import ModelLoadError
+from slimc.frontends import Frontend
+from slimc.frontends.hf import ModelSource
+from slimc.ir import Block, Program
+from slimc.pipeline import BlockInput
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: the first block's inputs are all that is needed."""
+
+
+def decoder_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
+    """The qualified name and module list of the repeated decoder layers."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers and len({type(m) for m in module}) == 1:
+            return name, module
+    raise ModelLoadError(f"{type(model).__name__}: found no list of {num_layers} decoder layers to cut into blocks")
+
+
+class DecoderLLM(Frontend):
+    name = "llm"
+    architectures = (
+        "LlamaForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Qwen3MoeForCausalLM",
+        "Glm4MoeForCausalLM",
+    )
+    description = "decoder-only language models"
+
+    def build(self, source: ModelSource, model: nn.Module) -> Program:
+        config = model.config
+        prefix, layers = decoder_layers(model, config.num_hidden_layers)
+        blocks = [Block(f"{prefix}.{i}", layer, layers, i, role="text") for i, layer in enumerate(layers)]
+        program = Program(model=model, family=self.name, source=source, blocks=blocks)
+        program.metadata["tied_embeddings"] = bool(getattr(config, "tie_word_embeddings", False))
+        return program
+
+    @torch.no_grad()
+    def first_block_inputs(self, program: Program, batches: list[torch.Tensor]) -> list[BlockInput]:
+        captured: list[BlockInput] = []
+
+        def capture(module, args, kwargs):
+            captured.append((args, kwargs))
+            raise _StopForward
+
+        handle = program.blocks[0].module.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            for input_ids in batches:
+                try:
+                    program.model(input_ids=input_ids, use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+        return captured
