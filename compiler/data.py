@@ -1,0 +1,220 @@
+"""Calibration and evaluation text: offline, reproducible, and never the same text in both.
+
+The built-in corpus is English prose that every Python installation carries: the docstrings of a
+fixed list of standard-library modules (read from their source with `ast`, so nothing is imported
+and no module code runs) and the language-reference topics of `pydoc_data` (what `help("if")`
+prints). Paragraphs are whitespace-normalised, stripped of reST markup, and dropped when they are
+code, tables, headings, tiny or seen before. Each source belongs to exactly one split and
+duplicates are dropped across both, so no paragraph is in calibration and evaluation at once.
+
+The text depends on the Python version's standard library; `corpus_fingerprint` records which
+text a run used.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import json
+import re
+import sysconfig
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from slimc.errors import DataError
+
+BUILTIN_SPECS = ("builtin:text", "builtin:text-eval")
+RECOMMENDED_SAMPLES = 128
+RECOMMENDED_SEQ_LEN = 512
+
+# Which source feeds which split: a fixed assignment, never a random draw.
+CALIBRATION_SOURCES = (
+    "argparse", "ast", "asyncio", "codecs", "concurrent", "configparser", "difflib", "email", "http",
+    "importlib", "inspect", "ipaddress", "json", "logging", "multiprocessing", "optparse", "os", "pathlib",
+    "pdb", "re", "shutil", "smtplib", "socket", "ssl", "statistics", "subprocess", "tarfile", "tempfile",
+    "textwrap", "threading", "tkinter", "traceback", "turtle", "typing", "unittest", "urllib", "wsgiref",
+    "xml", "xmlrpc", "zipfile",
+)
+EVALUATION_SOURCES = ("pydoc_data.topics",)
+SPLITS = {"builtin:text": CALIBRATION_SOURCES, "builtin:text-eval": EVALUATION_SOURCES}
+
+MIN_WORDS = 8
+MIN_LETTER_FRACTION = 0.88  # below this a paragraph is code, a grammar rule or a table
+_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__"})
+_REST_ROLE = re.compile(r":[a-z:]+:`~?([^`]*)`")
+_LITERAL = re.compile(r"``([^`]*)``")
+
+
+def load_corpus(spec: str) -> str:
+    """The text of a built-in split (`builtin:text`, `builtin:text-eval`) or of a .txt / .jsonl file."""
+    if spec.startswith("builtin:"):
+        if spec not in SPLITS:
+            raise DataError(f"unknown built-in dataset {spec!r}; use one of {', '.join(BUILTIN_SPECS)} or a .txt/.jsonl path")
+        return _builtin_text(spec)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise DataError(f"dataset file {path} does not exist; give a .txt or .jsonl path, or one of {', '.join(BUILTIN_SPECS)}")
+    if path.suffix == ".txt":
+        text = _read_text(path)
+    elif path.suffix == ".jsonl":
+        text = "\n\n".join(_jsonl_texts(path))
+    else:
+        raise DataError(f"dataset file {path} has an unsupported type; use a .txt file or a .jsonl file of {{\"text\": ...}} lines")
+    if not text.strip():
+        raise DataError(f"dataset file {path} holds no text; fill it or use {BUILTIN_SPECS[0]}")
+    return text
+
+
+def corpus_fingerprint(spec: str) -> str:
+    """sha256 of the corpus text, so a run can record exactly which text it used."""
+    return hashlib.sha256(load_corpus(spec).encode("utf-8")).hexdigest()
+
+
+def token_samples(
+    tokenizer,
+    text: str,
+    *,
+    samples: int,
+    seq_len: int,
+    recommended: tuple[int, int] | None = (RECOMMENDED_SAMPLES, RECOMMENDED_SEQ_LEN),
+) -> torch.LongTensor:
+    """Consecutive, non-overlapping windows of the tokenized text: a (n, seq_len) tensor, n <= samples.
+
+    Warns when fewer than `samples` windows fit, and when the request is below `recommended`
+    (samples, seq_len), the calibration-set size below which scales get noisy; pass None to skip
+    that check (evaluation sets).
+    """
+    if samples < 1 or seq_len < 1:
+        raise DataError(f"samples and seq_len must be positive, got samples={samples}, seq_len={seq_len}")
+    if recommended is not None and (samples < recommended[0] or seq_len < recommended[1]):
+        warnings.warn(
+            f"{samples} samples × {seq_len} tokens is below the recommended {recommended[0]} × {recommended[1]} "
+            "calibration set; scales may be noisy",
+            UserWarning,
+            stacklevel=2,
+        )
+    # verbose=False: the whole corpus is longer than model_max_length on purpose; it is cut below.
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    available = len(ids) // seq_len
+    if available == 0:
+        raise DataError(
+            f"the text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}; use more text or a smaller seq_len"
+        )
+    if available < samples:
+        warnings.warn(
+            f"the text gives only {available} windows of {seq_len} tokens ({len(ids)} tokens), not {samples}; "
+            f"using {available}. Add text or lower samples/seq_len",
+            UserWarning,
+            stacklevel=2,
+        )
+    n = min(samples, available)
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def builtin_documents(spec: str) -> dict[str, list[str]]:
+    """The paragraphs of a built-in split, by source (module name); the sources of one split only."""
+    return _builtin_documents()[spec]
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_documents() -> dict[str, dict[str, list[str]]]:
+    # Cached in-process only: building takes about a second, and compile reads it twice.
+    seen: set[str] = set()
+    splits: dict[str, dict[str, list[str]]] = {}
+    for spec, sources in SPLITS.items():
+        splits[spec] = {}
+        for source in sources:
+            kept = []
+            for paragraph in _source_paragraphs(source):
+                if paragraph not in seen:
+                    seen.add(paragraph)
+                    kept.append(paragraph)
+            splits[spec][source] = kept
+    return splits
+
+
+def _builtin_text(spec: str) -> str:
+    text = "\n\n".join(p for paragraphs in builtin_documents(spec).values() for p in paragraphs)
+    if not text:
+        raise DataError(
+            f"{spec} is empty: this Python installation lacks the standard-library sources it is built from; "
+            "give calibration.dataset as a .txt or .jsonl file instead"
+        )
+    return text
+
+
+def _source_paragraphs(source: str) -> Iterator[str]:
+    if source == "pydoc_data.topics":
+        try:
+            from pydoc_data.topics import topics
+        except ImportError:
+            return
+        for name in sorted(topics):
+            yield from _paragraphs(topics[name])
+        return
+    for file in _module_files(source):
+        yield from (p for doc in _docstrings(file) for p in _paragraphs(doc))
+
+
+def _module_files(name: str) -> list[Path]:
+    """A stdlib module's source file, or a package's files in sorted order (tests excluded)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    if (stdlib / f"{name}.py").is_file():
+        return [stdlib / f"{name}.py"]
+    if (stdlib / name).is_dir():
+        files = (stdlib / name).rglob("*.py")
+        return sorted(f for f in files if not _SKIP_DIRS.intersection(f.relative_to(stdlib).parts))
+    return []
+
+
+def _docstrings(file: Path) -> Iterator[str]:
+    """Module, class and function docstrings in source order."""
+    try:
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return
+    nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))]
+    for node in nodes:
+        doc = ast.get_docstring(node)
+        if doc:
+            yield doc
+
+
+def _paragraphs(text: str) -> Iterator[str]:
+    """Prose paragraphs of a docstring or help topic, each on one line."""
+    for block in re.split(r"\n\s*\n", text):
+        lines = [line.strip() for line in block.splitlines() if line.strip()]
+        if not lines or ">>>" in block or "::=" in block:
+            continue
+        if any(set(line) <= set("*=-~^+|") for line in lines):  # headings and table rules
+            continue
+        paragraph = _LITERAL.sub(r"\1", _REST_ROLE.sub(r"\1", " ".join(" ".join(lines).split())))
+        if len(paragraph.split()) < MIN_WORDS:
+            continue
+        letters = sum(c.isalpha() or c == " " for c in paragraph)
+        if letters / len(paragraph) >= MIN_LETTER_FRACTION:
+            yield paragraph
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"dataset file {path} is not UTF-8 text ({error.reason} at byte {error.start}); re-save it as UTF-8") from None
+
+
+def _jsonl_texts(path: Path) -> Iterator[str]:
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}, line {number}: not valid JSON ({error.msg}); each line must be {{\"text\": \"...\"}}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{path}, line {number}: expected an object with a string \"text\" field, e.g. {{\"text\": \"...\"}}")
+        yield record["text"]

