@@ -28,6 +28,7 @@ from slimc.modules import FakeQuantExperts, FakeQuantize, QuantizedExperts, Quan
 CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as", "contiguous"}
 SHAPE_METHODS = {"view", "reshape", "transpose", "permute", "flatten", "unflatten", "expand", "contiguous", "unsqueeze", "squeeze"}
 SHAPE_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unsqueeze, torch.squeeze, operator.getitem}
+SHAPE_QUERY_METHODS = {"size", "dim", "numel"}
 IDENTITY_FUNCTIONS = {F.dropout}
 MUL_FUNCTIONS = {operator.mul, torch.mul}
 
@@ -136,12 +137,19 @@ def _is_shape_op(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SHAPE_FUNCTIONS
 
 
+def _is_shape_query(node: fx.Node) -> bool:
+    """`x.shape`, `x.size()`, `x.dim()`: reads no values, so it is no reader of the tensor."""
+    if node.op == "call_method":
+        return node.target in SHAPE_QUERY_METHODS
+    return node.op == "call_function" and node.target is getattr and node.args[1:2] in (("shape",), ("dtype",), ("device",))
+
+
 def _through(graph: nx.DiGraph, start: fx.Node, passable) -> list[fx.Node]:
     """Nodes reached from `start` that are not passable, walking users through passable ones."""
     reached, stack, seen = [], list(graph.successors(start)), set()
     while stack:
         node = stack.pop()
-        if node in seen:
+        if node in seen or _is_shape_query(node):
             continue
         seen.add(node)
         if passable(node):

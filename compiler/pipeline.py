@@ -137,7 +137,7 @@ class Pipeline:
                 block.traced = trace_block(block.module, args, kwargs, name=block.name)
                 propagate_shapes(block.traced.graph_module, block.traced.flatten_inputs(args, kwargs))
         for step in self.steps:
-            reference = ctx.run(block, ctx.inputs[:2]) if step.preserves_function else None
+            reference = ctx.run(block, ctx.inputs[:1]) if step.preserves_function else None
             with ctx.report.timed(step.name):
                 step.run_block(block, ctx)
             if reference is not None:

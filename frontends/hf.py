@@ -214,7 +214,8 @@ def load_model(
     source: ModelSource, *, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False
 ) -> transformers.PreTrainedModel:
     """Load weights (safetensors or GGUF, never pickle) in eval mode with the SDPA attention kernel."""
-    kwargs: dict = {"dtype": dtype, "device_map": device, "attn_implementation": "sdpa"}
+    # The already-parsed config saves a second parse (seconds for a GGUF file).
+    kwargs: dict = {"config": source.config, "dtype": dtype, "device_map": device, "attn_implementation": "sdpa"}
     if source.is_gguf:
         kwargs["gguf_file"] = source.gguf_file
     else:

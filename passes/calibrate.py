@@ -68,17 +68,23 @@ class Calibrate(Pass):
         finally:
             for hook in hooks:
                 hook.remove()
-        for experts in (m for m in layers.values() if isinstance(m, FakeQuantExperts)):
-            experts.route_all = self.route_all_experts
-        try:
-            ctx.run(block, ctx.inputs)
-        finally:
-            for experts in (m for m in layers.values() if isinstance(m, FakeQuantExperts)):
-                experts.route_all = False
+        if any(not q.scheme.dynamic for q in quantizers):
+            self._run_all(block, ctx, layers)
         for q in quantizers:
             q.mode = modes[id(q)]
         self._freeze(block, ctx, quantizers, layers)
         return samples
+
+    def _run_all(self, block: Block, ctx: Context, layers: dict) -> None:
+        """All calibration batches through the block, so static observers see the whole set."""
+        experts = [m for m in layers.values() if isinstance(m, FakeQuantExperts)]
+        for module in experts:
+            module.route_all = self.route_all_experts
+        try:
+            ctx.run(block, ctx.inputs)
+        finally:
+            for module in experts:
+                module.route_all = False
 
     @staticmethod
     def _freeze(block: Block, ctx: Context, quantizers: list[FakeQuantize], layers: dict) -> None:

@@ -1,0 +1,125 @@
+"""Structure is found from each block's graph, for every family, and not from layer names."""
+
+import pytest
+import torch
+from programs import run_pipeline
+from tiny_models import FAMILIES, tiny_causal_lm
+from torch import nn
+
+from slimc.patterns import (
+    find_experts,
+    find_linears,
+    find_norm_linear_groups,
+    find_ov_pairs,
+    find_up_down_pairs,
+    propagate_shapes,
+)
+from slimc.tracer import trace_block
+
+
+def traced_blocks(family):
+    program, _ = run_pipeline(tiny_causal_lm(family), [])
+    return program.blocks
+
+
+def groups_by_norm(gm):
+    return {g.norm: sorted((c.kind, c.target) for c in g.consumers) for g in find_norm_linear_groups(gm)}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_dense_layers_have_the_three_groups(family):
+    gm = traced_blocks(family)[0].graph_module
+    assert groups_by_norm(gm) == {
+        "input_layernorm": [("linear", "self_attn.k_proj"), ("linear", "self_attn.q_proj"), ("linear", "self_attn.v_proj")],
+        "post_attention_layernorm": [("linear", "mlp.gate_proj"), ("linear", "mlp.up_proj")],
+    }
+    (ov,) = find_ov_pairs(gm)
+    assert (ov.v, ov.o, ov.head_dim) == ("self_attn.v_proj", "self_attn.o_proj", 16)
+    (ud,) = find_up_down_pairs(gm)
+    assert (ud.gate, ud.up, ud.down) == ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    assert find_experts(gm) == []
+
+
+def test_qwen3_q_and_k_norms_after_the_projections_are_not_foldable_groups():
+    gm = traced_blocks("qwen3")[0].graph_module
+    assert "self_attn.q_norm" not in groups_by_norm(gm)
+    assert "self_attn.k_norm" not in groups_by_norm(gm)
+
+
+def test_qwen3_moe_norm_feeds_the_router_weight_and_the_fused_experts():
+    gm = traced_blocks("qwen3_moe")[0].graph_module
+    assert groups_by_norm(gm)["post_attention_layernorm"] == [("experts", "mlp.experts"), ("weight", "mlp.gate.weight")]
+    assert find_experts(gm) == ["mlp.experts"]
+    assert find_up_down_pairs(gm) == []
+    assert [p.v for p in find_ov_pairs(gm)] == ["self_attn.v_proj"]
+
+
+def test_glm4_moe_has_a_dense_first_layer_then_router_experts_and_shared_experts():
+    dense, moe = traced_blocks("glm4_moe")
+    assert find_experts(dense.graph_module) == []
+    assert groups_by_norm(moe.graph_module)["post_attention_layernorm"] == [
+        ("experts", "mlp.experts"),
+        ("linear", "mlp.shared_experts.gate_proj"),
+        ("linear", "mlp.shared_experts.up_proj"),
+        ("weight", "mlp.gate.weight"),
+    ]
+    assert [(p.up, p.down) for p in find_up_down_pairs(moe.graph_module)] == [("mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj")]
+
+
+class OddlyNamedBlock(nn.Module):
+    """A pre-norm transformer block with none of the usual names: the patterns must still find it."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.pre = nn.LayerNorm(dim)
+        self.a, self.b, self.c, self.d = (nn.Linear(dim, dim) for _ in range(4))
+        self.post = nn.RMSNorm(dim)
+        self.w1, self.w3 = nn.Linear(dim, 2 * dim), nn.Linear(dim, 2 * dim)
+        self.w2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        batch, seq, dim = x.shape
+        h = self.pre(x)
+        q, k, v = (lin(h).view(batch, seq, self.heads, -1).transpose(1, 2) for lin in (self.a, self.b, self.c))
+        attn = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.d(attn.transpose(1, 2).reshape(batch, seq, dim))
+        h = self.post(x)
+        return x + self.w2(nn.functional.silu(self.w1(h)) * self.w3(h))
+
+
+def test_patterns_do_not_depend_on_layer_names():
+    block = OddlyNamedBlock().eval()
+    x = torch.randn(2, 5, 32)
+    traced = trace_block(block, (x,), {}, name="odd")
+    gm = traced.graph_module
+    propagate_shapes(gm, traced.flatten_inputs((x,), {}))
+    assert groups_by_norm(gm) == {
+        "pre": [("linear", "a"), ("linear", "b"), ("linear", "c")],
+        "post": [("linear", "w1"), ("linear", "w3")],
+    }
+    assert [(p.up, p.down, p.gate) for p in find_up_down_pairs(gm)] == [("w3", "w2", "w1")]
+    assert find_linears(gm) == ["a", "b", "c", "d", "w1", "w3", "w2"]
+
+
+def test_a_norm_read_by_something_other_than_linears_is_not_a_group():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.norm(x)
+            return self.proj(h) + h  # h is also read directly: no scale can fold into the norm
+
+    traced = trace_block(Block().eval(), (torch.randn(2, 8),), {}, name="b")
+    propagate_shapes(traced.graph_module, traced.flatten_inputs((torch.randn(2, 8),), {}))
+    assert find_norm_linear_groups(traced.graph_module) == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_linear_of_every_block_is_in_the_graph(family):
+    for block in traced_blocks(family):
+        in_module = {n for n, m in block.module.named_modules() if isinstance(m, nn.Linear)}
+        assert set(find_linears(block.graph_module)) == in_module
