@@ -3,7 +3,7 @@
 Conventions (the ones Ascend runtimes use, see FORMATS.md):
 - symmetric: ``scale = amax / qmax``, ``offset = 0``;
 - asymmetric: ``scale = (max - min) / (qmax - qmin)``, ``offset = round(-min / scale) + qmin``;
-- ``q = clamp(round(x / scale) + offset, qmin, qmax)``, ``x ≈ (q - offset) * scale``.
+- ``q = clamp(round(x / scale + offset), qmin, qmax)``, ``x ≈ (q - offset) * scale``.
 Scales and offsets are float32 and broadcast against the tensor they belong to.
 """
 
@@ -37,8 +37,12 @@ def qparams_from_range(
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, scheme: TensorScheme) -> torch.Tensor:
-    """Integer codes of ``x`` (returned as int8 storage for int8 and int4 alike)."""
-    q = torch.round(x.float() / scale) + offset
+    """Integer codes of ``x`` (returned as int8 storage for int8 and int4 alike).
+
+    ``round(x / scale + offset)``, in that order, as the runtimes compute it: ``round(x / scale) +
+    offset`` differs on float ties, and one flipped activation step compounds through the layers.
+    """
+    q = torch.round(x.float() / scale + offset)
     return torch.clamp(q, scheme.qmin, scheme.qmax).to(torch.int8)
 
 

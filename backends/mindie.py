@@ -1,0 +1,473 @@
+"""The `mindie` backend: the Ascend "ascendV1" layout that MindIE and vLLM-Ascend load (FORMATS.md).
+
+    quant_model_weights.safetensors (or -0000i-of-0000N shards + .index.json)
+    quant_model_description.json      every tensor -> quant type, plus version, model_quant_type, ...
+    config.json, tokenizer files ...  copied by the HF frontend
+
+Each lowered Linear (and each expert of lowered fused experts) is written under its checkpoint
+name with the tensors its Ascend type needs; everything else is written as FLOAT. `verify` reads
+the files back with the independent reader (`mindie_reader`) and recomputes every quantized
+Linear from them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import field_validator
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from slimc.backends import Backend, register_backend
+from slimc.backends.mindie_reader import (
+    DESCRIPTION_FILE,
+    GLOBAL_KEYS,
+    INDEX_FILE,
+    QUANT_TYPE_PRIORITY,
+    VERSION,
+    WEIGHTS_FILE,
+    AscendExperts,
+    AscendLinear,
+    checkpoint_row_layout,
+    load_ascend_model,
+    model_quant_type,
+    read_description,
+    tensor_files,
+    tensor_types,
+)
+from slimc.errors import ExportError, SlimcError
+from slimc.ir import Program
+from slimc.modules import QuantizedExperts, QuantizedLinear
+from slimc.quant import pack_int4
+from slimc.schemes import QuantScheme
+
+__all__ = ["AscendExperts", "AscendLinear", "MindieBackend", "load_ascend_model"]
+
+SUPPORTED = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC", "W4A8_DYNAMIC")
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+SCALE_BIAS_SPLITS = 16  # W4A8 row-parallel scale_bias: one column per 1/16 of the input (tensor parallel up to 16)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+@dataclass
+class _Part:
+    """One checkpoint Linear: output rows of a lowered Linear or of one expert's fused weight."""
+
+    prefix: str  # checkpoint name without ".weight"
+    scheme: QuantScheme
+    codes: torch.Tensor  # int8 (out, in)
+    scale: torch.Tensor  # float32 (out, 1) or (out, in / g)
+    offset: torch.Tensor
+    bias: torch.Tensor | None  # float32 (out,)
+    input_qparams: tuple[torch.Tensor, torch.Tensor] | None  # static: float32 (1,), (1,)
+    dtype: torch.dtype
+
+    def reference(self) -> QuantizedLinear:
+        return QuantizedLinear(self.scheme, self.codes, self.scale, self.offset, self.bias, self.input_qparams, self.dtype)
+
+
+@register_backend("mindie")
+class MindieBackend(Backend):
+    """Ascend ascendV1 output.
+
+    Options:
+    - `max_shard_size`: split the weights into files of at most this size (bytes, or "5GB", "500MiB");
+      None writes one file.
+    - `row_parallel`: globs over checkpoint Linear names (without ".weight") that tensor parallelism
+      splits along their input (W4A8_DYNAMIC only: their `scale_bias` gets one column per 1/16 of the input).
+    """
+
+    max_shard_size: str | int | None = None
+    row_parallel: list[str] = ["*.o_proj", "*.down_proj"]
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value: str | int | None) -> str | int | None:
+        if value is not None:
+            parse_size(value)
+        return value
+
+    def write(self, program: Program, out_dir: Path) -> list[Path]:
+        out_dir = Path(out_dir)
+        before = set(out_dir.iterdir())
+        tensors, types, group_size = self._tensors(program, _parts(program))
+        written = _save_sharded(tensors, out_dir, None if self.max_shard_size is None else parse_size(self.max_shard_size))
+        description = dict(types)
+        description.update({
+            "version": VERSION,
+            "model_quant_type": model_quant_type(types.values()),
+            "metadata": dict(program.metadata.get("ascend_metadata", {})),
+            "group_size": group_size,
+            "optional": {},
+        })
+        (out_dir / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
+        written.append(out_dir / DESCRIPTION_FILE)
+        try:
+            from slimc.frontends.hf import write_model_files
+        except ImportError as e:
+            raise ExportError(f"mindie: cannot copy the model files (config.json, tokenizer): {e}") from e
+        write_model_files(program.source, out_dir)
+        for path in written:
+            path.chmod(0o644)
+        return sorted(set(out_dir.iterdir()) - before)
+
+    def verify(self, program: Program, out_dir: Path) -> None:
+        out_dir = Path(out_dir)
+        try:
+            description = read_description(out_dir)
+            files = tensor_files(out_dir)
+        except SlimcError as e:
+            raise ExportError(f"mindie: {e}") from e
+        types = tensor_types(description)
+        _check_same_names("description", set(types), "safetensors", set(files))
+        _check_globals(description, types)
+        stored = _StoredTensors(out_dir, files)
+        parts = _parts(program)
+        expected, expected_types, _ = self._tensors(program, parts)
+        _check_same_names("the program's tensors", set(expected), "the written tensors", set(types))
+        total = 0
+        for name, tensor in expected.items():
+            actual = stored[name]
+            total += actual.numel() * actual.element_size()
+            if expected_types[name] != types[name] or not torch.equal(tensor.cpu(), actual):
+                raise ExportError(f"mindie: {name} ({types[name]}, {actual.dtype} {tuple(actual.shape)}) "
+                                  "differs from the program's tensor")
+        _check_index(out_dir, total)
+        is_bf16 = runs_in_bfloat16(program)
+        for prefix, quant_type in _quantized_prefixes(types).items():
+            _check_linear(prefix, quant_type, stored.linear(prefix), types, is_bf16)
+        for part in parts:
+            _check_recomputed(part, stored.linear(part.prefix))
+
+    def _tensors(self, program: Program, parts: list[_Part]) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
+        """Every tensor to write (checkpoint name -> tensor), its description type, and the global group size."""
+        tensors, types, group_sizes = {}, {}, set()
+        is_bf16 = runs_in_bfloat16(program)
+        for part in parts:
+            _check_scheme(part)
+            if part.scheme.weight.granularity == "per_group":
+                group_sizes.add(part.scheme.weight.group_size)
+            row_parallel = any(fnmatch.fnmatchcase(part.prefix, glob) for glob in self.row_parallel)
+            for name, (tensor, quant_type) in _part_tensors(part, is_bf16, row_parallel).items():
+                tensors[name], types[name] = tensor, quant_type
+        for name, tensor in _float_tensors(program).items():
+            if name in tensors:
+                raise ExportError(f"mindie: {name} is both a float tensor and a quantized Linear's tensor")
+            tensors[name], types[name] = tensor, "FLOAT"
+        if len(group_sizes) > 1:
+            raise ExportError(f"mindie: the description has one group_size but the schemes use {sorted(group_sizes)}")
+        order = sorted(tensors, key=_natural_key)
+        return {n: tensors[n] for n in order}, {n: types[n] for n in order}, group_sizes.pop() if group_sizes else 0
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes of a size given as an int or a string like "5GB", "500MB", "4GiB"."""
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {value}")
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+    if not match or match.group(2).upper() not in _UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"max_shard_size {value!r} is not a size; use bytes or e.g. \"5GB\", \"500MB\", \"4GiB\"")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def runs_in_bfloat16(program: Program) -> bool:
+    """Whether the runtime runs the model in bfloat16: the dtype of the source's config.json, else the program's.
+
+    It decides how deq_scale is stored; calibrating a bfloat16 checkpoint in float32 still gives a bfloat16 runtime.
+    """
+    config = getattr(program.source, "config", None)
+    dtype = getattr(config, "dtype", None) or getattr(getattr(config, "text_config", None), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    return (dtype if isinstance(dtype, torch.dtype) else program.dtype) == torch.bfloat16
+
+
+# --- what to write ------------------------------------------------------------------------------------
+
+
+def _parts(program: Program) -> list[_Part]:
+    """The checkpoint Linears of every lowered module, named by transformers' save-time conversion."""
+    model = program.model
+    lowered = {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedExperts))}
+    weights = {}
+    for name, module in lowered.items():
+        for which in ("weight",) if isinstance(module, QuantizedLinear) else EXPERT_WEIGHTS:
+            weights[f"{name}.{which}"] = getattr(module, which).shape
+    try:
+        layout = checkpoint_row_layout(model, weights) if weights else {}
+    except ValueError as e:
+        raise ExportError(f"mindie: cannot name the quantized tensors in the checkpoint layout: {e}") from e
+    parts = []
+    for ck_name, where in layout.items():
+        if not ck_name.endswith(".weight"):
+            raise ExportError(f"mindie: the checkpoint name {ck_name} of {where.runtime} does not end in .weight")
+        module_name, _, which = where.runtime.rpartition(".")
+        module = lowered[module_name]
+        if isinstance(module, QuantizedLinear):
+            codes, scale, offset, bias = module.weight, module.weight_scale, module.weight_offset, module.bias
+            static = None if module.input_scale is None else (module.input_scale, module.input_offset)
+        else:
+            e, stem = where.expert, which.removesuffix("_proj")
+            codes = getattr(module, which)[e]
+            scale, offset = getattr(module, f"{which}_scale")[e], getattr(module, f"{which}_offset")[e]
+            bias = getattr(module, f"{which}_bias", None)
+            bias = None if bias is None else bias[e]
+            static = None
+            if module.scheme.act is not None and not module.scheme.act.dynamic:
+                static = tuple(getattr(module, f"{stem}_input_{q}")[e:e + 1] for q in ("scale", "offset"))
+        scale, offset = scale.expand(codes.shape[0], -1), offset.expand(codes.shape[0], -1)  # per_tensor -> per row
+        rows = where.rows
+        parts.append(_Part(
+            ck_name.removesuffix(".weight"), module.scheme, _take(codes, rows), _take(scale, rows), _take(offset, rows),
+            None if bias is None else _take(bias, rows), static, module.dtype,
+        ))
+    return parts
+
+
+def _take(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of `t`: a view when they are consecutive."""
+    if len(rows) and torch.equal(rows, torch.arange(int(rows[0]), int(rows[0]) + len(rows))):
+        return t[int(rows[0]):int(rows[0]) + len(rows)]
+    return t.index_select(0, rows)
+
+
+def _check_scheme(part: _Part) -> None:
+    scheme, label, where = part.scheme, part.scheme.label, f"mindie: {part.prefix}"
+    if label not in SUPPORTED:
+        raise ExportError(f"{where}: scheme {label} has no Ascend layout; the mindie backend writes {', '.join(SUPPORTED)}")
+    act, weight = scheme.act, scheme.weight
+    if act is not None and act.dynamic and (act.granularity != "per_token" or not act.symmetric):
+        raise ExportError(f"{where}: Ascend dynamic activations are per_token and symmetric, not {act.granularity} "
+                          f"{'symmetric' if act.symmetric else 'asymmetric'}")
+    if label in ("W8A8", "W8A8_DYNAMIC", "W4A8_DYNAMIC") and not weight.symmetric:
+        raise ExportError(f"{where}: {label} weights must be symmetric (the runtime ignores weight offsets)")
+    if label in ("W8A8", "W4A8_DYNAMIC") and weight.granularity == "per_group":
+        raise ExportError(f"{where}: {label} needs per-channel weights, not per_group")
+    if label == "W4A8_DYNAMIC" and (part.codes.shape[0] % 2 or part.codes.shape[1] % SCALE_BIAS_SPLITS):
+        raise ExportError(f"{where}: W4A8_DYNAMIC needs an even output size and an input size divisible by "
+                          f"{SCALE_BIAS_SPLITS}, got {tuple(part.codes.shape)}")
+
+
+def _part_tensors(part: _Part, is_bf16: bool, row_parallel: bool) -> dict[str, tuple[torch.Tensor, str]]:
+    """The tensors of one checkpoint Linear in the ascendV1 layout (FORMATS.md), with their description types."""
+    p, label = part.prefix, part.scheme.label
+    codes = part.codes.to(torch.int8)
+    out: dict[str, tuple[torch.Tensor, str]] = {}
+    if label == "W8A8":
+        input_scale, input_offset = (q.float().reshape(1) for q in part.input_qparams)
+        deq_scale = (input_scale * part.scale.float().reshape(-1)).float()
+        bias = part.bias.float() if part.bias is not None else torch.zeros(codes.shape[0])
+        quant_bias = torch.round(bias / deq_scale - codes.float().sum(dim=1) * input_offset).to(torch.int32)
+        out[f"{p}.weight"] = (codes, label)
+        out[f"{p}.input_scale"] = (input_scale, label)
+        out[f"{p}.input_offset"] = (input_offset, label)
+        out[f"{p}.deq_scale"] = (deq_scale if is_bf16 else deq_scale.view(torch.int32).to(torch.int64), label)
+        out[f"{p}.quant_bias"] = (quant_bias, label)
+    else:
+        scale, offset = part.scale.float(), part.offset.float()
+        if label == "W4A8_DYNAMIC":
+            out[f"{p}.weight"] = (pack_int4(codes.T.contiguous()).T.contiguous(), label)  # two output rows per byte
+        else:
+            out[f"{p}.weight"] = (codes, label)
+        out[f"{p}.weight_scale"] = (scale, label)
+        out[f"{p}.weight_offset"] = (offset, label)
+        if label == "W4A8_DYNAMIC":
+            deq = codes.float() * scale
+            if row_parallel:
+                scale_bias = 8 * deq.reshape(codes.shape[0], SCALE_BIAS_SPLITS, -1).sum(dim=-1)
+            else:
+                scale_bias = 8 * deq.sum(dim=1, keepdim=True)
+            out[f"{p}.scale_bias"] = (scale_bias, label)
+    if part.bias is not None:
+        out[f"{p}.bias"] = (part.bias.float(), "FLOAT")
+    return out
+
+
+def _float_tensors(program: Program) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers outside lowered modules, under their checkpoint names and in their dtypes.
+
+    Tied weights are written under each of their names.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model = program.model
+    lowered = {n for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedExperts))}
+
+    def inside_lowered(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in lowered for i in range(1, len(parts)))
+
+    state = {n: t.detach() for n, t in model.state_dict(keep_vars=True).items() if not inside_lowered(n)}
+    return {n: t[0] if isinstance(t, list) else t for n, t in revert_weight_conversion(model, state).items()}
+
+
+def _natural_key(name: str) -> list:
+    return [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in name.split(".")]
+
+
+def _save_sharded(tensors: dict[str, torch.Tensor], out_dir: Path, max_bytes: int | None) -> list[Path]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_bytes is not None and shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    if len(shards) == 1:
+        save_file(_storable({n: tensors[n] for n in shards[0]}), out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+        return [out_dir / WEIGHTS_FILE]
+    stem = WEIGHTS_FILE.removesuffix(".safetensors")
+    written, weight_map = [], {}
+    for i, names in enumerate(shards, start=1):
+        file = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(_storable({n: tensors[n] for n in names}), out_dir / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+        written.append(out_dir / file)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return [*written, out_dir / INDEX_FILE]
+
+
+def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors; a tensor overlapping one already in the file (tied weights) is copied."""
+    seen: dict[int, list[tuple[int, int]]] = {}
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        spans = seen.setdefault(t.untyped_storage().data_ptr(), [])
+        if any(start < e and s < end for s, e in spans):
+            t = t.clone()
+        else:
+            spans.append((start, end))
+        out[name] = t
+    return out
+
+
+# --- read-back checks ---------------------------------------------------------------------------------
+
+
+def _check_same_names(what_a: str, a: set[str], what_b: str, b: set[str]) -> None:
+    if a - b:
+        raise ExportError(f"mindie: {len(a - b)} tensors of {what_a} are missing from {what_b}, e.g. {sorted(a - b)[:5]}")
+    if b - a:
+        raise ExportError(f"mindie: {len(b - a)} tensors of {what_b} are not in {what_a}, e.g. {sorted(b - a)[:5]}")
+
+
+class _StoredTensors:
+    """The written tensors, read one at a time (memory stays bounded by the largest tensor)."""
+
+    def __init__(self, out_dir: Path, files: dict[str, Path]) -> None:
+        self.files, self.handles = files, {}
+        for path in sorted(set(files.values())):
+            if not path.is_file():
+                raise ExportError(f"mindie: {path.name} is listed in {INDEX_FILE} but does not exist in {out_dir}")
+            self.handles[path] = safe_open(path, "pt")
+            for name in self.handles[path].keys():
+                if files.get(name) != path:
+                    raise ExportError(f"mindie: {name} is in {path.name} but the index puts it in {files.get(name)}")
+        self.prefixes: dict[str, list[str]] = {}
+        for name in files:
+            prefix, _, suffix = name.rpartition(".")
+            self.prefixes.setdefault(prefix, []).append(suffix)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            return self.handles[self.files[name]].get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types for a name the index lists wrongly
+            raise ExportError(f"mindie: cannot read {name} from {self.files[name].name}: {e}") from e
+
+    def linear(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors `prefix.<suffix>` of one Linear, by suffix."""
+        return {suffix: self[f"{prefix}.{suffix}"] for suffix in self.prefixes.get(prefix, [])}
+
+
+def _check_index(out_dir: Path, total: int) -> None:
+    if not (out_dir / INDEX_FILE).is_file():
+        return
+    stated = json.loads((out_dir / INDEX_FILE).read_text())["metadata"]["total_size"]
+    if stated != total:
+        raise ExportError(f"mindie: {INDEX_FILE} says total_size {stated} but the shards hold {total} bytes")
+
+
+def _check_globals(description: dict, types: dict[str, str]) -> None:
+    missing = [k for k in GLOBAL_KEYS if k not in description]
+    if missing:
+        raise ExportError(f"mindie: {DESCRIPTION_FILE} lacks {missing}")
+    unknown = sorted({t for t in types.values() if t not in QUANT_TYPE_PRIORITY and t != "W4A8_DYNAMIC"})
+    if unknown:
+        raise ExportError(f"mindie: {DESCRIPTION_FILE} has unknown quant types {unknown}")
+    if description["version"] != VERSION or description["model_quant_type"] != model_quant_type(types.values()):
+        raise ExportError(f"mindie: version {description['version']!r} / model_quant_type {description['model_quant_type']!r} "
+                          f"should be {VERSION!r} / {model_quant_type(types.values())!r}")
+    objects = all(isinstance(description[k], dict) for k in ("metadata", "optional"))
+    if not isinstance(description["group_size"], int) or not objects:
+        raise ExportError(f"mindie: {DESCRIPTION_FILE}: group_size must be an int, metadata and optional objects")
+
+
+def _quantized_prefixes(types: dict[str, str]) -> dict[str, str]:
+    return {n.removesuffix(".weight"): t for n, t in types.items() if n.endswith(".weight") and t in SUPPORTED}
+
+
+_SUFFIXES = {
+    "W8A8": {"weight", "input_scale", "input_offset", "deq_scale", "quant_bias"},
+    "W4A8_DYNAMIC": {"weight", "weight_scale", "weight_offset", "scale_bias"},
+}
+
+
+def _check_linear(prefix: str, quant_type: str, own: dict[str, torch.Tensor], types: dict[str, str], is_bf16: bool) -> None:
+    """FORMATS.md's table for one quantized Linear: its tensor set, dtypes and shapes."""
+    required = _SUFFIXES.get(quant_type, {"weight", "weight_scale", "weight_offset"})
+    if set(own) - {"bias"} != required:
+        raise ExportError(f"mindie: {prefix} ({quant_type}) has tensors {sorted(own)}; expected {sorted(required)} (+ bias)")
+    weight, f32 = own["weight"], torch.float32
+    out = weight.shape[0] * (2 if quant_type == "W4A8_DYNAMIC" else 1)
+    in_ = weight.shape[-1]
+    per_row = (f32, lambda s: len(s) == 2 and s[0] == out and in_ % s[1] == 0, f"({out}, 1) or ({out}, in / group)")
+    rules = {
+        "weight": (torch.int8, lambda s: len(s) == 2, "(out, in)"),
+        "bias": (f32, lambda s: s == (out,), f"({out},)"),
+        "weight_scale": per_row,
+        "weight_offset": (f32, lambda s: s == tuple(own["weight_scale"].shape), "the shape of weight_scale"),
+        "scale_bias": (f32, lambda s: s in ((out, 1), (out, SCALE_BIAS_SPLITS)), f"({out}, 1) or ({out}, {SCALE_BIAS_SPLITS})"),
+        "input_scale": (f32, lambda s: s == (1,), "(1,)"),
+        "input_offset": (f32, lambda s: s == (1,), "(1,)"),
+        "quant_bias": (torch.int32, lambda s: s == (out,), f"({out},)"),
+        "deq_scale": (f32 if is_bf16 else torch.int64, lambda s: s == (out,), f"({out},)"),
+    }
+    for suffix, t in own.items():
+        dtype, shape_ok, shape = rules[suffix]
+        if t.dtype != dtype or not shape_ok(tuple(t.shape)):
+            raise ExportError(f"mindie: {prefix}.{suffix} is {t.dtype} {tuple(t.shape)}; expected {dtype} {shape}")
+    if "bias" in own and types[f"{prefix}.bias"] != "FLOAT":
+        raise ExportError(f"mindie: {prefix}.bias should be described as FLOAT")
+    if quant_type == "W4A4_DYNAMIC" and (weight.min() < -8 or weight.max() > 7):
+        raise ExportError(f"mindie: {prefix}.weight holds values outside int4 [-8, 7]")
+
+
+def _check_recomputed(part: _Part, own: dict[str, torch.Tensor]) -> None:
+    """The Linear recomputed from the files alone matches the lowered one on a random input."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, part.codes.shape[1], generator=generator)
+    reference = part.reference()
+    with torch.no_grad():
+        if part.input_qparams is not None:
+            x = x * float(part.input_qparams[0]) * 40
+        expected, actual = reference(x), AscendLinear(part.scheme.label, own)(x)
+    tolerance = 1e-4 * expected.abs().max() + 1e-6
+    if part.input_qparams is not None:  # quant_bias rounds bias / deq_scale to an integer
+        tolerance = tolerance + 0.5 * (part.input_qparams[0].float() * part.scale.float().reshape(-1))
+    error = (actual - expected).abs()
+    if torch.any(error > tolerance):
+        raise ExportError(f"mindie: {part.prefix} recomputed from the files differs from the lowered Linear by {error.max():.3g}")

@@ -1,0 +1,400 @@
+"""Reading the Ascend "ascendV1" layout (quant_model_description.json + safetensors) without slimc's modules.
+
+`load_ascend_model` rebuilds a transformers model from an output directory alone: float tensors are
+loaded by name, and every Linear the description marks as quantized becomes an `AscendLinear` that
+computes the Ascend runtime arithmetic from the written tensors (FORMATS.md). This is what
+`slimc eval --quantized OUT` measures, so nothing here may use `QuantizedLinear` or `slimc.quant`.
+
+The file-format facts the writer (`slimc.backends.mindie`) shares live here too: file names, the
+quant-type priority, and how runtime (transformers) weights map to checkpoint names.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from slimc.errors import ModelLoadError
+
+DESCRIPTION_FILE = "quant_model_description.json"
+WEIGHTS_FILE = "quant_model_weights.safetensors"
+INDEX_FILE = WEIGHTS_FILE + ".index.json"
+VERSION = "1.0.0"
+GLOBAL_KEYS = ("version", "model_quant_type", "metadata", "group_size", "optional")
+# msModelSlim's order, weakest first; W4A8_DYNAMIC is deliberately absent (never the model type).
+QUANT_TYPE_PRIORITY = (
+    "FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "WFP8AFP8_DYNAMIC",
+    "W8A8_MXFP8", "W4A8_MXFP", "W4A4_DYNAMIC", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE",
+)
+# Quantized Linear types this module can compute: type -> (activation qmin, qmax) or None (weight-only).
+LINEAR_TYPES: dict[str, tuple[int, int] | None] = {
+    "W8A8": (-128, 127), "W8A8_DYNAMIC": (-128, 127), "W4A8_DYNAMIC": (-128, 127),
+    "W4A4_DYNAMIC": (-8, 7), "W8A16": None,
+}
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def model_quant_type(types: Iterable[str]) -> str:
+    """The strongest type present by QUANT_TYPE_PRIORITY (FLOAT when none ranks)."""
+    ranked = [QUANT_TYPE_PRIORITY.index(t) for t in set(types) if t in QUANT_TYPE_PRIORITY]
+    return QUANT_TYPE_PRIORITY[max(ranked, default=0)]
+
+
+def read_description(out_dir: Path) -> dict:
+    path = Path(out_dir) / DESCRIPTION_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{out_dir}: no {DESCRIPTION_FILE}; is this an Ascend (mindie) output directory?")
+    return json.loads(path.read_text())
+
+
+def tensor_types(description: dict) -> dict[str, str]:
+    """The description without its global keys: tensor name -> quant type."""
+    return {k: v for k, v in description.items() if k not in GLOBAL_KEYS and isinstance(v, str)}
+
+
+def tensor_files(out_dir: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (from the index when sharded)."""
+    out_dir = Path(out_dir)
+    if (out_dir / INDEX_FILE).is_file():
+        weight_map = json.loads((out_dir / INDEX_FILE).read_text())["weight_map"]
+        return {name: out_dir / file for name, file in weight_map.items()}
+    if not (out_dir / WEIGHTS_FILE).is_file():
+        raise ModelLoadError(f"{out_dir}: neither {WEIGHTS_FILE} nor {INDEX_FILE} exists")
+    with safe_open(out_dir / WEIGHTS_FILE, "pt") as f:
+        return {name: out_dir / WEIGHTS_FILE for name in f.keys()}
+
+
+def read_tensors(out_dir: Path) -> dict[str, torch.Tensor]:
+    by_file: dict[Path, list[str]] = {}
+    for name, path in tensor_files(out_dir).items():
+        by_file.setdefault(path, []).append(name)
+    tensors = {}
+    for path, names in by_file.items():
+        with safe_open(path, "pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in names})
+    return tensors
+
+
+def deq_scale_float(deq_scale: torch.Tensor) -> torch.Tensor:
+    """deq_scale as float32: int64 tensors hold the float32 bit pattern in their low 32 bits."""
+    if deq_scale.dtype == torch.int64:
+        return deq_scale.to(torch.int32).view(torch.float32)
+    return deq_scale.float()
+
+
+def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+    """W4A8_DYNAMIC weights (out/2, in), two output rows per byte (even row in the low nibble) -> (out, in) int8."""
+    u = packed.view(torch.uint8).to(torch.int16)
+    low, high = u & 0xF, u >> 4
+    low, high = torch.where(low > 7, low - 16, low), torch.where(high > 7, high - 16, high)
+    return torch.stack([low, high], dim=1).reshape(-1, packed.shape[1]).to(torch.int8)
+
+
+# --- runtime <-> checkpoint names -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowSlice:
+    """Where one checkpoint weight's output rows live in a runtime weight."""
+
+    runtime: str  # runtime tensor name, e.g. "model.layers.0.mlp.experts.gate_up_proj"
+    expert: int | None  # index along the experts dim of a fused 3-D weight, else None
+    rows: torch.Tensor  # rows (of that expert) the checkpoint tensor holds, in its order
+
+
+def checkpoint_row_layout(model: nn.Module, weights: dict[str, torch.Size]) -> dict[str, RowSlice]:
+    """Checkpoint names of runtime weights (out, in) or fused experts (E, rows, in), by row.
+
+    Runs transformers' own save-time conversion (`revert_weight_conversion`) on tensors of row
+    indices, so whatever the model's conversion mapping does (split fused experts, rename) is
+    followed without naming any model here. Fused experts that no mapping splits get the
+    per-expert names Ascend runtimes load: `{experts}.{e}.gate_proj|up_proj|down_proj.weight`.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    names = list(weights)
+    bases, index, base = [], {}, 0
+    for name in names:
+        rows = weights[name][:-1].numel()
+        index[name] = torch.arange(base, base + rows).reshape(*weights[name][:-1], 1)
+        bases.append(base)
+        base += rows
+    layout: dict[str, RowSlice] = {}
+    for ck_name, idx in revert_weight_conversion(model, index).items():
+        idx = idx[0] if isinstance(idx, list) else idx
+        flat = idx.reshape(-1)
+        source = bisect.bisect_right(bases, int(flat[0])) - 1
+        runtime, shape = names[source], weights[names[source]]
+        local = flat - bases[source]
+        if idx.ndim == 3 and ck_name == runtime:
+            layout.update(_default_expert_names(runtime, shape))
+            continue
+        if idx.ndim != 2 or idx.shape[1] != 1 or local.min() < 0 or local.max() >= shape[:-1].numel():
+            raise ValueError(f"the checkpoint conversion of {runtime} is not a split by rows "
+                             f"(gives {ck_name} {tuple(idx.shape)})")
+        if len(shape) == 3:
+            experts = torch.unique(local // shape[1])
+            if len(experts) != 1:
+                raise ValueError(f"checkpoint tensor {ck_name} mixes experts of {runtime}")
+            layout[ck_name] = RowSlice(runtime, int(experts[0]), local % shape[1])
+        else:
+            layout[ck_name] = RowSlice(runtime, None, local)
+    return layout
+
+
+def _default_expert_names(runtime: str, shape: torch.Size) -> dict[str, RowSlice]:
+    prefix, _, which = runtime.rpartition(".")
+    num_experts, rows = shape[0], shape[1]
+    if which == "gate_up_proj":
+        half = rows // 2
+        parts = {"gate_proj": torch.arange(half), "up_proj": torch.arange(half, rows)}
+    elif which == "down_proj":
+        parts = {"down_proj": torch.arange(rows)}
+    else:
+        raise ValueError(f"no per-expert checkpoint names known for fused weight {runtime}")
+    return {f"{prefix}.{e}.{part}.weight": RowSlice(runtime, e, r) for e in range(num_experts) for part, r in parts.items()}
+
+
+def fused_experts_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules holding fused MoE expert weights: 3-D `gate_up_proj` and `down_proj`."""
+    return {
+        name: m for name, m in model.named_modules()
+        if all(isinstance(getattr(m, w, None), torch.Tensor) and getattr(m, w).ndim == 3 for w in ("gate_up_proj", "down_proj"))
+    }
+
+
+# --- the runtime arithmetic ------------------------------------------------------------------------
+
+
+def _expand_groups(param: torch.Tensor, in_features: int) -> torch.Tensor:
+    """(out, 1) or (out, in / g) -> (out, in)."""
+    return param.repeat_interleave(in_features // param.shape[1], dim=1)
+
+
+class AscendLinear(nn.Module):
+    """One quantized Linear as the Ascend runtime computes it, from the written tensors only.
+
+    static W8A8: ``x_q = clamp(round(x / input_scale + input_offset), -128, 127)``,
+    ``y = (x_q · W_qᵀ + quant_bias) · deq_scale`` (integer products summed exactly, in float64);
+    *_DYNAMIC: per token ``s = amax|x| / qmax``, ``x_q = clamp(round(x / s))``,
+    ``y = (x_q · s)((W_q − weight_offset) · weight_scale)ᵀ + bias``; W8A16: dequantized weight.
+    """
+
+    def __init__(self, quant_type: str, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        if quant_type not in LINEAR_TYPES:
+            raise ModelLoadError(f"quant type {quant_type} is not supported by the reader; supported: {', '.join(LINEAR_TYPES)}")
+        self.quant_type = quant_type
+        weight = tensors["weight"]
+        self.register_buffer("weight", unpack_int4_rows(weight) if quant_type == "W4A8_DYNAMIC" else weight.to(torch.int8))
+        self.out_features, self.in_features = self.weight.shape
+        bias = tensors.get("bias")
+        self.register_buffer("bias", None if bias is None else bias.float())
+        if quant_type == "W8A8":
+            self.register_buffer("input_scale", tensors["input_scale"].float().reshape(()))
+            self.register_buffer("input_offset", tensors["input_offset"].float().reshape(()))
+            self.register_buffer("deq_scale", deq_scale_float(tensors["deq_scale"]).double())
+            self.register_buffer("quant_bias", tensors["quant_bias"].double())
+        else:
+            scale, offset = tensors["weight_scale"].float(), tensors["weight_offset"].float()
+            w = (self.weight.float() - _expand_groups(offset, self.in_features)) * _expand_groups(scale, self.in_features)
+            self.register_buffer("dequantized_weight", w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        if self.quant_type == "W8A8":
+            x_q = torch.clamp(torch.round(x32 / self.input_scale + self.input_offset), -128, 127)
+            acc = x_q.double() @ self.weight.double().T + self.quant_bias
+            return (acc * self.deq_scale).to(x.dtype)
+        act = LINEAR_TYPES[self.quant_type]
+        if act is not None:
+            qmin, qmax = act
+            s = torch.clamp(x32.abs().amax(dim=-1, keepdim=True) / qmax, min=_TINY)
+            x32 = torch.clamp(torch.round(x32 / s), qmin, qmax) * s
+        return F.linear(x32, self.dequantized_weight, self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.quant_type}"
+
+
+class AscendRows(nn.Module):
+    """A runtime weight's output rows computed by several checkpoint Linears (e.g. one expert's gate and up)."""
+
+    def __init__(self, out_features: int, parts: list[tuple[AscendLinear, torch.Tensor]]) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.parts = nn.ModuleList(part for part, _ in parts)
+        for i, (_, rows) in enumerate(parts):
+            self.register_buffer(f"rows_{i}", rows.long())
+        covered = torch.cat([rows for _, rows in parts]) if parts else torch.empty(0, dtype=torch.long)
+        if sorted(covered.tolist()) != list(range(out_features)):
+            raise ModelLoadError(f"the checkpoint Linears of a weight with {out_features} rows cover rows "
+                                 f"{sorted(covered.tolist())[:8]}...; every row must be covered once")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.new_empty(*x.shape[:-1], self.out_features)
+        for i, part in enumerate(self.parts):
+            y[..., getattr(self, f"rows_{i}")] = part(x)
+        return y
+
+
+class AscendExperts(nn.Module):
+    """Fused MoE experts rebuilt from per-expert checkpoint Linears; the `(hidden, top_k_index, top_k_weights)` interface."""
+
+    def __init__(self, gate_up: list[AscendRows], down: list[AscendRows], act_fn: nn.Module) -> None:
+        super().__init__()
+        self.gate_up, self.down, self.act_fn = nn.ModuleList(gate_up), nn.ModuleList(down), act_fn
+        self.num_experts = len(gate_up)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for expert in torch.unique(top_k_index).tolist():
+            if not 0 <= expert < self.num_experts:
+                continue
+            token_idx, slot = torch.where(top_k_index == expert)
+            gate, up = self.gate_up[expert](hidden_states[token_idx]).chunk(2, dim=-1)
+            y = self.down[expert](self.act_fn(gate) * up) * top_k_weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+
+
+
+def load_ascend_model(out_dir: Path, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """A transformers model computing what Ascend runtimes compute from the files in `out_dir`, in eval mode.
+
+    `dtype` is the dtype of the float parts; by default the dtype most float tensors were written in.
+    """
+    from transformers import AutoConfig
+
+    from slimc.frontends.hf import ModelSource, auto_class  # the one place that picks the model class
+
+    out_dir = Path(out_dir)
+    types = tensor_types(read_description(out_dir))
+    tensors = read_tensors(out_dir)
+    if set(types) != set(tensors):
+        raise ModelLoadError(f"{out_dir}: description and safetensors disagree on {sorted(set(types) ^ set(tensors))[:5]}")
+    if dtype is None:
+        sizes = Counter()
+        for name, t in tensors.items():
+            if types[name] == "FLOAT" and t.is_floating_point():
+                sizes[t.dtype] += t.numel()
+        dtype = sizes.most_common(1)[0][0] if sizes else torch.float32
+    config = AutoConfig.from_pretrained(out_dir)
+    source = ModelSource(path=out_dir, gguf_file=None, config=config, architecture=(config.architectures or [""])[0])
+    model = auto_class(source).from_config(config, dtype=dtype, attn_implementation="sdpa")
+    quantized = {name.removesuffix(".weight"): t for name, t in types.items() if name.endswith(".weight") and t != "FLOAT"}
+    used = _install_quantized(model, quantized, tensors)
+    _load_float(model, {n: t for n, t in tensors.items() if n not in used})
+    return model.eval()
+
+
+def _install_quantized(model: nn.Module, quantized: dict[str, str], tensors: dict[str, torch.Tensor]) -> set[str]:
+    """Replace runtime Linears / fused experts whose checkpoint weights are quantized; return the tensor names used."""
+    experts = fused_experts_modules(model)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    weights = {f"{n}.weight": m.weight.shape for n, m in linears.items()}
+    weights.update({f"{n}.{w}": getattr(m, w).shape for n, m in experts.items() for w in ("gate_up_proj", "down_proj")})
+    try:
+        layout = checkpoint_row_layout(model, weights)
+    except ValueError as e:
+        raise ModelLoadError(f"cannot map {type(model).__name__}'s weights to checkpoint names: {e}") from e
+    by_prefix: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        prefix, _, suffix = name.rpartition(".")
+        by_prefix.setdefault(prefix, {})[suffix] = tensor
+    parts: dict[tuple[str, int | None], list[tuple[AscendLinear, torch.Tensor]]] = {}
+    float_parts: set[tuple[str, int | None]] = set()
+    used: set[str] = set()
+    for ck_name, where in layout.items():
+        prefix = ck_name.removesuffix(".weight")
+        key = (where.runtime, where.expert)
+        if prefix not in quantized:
+            float_parts.add(key)
+            continue
+        own = by_prefix[prefix]
+        used.update(f"{prefix}.{suffix}" for suffix in own)
+        parts.setdefault(key, []).append((AscendLinear(quantized[prefix], own), where.rows))
+    mixed = float_parts & set(parts)
+    if mixed:
+        raise ModelLoadError(f"{sorted(mixed)[0][0]}: some of its checkpoint Linears are quantized and some are FLOAT")
+    unknown = set(quantized) - {ck.removesuffix(".weight") for ck in layout}
+    if unknown:
+        raise ModelLoadError(f"quantized tensors match no Linear of {type(model).__name__}: {sorted(unknown)[:5]}")
+    runtime_done = {runtime for runtime, _ in parts}
+    for runtime in runtime_done:
+        module_name = runtime.rpartition(".")[0]
+        if module_name in experts:
+            continue
+        out_features = linears[module_name].out_features
+        rows = parts[(runtime, None)]
+        whole = len(rows) == 1 and torch.equal(rows[0][1], torch.arange(out_features))
+        module = rows[0][0] if whole else AscendRows(out_features, rows)
+        model.set_submodule(module_name, module)
+    for module_name, module in experts.items():
+        keys = [(f"{module_name}.{w}", e) for w in ("gate_up_proj", "down_proj") for e in range(module.gate_up_proj.shape[0])]
+        if not any(key in parts for key in keys):
+            continue
+        if not all(key in parts for key in keys):
+            raise ModelLoadError(f"{module_name}: only some experts are quantized")
+        gate_up, down = (
+            [AscendRows(getattr(module, w).shape[1], parts[(f"{module_name}.{w}", e)]) for e in range(module.gate_up_proj.shape[0])]
+            for w in ("gate_up_proj", "down_proj")
+        )
+        model.set_submodule(module_name, AscendExperts(gate_up, down, module.act_fn))
+    return used
+
+
+@torch.no_grad()
+def _load_float(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load checkpoint-named float tensors into the model's parameters and persistent buffers.
+
+    The inverse of transformers' save conversion. Every parameter must be in the files; a persistent
+    buffer that is not keeps the value the model class gives it.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    params = model.state_dict(keep_vars=True)
+    required = set(dict(model.named_parameters(remove_duplicate=False)))
+    filled = Counter()  # parameter name -> elements loaded
+    consumed: set[str] = set()
+    same_name = set(revert_weight_conversion(model, {n: p.detach() for n, p in params.items()})) & set(params)
+    for name in same_name & set(tensors):
+        params[name].copy_(tensors[name].reshape(params[name].shape).to(params[name].dtype))
+        filled[name] += params[name].numel()
+        consumed.add(name)
+    converted = [n for n in params if n not in same_name]
+    if converted:
+        # Follow the save conversion on element indices: each checkpoint tensor says which elements it holds.
+        bases, index, base = [], {}, 0
+        for n in converted:
+            index[n] = torch.arange(base, base + params[n].numel()).reshape(params[n].shape)
+            bases.append(base)
+            base += params[n].numel()
+        for ck_name, idx in revert_weight_conversion(model, index).items():
+            if ck_name not in tensors:
+                continue
+            idx = (idx[0] if isinstance(idx, list) else idx).reshape(-1)
+            source = bisect.bisect_right(bases, int(idx[0])) - 1
+            target = params[converted[source]]
+            target.view(-1)[idx - bases[source]] = tensors[ck_name].reshape(-1).to(target.dtype)
+            filled[converted[source]] += idx.numel()
+            consumed.add(ck_name)
+    missing = sorted(n for n in required if filled[n] < params[n].numel())
+    if missing:
+        raise ModelLoadError(f"the Ascend files have no tensor for {len(missing)} parameters, e.g. {missing[:5]}")
+    unexpected = sorted(set(tensors) - consumed)
+    if unexpected:
+        raise ModelLoadError(f"{len(unexpected)} float tensors in the Ascend files match no parameter, e.g. {unexpected[:5]}")
