@@ -24,7 +24,7 @@ def _compile(args: argparse.Namespace) -> None:
     from slimc.evaluate import evaluate_perplexity
 
     config = load_config(resolve_config_path(args.config), args.set)
-    report = compile_model(config, model_path=args.model, out_dir=Path(args.out), overwrite=args.overwrite)
+    report = compile_model(config, model_path=args.model, out_dir=Path(args.out), overwrite=args.overwrite).report
     print(report.render())
     print(f"\nwrote {args.out}")
     if args.eval:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -76,7 +77,13 @@ def calibration_batches(config: SlimcConfig, source: ModelSource, report: RunRep
     return list(ids.split(cal.batch_size))
 
 
-def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path, overwrite: bool = False) -> RunReport:
+@dataclass
+class Compiled:
+    program: Program
+    report: RunReport
+
+
+def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path, overwrite: bool = False) -> Compiled:
     """Run the whole compile; the output directory appears only when complete."""
     report = RunReport()
     with report.timed("total"):
@@ -103,5 +110,5 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
                 report.finish()
                 (staging / REPORT_FILE).write_text(report.to_json())
     report.finish()
-    return report
+    return Compiled(program, report)
 

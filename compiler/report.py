@@ -41,6 +41,7 @@ class RunReport:
     notes: list[str] = field(default_factory=list)
     outputs: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    details: dict[str, dict] = field(default_factory=dict)
     peak_memory: dict[str, int] = field(default_factory=dict)
 
     @contextlib.contextmanager

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 
 from slimc.calib import channel_absmax, simulated_quantization
 from slimc.fold import (
@@ -18,7 +18,7 @@ from slimc.fold import (
     scale_norm,
     scale_output_channels,
 )
-from slimc.ir import Block
+from slimc.ir import Block, Program
 from slimc.pass_base import Pass, register_pass
 from slimc.patterns import Consumer, find_norm_linear_groups, find_ov_pairs, find_up_down_pairs
 from slimc.pipeline import Context, relative_error
@@ -56,6 +56,7 @@ class Smooth(Pass):
     search_grid: list[float] = [round(0.1 * i, 1) for i in range(11)]
     search_batches: int = Field(1, ge=1)
     subgraphs: list[Subgraph] = ["norm-linear", "v-o", "up-down"]
+    _chosen: dict[str, float] = PrivateAttr(default_factory=dict)
 
     @field_validator("search_grid")
     @classmethod
@@ -95,8 +96,17 @@ class Smooth(Pass):
             with torch.no_grad():
                 for tensor, original in zip(migration.tensors(), saved):
                     tensor.copy_(original)
-        ctx.report.note(f"smooth: searched alpha per group (last {migration.kind} in {block.name}: {best_alpha})")
+        self._chosen[block.qualified(migration.observe[0])] = best_alpha
         return best_alpha
+
+    def finish(self, program: Program, ctx: Context) -> None:
+        if self._chosen:
+            values = sorted(self._chosen.values())
+            ctx.report.note(
+                f"smooth: searched alpha for {len(values)} groups: median {values[len(values) // 2]}, "
+                f"range {values[0]}-{values[-1]} (each group's in the report's details)"
+            )
+            ctx.report.details["smooth_alpha"] = dict(self._chosen)
 
     def migrations(self, block: Block) -> list[Migration]:
         gm = block.graph_module

@@ -1,0 +1,32 @@
+"""Every supported family compiles with each shipped config, and the Ascend files reproduce the result."""
+
+import pytest
+import torch
+from conftest import save_tiny_model
+from programs import logits, relative
+from tiny_models import FAMILIES
+
+from slimc.backends.mindie_reader import load_ascend_model
+from slimc.cli import resolve_config_path
+from slimc.compile import compile_model
+from slimc.config import load_config
+
+SMALL_CALIBRATION = ["calibration.samples=4", "calibration.seq_len=32", "calibration.batch_size=2"]
+
+
+@pytest.mark.parametrize("config_name", ["llm/w8a8_dynamic.yaml", "llm/w8a8_static.yaml"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shipped_config_compiles_and_the_ascend_files_reproduce_the_quantized_model(tmp_path, family, config_name):
+    model_dir = save_tiny_model(tmp_path / "model", family)
+    config = load_config(resolve_config_path(config_name), SMALL_CALIBRATION)
+    with pytest.warns(UserWarning, match="below the recommended"):
+        compiled = compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
+    ids = torch.randint(4, compiled.program.model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
+    expected = logits(compiled.program, ids)
+    with torch.no_grad():
+        from_files = load_ascend_model(tmp_path / "out" / "mindie")(input_ids=ids, use_cache=False).logits
+    assert relative(from_files, expected) < (1e-5 if "dynamic" in config_name else 1e-2)
+    float_model = type(compiled.program.model).from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        reference = float_model(input_ids=ids, use_cache=False).logits
+    assert torch.nn.functional.cosine_similarity(from_files.flatten(), reference.flatten(), dim=0) > 0.99
