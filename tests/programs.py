@@ -10,7 +10,7 @@ from slimc.config import config_from_data
 from slimc.frontends.hf import ModelSource
 from slimc.frontends.llm import DecoderLLM
 from slimc.ir import Program
-from slimc.pipeline import Pipeline
+from slimc.pipeline import Context, Pipeline
 from slimc.report import RunReport
 
 W8A8_DYNAMIC = {
@@ -41,6 +41,11 @@ def run_pipeline(model, pipeline: list[dict], schemes: dict | None = None, batch
     report = RunReport()
     Pipeline.from_config(cfg).run(program, cfg, DecoderLLM().first_block_inputs(program, batches), report)
     return program, report
+
+
+def context_of(program: Program) -> Context:
+    """A pass context with an empty config, for running one pass by hand."""
+    return Context(program, config_from_data({}), [], RunReport())
 
 
 @torch.no_grad()
