@@ -41,6 +41,20 @@ def model_dtype(config: SlimcConfig, source: ModelSource) -> torch.dtype:
     return torch.float32
 
 
+def check_device(device: str) -> None:
+    """Fail early, with the fix, for a device this machine cannot use; import torch_npu only for npu."""
+    kind = device.split(":", 1)[0]
+    if kind == "npu":
+        try:
+            import torch_npu  # noqa: F401
+        except ImportError:
+            raise ConfigError("model.device is npu, but torch_npu is not installed; pip install 'slimc[npu]' on an Ascend host") from None
+    elif kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device is {device}, but no CUDA device is available; use model.device: cpu")
+    elif kind not in ("cpu", "cuda", "npu"):
+        raise ConfigError(f"model.device {device!r} is not a device slimc knows; use cpu, cuda[:N] or npu[:N]")
+
+
 def resolve_source(config: SlimcConfig, model_path: str | None) -> ModelSource:
     path = model_path or config.model.path or default_model_path()
     return resolve_model_source(path, trust_remote_code=config.model.trust_remote_code)
@@ -88,6 +102,7 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
     report = RunReport()
     with report.timed("total"):
         check_output_dir(out_dir, overwrite)
+        check_device(config.model.device)
         pipeline = Pipeline.from_config(config)
         backends = build_backends(config)
         source = resolve_source(config, model_path)

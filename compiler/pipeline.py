@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from slimc.config import SlimcConfig, format_validation_error
@@ -40,6 +41,11 @@ def rebind_hidden(inputs: BlockInput, hidden: torch.Tensor) -> BlockInput:
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
+
+
+def to_device(batch: BlockInput, device: torch.device) -> BlockInput:
+    """A block input with every tensor moved to the processing device."""
+    return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
 
 
 def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
@@ -118,7 +124,7 @@ class Pipeline:
         for step in self.steps:
             with report.timed(step.name):
                 step.prepare(program, ctx)
-        ctx.inputs = first_inputs
+        ctx.inputs = [to_device(batch, ctx.device) for batch in first_inputs]
         for block in tqdm(program.blocks, desc="blocks", unit="block"):
             self._run_block(block, ctx)
         for step in self.steps:

@@ -134,3 +134,11 @@ def test_missing_config_file_is_named(tmp_path):
 @pytest.mark.parametrize("name", sorted(shipped_configs()))
 def test_every_shipped_config_validates(name):
     Pipeline.from_config(load_config(shipped_configs()[name]))
+
+
+@pytest.mark.parametrize(("device", "message"), [("tpu", "not a device slimc knows"), ("npu", "torch_npu is not installed")])
+def test_unusable_devices_are_refused_with_the_fix(device, message):
+    from slimc.compile import check_device
+
+    with pytest.raises(ConfigError, match=message):
+        check_device(device)
