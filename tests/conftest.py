@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny model directories on disk, offline Hugging Face, and both import styles.
+
+Test modules import the tiny builders either as `tiny_models` or as `tests.tiny_models`; the
+repository root and tests/ are both put on sys.path so that each works however pytest is started.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+for _path in (str(TESTS_DIR), str(REPO_ROOT)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from tiny_models import tiny_causal_lm  # noqa: E402
+from tiny_tokenizer import tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def hf_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reaches the Hugging Face Hub, in this process or in the subprocesses it starts."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def save_tiny_model(path: Path, family: str) -> Path:
+    """A tiny `family` model saved as safetensors with config.json and the tiny tokenizer."""
+    tiny_causal_lm(family).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LlamaForCausalLM directory (model.safetensors, config.json, tokenizer); treat as read-only."""
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen3MoeForCausalLM directory (fused experts); treat as read-only."""
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3-moe", "qwen3_moe")
