@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from slimc.backends import Backend, backend_class
 from slimc.config import SlimcConfig, format_validation_error
 from slimc.data import corpus_fingerprint, load_corpus, token_samples
-from slimc.errors import ConfigError
+from slimc.errors import ConfigError, ExportError
 from slimc.export import check_disk_space, check_output_dir, staged_output
 from slimc.frontends import frontend_for
 from slimc.frontends.hf import (
@@ -55,6 +55,13 @@ def check_device(device: str) -> None:
         raise ConfigError(f"model.device {device!r} is not a device slimc knows; use cpu, cuda[:N] or npu[:N]")
 
 
+def check_not_inside(source: ModelSource, out_dir: Path) -> None:
+    """Never let an output replace the model it is made from."""
+    model_dir, out = source.path.resolve(), out_dir.resolve()
+    if model_dir == out or out in model_dir.parents:
+        raise ExportError(f"--out {out_dir} would replace the model being quantized ({model_dir}); choose another output directory")
+
+
 def resolve_source(config: SlimcConfig, model_path: str | None) -> ModelSource:
     path = model_path or config.model.path or default_model_path()
     return resolve_model_source(path, trust_remote_code=config.model.trust_remote_code)
@@ -63,7 +70,10 @@ def resolve_source(config: SlimcConfig, model_path: str | None) -> ModelSource:
 def build_backends(config: SlimcConfig) -> list[Backend]:
     backends = []
     for index, raw in enumerate(config.export):
-        cls = backend_class(str(raw["format"]))
+        try:
+            cls = backend_class(str(raw["format"]))
+        except ConfigError as error:
+            raise ConfigError(f"{config.where('export', index, 'format')}: export.{index}.format: {error}") from None
         params = {k: v for k, v in raw.items() if k != "format"}
         try:
             backends.append(cls(**params))
@@ -106,6 +116,7 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
         pipeline = Pipeline.from_config(config)
         backends = build_backends(config)
         source = resolve_source(config, model_path)
+        check_not_inside(source, out_dir)
         program = load_program(config, source, report)
         frontend = frontend_for(source, config.model.family)
         batches = calibration_batches(config, source, report)

@@ -63,13 +63,13 @@ def evaluate_perplexity(
     """Perplexity of the float model and, if given, of the quantized model rebuilt from its written files."""
     from slimc.backends.mindie_reader import load_ascend_model
 
+    directory = quantized_output_dir(quantized) if quantized is not None else None
     ids = token_samples(load_tokenizer(source), load_corpus(corpus), samples=samples, seq_len=seq_len, recommended=None)
     results: dict = {"corpus": corpus, "tokens": int(ids.numel()), "samples": int(ids.shape[0]), "seq_len": seq_len}
     float_model = load_model(source, dtype=torch.float32)
     results["float_ppl"] = perplexity(float_model, ids, batch_size=batch_size, progress=True)
     del float_model
-    if quantized is not None:
-        directory = quantized_output_dir(quantized)
+    if directory is not None:
         results["quantized_dir"] = str(directory)
         results["quantized_ppl"] = perplexity(load_ascend_model(directory), ids, batch_size=batch_size, progress=True)
         results["relative_change"] = results["quantized_ppl"] / results["float_ppl"] - 1.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from torch import nn
 
 from slimc.config import SlimcConfig
@@ -50,10 +50,12 @@ class FakeQuant(Pass):
     module that quantizes each expert's inputs. Weights are quantized by `calibrate`."""
 
     rules: list[Rule] = Field(min_length=1)
+    _rule_locations: dict[int, str] = PrivateAttr(default_factory=dict)
 
     def check(self, config: SlimcConfig, step_index: int) -> None:
         for i, rule in enumerate(self.rules):
             where = config.where("pipeline", step_index, "rules", i)
+            self._rule_locations[i] = f"{where}: pipeline.{step_index}.rules.{i}"
             if rule.scheme not in config.schemes:
                 known = ", ".join(sorted(config.schemes)) or "none defined under `schemes:`"
                 raise ConfigError(f"{where}: pipeline.{step_index}.rules.{i}.scheme: unknown scheme {rule.scheme!r}; schemes: {known}")
@@ -76,9 +78,8 @@ class FakeQuant(Pass):
             for pattern in rule.include:
                 if not any(fnmatchcase(name, pattern) for name in names):
                     example = ", ".join(names[:3])
-                    raise ConfigError(
-                        f"fake_quant rule {i}: include glob {pattern!r} matches no quantizable layer; names look like {example}"
-                    )
+                    where = self._rule_locations.get(i, f"fake_quant rule {i}")
+                    raise ConfigError(f"{where}.include: glob {pattern!r} matches no quantizable layer; names look like {example}")
 
     def run_block(self, block: Block, ctx: Context) -> None:
         gm = block.graph_module
