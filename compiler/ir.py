@@ -20,7 +20,7 @@ from slimc.schemes import QuantScheme
 
 if TYPE_CHECKING:
     from slimc.frontends.hf import ModelSource
-    from slimc.tracer import TracedBlock
+    from slimc.traced_block import TracedBlock
 
 ROLES = ("text", "vision", "audio", "dit", "expert")
 

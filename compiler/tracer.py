@@ -19,7 +19,6 @@ import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from torch.fx.node import map_aggregate
 from torch.utils import _pytree as pytree
 
 from slimc.errors import TraceError
+from slimc.traced_block import Guard, TracedBlock, leaf_names, normalise_inputs, same_constant
 
 KERNEL_NAME = "attention_kernel"
 _KERNEL_GLOBALS = ("ALL_ATTENTION_FUNCTIONS", "eager_attention_forward")
@@ -197,21 +197,6 @@ class _ValueAttribute(_ValueProxy, fx.proxy.Attribute):
     """`x.shape`, `x.view`, ...: a value proxy whose getattr node is created only if it is used."""
 
 
-@dataclass
-class Guard:
-    """A Python-level decision taken on the example inputs: `check(value of node) == expected`.
-
-    `node` is in the guard graph (the part of the block graph that computes it); `where` is the
-    model-code line that took the decision; `text` reads like `bool(gt(x.shape[1], 4)) == True`.
-    """
-
-    node: fx.Node
-    check: Callable[[Any], Any]
-    expected: Any
-    where: str
-    text: str = ""
-
-
 def _user_location(frames: list[traceback.FrameSummary]) -> str:
     """The model-code line among `frames` (outermost first) that issued the operation."""
     found = None
@@ -344,29 +329,6 @@ def _drop_unused(graph: fx.Graph, non_tensor: set[fx.Node]) -> None:
             graph.erase_node(node)
 
 
-def _normalise(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    return tuple(args), dict(sorted(kwargs.items()))
-
-
-def _leaf_names(paths: list[tuple], positional: list[str]) -> list[str]:
-    """Readable names of input leaves: `hidden_states`, `position_embeddings[0]`, `arg3`."""
-    names = []
-    for top, first, *rest in paths:
-        if top.idx == 0:
-            head = positional[first.idx] if first.idx < len(positional) else f"arg{first.idx}"
-        else:
-            head = str(first.key)
-        names.append(head + "".join(str(key) for key in rest))
-    return names
-
-
-def _same_constant(a: Any, b: Any) -> bool:
-    try:
-        return type(a) is type(b) and bool(a == b)
-    except Exception:
-        return a is b
-
-
 def _difference(expected: Any, actual: Any) -> str | None:
     """Why `actual` is not exactly `expected` (NaNs at the same places count as equal), or None."""
     exp_leaves, exp_spec = pytree.tree_flatten(expected)
@@ -375,7 +337,7 @@ def _difference(expected: Any, actual: Any) -> str | None:
         return f"output structure {act_spec} instead of {exp_spec}"
     for i, (e, a) in enumerate(zip(exp_leaves, act_leaves)):
         if not isinstance(e, torch.Tensor):
-            if not _same_constant(e, a):
+            if not same_constant(e, a):
                 return f"output leaf {i} is {a!r} instead of {e!r}"
         elif not isinstance(a, torch.Tensor) or a.shape != e.shape or a.dtype != e.dtype:
             return f"output leaf {i} is {getattr(a, 'shape', a)} instead of a {e.dtype} tensor of shape {e.shape}"
@@ -383,86 +345,6 @@ def _difference(expected: Any, actual: Any) -> str | None:
             diff = (a.double() - e.double()).abs().nan_to_num(float("inf")).max().item()
             return f"output leaf {i} differs by max abs {diff:.3g}"
     return None
-
-
-class TracedBlock(nn.Module):
-    """A block's fx graph, callable like the block for inputs that fit the traced specialisation.
-
-    `graph_module` shares the block's leaf modules (weight edits show in both) and takes the flat
-    tensor inputs. `forward` flattens the block's `(args, kwargs)`, refuses inputs that differ from
-    the traced ones in structure, constants, rank, dtype, device or a recorded guard, and runs it.
-    """
-
-    def __init__(self, graph_module: fx.GraphModule, guard_module: fx.GraphModule, guards: list[Guard], *,
-                 name: str, block: nn.Module, spec: pytree.TreeSpec, names: list[str], positional: list[str],
-                 leaves: list[Any]) -> None:
-        super().__init__()
-        self.graph_module = graph_module
-        self.name = name
-        self.guards = guards
-        self.__dict__["_guard_module"] = guard_module  # shares graph_module's leaves: not a submodule
-        self.__dict__["_block"] = block
-        self._spec, self._names, self._positional = spec, names, positional
-        self._expected = [(leaf.dtype, leaf.ndim, leaf.device) if isinstance(leaf, torch.Tensor) else leaf
-                          for leaf in leaves]
-        self._is_tensor = [isinstance(leaf, torch.Tensor) for leaf in leaves]
-
-    def __getattr__(self, name: str) -> Any:
-        """Other attributes read through to the block, since model code reads some off its layers."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if "_block" not in self.__dict__:
-                raise
-            return getattr(self.__dict__["_block"], name)
-
-    def flatten_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        """The tensor leaves of `(args, kwargs)` in graph placeholder order."""
-        leaves = pytree.tree_leaves(_normalise(args, kwargs))
-        return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-
-    def mismatch(self, args: tuple, kwargs: dict) -> str | None:
-        """What makes these inputs differ from the traced specialisation, or None if they fit."""
-        leaves, spec = pytree.tree_flatten(_normalise(args, kwargs))
-        if spec != self._spec:
-            paths = [path for path, _ in pytree.tree_flatten_with_path(_normalise(args, kwargs))[0]]
-            got = _leaf_names(paths, self._positional)
-            missing, extra = [n for n in self._names if n not in got], [n for n in got if n not in self._names]
-            return f"inputs {got} (missing {missing}, unexpected {extra}), traced with {self._names}"
-        for name, is_tensor, expected, leaf in zip(self._names, self._is_tensor, self._expected, leaves):
-            if is_tensor != isinstance(leaf, torch.Tensor):
-                return f"input {name} is {type(leaf).__name__}, traced with {'a tensor' if is_tensor else repr(expected)}"
-            if is_tensor and (leaf.dtype, leaf.ndim, leaf.device) != expected:
-                return (f"input {name} has dtype {leaf.dtype}, rank {leaf.ndim}, device {leaf.device}; "
-                        f"traced with dtype {expected[0]}, rank {expected[1]}, device {expected[2]}")
-            if not is_tensor and not _same_constant(leaf, expected):
-                return f"input {name} is {leaf!r}, traced with {expected!r}"
-        if self.guards:
-            flat = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-            try:
-                with torch.no_grad():
-                    values = self.__dict__["_guard_module"](*flat)
-            except Exception as exc:
-                return f"guards could not be evaluated ({type(exc).__name__}: {exc})"
-            for guard, value in zip(self.guards, values):
-                got = guard.check(value)
-                if got != guard.expected:
-                    return f"guard {guard.text} fails (got {got!r}), recorded at {guard.where}"
-        return None
-
-    def matches(self, args: tuple, kwargs: dict) -> bool:
-        """Whether the graph computes the block's function on these inputs."""
-        return self.mismatch(args, kwargs) is None
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        why = self.mismatch(args, kwargs)
-        if why is not None:
-            raise TraceError(f"block {self.name!r} was traced for other inputs: {why}; re-trace it for these")
-        return self.graph_module(*self.flatten_inputs(args, kwargs))
-
-    def run_flat(self, flat_inputs: list[torch.Tensor]) -> Any:
-        """Run the graph on inputs already flattened by `flatten_inputs` (no checks)."""
-        return self.graph_module(*flat_inputs)
 
 
 def trace_block(block: nn.Module, args: tuple, kwargs: dict, *, name: str) -> TracedBlock:
@@ -473,12 +355,12 @@ def trace_block(block: nn.Module, args: tuple, kwargs: dict, *, name: str) -> Tr
     The graph is checked to reproduce `block.forward` exactly on these inputs; a block that cannot
     be traced, or whose graph differs, raises TraceError naming the block and the operation.
     """
-    args, kwargs = _normalise(args, kwargs)
+    args, kwargs = normalise_inputs(args, kwargs)
     with_paths, spec = pytree.tree_flatten_with_path((args, kwargs))
     leaves = [leaf for _, leaf in with_paths]
     parameters = inspect.signature(block.forward).parameters.values()
     positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    names = _leaf_names([path for path, _ in with_paths], positional)
+    names = leaf_names([path for path, _ in with_paths], positional)
     tensor_names = [n for n, leaf in zip(names, leaves) if isinstance(leaf, torch.Tensor)]
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
