@@ -46,7 +46,8 @@ class Smooth(Pass):
     the norm, the v projection or the up projection that produce it) and the readers' weights multiplied.
 
     With `search: true`, alpha is chosen per group from `search_grid` to minimise the block's output
-    error when the group's Linears are quantized with the schemes the pipeline will give them.
+    error when the group's Linears are quantized with the schemes the pipeline will give them; a
+    group where every alpha is worse than no migration is left as it is.
     """
 
     preserves_function = True
@@ -56,7 +57,7 @@ class Smooth(Pass):
     search_grid: list[float] = [round(0.1 * i, 1) for i in range(11)]
     search_batches: int = Field(1, ge=1)
     subgraphs: list[Subgraph] = ["norm-linear", "v-o", "up-down"]
-    _chosen: dict[str, float] = PrivateAttr(default_factory=dict)
+    _chosen: dict[str, float | None] = PrivateAttr(default_factory=dict)
 
     @field_validator("search_grid")
     @classmethod
@@ -74,9 +75,11 @@ class Smooth(Pass):
         for migration in migrations:
             act_absmax = migration.reduce(stats[migration.observe[0]])
             alpha = self._best_alpha(block, ctx, migration, act_absmax, reference) if self.search else self.alpha
-            migration.apply(smoothing_scales(act_absmax, migration.weight_absmax(), alpha))
+            if alpha is not None:
+                migration.apply(smoothing_scales(act_absmax, migration.weight_absmax(), alpha))
 
-    def _best_alpha(self, block: Block, ctx: Context, migration: Migration, act_absmax, reference) -> float:
+    def _best_alpha(self, block: Block, ctx: Context, migration: Migration, act_absmax, reference) -> float | None:
+        """The grid alpha with the lowest quantized block error, or None where no migration is better."""
         planned = {}
         for reader in migration.readers:
             found = ctx.planned_scheme(block.qualified(reader.target)) if reader.kind == "linear" else None
@@ -85,12 +88,16 @@ class Smooth(Pass):
         if not planned:
             return self.alpha
         saved = [t.detach().clone() for t in migration.tensors()]
-        best_alpha, best_error = self.alpha, float("inf")
-        for alpha in self.search_grid:
-            migration.apply(smoothing_scales(act_absmax, migration.weight_absmax(), alpha))
+
+        def quantized_error() -> float:
             with simulated_quantization(block, planned):
                 outputs = ctx.run(block, ctx.inputs[: self.search_batches])
-            error = max(relative_error(o, r) for o, r in zip(outputs, reference))
+            return max(relative_error(o, r) for o, r in zip(outputs, reference))
+
+        best_alpha, best_error = None, quantized_error()
+        for alpha in self.search_grid:
+            migration.apply(smoothing_scales(act_absmax, migration.weight_absmax(), alpha))
+            error = quantized_error()
             if error < best_error:
                 best_alpha, best_error = alpha, error
             with torch.no_grad():
@@ -101,10 +108,12 @@ class Smooth(Pass):
 
     def finish(self, program: Program, ctx: Context) -> None:
         if self._chosen:
-            values = sorted(self._chosen.values())
+            values = sorted(a for a in self._chosen.values() if a is not None)
+            kept = len(self._chosen) - len(values)
+            summary = f"median alpha {values[len(values) // 2]}, range {values[0]}-{values[-1]}" if values else "none migrated"
             ctx.report.note(
-                f"smooth: searched alpha for {len(values)} groups: median {values[len(values) // 2]}, "
-                f"range {values[0]}-{values[-1]} (each group's in the report's details)"
+                f"smooth: searched {len(self._chosen)} groups: {kept} better left unsmoothed; {summary} "
+                "(each group's choice is in the report's details)"
             )
             ctx.report.details["smooth_alpha"] = dict(self._chosen)
 

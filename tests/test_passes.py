@@ -63,7 +63,8 @@ def test_smooth_search_picks_alphas_from_the_grid_and_keeps_the_function():
     reference = float_logits(model, ids)
     pipeline = [{"pass": "smooth", "search": True, "search_grid": [0.2, 0.6]}, *QUANTIZE_ALL[:1]]
     program, report = run_pipeline(model, pipeline, {"w8": W8A8_STATIC})
-    assert any("searched alpha" in note for note in report.notes)
+    chosen = report.details["smooth_alpha"]
+    assert len(chosen) == 8 and set(chosen.values()) <= {0.2, 0.6, None}
     with program.executing_graphs():
         for q in (m for b in program.blocks for m in b.graph_module.modules() if isinstance(m, FakeQuantize)):
             q.mode = "off"
