@@ -97,8 +97,8 @@ def is_experts_module(module: nn.Module) -> bool:
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
     """The block graph as a DiGraph of fx nodes, each with its `kind`."""
     graph = nx.DiGraph()
-    for node in gm.graph.nodes:
-        graph.add_node(node, kind=node_kind(gm, node))
+    for order, node in enumerate(gm.graph.nodes):
+        graph.add_node(node, kind=node_kind(gm, node), order=order)
         for user in node.users:
             graph.add_edge(node, user)
     return graph
@@ -145,7 +145,7 @@ def _is_shape_query(node: fx.Node) -> bool:
 
 
 def _through(graph: nx.DiGraph, start: fx.Node, passable) -> list[fx.Node]:
-    """Nodes reached from `start` that are not passable, walking users through passable ones."""
+    """Nodes reached from `start` that are not passable, walking users through passable ones; in graph order."""
     reached, stack, seen = [], list(graph.successors(start)), set()
     while stack:
         node = stack.pop()
@@ -156,7 +156,7 @@ def _through(graph: nx.DiGraph, start: fx.Node, passable) -> list[fx.Node]:
             stack.extend(graph.successors(node))
         else:
             reached.append(node)
-    return reached
+    return sorted(reached, key=lambda n: graph.nodes[n]["order"])
 
 
 def _back(node: fx.Node, passable) -> fx.Node:
