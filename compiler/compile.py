@@ -13,7 +13,7 @@ from slimc.config import SlimcConfig, format_validation_error
 from slimc.data import corpus_fingerprint, load_corpus, token_samples
 from slimc.errors import ConfigError, ExportError
 from slimc.export import check_disk_space, check_output_dir, staged_output
-from slimc.frontends import frontend_for
+from slimc.frontends import Frontend, frontend_for
 from slimc.frontends.hf import (
     ModelSource,
     default_model_path,
@@ -85,8 +85,7 @@ def build_backends(config: SlimcConfig) -> list[Backend]:
     return backends
 
 
-def load_program(config: SlimcConfig, source: ModelSource, report: RunReport) -> Program:
-    frontend = frontend_for(source, config.model.family)
+def load_program(config: SlimcConfig, source: ModelSource, frontend: Frontend, report: RunReport) -> Program:
     with report.timed("load"):
         model = load_model(source, dtype=model_dtype(config, source), trust_remote_code=config.model.trust_remote_code)
     return frontend.build(source, model)
@@ -110,31 +109,29 @@ class Compiled:
 def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path, overwrite: bool = False) -> Compiled:
     """Run the whole compile; the output directory appears only when complete."""
     report = RunReport()
-    with report.timed("total"):
-        check_output_dir(out_dir, overwrite)
-        check_device(config.model.device)
-        pipeline = Pipeline.from_config(config)
-        backends = build_backends(config)
-        source = resolve_source(config, model_path)
-        check_not_inside(source, out_dir)
-        program = load_program(config, source, report)
-        frontend = frontend_for(source, config.model.family)
-        batches = calibration_batches(config, source, report)
-        with report.timed("capture"):
-            first_inputs = frontend.first_block_inputs(program, batches)
-        pipeline.run(program, config, first_inputs, report)
-        if backends:
-            params = sum(t.numel() * t.element_size() for t in program.model.state_dict().values())
-            check_disk_space(out_dir, int(params * 1.1))
-            with report.timed("export"), staged_output(out_dir, overwrite) as staging:
-                for backend in backends:
-                    target = staging / backend.format_name
-                    target.mkdir()
-                    backend.write(program, target)
-                    backend.verify(program, target)
-                    report.outputs[backend.format_name] = directory_size(target)
-                report.finish()
-                (staging / REPORT_FILE).write_text(report.to_json())
+    check_output_dir(out_dir, overwrite)
+    check_device(config.model.device)
+    pipeline = Pipeline.from_config(config)
+    backends = build_backends(config)
+    source = resolve_source(config, model_path)
+    check_not_inside(source, out_dir)
+    frontend = frontend_for(source, config.model.family)
+    program = load_program(config, source, frontend, report)
+    batches = calibration_batches(config, source, report)
+    with report.timed("capture"):
+        first_inputs = frontend.first_block_inputs(program, batches)
+    pipeline.run(program, config, first_inputs, report)
+    if backends:
+        params = sum(t.numel() * t.element_size() for t in program.model.state_dict().values())
+        check_disk_space(out_dir, int(params * 1.1))
+        with report.timed("export"), staged_output(out_dir, overwrite) as staging:
+            for backend in backends:
+                target = staging / backend.format_name
+                target.mkdir()
+                backend.write(program, target)
+                backend.verify(program, target)
+                report.outputs[backend.format_name] = directory_size(target)
+            report.finish()
+            (staging / REPORT_FILE).write_text(report.to_json())
     report.finish()
     return Compiled(program, report)
-

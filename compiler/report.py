@@ -56,11 +56,17 @@ class RunReport:
         if message not in self.notes:
             self.notes.append(message)
 
+    started: float = field(default_factory=time.perf_counter, repr=False)
+
     def finish(self) -> None:
+        """Record the total time so far and the peak memory."""
+        self.seconds["total"] = time.perf_counter() - self.started
         self.peak_memory = peak_memory_bytes()
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        fields = asdict(self)
+        fields.pop("started")
+        return json.dumps(fields, indent=2)
 
     def render(self, worst: int = 10) -> str:
         """A plain-text summary for the terminal."""
