@@ -24,7 +24,10 @@ def consumer_weight(block: Block, consumer: Consumer) -> torch.Tensor:
 
 def input_channel_absmax(block: Block, consumers: list[Consumer]) -> torch.Tensor:
     """max |W[..., j]| over all consumers' weights, per input channel j."""
-    maxima = [consumer_weight(block, c).detach().abs().float().reshape(-1, consumer_weight(block, c).shape[-1]).amax(0) for c in consumers]
+    maxima = []
+    for consumer in consumers:
+        weight = consumer_weight(block, consumer).detach()
+        maxima.append(weight.abs().float().reshape(-1, weight.shape[-1]).amax(0))
     return torch.stack(maxima).amax(0)
 
 
