@@ -1,0 +1,66 @@
+"""Benchmark: compile a model with shipped configs and measure time, peak memory, output size and
+perplexity through the written Ascend files. Prints a table and one JSON object.
+
+    .venv/bin/python bench/compile_llm.py                         # SmolLM2-135M, both W8A8 configs
+    .venv/bin/python bench/compile_llm.py --model DIR --configs llm/w8a8_dynamic.yaml --samples 32
+
+Each config is compiled in its own process so that peak memory is that config's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILD = """
+import json, sys, time, warnings
+from pathlib import Path
+from slimc.cli import resolve_config_path
+from slimc.compile import compile_model, resolve_source
+from slimc.config import load_config
+from slimc.evaluate import evaluate_perplexity
+from slimc.report import peak_memory_bytes
+
+name, model, out, samples, eval_samples = sys.argv[1], sys.argv[2] or None, Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+warnings.simplefilter("ignore")
+config = load_config(resolve_config_path(name), [f"calibration.samples={samples}"])
+start = time.perf_counter()
+compiled = compile_model(config, model_path=model, out_dir=out)
+seconds = time.perf_counter() - start
+peak = peak_memory_bytes()["host"]
+ppl = evaluate_perplexity(resolve_source(config, model), out, corpus=config.evaluation.dataset, samples=eval_samples, seq_len=config.evaluation.seq_len)
+print(json.dumps({"config": name, "compile_seconds": seconds, "peak_memory_bytes": peak,
+                  "output_bytes": compiled.report.outputs.get("mindie"), "float_ppl": ppl["float_ppl"],
+                  "quantized_ppl": ppl["quantized_ppl"], "relative_change": ppl["relative_change"]}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="", help="model dir or .gguf (default: SmolLM2-135M)")
+    parser.add_argument("--configs", nargs="+", default=["llm/w8a8_dynamic.yaml", "llm/w8a8_static.yaml"])
+    parser.add_argument("--samples", type=int, default=128, help="calibration windows of 512 tokens")
+    parser.add_argument("--eval-samples", type=int, default=40)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, name in enumerate(args.configs):
+            out = Path(tmp) / f"out{index}"
+            done = subprocess.run(
+                [sys.executable, "-c", CHILD, name, args.model, str(out), str(args.samples), str(args.eval_samples)],
+                check=True, capture_output=True, text=True,
+            )
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"{'config':28s} {'compile s':>9s} {'peak MiB':>9s} {'out MiB':>8s} {'float ppl':>10s} {'quant ppl':>10s} {'change':>8s}")
+    for r in rows:
+        print(f"{r['config']:28s} {r['compile_seconds']:9.1f} {r['peak_memory_bytes'] / 2**20:9.0f} "
+              f"{r['output_bytes'] / 2**20:8.1f} {r['float_ppl']:10.4f} {r['quantized_ppl']:10.4f} {r['relative_change'] * 100:+7.2f}%")
+    print(json.dumps({"results": rows}))
+
+
+if __name__ == "__main__":
+    main()
