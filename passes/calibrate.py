@@ -54,10 +54,10 @@ class Calibrate(Pass):
             ctx.report.layers.append(LayerRecord(block.qualified(target), spec.scheme.label, spec.output_error))
 
     def _observe(self, block: Block, ctx: Context, layers: dict, quantizers: list[FakeQuantize]) -> dict[str, list]:
-        """Observe static quantizers on every batch; keep the layers' inputs of the first batches."""
+        """Keep the layers' float inputs of the first batches, then observe static quantizers on every batch once."""
         modes = {id(q): q.mode for q in quantizers}
         for q in quantizers:
-            q.mode = "off" if q.scheme.dynamic else "observe"
+            q.mode = "off"
         samples: dict[str, list] = {target: [] for target in layers}
         hooks = [
             module.register_forward_pre_hook(lambda m, args, t=target: samples[t].append(tuple(a.detach() for a in args)))
@@ -68,7 +68,10 @@ class Calibrate(Pass):
         finally:
             for hook in hooks:
                 hook.remove()
-        if any(not q.scheme.dynamic for q in quantizers):
+        static = [q for q in quantizers if not q.scheme.dynamic]
+        for q in static:
+            q.mode = "observe"
+        if static:
             self._run_all(block, ctx, layers)
         for q in quantizers:
             q.mode = modes[id(q)]
