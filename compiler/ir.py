@@ -22,9 +22,6 @@ if TYPE_CHECKING:
     from slimc.frontends.hf import ModelSource
     from slimc.traced_block import TracedBlock
 
-ROLES = ("text", "vision", "audio", "dit", "expert")
-
-
 @dataclass
 class QuantSpec:
     """The quantization annotation of one Linear (or fused experts module), keyed by its qualified name."""
@@ -42,7 +39,10 @@ class QuantSpec:
 
 @dataclass
 class Block:
-    """One repeated unit of the model (a decoder layer, a vision block, a DiT block)."""
+    """One repeated unit of the model (a decoder layer, a vision block, a DiT block).
+
+    `role` says which part of the model it belongs to: text, vision, audio, dit or expert.
+    """
 
     name: str
     module: nn.Module
@@ -103,13 +103,6 @@ class Block:
         gm.delete_submodule(target)
         gm.recompile()
 
-    def call_nodes(self, module_type: type | tuple[type, ...]) -> Iterator[fx.Node]:
-        """The graph's call_module nodes whose module is of the given type."""
-        gm = self.graph_module
-        for node in gm.graph.nodes:
-            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), module_type):
-                yield node
-
 
 @dataclass
 class Program:
@@ -125,12 +118,6 @@ class Program:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
-
-    def block_named(self, name: str) -> Block:
-        for block in self.blocks:
-            if block.name == name:
-                return block
-        raise KeyError(name)
 
     @contextlib.contextmanager
     def executing_graphs(self) -> Iterator[None]:

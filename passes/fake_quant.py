@@ -25,6 +25,7 @@ class Rule(BaseModel):
     scheme: str
     include: list[str] = ["*"]
     exclude: list[str] = []
+    optional: bool = False  # may select nothing: for configs shared by families with other layers
 
     def selects(self, name: str) -> bool:
         return any(fnmatchcase(name, p) for p in self.include) and not any(fnmatchcase(name, p) for p in self.exclude)
@@ -72,10 +73,10 @@ class FakeQuant(Pass):
         return None if chosen is None else (chosen, config.schemes[chosen])
 
     def prepare(self, program: Program, ctx: Context) -> None:
-        """Every include glob must select some layer: a glob that matches nothing is a typo."""
+        """Every include glob of a rule that is not `optional` must select some layer: else it is a typo."""
         names = quantizable_layer_names(program)
         for i, rule in enumerate(self.rules):
-            for pattern in rule.include:
+            for pattern in [] if rule.optional else rule.include:
                 if not any(fnmatchcase(name, pattern) for name in names):
                     example = ", ".join(names[:3])
                     where = self._rule_locations.get(i, f"fake_quant rule {i}")

@@ -6,7 +6,7 @@ from programs import W8A8_DYNAMIC, W8A8_STATIC, calibration_ids, context_of, log
 from tiny_models import FAMILIES, tiny_causal_lm
 from torch import nn
 
-from slimc.errors import PassError
+from slimc.errors import ConfigError, PassError
 from slimc.ir import Block
 from slimc.modules import FakeQuantize, QuantizedExperts, QuantizedLinear
 from slimc.pass_base import Pass
@@ -189,3 +189,12 @@ def test_w8a8_keeps_the_tiny_models_close_to_float(family):
     out = logits(program, ids)
     cosine = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0)
     assert cosine > 0.99
+
+
+def test_an_optional_rule_may_select_nothing_but_a_required_one_may_not():
+    rules = [{"scheme": "w8", "include": ["*"]}, {"scheme": "w8", "include": ["*no_such_layer"], "optional": True}]
+    program, _ = run_pipeline(tiny_causal_lm("llama"), [{"pass": "fake_quant", "rules": rules}], {"w8": W8A8_DYNAMIC})
+    assert "model.layers.0.mlp.down_proj" in program.quant_specs
+    rules[1]["optional"] = False
+    with pytest.raises(ConfigError, match=r"glob '\*no_such_layer' matches no quantizable layer"):
+        run_pipeline(tiny_causal_lm("llama"), [{"pass": "fake_quant", "rules": rules}], {"w8": W8A8_DYNAMIC})
