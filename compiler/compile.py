@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from slimc.backends import Backend, backend_class
 from slimc.config import SlimcConfig, format_validation_error
-from slimc.data import corpus_fingerprint, load_corpus, token_samples
+from slimc.data import load_corpus, text_fingerprint, token_samples
 from slimc.errors import ConfigError, ExportError
 from slimc.export import check_disk_space, check_output_dir, staged_output
 from slimc.frontends import Frontend, frontend_for
@@ -96,7 +96,7 @@ def calibration_batches(config: SlimcConfig, source: ModelSource, report: RunRep
     text = load_corpus(cal.dataset)
     ids = token_samples(load_tokenizer(source), text, samples=cal.samples, seq_len=cal.seq_len)
     report.metrics["calibration_tokens"] = float(ids.numel())
-    report.note(f"calibration: {ids.shape[0]} × {ids.shape[1]} tokens of {cal.dataset} (sha256 {corpus_fingerprint(cal.dataset)[:12]})")
+    report.note(f"calibration: {ids.shape[0]} × {ids.shape[1]} tokens of {cal.dataset} (sha256 {text_fingerprint(text)[:12]})")
     return list(ids.split(cal.batch_size))
 
 

@@ -71,7 +71,12 @@ def load_corpus(spec: str) -> str:
 
 def corpus_fingerprint(spec: str) -> str:
     """sha256 of the corpus text, so a run can record exactly which text it used."""
-    return hashlib.sha256(load_corpus(spec).encode("utf-8")).hexdigest()
+    return text_fingerprint(load_corpus(spec))
+
+
+def text_fingerprint(text: str) -> str:
+    """sha256 of already loaded corpus text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def token_samples(

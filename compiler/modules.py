@@ -102,14 +102,19 @@ class QuantizedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.scheme.label}"
 
 
-def _route(top_k_index: torch.Tensor, num_experts: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """For each expert that received tokens: (expert, top-k slot of each token, token index)."""
-    routed = []
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # the fused weights of transformers' *Experts modules
+
+
+def combine_experts(expert_forward, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Run each routed expert on its tokens and sum the outputs weighted by the router."""
+    out = torch.zeros_like(hidden_states)
     for expert in torch.unique(top_k_index).tolist():
         if 0 <= expert < num_experts:
             token_idx, slot = torch.where(top_k_index == expert)
-            routed.append((expert, slot, token_idx))
-    return routed
+            y = expert_forward(expert, hidden_states[token_idx]) * top_k_weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+    return out
 
 
 class FakeQuantExperts(nn.Module):
@@ -153,11 +158,7 @@ class FakeQuantExperts(nn.Module):
         if self.route_all:
             for expert in range(self.num_experts):
                 self.expert_forward(expert, hidden_states)
-        out = torch.zeros_like(hidden_states)
-        for expert, slot, token_idx in _route(top_k_index, self.num_experts):
-            y = self.expert_forward(expert, hidden_states[token_idx]) * top_k_weights[token_idx, slot, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
-        return out
+        return combine_experts(self.expert_forward, hidden_states, top_k_index, top_k_weights, self.num_experts)
 
 
 class QuantizedExperts(nn.Module):
@@ -200,8 +201,4 @@ class QuantizedExperts(nn.Module):
         return F.linear(self._act(h, "down", expert), self._weight("down_proj", expert), None if bias is None else bias[expert])
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)
-        for expert, slot, token_idx in _route(top_k_index, self.num_experts):
-            y = self.expert_forward(expert, hidden_states[token_idx]) * top_k_weights[token_idx, slot, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
-        return out
+        return combine_experts(self.expert_forward, hidden_states, top_k_index, top_k_weights, self.num_experts)

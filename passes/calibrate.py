@@ -8,14 +8,12 @@ from torch import nn
 
 from slimc.errors import PassError
 from slimc.ir import Block
-from slimc.modules import FakeQuantExperts, FakeQuantize
+from slimc.modules import EXPERT_WEIGHTS, FakeQuantExperts, FakeQuantize
 from slimc.pass_base import Pass, register_pass
 from slimc.pipeline import Context, relative_error
 from slimc.quant import dequantize_weight, quantize_weight
 from slimc.report import LayerRecord
 from slimc.schemes import TensorScheme
-
-EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 
 
 @register_pass("calibrate")

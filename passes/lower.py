@@ -6,12 +6,10 @@ import torch
 from torch import nn
 
 from slimc.ir import Block, QuantSpec
-from slimc.modules import FakeQuantExperts, QuantizedExperts, QuantizedLinear
+from slimc.modules import EXPERT_WEIGHTS, FakeQuantExperts, QuantizedExperts, QuantizedLinear
 from slimc.pass_base import Pass, register_pass
 from slimc.pipeline import Context
 from slimc.quant import expand_to_weight, quantize
-
-EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 
 
 @register_pass("lower")
