@@ -29,6 +29,7 @@ from slimc.backends.mindie_reader import (
     GLOBAL_KEYS,
     INDEX_FILE,
     QUANT_TYPE_PRIORITY,
+    ROTATION_SUFFIXES,
     VERSION,
     WEIGHTS_FILE,
     AscendExperts,
@@ -39,6 +40,7 @@ from slimc.backends.mindie_reader import (
     read_description,
     tensor_files,
     tensor_types,
+    unpacked_shape,
 )
 from slimc.errors import ExportError, SlimcError
 from slimc.ir import Program
@@ -48,7 +50,7 @@ from slimc.schemes import QuantScheme
 
 __all__ = ["AscendExperts", "AscendLinear", "MindieBackend", "load_ascend_model"]
 
-SUPPORTED = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC", "W4A8_DYNAMIC")
+SUPPORTED = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16", "W4A4_DYNAMIC", "W4A8_DYNAMIC")
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 SCALE_BIAS_SPLITS = 16  # W4A8 row-parallel scale_bias: one column per 1/16 of the input (tensor parallel up to 16)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -67,6 +69,7 @@ class _Part:
     bias: torch.Tensor | None  # float32 (out,)
     input_qparams: tuple[torch.Tensor, torch.Tensor] | None  # static: float32 (1,), (1,)
     dtype: torch.dtype
+    runtime: str  # the runtime weight it comes from, e.g. "model.layers.0.mlp.experts.down_proj"
 
     def reference(self) -> QuantizedLinear:
         return QuantizedLinear(self.scheme, self.codes, self.scale, self.offset, self.bias, self.input_qparams, self.dtype)
@@ -96,13 +99,16 @@ class MindieBackend(Backend):
     def write(self, program: Program, out_dir: Path) -> list[Path]:
         out_dir = Path(out_dir)
         before = set(out_dir.iterdir())
-        tensors, types, group_size = self._tensors(program, _parts(program))
-        written = _save_sharded(tensors, out_dir, None if self.max_shard_size is None else parse_size(self.max_shard_size))
+        parts = _parts(program)
+        tensors, types, group_size = self._tensors(program, parts)
+        rotations = _rotation_tensors(program, parts)
+        everything = {n: t for n, t in sorted({**tensors, **rotations}.items(), key=lambda item: _natural_key(item[0]))}
+        written = _save_sharded(everything, out_dir, None if self.max_shard_size is None else parse_size(self.max_shard_size))
         description = dict(types)
         description.update({
             "version": VERSION,
             "model_quant_type": model_quant_type(types.values()),
-            "metadata": dict(program.metadata.get("ascend_metadata", {})),
+            "metadata": _metadata(program, rotations),
             "group_size": group_size,
             "optional": {},
         })
@@ -112,7 +118,7 @@ class MindieBackend(Backend):
             from slimc.frontends.hf import write_model_files
         except ImportError as e:
             raise ExportError(f"mindie: cannot copy the model files (config.json, tokenizer): {e}") from e
-        write_model_files(program.source, out_dir)
+        write_model_files(program.source, out_dir, program.metadata.get("config_updates"))
         for path in written:
             path.chmod(0o644)
         return sorted(set(out_dir.iterdir()) - before)
@@ -125,13 +131,23 @@ class MindieBackend(Backend):
         except SlimcError as e:
             raise ExportError(f"mindie: {e}") from e
         types = tensor_types(description)
-        _check_same_names("description", set(types), "safetensors", set(files))
+        rotation_names = {n for n in files if n.endswith(ROTATION_SUFFIXES)}
+        _check_same_names("description", set(types), "safetensors", set(files) - rotation_names)
         _check_globals(description, types)
         stored = _StoredTensors(out_dir, files)
         parts = _parts(program)
         expected, expected_types, _ = self._tensors(program, parts)
         _check_same_names("the program's tensors", set(expected), "the written tensors", set(types))
+        rotations = _rotation_tensors(program, parts)
+        _check_same_names("the program's online rotations", set(rotations), "the written rotation tensors", rotation_names)
+        if description["metadata"] != _metadata(program, rotations):
+            raise ExportError(f"mindie: the description's metadata {description['metadata']} does not list the online rotations")
         total = 0
+        for name, tensor in rotations.items():
+            actual = stored[name]
+            total += actual.numel() * actual.element_size()
+            if not torch.equal(tensor, actual):
+                raise ExportError(f"mindie: the online rotation {name} differs from the program's")
         for name, tensor in expected.items():
             actual = stored[name]
             total += actual.numel() * actual.element_size()
@@ -227,9 +243,61 @@ def _parts(program: Program) -> list[_Part]:
         rows = where.rows
         parts.append(_Part(
             ck_name.removesuffix(".weight"), module.scheme, _take(codes, rows), _take(scale, rows), _take(offset, rows),
-            None if bias is None else _take(bias, rows), static, module.dtype,
+            None if bias is None else _take(bias, rows), static, module.dtype, where.runtime,
         ))
     return parts
+
+
+def _online_rotations(program: Program, parts: list[_Part]) -> dict[str, torch.nn.Module]:
+    """Checkpoint Linear name -> the online rotation applied to its input at run time.
+
+    Rotations are graph nodes in front of a Linear, or the `down_transform` of fused experts (one
+    per expert's down projection). Only their Kronecker factors matter here.
+    """
+    found: dict[str, torch.nn.Module] = {}
+    for block in program.blocks:
+        if block.traced is None:
+            continue
+        gm = block.graph_module
+        for node in gm.graph.nodes:
+            if node.op != "call_module" or not hasattr(gm.get_submodule(node.target), "kronecker_factors"):
+                continue
+            for user in node.users:
+                while user.op == "call_module" and type(gm.get_submodule(user.target)).__name__ == "FakeQuantize":
+                    user = next(iter(user.users))
+                found[block.qualified(user.target)] = gm.get_submodule(node.target)
+        for name, module in block.module.named_modules():
+            transform = getattr(module, "down_transform", None)
+            if transform is None:
+                continue
+            runtime = f"{block.qualified(name)}.down_proj"
+            prefixes = [part.prefix for part in parts if part.runtime == runtime]
+            if not prefixes:
+                raise ExportError(f"mindie: {runtime} has an online rotation but is not quantized; "
+                                  "Ascend records online rotations of quantized experts only")
+            found.update(dict.fromkeys(prefixes, transform))
+    return found
+
+
+def _rotation_tensors(program: Program, parts: list[_Part]) -> dict[str, torch.Tensor]:
+    """`P.kronecker_rotation_m` (m, m) and `P.kronecker_rotation_n` (n, n) float32 per rotated Linear P:
+    the runtime reads P's input x (.., m·n) as X (m, n) and computes R_mᵀ · X · R_n (msModelSlim's layout)."""
+    tensors = {}
+    for prefix, transform in _online_rotations(program, parts).items():
+        r_m, r_n = transform.kronecker_factors()
+        tensors[f"{prefix}.kronecker_rotation_m"] = r_m.float().contiguous()
+        tensors[f"{prefix}.kronecker_rotation_n"] = r_n.float().contiguous()
+    return tensors
+
+
+def _metadata(program: Program, rotations: dict[str, torch.Tensor]) -> dict:
+    """The description's metadata: `quarot` lists the Linears with an online rotation. max_tp_size 1: the
+    rotation mixes the whole input, so a tensor-parallel runtime must gather it first."""
+    metadata = dict(program.metadata.get("ascend_metadata", {}))
+    layers = sorted({n.rpartition(".")[0] for n in rotations}, key=_natural_key)
+    if layers:
+        metadata["quarot"] = {"max_tp_size": 1, "kronecker_rotation": {"layers": layers}}
+    return metadata
 
 
 def _take(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -251,6 +319,9 @@ def _check_scheme(part: _Part) -> None:
         raise ExportError(f"{where}: {label} weights must be symmetric (the runtime ignores weight offsets)")
     if label in ("W8A8", "W4A8_DYNAMIC") and weight.granularity == "per_group":
         raise ExportError(f"{where}: {label} needs per-channel weights, not per_group")
+    if label == "W4A16" and (part.codes.shape[0 if weight.granularity == "per_group" else 1] % 2):
+        raise ExportError(f"{where}: W4A16 packs two int4 values per byte along the "
+                          f"{'output' if weight.granularity == 'per_group' else 'input'} size, which must be even: {tuple(part.codes.shape)}")
     if label == "W4A8_DYNAMIC" and (part.codes.shape[0] % 2 or part.codes.shape[1] % SCALE_BIAS_SPLITS):
         raise ExportError(f"{where}: W4A8_DYNAMIC needs an even output size and an input size divisible by "
                           f"{SCALE_BIAS_SPLITS}, got {tuple(part.codes.shape)}")
@@ -273,8 +344,10 @@ def _part_tensors(part: _Part, is_bf16: bool, row_parallel: bool) -> dict[str, t
         out[f"{p}.quant_bias"] = (quant_bias, label)
     else:
         scale, offset = part.scale.float(), part.offset.float()
-        if label == "W4A8_DYNAMIC":
+        if label == "W4A8_DYNAMIC" or (label == "W4A16" and part.scheme.weight.granularity == "per_group"):
             out[f"{p}.weight"] = (pack_int4(codes.T.contiguous()).T.contiguous(), label)  # two output rows per byte
+        elif label == "W4A16":
+            out[f"{p}.weight"] = (pack_int4(codes), label)  # per channel: two input columns per byte
         else:
             out[f"{p}.weight"] = (codes, label)
         out[f"{p}.weight_scale"] = (scale, label)
@@ -389,8 +462,9 @@ class _StoredTensors:
             raise ExportError(f"mindie: cannot read {name} from {self.files[name].name}: {e}") from e
 
     def linear(self, prefix: str) -> dict[str, torch.Tensor]:
-        """The tensors `prefix.<suffix>` of one Linear, by suffix."""
-        return {suffix: self[f"{prefix}.{suffix}"] for suffix in self.prefixes.get(prefix, [])}
+        """The tensors `prefix.<suffix>` of one Linear, by suffix (its online rotation's factors aside)."""
+        return {suffix: self[f"{prefix}.{suffix}"] for suffix in self.prefixes.get(prefix, [])
+                if not f".{suffix}".endswith(ROTATION_SUFFIXES)}
 
 
 def _check_index(out_dir: Path, total: int) -> None:
@@ -432,8 +506,7 @@ def _check_linear(prefix: str, quant_type: str, own: dict[str, torch.Tensor], ty
     if set(own) - {"bias"} != required:
         raise ExportError(f"mindie: {prefix} ({quant_type}) has tensors {sorted(own)}; expected {sorted(required)} (+ bias)")
     weight, f32 = own["weight"], torch.float32
-    out = weight.shape[0] * (2 if quant_type == "W4A8_DYNAMIC" else 1)
-    in_ = weight.shape[-1]
+    out, in_ = unpacked_shape(quant_type, weight, own["weight_scale"]) if "weight_scale" in own else weight.shape
     per_row = (f32, lambda s: len(s) == 2 and s[0] == out and in_ % s[1] == 0, f"({out}, 1) or ({out}, in / group)")
     rules = {
         "weight": (torch.int8, lambda s: len(s) == 2, "(out, in)"),

@@ -30,16 +30,19 @@ WEIGHTS_FILE = "quant_model_weights.safetensors"
 INDEX_FILE = WEIGHTS_FILE + ".index.json"
 VERSION = "1.0.0"
 GLOBAL_KEYS = ("version", "model_quant_type", "metadata", "group_size", "optional")
-# msModelSlim's order, weakest first; W4A8_DYNAMIC is deliberately absent (never the model type).
+# msModelSlim's order, weakest first; W4A8_DYNAMIC is deliberately absent (never the model type). W4A16
+# (written by msModelSlim's older per-group path, not ranked by the newer saver) ranks above W8A16.
 QUANT_TYPE_PRIORITY = (
-    "FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "WFP8AFP8_DYNAMIC",
+    "FLOAT", "W16A16S", "W8A16", "W4A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "WFP8AFP8_DYNAMIC",
     "W8A8_MXFP8", "W4A8_MXFP", "W4A4_DYNAMIC", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE",
 )
 # Quantized Linear types this module can compute: type -> (activation qmin, qmax) or None (weight-only).
 LINEAR_TYPES: dict[str, tuple[int, int] | None] = {
     "W8A8": (-128, 127), "W8A8_DYNAMIC": (-128, 127), "W4A8_DYNAMIC": (-128, 127),
-    "W4A4_DYNAMIC": (-8, 7), "W8A16": None,
+    "W4A4_DYNAMIC": (-8, 7), "W8A16": None, "W4A16": None,
 }
+# Online rotations: `P.kronecker_rotation_m` / `_n` beside a Linear P, listed in metadata.quarot, not typed.
+ROTATION_SUFFIXES = (".kronecker_rotation_m", ".kronecker_rotation_n")
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -89,6 +92,24 @@ def deq_scale_float(deq_scale: torch.Tensor) -> torch.Tensor:
     if deq_scale.dtype == torch.int64:
         return deq_scale.to(torch.int32).view(torch.float32)
     return deq_scale.float()
+
+
+def packed_along_rows(quant_type: str, weight_scale: torch.Tensor) -> bool:
+    """W4A8_DYNAMIC and per-group W4A16 pack two output rows per byte; per-channel W4A16 two input columns."""
+    return quant_type == "W4A8_DYNAMIC" or (quant_type == "W4A16" and weight_scale.shape[-1] > 1)
+
+
+def unpacked_shape(quant_type: str, weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple[int, int]:
+    """(out, in) of a Linear from its stored weight."""
+    rows, cols = weight.shape
+    if packed_along_rows(quant_type, weight_scale):
+        return rows * 2, cols
+    return (rows, cols * 2) if quant_type == "W4A16" else (rows, cols)
+
+
+def unpack_int4_columns(packed: torch.Tensor) -> torch.Tensor:
+    """Per-channel W4A16 weights (out, in/2), two input columns per byte (even column low) -> (out, in) int8."""
+    return unpack_int4_rows(packed.T.contiguous()).T.contiguous()
 
 
 def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
@@ -195,7 +216,10 @@ class AscendLinear(nn.Module):
             raise ModelLoadError(f"quant type {quant_type} is not supported by the reader; supported: {', '.join(LINEAR_TYPES)}")
         self.quant_type = quant_type
         weight = tensors["weight"]
-        self.register_buffer("weight", unpack_int4_rows(weight) if quant_type == "W4A8_DYNAMIC" else weight.to(torch.int8))
+        if quant_type in ("W4A8_DYNAMIC", "W4A16"):
+            rows = packed_along_rows(quant_type, tensors["weight_scale"])
+            weight = unpack_int4_rows(weight) if rows else unpack_int4_columns(weight)
+        self.register_buffer("weight", weight.to(torch.int8))
         self.out_features, self.in_features = self.weight.shape
         bias = tensors.get("bias")
         self.register_buffer("bias", None if bias is None else bias.float())
@@ -224,6 +248,22 @@ class AscendLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.quant_type}"
+
+
+class KroneckerRotatedInput(nn.Module):
+    """A layer whose input is first rotated online: x (..., m·n) read as X (m, n) becomes R_mᵀ · X · R_n."""
+
+    def __init__(self, layer: nn.Module, r_m: torch.Tensor, r_n: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("r_m", r_m.float())
+        self.register_buffer("r_n", r_n.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, n = self.r_m.shape[0], self.r_n.shape[0]
+        grid = x.float().reshape(-1, m, n)
+        rotated = self.r_m.T @ (grid @ self.r_n)
+        return self.layer(rotated.reshape(x.shape).to(x.dtype))
 
 
 class AscendRows(nn.Module):
@@ -282,8 +322,14 @@ def load_ascend_model(out_dir: Path, *, dtype: torch.dtype | None = None) -> nn.
     from slimc.frontends.hf import ModelSource, auto_class  # the one place that picks the model class
 
     out_dir = Path(out_dir)
-    types = tensor_types(read_description(out_dir))
+    description = read_description(out_dir)
+    types = tensor_types(description)
     tensors = read_tensors(out_dir)
+    rotations = {n: tensors.pop(n) for n in [n for n in tensors if n.endswith(ROTATION_SUFFIXES)]}
+    rotated = description.get("metadata", {}).get("quarot", {}).get("kronecker_rotation", {}).get("layers", [])
+    if sorted(rotated) != sorted({n.rpartition(".")[0] for n in rotations}):
+        raise ModelLoadError(f"{out_dir}: metadata.quarot lists online rotations of {len(rotated)} layers, "
+                             f"but the files hold rotation tensors for {len(rotations) // 2}")
     if set(types) != set(tensors):
         raise ModelLoadError(f"{out_dir}: description and safetensors disagree on {sorted(set(types) ^ set(tensors))[:5]}")
     if dtype is None:
@@ -296,13 +342,18 @@ def load_ascend_model(out_dir: Path, *, dtype: torch.dtype | None = None) -> nn.
     source = ModelSource(path=out_dir, gguf_file=None, config=config, architecture=(config.architectures or [""])[0])
     model = auto_class(source).from_config(config, dtype=dtype, attn_implementation="sdpa")
     quantized = {name.removesuffix(".weight"): t for name, t in types.items() if name.endswith(".weight") and t != "FLOAT"}
-    used = _install_quantized(model, quantized, tensors)
+    factors = {p: (rotations[p + ROTATION_SUFFIXES[0]], rotations[p + ROTATION_SUFFIXES[1]]) for p in rotated}
+    used = _install_quantized(model, quantized, tensors, factors)
     _load_float(model, {n: t for n, t in tensors.items() if n not in used})
+    for prefix in set(factors) - set(quantized):
+        model.set_submodule(prefix, KroneckerRotatedInput(model.get_submodule(prefix), *factors[prefix]))
     return model.eval()
 
 
-def _install_quantized(model: nn.Module, quantized: dict[str, str], tensors: dict[str, torch.Tensor]) -> set[str]:
-    """Replace runtime Linears / fused experts whose checkpoint weights are quantized; return the tensor names used."""
+def _install_quantized(model: nn.Module, quantized: dict[str, str], tensors: dict[str, torch.Tensor],
+                       rotations: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> set[str]:
+    """Replace runtime Linears / fused experts whose checkpoint weights are quantized (behind their online
+    rotation, if any); return the tensor names used."""
     experts = fused_experts_modules(model)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     weights = {f"{n}.weight": m.weight.shape for n, m in linears.items()}
@@ -326,7 +377,10 @@ def _install_quantized(model: nn.Module, quantized: dict[str, str], tensors: dic
             continue
         own = by_prefix[prefix]
         used.update(f"{prefix}.{suffix}" for suffix in own)
-        parts.setdefault(key, []).append((AscendLinear(quantized[prefix], own), where.rows))
+        layer = AscendLinear(quantized[prefix], own)
+        if prefix in rotations:
+            layer = KroneckerRotatedInput(layer, *rotations[prefix])
+        parts.setdefault(key, []).append((layer, where.rows))
     mixed = float_parts & set(parts)
     if mixed:
         raise ModelLoadError(f"{sorted(mixed)[0][0]}: some of its checkpoint Linears are quantized and some are FLOAT")

@@ -75,22 +75,44 @@ class Block:
         """Where the input quantizer of a layer lives in the graph module."""
         return "act_quant." + re.sub(r"\W", "_", layer_target)
 
+    @staticmethod
+    def rotation_target(layer_target: str) -> str:
+        """Where the online rotation of a layer's input lives in the graph module."""
+        return "rotation." + re.sub(r"\W", "_", layer_target)
+
     def input_quantizer(self, layer_target: str) -> nn.Module | None:
         """The quantize-dequantize node module on a layer's input, if one was inserted."""
+        return self._graph_submodule(self.quantizer_target(layer_target))
+
+    def input_rotation(self, layer_target: str) -> nn.Module | None:
+        """The online rotation node module on a layer's input, if one was inserted."""
+        return self._graph_submodule(self.rotation_target(layer_target))
+
+    def _graph_submodule(self, target: str) -> nn.Module | None:
         try:
-            return self.graph_module.get_submodule(self.quantizer_target(layer_target))
+            return self.graph_module.get_submodule(target)
         except AttributeError:
             return None
 
     def insert_input_quantizer(self, layer_target: str, quantizer: nn.Module) -> None:
         """Put `quantizer` on the first input of every call of the layer, as a call_module node."""
+        self.insert_input_node(layer_target, self.quantizer_target(layer_target), quantizer)
+
+    def insert_input_node(self, layer_target: str, node_target: str, module: nn.Module) -> None:
+        """Put `module` (registered in the graph module as `node_target`) on the first input of every
+        call of the layer, as a call_module node."""
         gm = self.graph_module
-        target = self.quantizer_target(layer_target)
-        gm.add_submodule(target, quantizer)
         for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == layer_target]:
-            with gm.graph.inserting_before(node):
-                quantized = gm.graph.call_module(target, (node.args[0],))
-            node.args = (quantized, *node.args[1:])
+            self.insert_argument_node(node, 0, node_target, module)
+
+    def insert_argument_node(self, node: fx.Node, index: int, node_target: str, module: nn.Module) -> None:
+        """Apply `module` to positional argument `index` of `node` (registered as `node_target`)."""
+        gm = self.graph_module
+        if not any(name == node_target for name, _ in gm.named_modules()):
+            gm.add_submodule(node_target, module)
+        with gm.graph.inserting_before(node):
+            inserted = gm.graph.call_module(node_target, (node.args[index],))
+        node.args = (*node.args[:index], inserted, *node.args[index + 1:])
         gm.recompile()
 
     def remove_input_quantizer(self, layer_target: str) -> None:
@@ -114,6 +136,11 @@ class Program:
     blocks: list[Block]
     quant_specs: dict[str, QuantSpec] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The residual stream outside the blocks (set by frontends that have one): the modules that
+    # write it before the first block, the norm after the last block, and the head reading that norm.
+    embeddings: list[str] = field(default_factory=list)
+    head_norm: str | None = None
+    head: str | None = None
 
     @property
     def dtype(self) -> torch.dtype:

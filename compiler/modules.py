@@ -125,14 +125,17 @@ class FakeQuantExperts(nn.Module):
     and ``down_proj`` (E, H, I). Routed tokens are only known inside this module, so activation
     statistics are collected here, per expert. With ``route_all`` set during calibration, every
     token also passes through every expert (its output is discarded) so that rarely routed
-    experts still get statistics.
+    experts still get statistics. ``scheme`` None keeps the experts float (the rotate pass wraps
+    them this way to put ``down_transform``, an online rotation, before each expert's down
+    projection; fake_quant then wraps the wrapper and keeps the transform).
     """
 
-    def __init__(self, experts: nn.Module, scheme: QuantScheme) -> None:
+    def __init__(self, experts: nn.Module, scheme: QuantScheme | None) -> None:
         super().__init__()
         if getattr(experts, "is_transposed", False) or not getattr(experts, "has_gate", True):
             raise NotImplementedError(f"{type(experts).__name__}: transposed or gate-less expert weights are not supported yet")
         self.scheme = scheme
+        self.down_transform = getattr(experts, "down_transform", None)
         self.num_experts = experts.gate_up_proj.shape[0]
         self.gate_up_proj = experts.gate_up_proj
         self.down_proj = experts.down_proj
@@ -140,24 +143,35 @@ class FakeQuantExperts(nn.Module):
         self.down_proj_bias = getattr(experts, "down_proj_bias", None)
         self.act_fn = experts.act_fn
         self.route_all = False
-        act = scheme.act
+        self.capture = None  # callable(expert, weight name, input) while a weight algorithm collects statistics
+        act = scheme.act if scheme is not None else None
         self.gate_up_input = nn.ModuleList(FakeQuantize(act) for _ in range(self.num_experts)) if act else None
         self.down_input = nn.ModuleList(FakeQuantize(act) for _ in range(self.num_experts)) if act else None
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_input is not None:
             x = self.gate_up_input[expert](x)
+        if self.capture is not None:
+            self.capture(expert, "gate_up_proj", x)
         gate_up = F.linear(x, self.gate_up_proj[expert], None if self.gate_up_proj_bias is None else self.gate_up_proj_bias[expert])
         gate, up = gate_up.chunk(2, dim=-1)
         h = self.act_fn(gate) * up
+        if self.down_transform is not None:
+            h = self.down_transform(h)
         if self.down_input is not None:
             h = self.down_input[expert](h)
+        if self.capture is not None:
+            self.capture(expert, "down_proj", h)
         return F.linear(h, self.down_proj[expert], None if self.down_proj_bias is None else self.down_proj_bias[expert])
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.route_all:
-            for expert in range(self.num_experts):
-                self.expert_forward(expert, hidden_states)
+            capture, self.capture = self.capture, None  # weight statistics come from routed tokens only
+            try:
+                for expert in range(self.num_experts):
+                    self.expert_forward(expert, hidden_states)
+            finally:
+                self.capture = capture
         return combine_experts(self.expert_forward, hidden_states, top_k_index, top_k_weights, self.num_experts)
 
 
@@ -169,10 +183,12 @@ class QuantizedExperts(nn.Module):
     ``gate_up_input_scale``/``_offset`` and ``down_input_scale``/``_offset`` float32 (E,).
     """
 
-    def __init__(self, scheme: QuantScheme, act_fn: nn.Module, dtype: torch.dtype, tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(self, scheme: QuantScheme, act_fn: nn.Module, dtype: torch.dtype, tensors: dict[str, torch.Tensor],
+                 down_transform: nn.Module | None = None) -> None:
         super().__init__()
         self.scheme = scheme
         self.act_fn = act_fn
+        self.down_transform = down_transform
         self.dtype = dtype
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor)
@@ -197,6 +213,8 @@ class QuantizedExperts(nn.Module):
         gate_up = F.linear(self._act(x.float(), "gate_up", expert), self._weight("gate_up_proj", expert), None if bias is None else bias[expert])
         gate, up = gate_up.chunk(2, dim=-1)
         h = self.act_fn(gate) * up
+        if self.down_transform is not None:
+            h = self.down_transform(h)
         bias = getattr(self, "down_proj_bias", None)
         return F.linear(self._act(h, "down", expert), self._weight("down_proj", expert), None if bias is None else bias[expert])
 

@@ -10,6 +10,7 @@ import importlib
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
 from pydantic import BaseModel, ConfigDict
 
 from slimc.errors import ConfigError
@@ -51,6 +52,14 @@ class Pass(BaseModel):
 
     def finish(self, program: Program, ctx: Context) -> None:
         """Once, after the last block."""
+
+    def stream_rotation(self) -> torch.Tensor | None:
+        """The orthogonal matrix R this pass applies to the hidden states passed between blocks, if any.
+
+        Such a pass rotates the calibration inputs in `prepare`; the equivalence check then
+        expects block(x) == block_before(x Rᵀ) R.
+        """
+        return None
 
 
 def register_pass(name: str):

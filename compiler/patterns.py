@@ -31,6 +31,7 @@ SHAPE_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.flatten,
 SHAPE_QUERY_METHODS = {"size", "dim", "numel"}
 IDENTITY_FUNCTIONS = {F.dropout}
 MUL_FUNCTIONS = {operator.mul, torch.mul}
+ADD_FUNCTIONS = {operator.add, torch.add}
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,21 @@ class OVPair:
     v: str
     o: str
     head_dim: int
+
+
+@dataclass
+class ResidualStream:
+    """How a block reads and writes the hidden states it passes on (the residual stream).
+
+    `norms` read the stream and feed `readers` (their NormGroup consumers); `direct_readers` read it
+    with no norm between; `writers` produce what is added into it. `problem` says why the stream
+    cannot be followed (an op that is neither), or is None.
+    """
+
+    norms: list[NormGroup] = field(default_factory=list)
+    direct_readers: list[Consumer] = field(default_factory=list)
+    writers: list[Consumer] = field(default_factory=list)
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +215,74 @@ def find_norm_linear_groups(gm: fx.GraphModule) -> list[NormGroup]:
             if group.consumers:
                 groups.append(group)
     return groups
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (node.op == "call_method" and node.target == "add")
+
+
+def _per_token_factor(node: fx.Node) -> fx.Node | None:
+    """If `node` multiplies a tensor by a per-token (last dim 1) or scalar factor, that tensor."""
+    if not (node.op == "call_function" and node.target in MUL_FUNCTIONS and len(node.args) == 2):
+        return None
+    a, b = node.args
+    for tensor, factor in ((a, b), (b, a)):
+        if isinstance(tensor, fx.Node) and (not isinstance(factor, fx.Node) or (_shape(factor) or (0,))[-1:] == (1,)):
+            return tensor
+    return None
+
+
+def _describe_node(node: fx.Node) -> str:
+    target = getattr(node.target, "__name__", node.target)
+    return f"{node.op} {target} ({node.name})"
+
+
+def find_residual_stream(gm: fx.GraphModule) -> ResidualStream:
+    """Follow the block's hidden-state output back to its input: adds, casts and per-token scalings
+    carry the stream; the Linears and experts they reach write into it. Then every reader of the
+    stream must be a norm whose readers absorb a scale (see find_norm_linear_groups) or a layer."""
+    graph = to_networkx(gm)
+    stream = ResidualStream()
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    primary = output.args[0]
+    while isinstance(primary, tuple | list):
+        primary = primary[0]
+    carriers, stack = set(), [primary]
+    while stack:
+        node = stack.pop()
+        if node in carriers:
+            continue
+        kind = graph.nodes[node]["kind"]
+        if kind in ("linear", "experts"):
+            stream.writers.append(Consumer(kind, node.target))
+            continue
+        carriers.add(node)
+        if node.op == "placeholder":
+            continue
+        if _is_add(node):
+            stack.extend(a for a in node.args if isinstance(a, fx.Node))
+        elif _keeps_channels(node):
+            stack.append(node.args[0])
+        elif (scaled := _per_token_factor(node)) is not None:
+            stack.append(scaled)
+        else:
+            stream.problem = f"the block output is computed by {_describe_node(node)}, which is neither an add nor a layer"
+            return stream
+    groups = {group.norm: group for group in find_norm_linear_groups(gm)}
+    for node in carriers:
+        for reader in _through(graph, node, _keeps_channels):
+            kind = graph.nodes[reader]["kind"]
+            if reader in carriers or reader.op == "output":
+                continue
+            if kind == "norm" and reader.target in groups:
+                if groups[reader.target] not in stream.norms:
+                    stream.norms.append(groups[reader.target])
+            elif kind in ("linear", "experts") and _back(reader.args[0], _keeps_channels) in carriers:
+                stream.direct_readers.append(Consumer(kind, reader.target))
+            else:
+                stream.problem = f"the residual stream is read by {_describe_node(reader)}, which is neither a norm feeding layers nor a layer"
+                return stream
+    return stream
 
 
 def find_ov_pairs(gm: fx.GraphModule) -> list[OVPair]:

@@ -35,6 +35,17 @@ def primary_output(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
+def hidden_of(inputs: BlockInput) -> torch.Tensor:
+    """The hidden states of a block call (its first argument, or `hidden_states`)."""
+    args, kwargs = inputs
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def rotate_hidden(hidden: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """hidden (..., d) @ rotation (d, d), computed in float32, in hidden's dtype."""
+    return (hidden.float() @ rotation.to(hidden.device, torch.float32)).to(hidden.dtype)
+
+
 def rebind_hidden(inputs: BlockInput, hidden: torch.Tensor) -> BlockInput:
     """The next block's inputs: the same call with the hidden states replaced."""
     args, kwargs = inputs
@@ -80,6 +91,10 @@ class Context:
                     return found
         return None
 
+    def rotate_stream(self, rotation: torch.Tensor) -> None:
+        """Rotate the hidden states of the current calibration inputs: x -> x R."""
+        self.inputs = [rebind_hidden(batch, rotate_hidden(hidden_of(batch), rotation)) for batch in self.inputs]
+
     @property
     def tolerance(self) -> float:
         if self.config.equivalence_tolerance is not None:
@@ -121,10 +136,10 @@ class Pipeline:
     def run(self, program: Program, config: SlimcConfig, first_inputs: list[BlockInput], report: RunReport) -> Context:
         """Run every pass on every block, in order. `first_inputs` are the first block's calibration inputs."""
         ctx = Context(program, config, self.steps, report)
+        ctx.inputs = [to_device(batch, ctx.device) for batch in first_inputs]
         for step in self.steps:
             with report.timed(step.name):
                 step.prepare(program, ctx)
-        ctx.inputs = [to_device(batch, ctx.device) for batch in first_inputs]
         for block in tqdm(program.blocks, desc="blocks", unit="block"):
             self._run_block(block, ctx)
         for step in self.steps:
@@ -143,7 +158,7 @@ class Pipeline:
                 block.traced = trace_block(block.module, args, kwargs, name=block.name)
                 propagate_shapes(block.traced.graph_module, block.traced.flatten_inputs(args, kwargs))
         for step in self.steps:
-            reference = ctx.run(block, ctx.inputs[:1]) if step.preserves_function else None
+            reference = self._reference(step, block, ctx) if step.preserves_function else None
             with ctx.report.timed(step.name):
                 step.run_block(block, ctx)
             if reference is not None:
@@ -153,6 +168,15 @@ class Pipeline:
                 ctx.inputs[index] = rebind_hidden(batch, primary_output(block.traced(*batch[0], **batch[1])))
         if moved:
             block.module.to("cpu")
+
+    @staticmethod
+    def _reference(step: Pass, block: Block, ctx: Context) -> list[torch.Tensor]:
+        """What the block must still compute after `step`, on the first calibration batch."""
+        rotation = step.stream_rotation()
+        if rotation is None:
+            return ctx.run(block, ctx.inputs[:1])
+        unrotated = [rebind_hidden(batch, rotate_hidden(hidden_of(batch), rotation.T)) for batch in ctx.inputs[:1]]
+        return [rotate_hidden(output, rotation) for output in ctx.run(block, unrotated)]
 
     @staticmethod
     def _check_equivalence(step: Pass, block: Block, ctx: Context, reference: list[torch.Tensor]) -> None:

@@ -260,19 +260,22 @@ def config_dict_without_quantization(config: dict) -> dict:
     return config
 
 
-def write_model_files(source: ModelSource, dest: Path) -> list[Path]:
-    """Write everything but the weights (config, generation config, tokenizer, templates) to `dest`."""
+def write_model_files(source: ModelSource, dest: Path, config_updates: dict | None = None) -> list[Path]:
+    """Write everything but the weights (config, generation config, tokenizer, templates) to `dest`.
+
+    `config_updates` are set in config.json (e.g. `tie_word_embeddings: false` once a pass untied them).
+    """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     if source.is_gguf:
         # No such files exist beside a GGUF: write the parsed config, and the tokenizer it embeds.
         config = json.loads(source.config.to_json_string(use_diff=True))
-        written = [_write_json(dest / CONFIG_FILE, config_dict_without_quantization(config))]
+        written = [_write_json(dest / CONFIG_FILE, {**config_dict_without_quantization(config), **(config_updates or {})})]
         saved = load_tokenizer(source).save_pretrained(dest)
         written += [Path(p) for p in saved if Path(p).is_file()]
     else:
         config = _read_config_json(source.path)
-        written = [_write_json(dest / CONFIG_FILE, config_dict_without_quantization(config))]
+        written = [_write_json(dest / CONFIG_FILE, {**config_dict_without_quantization(config), **(config_updates or {})})]
         for name in MODEL_FILES:
             if (source.path / name).is_file():
                 written.append(Path(shutil.copyfile(source.path / name, dest / name)))

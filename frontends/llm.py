@@ -29,6 +29,31 @@ def decoder_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleLis
     raise ModelLoadError(f"{type(model).__name__}: found no list of {num_layers} decoder layers to cut into blocks")
 
 
+@torch.no_grad()
+def module_feeding(model: nn.Module, head: nn.Module, layers: nn.ModuleList) -> str | None:
+    """The module after the decoder layers whose output the head reads, found by running two tokens."""
+    inside = {id(m) for m in layers.modules()} | {id(head), id(model.get_input_embeddings())}
+    outputs: dict[str, torch.Tensor] = {}
+    head_input: list[torch.Tensor] = []
+    handles = [
+        module.register_forward_hook(lambda m, args, out, n=name: outputs.__setitem__(n, out))
+        for name, module in model.named_modules()
+        if id(module) not in inside and not list(module.children())
+    ]
+    handles.append(head.register_forward_pre_hook(lambda m, args: head_input.append(args[0])))
+    try:
+        model(input_ids=torch.tensor([[1, 2]], device=head.weight.device), use_cache=False)  # 0 is often padding
+    finally:
+        for handle in handles:
+            handle.remove()
+    x = head_input[0]
+    for name, out in outputs.items():
+        if isinstance(out, torch.Tensor) and out.shape[-1] == x.shape[-1] and out.shape[-2] >= x.shape[-2] \
+                and torch.equal(out[..., -x.shape[-2]:, :], x):
+            return name
+    return None
+
+
 class DecoderLLM(Frontend):
     name = "llm"
     architectures = (
@@ -46,6 +71,10 @@ class DecoderLLM(Frontend):
         blocks = [Block(f"{prefix}.{i}", layer, layers, i, role="text") for i, layer in enumerate(layers)]
         program = Program(model=model, family=self.name, source=source, blocks=blocks)
         program.metadata["tied_embeddings"] = bool(getattr(config, "tie_word_embeddings", False))
+        names = {id(module): name for name, module in model.named_modules()}
+        program.embeddings = [names[id(model.get_input_embeddings())]]
+        program.head = names[id(model.get_output_embeddings())]
+        program.head_norm = module_feeding(model, model.get_output_embeddings(), layers)
         return program
 
     @torch.no_grad()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Literal
+
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from slimc.errors import PassError
+from slimc.gptq import HessianAccumulator, gptq_quantize
 from slimc.ir import Block
 from slimc.modules import EXPERT_WEIGHTS, FakeQuantExperts, FakeQuantize
 from slimc.pass_base import Pass, register_pass
@@ -16,12 +21,29 @@ from slimc.report import LayerRecord
 from slimc.schemes import TensorScheme
 
 
+class GPTQOptions(BaseModel):
+    """GPTQ settings: `damp` is the fraction of the mean Hessian diagonal added to it; `act_order`
+    quantizes the columns with the largest inputs first; `block_size` columns are updated lazily."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    damp: float = Field(0.01, gt=0.0, le=1.0)
+    act_order: bool = True
+    block_size: int = Field(128, ge=1)
+
+
+WeightQuantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
 @register_pass("calibrate")
 class Calibrate(Pass):
     """Run the block on all its calibration inputs with the activation quantizers observing, fix
-    their static scales, then quantize each weight (round to nearest, at the scheme's granularity,
-    with its observer: minmax, percentile or mse clipping search). Each quantized layer's relative
-    output error is measured on the first `error_batches` batches and reported.
+    their static scales, then quantize each weight at the scheme's granularity with its observer
+    (minmax, percentile or mse clipping search) by `weight_algorithm`: `rtn` (round to nearest) or
+    `gptq` (error feedback through the Hessian of the layer's float inputs in this block, which
+    already carry the quantization error of the blocks before it; per expert for fused MoE
+    experts, from the tokens routed to each). Each quantized layer's relative output error is
+    measured on the first `error_batches` batches and reported.
 
     `route_all_experts` also sends every calibration token through every MoE expert (outputs
     discarded), so rarely routed experts get activation statistics of their own.
@@ -31,6 +53,8 @@ class Calibrate(Pass):
 
     route_all_experts: bool = False
     error_batches: int = Field(1, ge=1)
+    weight_algorithm: Literal["rtn", "gptq"] = "rtn"
+    gptq: GPTQOptions = GPTQOptions()
 
     def run_block(self, block: Block, ctx: Context) -> None:
         layers = {
@@ -42,17 +66,18 @@ class Calibrate(Pass):
             return
         quantizers = [m for m in block.graph_module.modules() if isinstance(m, FakeQuantize)]
         quantizers += [m for e in layers.values() if isinstance(e, FakeQuantExperts) for m in e.modules() if isinstance(m, FakeQuantize)]
-        samples = self._observe(block, ctx, layers, quantizers)
+        samples, hessians = self._observe(block, ctx, layers, quantizers)
         for target, module in layers.items():
             before = self._layer_outputs(module, samples[target], block, target, quantize_inputs=False)
-            self._quantize_weights(block, ctx, target, module)
+            self._quantize_weights(block, ctx, target, module, hessians.get(target))
             after = self._layer_outputs(module, samples[target], block, target, quantize_inputs=True)
             spec = ctx.program.quant_specs[block.qualified(target)]
             spec.output_error = max(relative_error(a, b) for a, b in zip(after, before))
             ctx.report.layers.append(LayerRecord(block.qualified(target), spec.scheme.label, spec.output_error))
 
-    def _observe(self, block: Block, ctx: Context, layers: dict, quantizers: list[FakeQuantize]) -> dict[str, list]:
-        """Keep the layers' float inputs of the first batches, then observe static quantizers on every batch once."""
+    def _observe(self, block: Block, ctx: Context, layers: dict, quantizers: list[FakeQuantize]) -> tuple[dict[str, list], dict]:
+        """Keep the layers' float inputs of the first batches, then observe static quantizers (and
+        accumulate GPTQ Hessians) on every batch once."""
         modes = {id(q): q.mode for q in quantizers}
         for q in quantizers:
             q.mode = "off"
@@ -69,12 +94,38 @@ class Calibrate(Pass):
         static = [q for q in quantizers if not q.scheme.dynamic]
         for q in static:
             q.mode = "observe"
-        if static:
-            self._run_all(block, ctx, layers)
+        hessians: dict = {}
+        if static or self.weight_algorithm == "gptq":
+            with self._hessians(layers) as hessians:
+                self._run_all(block, ctx, layers)
         for q in quantizers:
             q.mode = modes[id(q)]
         self._freeze(block, ctx, quantizers, layers)
-        return samples
+        return samples, hessians
+
+    @contextlib.contextmanager
+    def _hessians(self, layers: dict) -> Iterator[dict]:
+        """GPTQ statistics while open: per Linear one accumulator; per experts module one per (weight, expert)."""
+        hessians: dict = {}
+        if self.weight_algorithm != "gptq":
+            yield hessians
+            return
+        handles = []
+        for target, module in layers.items():
+            if isinstance(module, FakeQuantExperts):
+                per_expert = hessians[target] = {}
+                module.capture = lambda e, name, x, d=per_expert: d.setdefault((name, e), HessianAccumulator()).add(x)
+            else:
+                accumulator = hessians[target] = HessianAccumulator()
+                handles.append(module.register_forward_pre_hook(lambda m, args, a=accumulator: a.add(args[0])))
+        try:
+            yield hessians
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module in layers.values():
+                if isinstance(module, FakeQuantExperts):
+                    module.capture = None
 
     def _run_all(self, block: Block, ctx: Context, layers: dict) -> None:
         """All calibration batches through the block, so static observers see the whole set."""
@@ -99,17 +150,32 @@ class Calibrate(Pass):
                 raise PassError(f"calibrate: a quantizer in block {block.name} saw no data; the calibration inputs never reach it")
             q.freeze()
 
-    @staticmethod
     @torch.no_grad()
-    def _quantize_weights(block: Block, ctx: Context, target: str, module: nn.Module) -> None:
+    def _quantize_weights(self, block: Block, ctx: Context, target: str, module: nn.Module, hessians) -> None:
         spec = ctx.program.quant_specs[block.qualified(target)]
+        scheme = spec.scheme.weight
         if isinstance(module, FakeQuantExperts):
+            unrouted = 0
             for name in EXPERT_WEIGHTS:
-                spec.weight_qparams[name] = quantize_experts_weight(getattr(module, name), spec.scheme.weight)
+                quantizers = [self._weight_quantizer(scheme, None if hessians is None else hessians.get((name, e)))
+                              for e in range(module.num_experts)]
+                unrouted += sum(hessians is not None and (name, e) not in hessians for e in range(module.num_experts))
+                spec.weight_qparams[name] = quantize_experts_weight(getattr(module, name), scheme, quantizers)
+            if unrouted:
+                ctx.report.note(f"calibrate: {block.qualified(target)}: {unrouted // 2} experts got no routed calibration tokens; "
+                                "their weights were rounded to nearest instead of GPTQ")
         else:
-            codes, scale, offset = quantize_weight(module.weight, spec.scheme.weight)
-            module.weight.copy_(dequantize_weight(codes, scale, offset, spec.scheme.weight).to(module.weight.dtype))
+            codes, scale, offset = self._weight_quantizer(scheme, hessians)(module.weight)
+            module.weight.copy_(dequantize_weight(codes, scale, offset, scheme).to(module.weight.dtype))
             spec.weight_qparams["weight"] = (scale, offset)
+
+    def _weight_quantizer(self, scheme: TensorScheme, hessian: HessianAccumulator | None) -> WeightQuantizer:
+        """Round to nearest, or GPTQ when a Hessian was collected for this weight."""
+        if hessian is None or hessian.count == 0:
+            return lambda w: quantize_weight(w, scheme)
+        options = self.gptq
+        return lambda w: gptq_quantize(w, hessian.hessian(), scheme, damp=options.damp, act_order=options.act_order,
+                                       block_size=options.block_size)
 
     @staticmethod
     @torch.no_grad()
@@ -133,11 +199,11 @@ class Calibrate(Pass):
 
 
 @torch.no_grad()
-def quantize_experts_weight(weight: torch.Tensor, scheme: TensorScheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a fused (E, out, in) weight per expert and per output row, in place; stacked scale/offset."""
+def quantize_experts_weight(weight: torch.Tensor, scheme: TensorScheme, quantizers: list[WeightQuantizer]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a fused (E, out, in) weight per expert (expert e by `quantizers[e]`), in place; stacked scale/offset."""
     scales, offsets = [], []
-    for expert in range(weight.shape[0]):
-        codes, scale, offset = quantize_weight(weight[expert], scheme)
+    for expert, quantize_one in enumerate(quantizers):
+        codes, scale, offset = quantize_one(weight[expert])
         weight[expert].copy_(dequantize_weight(codes, scale, offset, scheme).to(weight.dtype))
         scales.append(scale)
         offsets.append(offset)

@@ -69,4 +69,4 @@ def lower_experts(experts: FakeQuantExperts, spec: QuantSpec, dtype: torch.dtype
         for prefix, group in (("gate_up", experts.gate_up_input), ("down", experts.down_input)):
             tensors[f"{prefix}_input_scale"] = torch.cat([q.scale for q in group])
             tensors[f"{prefix}_input_offset"] = torch.cat([q.offset for q in group])
-    return QuantizedExperts(spec.scheme, experts.act_fn, dtype, tensors)
+    return QuantizedExperts(spec.scheme, experts.act_fn, dtype, tensors, experts.down_transform)

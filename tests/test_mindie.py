@@ -28,8 +28,10 @@ W8A16 = QuantScheme(weight=TensorScheme())
 W8A16_G32 = QuantScheme(weight=TensorScheme(granularity="per_group", group_size=32, symmetric=False))
 W4A4_DYNAMIC = QuantScheme(weight=TensorScheme(dtype="int4"), act=TensorScheme(dtype="int4", granularity="per_token", dynamic=True))
 W4A8_DYNAMIC = QuantScheme(weight=TensorScheme(dtype="int4"), act=TensorScheme(granularity="per_token", dynamic=True))
+W4A16 = QuantScheme(weight=TensorScheme(dtype="int4"))
+W4A16_G16 = QuantScheme(weight=TensorScheme(dtype="int4", granularity="per_group", group_size=16, symmetric=False))
 ALL = {"W8A8_DYNAMIC": W8A8_DYNAMIC, "W8A8": W8A8, "W8A16": W8A16, "W8A16_G32": W8A16_G32,
-       "W4A4_DYNAMIC": W4A4_DYNAMIC, "W4A8_DYNAMIC": W4A8_DYNAMIC}
+       "W4A4_DYNAMIC": W4A4_DYNAMIC, "W4A8_DYNAMIC": W4A8_DYNAMIC, "W4A16": W4A16, "W4A16_G16": W4A16_G16}
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 
 
@@ -345,10 +347,24 @@ def test_asymmetric_dynamic_activations_cannot_be_written(tmp_path):
         export(program, tmp_path)
 
 
-def test_weight_only_int4_has_no_ascend_layout(tmp_path):
-    program = program_of(quantized_model("llama", everything_but_head(QuantScheme(weight=TensorScheme(dtype="int4")))), tmp_path)
-    with pytest.raises(ExportError, match="W4A16 has no Ascend layout"):
-        export(program, tmp_path)
+def test_w4a16_per_channel_packs_two_input_columns_per_byte(tmp_path):
+    program, description, tensors = export_llama(tmp_path, W4A16)
+    q_proj = program.model.get_submodule(Q_PROJ)
+    packed = tensors[f"{Q_PROJ}.weight"]
+    assert packed.dtype == torch.int8 and packed.shape == (64, 32)
+    assert torch.equal(unpack_int4(packed), q_proj.weight)
+    assert shapes(tensors, Q_PROJ)["weight_scale"] == (torch.float32, (64, 1))
+    assert description[f"{Q_PROJ}.weight"] == "W4A16" and description["model_quant_type"] == "W4A16"
+
+
+def test_w4a16_per_group_packs_two_output_rows_per_byte_and_writes_the_group_size(tmp_path):
+    program, description, tensors = export_llama(tmp_path, W4A16_G16)
+    q_proj = program.model.get_submodule(Q_PROJ)
+    packed = tensors[f"{Q_PROJ}.weight"]
+    assert packed.dtype == torch.int8 and packed.shape == (32, 64)
+    assert torch.equal(unpack_int4(packed.T.contiguous()).T, q_proj.weight)
+    assert shapes(tensors, Q_PROJ)["weight_offset"] == (torch.float32, (64, 4))
+    assert description["group_size"] == 16
 
 
 # --- MoE ---------------------------------------------------------------------------------------------------
@@ -383,7 +399,7 @@ def test_float_moe_experts_are_split_per_expert_too(tmp_path):
 # --- the reader --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("label", ["W8A8_DYNAMIC", "W8A16", "W8A16_G32", "W4A4_DYNAMIC", "W4A8_DYNAMIC"])
+@pytest.mark.parametrize("label", ["W8A8_DYNAMIC", "W8A16", "W8A16_G32", "W4A4_DYNAMIC", "W4A8_DYNAMIC", "W4A16", "W4A16_G16"])
 def test_reader_linear_reproduces_the_lowered_dynamic_or_weight_only_linear(tmp_path, label):
     program = program_of(quantized_model("qwen2", everything_but_head(ALL[label])), tmp_path)
     model = load_ascend_model(export(program, tmp_path))

@@ -62,13 +62,16 @@ _BUILDERS: dict[str, tuple[type, type, dict]] = {
 
 
 def tiny_causal_lm(
-    family: str, *, seed: int = 0, tie_word_embeddings: bool = False, dtype: torch.dtype = torch.float32
+    family: str, *, seed: int = 0, tie_word_embeddings: bool = False, dtype: torch.dtype = torch.float32,
+    sizes: dict | None = None,
 ) -> PreTrainedModel:
-    """A 2-layer, hidden-64 causal LM of `family` (one of FAMILIES) in eval mode, with sdpa attention."""
+    """A 2-layer, hidden-64 causal LM of `family` (one of FAMILIES) in eval mode, with sdpa attention.
+
+    `sizes` overrides config entries (e.g. hidden_size) for models of other shapes."""
     if family not in _BUILDERS:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     config_cls, model_cls, extra = _BUILDERS[family]
-    config = config_cls(**_COMMON, **extra, tie_word_embeddings=tie_word_embeddings)
+    config = config_cls(**{**_COMMON, **extra, **(sizes or {})}, tie_word_embeddings=tie_word_embeddings)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = model_cls(config)

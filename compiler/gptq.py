@@ -1,0 +1,135 @@
+"""GPTQ: quantize a weight column by column, moving each column's rounding error onto the columns
+not yet quantized, weighted by the inverse Hessian of the layer's inputs (Frantar et al., 2022).
+
+The Hessian of the layer's squared output error is ``H = 2/N · Σ x xᵀ`` over its calibration
+inputs x (in,). Quantized codes, scales and offsets come back in the stored shapes of
+`quant.quantize_weight`, so lowering and export cannot tell GPTQ from round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimc.quant import expand_to_weight, fake_quantize, quantize, weight_qparams
+from slimc.schemes import TensorScheme
+
+
+class HessianAccumulator:
+    """Running ``2/N · Σ x xᵀ`` of a layer's inputs (..., in), in float32 on the inputs' device."""
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.sum is None:
+            self.sum = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
+        self.sum.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.sum is None or self.count == 0:
+            raise ValueError("no inputs were seen")
+        return self.sum * (2.0 / self.count)
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H); damping grows until H is positive definite."""
+    mean_diag = hessian.diagonal().mean().clamp_min(1e-8)
+    eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
+    for attempt in range(6):
+        damped = hessian + (damp * 10**attempt) * mean_diag * eye
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return upper
+    raise ValueError("the Hessian stays singular even with strong damping; are the calibration inputs all zero?")
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: TensorScheme,
+    *,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ-quantize a weight (out, in) given its input Hessian (in, in).
+
+    Returns (codes int8 (out, in), scale, offset), shapes as `quant.weight_range`. Per-channel
+    and per-tensor scales are fixed from the whole weight first (with the scheme's observer,
+    so `mse` clipping applies); per-group scales are fixed from the error-updated weights when
+    the first column of the group is reached. With `act_order`, columns are processed in order of
+    decreasing Hessian diagonal (the most informative inputs first); groups stay the contiguous
+    column ranges the format stores.
+    """
+    out_features, in_features = weight.shape
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().to(w.device).clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    grouped = scheme.granularity == "per_group"
+    if grouped:
+        groups = in_features // scheme.group_size
+        scale = torch.empty(out_features, groups, device=w.device)
+        offset = torch.empty(out_features, groups, device=w.device)
+        group_ready = torch.zeros(groups, dtype=torch.bool)
+    else:
+        scale, offset = weight_qparams(w, scheme)
+    column_scale = expand_to_weight(scale, w.shape, scheme).clone() if not grouped else torch.empty_like(w)
+    column_offset = expand_to_weight(offset, w.shape, scheme).clone() if not grouped else torch.empty_like(w)
+
+    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(in_features, device=w.device)
+    w, h = w[:, order], h[order][:, order]
+    hinv = _inverse_hessian_factor(h, damp)
+    quantized = torch.zeros_like(w)
+
+    for start in range(0, in_features, block_size):
+        end = min(start + block_size, in_features)
+        block = w[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        hinv_block = hinv[start:end, start:end]
+        for i in range(end - start):
+            column = order[start + i].item()
+            if grouped:
+                group = column // scheme.group_size
+                if not group_ready[group]:
+                    _fix_group(w, block, start, order, group, scheme, scale, offset, column_scale, column_offset)
+                    group_ready[group] = True
+            col = block[:, i]
+            q = fake_quantize(col, column_scale[:, column], column_offset[:, column], scheme)
+            quantized[:, start + i] = q
+            error = (col - q) / hinv_block[i, i]
+            block[:, i:] -= error[:, None] * hinv_block[i, i:][None, :]
+            errors[:, i] = error
+        w[:, end:] -= errors @ hinv[start:end, end:]
+
+    restored = torch.empty_like(quantized)
+    restored[:, order] = quantized
+    codes = quantize(restored, expand_to_weight(scale, w.shape, scheme), expand_to_weight(offset, w.shape, scheme), scheme)
+    return codes, scale, offset
+
+
+def _fix_group(w, block, start, order, group, scheme, scale, offset, column_scale, column_offset) -> None:
+    """Scale and offset of one group from its columns' current (error-updated) values."""
+    size = scheme.group_size
+    columns = torch.arange(group * size, (group + 1) * size, device=w.device)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    current = torch.empty(w.shape[0], size, device=w.device)
+    for j, column in enumerate(columns.tolist()):
+        p = position[column].item()
+        local = p - start
+        current[:, j] = block[:, local] if 0 <= local < block.shape[1] else w[:, p]
+    group_scale, group_offset = weight_qparams(current, scheme)
+    scale[:, group], offset[:, group] = group_scale[:, 0], group_offset[:, 0]
+    column_scale[:, columns] = group_scale
+    column_offset[:, columns] = group_offset

@@ -1,0 +1,195 @@
+"""rotate: QuaRot-style orthogonal rotations that leave the float model's function unchanged but
+spread activation outliers over all channels, so 4-bit activations and weights lose far less.
+
+- R1, offline: the residual stream (hidden states between blocks) becomes x·R1, R1 a seeded
+  randomised Hadamard. Every layer reading the stream (through a scale-free RMS norm) takes W·R1,
+  every layer writing it R1ᵀ·W; the embeddings E·R1 and the head (W_head∘g)·R1 outside the blocks.
+- R2, offline: per attention head between v_proj and o_proj.
+- online: a Hadamard node before each down projection (MLP and MoE experts), computed at run
+  time by a fast Walsh–Hadamard transform, its transpose fused into the down weights.
+The equivalence check confirms every block computes what it did, in the rotated basis.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import PrivateAttr
+from torch import nn
+
+from slimc.config import SlimcConfig
+from slimc.errors import ConfigError, PassError
+from slimc.fold import consumer_weight, norm_has_affine_weight
+from slimc.hadamard import OnlineHadamard, describe_hadamard, random_orthogonal
+from slimc.ir import Block, Program
+from slimc.modules import FakeQuantExperts
+from slimc.pass_base import Pass, register_pass
+from slimc.patterns import Consumer, find_experts, find_ov_pairs, find_residual_stream, find_up_down_pairs
+from slimc.pipeline import Context
+
+STATISTICS_PASSES = {"smooth", "fake_quant", "calibrate", "lower"}
+
+
+def _precise(device: torch.device) -> torch.dtype:
+    """float64 where the device has it (rotations are exact only up to the arithmetic), else float32."""
+    return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+
+
+@torch.no_grad()
+def rotate_inputs(weight: torch.Tensor, rotation: torch.Tensor) -> None:
+    """W (..., in) -> W @ R: the layer now reads x·R and computes what it did on x."""
+    dtype = _precise(weight.device)
+    weight.copy_((weight.to(dtype) @ rotation.to(weight.device, dtype)).to(weight.dtype))
+
+
+@torch.no_grad()
+def rotate_outputs(weight: torch.Tensor, bias: torch.Tensor | None, rotation: torch.Tensor) -> None:
+    """W (..., out, in) -> Rᵀ @ W and b -> b @ R: the layer now writes y·R."""
+    dtype = _precise(weight.device)
+    r = rotation.to(weight.device, dtype)
+    weight.copy_((r.T @ weight.to(dtype)).to(weight.dtype))
+    if bias is not None:
+        bias.copy_((bias.to(dtype) @ r).to(bias.dtype))
+
+
+def check_rotatable_norm(norm: nn.Module, name: str, rotation: torch.Tensor) -> None:
+    """A norm commutes with a rotation only if it is scale-free and RMS-like: norm(x R) == norm(x) R."""
+    if norm_has_affine_weight(norm) and not bool((norm.weight == 1).all()):
+        raise PassError(f"rotate: norm {name} still has a scale; put `- pass: norm_fusion` before rotate (and smooth after it)")
+    param = next(iter(norm.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    x = torch.randn(4, rotation.shape[0], generator=torch.Generator().manual_seed(0)).to(device)
+    r = rotation.to(device, torch.float32)
+    with torch.no_grad():
+        error = (norm(x @ r).float() - norm(x).float() @ r).abs().max().item()
+    if error > 1e-3:
+        raise PassError(f"rotate: norm {name} ({type(norm).__name__}) does not commute with a rotation (difference {error:.2e}); "
+                        "only RMS-style norms do. Remove the rotate pass for this model")
+
+
+@register_pass("rotate")
+class Rotate(Pass):
+    """QuaRot rotation: R1 on the residual stream (seeded by `seed`), R2 per attention head when
+    `heads`, and an online Hadamard before every down projection when `online_down`. Needs
+    `norm_fusion` before it; passes that gather statistics (smooth, fake_quant, calibrate) come after."""
+
+    requires = ("norm_fusion",)
+    preserves_function = True
+
+    seed: int = 0
+    heads: bool = True
+    online_down: bool = True
+    _rotation: torch.Tensor | None = PrivateAttr(None)
+    _head_rotations: dict[int, torch.Tensor] = PrivateAttr(default_factory=dict)
+
+    def check(self, config: SlimcConfig, step_index: int) -> None:
+        earlier = [str(step.get("pass")) for step in config.pipeline[:step_index]]
+        misplaced = [name for name in earlier if name in STATISTICS_PASSES]
+        if misplaced:
+            raise ConfigError(f"{config.where('pipeline', step_index)}: pipeline.{step_index}: rotate must come before "
+                              f"{', '.join(misplaced)}: they measure activations that the rotation changes")
+
+    def stream_rotation(self) -> torch.Tensor | None:
+        return self._rotation
+
+    def prepare(self, program: Program, ctx: Context) -> None:
+        if not program.embeddings or program.head is None:
+            raise PassError(f"rotate: the {program.family} frontend does not say which embeddings write the residual stream "
+                            "and which head reads it, so the stream cannot be rotated; remove the rotate pass")
+        model = program.model
+        hidden = model.get_submodule(program.embeddings[0]).weight.shape[-1]
+        self._rotation, description = random_orthogonal(hidden, self.seed)
+        ctx.report.note(f"rotate: residual stream ({hidden}) rotated by a {description}, seed {self.seed}")
+        self._untie_head(program, ctx)
+        self._rotate_head(program)
+        for name in program.embeddings:
+            rotate_inputs(model.get_submodule(name).weight, self._rotation)
+        ctx.rotate_stream(self._rotation)
+        program.metadata.setdefault("rotations", {})["residual"] = description
+
+    def _untie_head(self, program: Program, ctx: Context) -> None:
+        """The head will be (E∘g)·R and the embedding E·R: two different tensors from now on."""
+        head = program.model.get_submodule(program.head)
+        if any(head.weight is program.model.get_submodule(name).weight for name in program.embeddings):
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+            program.model.config.tie_word_embeddings = False
+            program.metadata["tied_embeddings"] = False
+            program.metadata.setdefault("config_updates", {})["tie_word_embeddings"] = False
+            ctx.report.note("rotate: the tied embedding and head were untied (they now differ by the final norm's scale)")
+
+    @torch.no_grad()
+    def _rotate_head(self, program: Program) -> None:
+        head = program.model.get_submodule(program.head)
+        if program.head_norm is not None:
+            norm = program.model.get_submodule(program.head_norm)
+            if norm_has_affine_weight(norm):
+                head.weight.copy_((head.weight.float() * norm.weight.float()).to(head.weight.dtype))
+                norm.weight.fill_(1.0)
+            check_rotatable_norm(norm, program.head_norm, self._rotation)
+        rotate_inputs(head.weight, self._rotation)
+
+    def run_block(self, block: Block, ctx: Context) -> None:
+        gm = block.graph_module
+        stream = find_residual_stream(gm)
+        if stream.problem:
+            raise PassError(f"rotate: block {block.name}: {stream.problem}, so the residual stream cannot be rotated")
+        for group in stream.norms:
+            check_rotatable_norm(block.leaf(group.norm), block.qualified(group.norm), self._rotation)
+        readers = [c for group in stream.norms for c in group.consumers] + stream.direct_readers
+        for consumer in readers:
+            rotate_inputs(consumer_weight(block, consumer), self._rotation)
+        for writer in stream.writers:
+            self._rotate_writer(block, writer, self._rotation)
+        if self.heads:
+            for pair in find_ov_pairs(gm):
+                self._rotate_heads(block, pair.v, pair.o, pair.head_dim)
+        if self.online_down:
+            self._online_down(block, ctx)
+
+    @staticmethod
+    def _rotate_writer(block: Block, writer: Consumer, rotation: torch.Tensor) -> None:
+        module = block.leaf(writer.target)
+        if writer.kind == "experts":
+            rotate_outputs(module.down_proj, getattr(module, "down_proj_bias", None), rotation)
+        else:
+            rotate_outputs(module.weight, module.bias, rotation)
+
+    def _head_rotation(self, head_dim: int) -> torch.Tensor:
+        if head_dim not in self._head_rotations:
+            self._head_rotations[head_dim] = random_orthogonal(head_dim, self.seed + 1)[0]
+        return self._head_rotations[head_dim]
+
+    @torch.no_grad()
+    def _rotate_heads(self, block: Block, v_target: str, o_target: str, head_dim: int) -> None:
+        """Each head's values become v·R2 (v_proj rows) and o_proj reads them back (its columns per head)."""
+        r2 = self._head_rotation(head_dim)
+        v, o = block.leaf(v_target), block.leaf(o_target)
+        v_rows = v.weight.view(-1, head_dim, v.weight.shape[-1])
+        rotate_outputs(v_rows, None if v.bias is None else v.bias.view(-1, head_dim), r2)
+        rotate_inputs(o.weight.view(o.weight.shape[0], -1, head_dim), r2)
+
+    def _online_down(self, block: Block, ctx: Context) -> None:
+        gm = block.graph_module
+        for pair in find_up_down_pairs(gm):
+            down = block.leaf(pair.down)
+            transform = OnlineHadamard(down.in_features).to(down.weight.device)
+            rotate_inputs(down.weight, transform.matrix())
+            block.insert_input_node(pair.down, block.rotation_target(pair.down), transform)
+            self._record(block, ctx, pair.down, transform)
+        for target in find_experts(gm):
+            experts = block.leaf(target)
+            if getattr(experts, "down_transform", None) is not None:
+                continue
+            transform = OnlineHadamard(experts.down_proj.shape[-1]).to(experts.down_proj.device)
+            rotate_inputs(experts.down_proj, transform.matrix())
+            wrapped = experts if isinstance(experts, FakeQuantExperts) else FakeQuantExperts(experts, None)
+            wrapped.down_transform = transform
+            block.replace_leaf(target, wrapped)
+            self._record(block, ctx, f"{target}.down_proj", transform)
+
+    @staticmethod
+    def _record(block: Block, ctx: Context, target: str, transform: OnlineHadamard) -> None:
+        online = ctx.program.metadata.setdefault("rotations", {}).setdefault("online", {})
+        description = describe_hadamard(transform.order)
+        if description not in online.values():
+            ctx.report.note(f"rotate: online rotation before down projections of width {transform.order}: {description}")
+        online[block.qualified(target)] = description

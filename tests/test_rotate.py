@@ -1,0 +1,149 @@
+"""The rotate pass: QuaRot rotations keep every family's function and spread activation outliers."""
+
+import json
+
+import pytest
+import torch
+from programs import calibration_ids, logits, relative, run_pipeline
+from tiny_models import FAMILIES, tiny_causal_lm
+from torch import nn
+
+from slimc.backends.mindie import MindieBackend
+from slimc.backends.mindie_reader import load_ascend_model
+from slimc.errors import ConfigError, PassError
+from slimc.hadamard import OnlineHadamard
+from slimc.passes.rotate import check_rotatable_norm
+from slimc.quant import dynamic_fake_quantize
+from slimc.schemes import TensorScheme
+
+# Sizes that are not powers of two, as in real models: 48 = 12·4 and 96 = 12·8 need a Paley Hadamard
+# of order 12; heads of 12.
+ODD_SIZES = {"hidden_size": 48, "intermediate_size": 96, "moe_intermediate_size": 24, "head_dim": 12}
+ROTATE = [{"pass": "norm_fusion"}, {"pass": "rotate", "seed": 3}]
+W4A4 = {"weight": {"dtype": "int4", "granularity": "per_channel"},
+        "act": {"dtype": "int4", "granularity": "per_token", "dynamic": True}}
+INT4_PER_TOKEN = TensorScheme(dtype="int4", granularity="per_token", dynamic=True)
+QUANTIZE_W4A4 = [{"pass": "fake_quant", "rules": [{"scheme": "w4a4", "exclude": ["*mlp.gate"]}]},
+                 {"pass": "calibrate"}, {"pass": "lower"}]
+
+
+def float_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rotation_keeps_the_logits_of_every_family(family, tied):
+    model = tiny_causal_lm(family, tie_word_embeddings=tied, sizes=ODD_SIZES)
+    ids = calibration_ids(model.config.vocab_size, seed=9)[0]
+    expected = float_logits(model, ids)
+    program, _ = run_pipeline(model, ROTATE)
+    assert relative(logits(program, ids), expected) < 1e-5
+
+
+def test_rotation_changes_the_weights_it_claims_to():
+    model = tiny_causal_lm("llama", sizes=ODD_SIZES)
+    q_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    program, _ = run_pipeline(model, ROTATE)
+    assert relative(model.model.layers[0].self_attn.q_proj.weight, q_before) > 0.5
+
+
+def test_run_summary_names_the_hadamard_construction_of_each_size():
+    program, report = run_pipeline(tiny_causal_lm("llama", sizes=ODD_SIZES), ROTATE)
+    notes = "\n".join(report.notes)
+    assert "residual stream (48) rotated by a randomized Hadamard 12⊗4 (Paley I, q=11), seed 3" in notes
+    assert "online rotation before down projections of width 96: Hadamard 12⊗8 (Paley I, q=11)" in notes
+    assert program.metadata["rotations"]["online"]["model.layers.0.mlp.down_proj"] == "Hadamard 12⊗8 (Paley I, q=11)"
+
+
+def test_a_size_without_hadamard_matrix_falls_back_and_says_so():
+    program, report = run_pipeline(tiny_causal_lm("llama", sizes={"intermediate_size": 172}), ROTATE)
+    assert "block-diagonal Hadamard, 43 blocks of 4" in "\n".join(report.notes)
+
+
+def test_down_projections_get_an_online_hadamard_node_and_experts_a_down_transform():
+    program, _ = run_pipeline(tiny_causal_lm("glm4_moe", sizes=ODD_SIZES), ROTATE)
+    dense, moe = program.blocks
+    down = next(n for n in dense.graph_module.graph.nodes if n.op == "call_module" and n.target == "mlp.down_proj")
+    assert isinstance(dense.graph_module.get_submodule(down.args[0].target), OnlineHadamard)
+    assert isinstance(moe.leaf("mlp.experts").down_transform, OnlineHadamard)
+    shared = moe.input_rotation("mlp.shared_experts.down_proj")
+    assert isinstance(shared, OnlineHadamard) and shared.order == 24
+
+
+def test_tied_embeddings_are_untied_into_rotated_embedding_and_rotated_scaled_head():
+    model = tiny_causal_lm("qwen2", tie_word_embeddings=True)
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    final_norm = model.model.norm.weight.detach().clone()
+    run_pipeline(model, ROTATE)
+    r = torch.linalg.lstsq(embedding.double(), model.model.embed_tokens.weight.double()).solution
+    assert torch.allclose(r @ r.T, torch.eye(64, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(model.lm_head.weight.double(), (embedding * final_norm).double() @ r, atol=1e-5)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert model.config.tie_word_embeddings is False
+    assert torch.equal(model.model.norm.weight, torch.ones_like(final_norm))
+
+
+def test_rotate_needs_norm_fusion_earlier():
+    with pytest.raises(ConfigError, match="pass 'rotate' needs 'norm_fusion' earlier"):
+        run_pipeline(tiny_causal_lm("llama"), [{"pass": "rotate"}])
+
+
+def test_rotate_after_smoothing_is_refused():
+    pipeline = [{"pass": "norm_fusion"}, {"pass": "smooth"}, {"pass": "rotate"}]
+    with pytest.raises(ConfigError, match="rotate must come before smooth"):
+        run_pipeline(tiny_causal_lm("llama"), pipeline)
+
+
+def test_a_layer_norm_does_not_commute_with_rotation():
+    rotation = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))[0]
+    with pytest.raises(PassError, match="does not commute with a rotation"):
+        check_rotatable_norm(nn.LayerNorm(16, elementwise_affine=False), "norm", rotation)
+
+
+def test_a_norm_that_kept_its_scale_is_refused():
+    norm = nn.RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.mul_(2.0)
+    with pytest.raises(PassError, match="still has a scale"):
+        check_rotatable_norm(norm, "norm", torch.eye(16, dtype=torch.float64))
+
+
+def test_rotation_shrinks_int4_activation_error_on_a_residual_stream_with_an_outlier_channel():
+    def q_proj_input_error(rotate: bool) -> float:
+        model = tiny_causal_lm("llama", sizes=ODD_SIZES)
+        with torch.no_grad():
+            model.model.embed_tokens.weight[:, 5] *= 40.0  # one residual channel carries outliers
+        program, _ = run_pipeline(model, ROTATE if rotate else [{"pass": "norm_fusion"}])
+        captured = []
+        hook = program.blocks[1].leaf("self_attn.q_proj").register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+        logits(program, calibration_ids(model.config.vocab_size, seed=9)[0])
+        hook.remove()
+        x = captured[0]
+        return relative(dynamic_fake_quantize(x, INT4_PER_TOKEN), x)
+
+    assert q_proj_input_error(rotate=True) < 0.5 * q_proj_input_error(rotate=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_rotated_w4a4_export_is_read_back_with_its_online_rotations(tmp_path, family):
+    model = tiny_causal_lm(family, tie_word_embeddings=True, sizes=ODD_SIZES)
+    model.config.save_pretrained(tmp_path / "model")
+    program, _ = run_pipeline(model, ROTATE + QUANTIZE_W4A4, schemes={"w4a4": W4A4})
+    program.source = type(program.source)(path=tmp_path / "model", gguf_file=None, config=model.config,
+                                          architecture=program.source.architecture)
+    out = tmp_path / "out"
+    out.mkdir()
+    backend = MindieBackend()
+    backend.write(program, out)
+    backend.verify(program, out)
+    description = json.loads((out / "quant_model_description.json").read_text())
+    layers = description["metadata"]["quarot"]["kronecker_rotation"]["layers"]
+    expected_layer = "model.layers.1.mlp.experts.0.down_proj" if family == "qwen3_moe" else "model.layers.1.mlp.down_proj"
+    assert expected_layer in layers
+    assert f"{expected_layer}.kronecker_rotation_m" not in description
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    ids = calibration_ids(model.config.vocab_size, seed=9)[0]
+    read_back = float_logits(load_ascend_model(out), ids)
+    assert relative(read_back, logits(program, ids)) < 1e-5
