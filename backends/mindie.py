@@ -157,9 +157,9 @@ class MindieBackend(Backend):
         _check_index(out_dir, total)
         is_bf16 = runs_in_bfloat16(program)
         for prefix, quant_type in _quantized_prefixes(types).items():
-            _check_linear(prefix, quant_type, stored.linear(prefix), types, is_bf16)
+            _check_linear(prefix, quant_type, stored.linear(prefix), types, is_bf16, description["group_size"])
         for part in parts:
-            _check_recomputed(part, stored.linear(part.prefix))
+            _check_recomputed(part, stored.linear(part.prefix), description["group_size"])
 
     def _tensors(self, program: Program, parts: list[_Part]) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
         """Every tensor to write (checkpoint name -> tensor), its description type, and the global group size."""
@@ -178,6 +178,10 @@ class MindieBackend(Backend):
             tensors[name], types[name] = tensor, "FLOAT"
         if len(group_sizes) > 1:
             raise ExportError(f"mindie: the description has one group_size but the schemes use {sorted(group_sizes)}")
+        per_channel_w4a16 = [p.prefix for p in parts if p.scheme.label == "W4A16" and p.scheme.weight.granularity != "per_group"]
+        if group_sizes and per_channel_w4a16:
+            raise ExportError(f"mindie: {per_channel_w4a16[0]}: per-channel W4A16 packs along its input, but with a group_size "
+                              "in the description runtimes unpack W4A16 along the output; use one W4A16 granularity")
         order = sorted(tensors, key=_natural_key)
         return {n: tensors[n] for n in order}, {n: types[n] for n in order}, group_sizes.pop() if group_sizes else 0
 
@@ -500,13 +504,14 @@ _SUFFIXES = {
 }
 
 
-def _check_linear(prefix: str, quant_type: str, own: dict[str, torch.Tensor], types: dict[str, str], is_bf16: bool) -> None:
+def _check_linear(prefix: str, quant_type: str, own: dict[str, torch.Tensor], types: dict[str, str], is_bf16: bool,
+                  group_size: int) -> None:
     """FORMATS.md's table for one quantized Linear: its tensor set, dtypes and shapes."""
     required = _SUFFIXES.get(quant_type, {"weight", "weight_scale", "weight_offset"})
     if set(own) - {"bias"} != required:
         raise ExportError(f"mindie: {prefix} ({quant_type}) has tensors {sorted(own)}; expected {sorted(required)} (+ bias)")
     weight, f32 = own["weight"], torch.float32
-    out, in_ = unpacked_shape(quant_type, weight, own["weight_scale"]) if "weight_scale" in own else weight.shape
+    out, in_ = unpacked_shape(quant_type, weight, group_size)
     per_row = (f32, lambda s: len(s) == 2 and s[0] == out and in_ % s[1] == 0, f"({out}, 1) or ({out}, in / group)")
     rules = {
         "weight": (torch.int8, lambda s: len(s) == 2, "(out, in)"),
@@ -529,7 +534,7 @@ def _check_linear(prefix: str, quant_type: str, own: dict[str, torch.Tensor], ty
         raise ExportError(f"mindie: {prefix}.weight holds values outside int4 [-8, 7]")
 
 
-def _check_recomputed(part: _Part, own: dict[str, torch.Tensor]) -> None:
+def _check_recomputed(part: _Part, own: dict[str, torch.Tensor], group_size: int) -> None:
     """The Linear recomputed from the files alone matches the lowered one on a random input."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(4, part.codes.shape[1], generator=generator)
@@ -537,7 +542,7 @@ def _check_recomputed(part: _Part, own: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         if part.input_qparams is not None:
             x = x * float(part.input_qparams[0]) * 40
-        expected, actual = reference(x), AscendLinear(part.scheme.label, own)(x)
+        expected, actual = reference(x), AscendLinear(part.scheme.label, own, group_size)(x)
     tolerance = 1e-4 * expected.abs().max() + 1e-6
     if part.input_qparams is not None:  # quant_bias rounds bias / deq_scale to an integer
         tolerance = tolerance + 0.5 * (part.input_qparams[0].float() * part.scale.float().reshape(-1))

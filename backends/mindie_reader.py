@@ -94,15 +94,16 @@ def deq_scale_float(deq_scale: torch.Tensor) -> torch.Tensor:
     return deq_scale.float()
 
 
-def packed_along_rows(quant_type: str, weight_scale: torch.Tensor) -> bool:
-    """W4A8_DYNAMIC and per-group W4A16 pack two output rows per byte; per-channel W4A16 two input columns."""
-    return quant_type == "W4A8_DYNAMIC" or (quant_type == "W4A16" and weight_scale.shape[-1] > 1)
+def packed_along_rows(quant_type: str, group_size: int) -> bool:
+    """W4A8_DYNAMIC and per-group W4A16 (the description's group_size > 0) pack two output rows per byte;
+    per-channel W4A16 two input columns."""
+    return quant_type == "W4A8_DYNAMIC" or (quant_type == "W4A16" and group_size > 0)
 
 
-def unpacked_shape(quant_type: str, weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple[int, int]:
+def unpacked_shape(quant_type: str, weight: torch.Tensor, group_size: int) -> tuple[int, int]:
     """(out, in) of a Linear from its stored weight."""
     rows, cols = weight.shape
-    if packed_along_rows(quant_type, weight_scale):
+    if packed_along_rows(quant_type, group_size):
         return rows * 2, cols
     return (rows, cols * 2) if quant_type == "W4A16" else (rows, cols)
 
@@ -210,14 +211,14 @@ class AscendLinear(nn.Module):
     ``y = (x_q · s)((W_q − weight_offset) · weight_scale)ᵀ + bias``; W8A16: dequantized weight.
     """
 
-    def __init__(self, quant_type: str, tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(self, quant_type: str, tensors: dict[str, torch.Tensor], group_size: int = 0) -> None:
         super().__init__()
         if quant_type not in LINEAR_TYPES:
             raise ModelLoadError(f"quant type {quant_type} is not supported by the reader; supported: {', '.join(LINEAR_TYPES)}")
         self.quant_type = quant_type
         weight = tensors["weight"]
         if quant_type in ("W4A8_DYNAMIC", "W4A16"):
-            rows = packed_along_rows(quant_type, tensors["weight_scale"])
+            rows = packed_along_rows(quant_type, group_size)
             weight = unpack_int4_rows(weight) if rows else unpack_int4_columns(weight)
         self.register_buffer("weight", weight.to(torch.int8))
         self.out_features, self.in_features = self.weight.shape
@@ -343,7 +344,7 @@ def load_ascend_model(out_dir: Path, *, dtype: torch.dtype | None = None) -> nn.
     model = auto_class(source).from_config(config, dtype=dtype, attn_implementation="sdpa")
     quantized = {name.removesuffix(".weight"): t for name, t in types.items() if name.endswith(".weight") and t != "FLOAT"}
     factors = {p: (rotations[p + ROTATION_SUFFIXES[0]], rotations[p + ROTATION_SUFFIXES[1]]) for p in rotated}
-    used = _install_quantized(model, quantized, tensors, factors)
+    used = _install_quantized(model, quantized, tensors, factors, int(description.get("group_size", 0)))
     _load_float(model, {n: t for n, t in tensors.items() if n not in used})
     for prefix in set(factors) - set(quantized):
         model.set_submodule(prefix, KroneckerRotatedInput(model.get_submodule(prefix), *factors[prefix]))
@@ -351,7 +352,7 @@ def load_ascend_model(out_dir: Path, *, dtype: torch.dtype | None = None) -> nn.
 
 
 def _install_quantized(model: nn.Module, quantized: dict[str, str], tensors: dict[str, torch.Tensor],
-                       rotations: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> set[str]:
+                       rotations: dict[str, tuple[torch.Tensor, torch.Tensor]], group_size: int) -> set[str]:
     """Replace runtime Linears / fused experts whose checkpoint weights are quantized (behind their online
     rotation, if any); return the tensor names used."""
     experts = fused_experts_modules(model)
@@ -377,7 +378,7 @@ def _install_quantized(model: nn.Module, quantized: dict[str, str], tensors: dic
             continue
         own = by_prefix[prefix]
         used.update(f"{prefix}.{suffix}" for suffix in own)
-        layer = AscendLinear(quantized[prefix], own)
+        layer = AscendLinear(quantized[prefix], own, group_size)
         if prefix in rotations:
             layer = KroneckerRotatedInput(layer, *rotations[prefix])
         parts.setdefault(key, []).append((layer, where.rows))

@@ -3,6 +3,11 @@ perplexity through the written Ascend files. Prints a table and one JSON object.
 
     .venv/bin/python bench/compile_llm.py                         # SmolLM2-135M, both W8A8 configs
     .venv/bin/python bench/compile_llm.py --model DIR --configs llm/w8a8_dynamic.yaml --samples 32
+    .venv/bin/python bench/compile_llm.py --configs llm/w4a4_quarot_gptq.yaml --variants shipped rtn rotation-rtn
+
+`--variants` compiles each config as shipped and/or with its rotation and weight algorithm changed:
+`rtn` (no rotation, round to nearest), `rotation-rtn` (rotation, round to nearest), `gptq` (no
+rotation, GPTQ) — the rows of the low-bit table in docs/lowbit.md.
 
 Each config is compiled in its own process so that peak memory is that config's own.
 """
@@ -15,6 +20,15 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
+
+VARIANTS = {  # variant -> (keep the rotate step, weight algorithm; None keeps the config's)
+    "shipped": (True, None),
+    "rtn": (False, "rtn"),
+    "rotation-rtn": (True, "rtn"),
+    "gptq": (False, "gptq"),
+}
 
 CHILD = """
 import json, sys, time, warnings
@@ -39,26 +53,50 @@ print(json.dumps({"config": name, "compile_seconds": seconds, "peak_memory_bytes
 """
 
 
+def variant_config(name: str, variant: str, directory: Path) -> str:
+    """The config `name` changed as `variant` says, written to `directory`; the name itself when shipped."""
+    if variant == "shipped":
+        return name
+    from slimc.cli import resolve_config_path
+
+    keep_rotation, algorithm = VARIANTS[variant]
+    data = yaml.safe_load(Path(resolve_config_path(name)).read_text())
+    data["pipeline"] = [step for step in data["pipeline"] if keep_rotation or step["pass"] != "rotate"]
+    for step in data["pipeline"]:
+        if step["pass"] == "calibrate":
+            step["weight_algorithm"] = algorithm
+            if algorithm == "rtn":
+                step.pop("gptq", None)
+    path = directory / f"{Path(name).stem}-{variant}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="", help="model dir or .gguf (default: SmolLM2-135M)")
     parser.add_argument("--configs", nargs="+", default=["llm/w8a8_dynamic.yaml", "llm/w8a8_static.yaml"])
     parser.add_argument("--samples", type=int, default=128, help="calibration windows of 512 tokens")
     parser.add_argument("--eval-samples", type=int, default=40)
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["shipped"])
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for index, name in enumerate(args.configs):
-            out = Path(tmp) / f"out{index}"
-            done = subprocess.run(
-                [sys.executable, "-c", CHILD, name, args.model, str(out), str(args.samples), str(args.eval_samples)],
-                check=True, capture_output=True, text=True,
-            )
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"{'config':28s} {'compile s':>9s} {'peak MiB':>9s} {'out MiB':>8s} {'float ppl':>10s} {'quant ppl':>10s} {'change':>8s}")
+        for name in args.configs:
+            for variant in args.variants:
+                out = Path(tmp) / f"out{len(rows)}"
+                config = variant_config(name, variant, Path(tmp))
+                done = subprocess.run(
+                    [sys.executable, "-c", CHILD, config, args.model, str(out), str(args.samples), str(args.eval_samples)],
+                    check=True, capture_output=True, text=True,
+                )
+                rows.append({**json.loads(done.stdout.strip().splitlines()[-1]), "config": name, "variant": variant})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(f"{'config':28s} {'variant':13s} {'compile s':>9s} {'peak MiB':>9s} {'out MiB':>8s} {'float ppl':>10s} "
+          f"{'quant ppl':>10s} {'× float':>8s}")
     for r in rows:
-        print(f"{r['config']:28s} {r['compile_seconds']:9.1f} {r['peak_memory_bytes'] / 2**20:9.0f} "
-              f"{r['output_bytes'] / 2**20:8.1f} {r['float_ppl']:10.4f} {r['quantized_ppl']:10.4f} {r['relative_change'] * 100:+7.2f}%")
+        print(f"{r['config']:28s} {r['variant']:13s} {r['compile_seconds']:9.1f} {r['peak_memory_bytes'] / 2**20:9.0f} "
+              f"{r['output_bytes'] / 2**20:8.1f} {r['float_ppl']:10.4f} {r['quantized_ppl']:10.4f} {1 + r['relative_change']:8.3f}")
     print(json.dumps({"results": rows}))
 
 

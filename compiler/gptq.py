@@ -77,6 +77,8 @@ def gptq_quantize(
     w[:, dead] = 0.0
 
     grouped = scheme.granularity == "per_group"
+    if grouped and in_features % scheme.group_size:
+        raise ValueError(f"group_size {scheme.group_size} does not divide the input size {in_features}")
     if grouped:
         groups = in_features // scheme.group_size
         scale = torch.empty(out_features, groups, device=w.device)

@@ -69,7 +69,11 @@ class Calibrate(Pass):
         samples, hessians = self._observe(block, ctx, layers, quantizers)
         for target, module in layers.items():
             before = self._layer_outputs(module, samples[target], block, target, quantize_inputs=False)
-            self._quantize_weights(block, ctx, target, module, hessians.get(target))
+            try:
+                self._quantize_weights(block, ctx, target, module, hessians.get(target))
+            except ValueError as error:
+                raise PassError(f"calibrate: {block.qualified(target)}: {error}; choose a group_size that divides it, "
+                                "or leave this layer out with an exclude glob") from None
             after = self._layer_outputs(module, samples[target], block, target, quantize_inputs=True)
             spec = ctx.program.quant_specs[block.qualified(target)]
             spec.output_error = max(relative_error(a, b) for a, b in zip(after, before))

@@ -23,7 +23,7 @@ from slimc.config import load_config
 from slimc.frontends import supported_architectures
 
 EXIT_USER_ERROR = 2
-BUILTIN_PASSES = ("norm_fusion", "smooth", "fake_quant", "calibrate", "lower")
+BUILTIN_PASSES = ("norm_fusion", "rotate", "smooth", "fake_quant", "calibrate", "lower")
 
 CONFIG = """\
 version: 1
@@ -303,11 +303,12 @@ def test_passes_lists_every_builtin_pass_and_the_smooth_alpha():
     assert "alpha: float (default 0.5)" in smooth
 
 
-def test_configs_lists_the_shipped_w8a8_configs():
+def test_configs_lists_the_shipped_llm_configs():
     result = slimc("configs")
     assert result.returncode == 0, result.stderr
     names = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
-    assert {"llm/w8a8_dynamic.yaml", "llm/w8a8_static.yaml"} <= names
+    assert {"llm/w8a8_dynamic.yaml", "llm/w8a8_static.yaml", "llm/w4a4_quarot_gptq.yaml", "llm/w4a8_quarot_gptq.yaml",
+            "llm/w4a16_gptq.yaml"} <= names
 
 
 def test_trace_prints_the_blocks_and_the_dense_patterns(tiny_llama_dir):

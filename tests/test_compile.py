@@ -12,13 +12,18 @@ from slimc.compile import compile_model
 from slimc.config import load_config
 
 SMALL_CALIBRATION = ["calibration.samples=4", "calibration.seq_len=32", "calibration.batch_size=2"]
+# How close the quantized tiny model's logits stay to the float model's (cosine similarity).
+FIDELITY = {"llm/w8a8_dynamic.yaml": 0.99, "llm/w8a8_static.yaml": 0.99, "llm/w4a16_gptq.yaml": 0.98,
+            "llm/w4a8_quarot_gptq.yaml": 0.98, "llm/w4a4_quarot_gptq.yaml": 0.9}
 
 
-@pytest.mark.parametrize("config_name", ["llm/w8a8_dynamic.yaml", "llm/w8a8_static.yaml"])
+@pytest.mark.parametrize("config_name", sorted(FIDELITY))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shipped_config_compiles_and_the_ascend_files_reproduce_the_quantized_model(tmp_path, family, config_name):
     model_dir = save_tiny_model(tmp_path / "model", family)
-    config = load_config(resolve_config_path(config_name), SMALL_CALIBRATION)
+    # The tiny MoE experts are 32 wide: groups of 16 where the shipped config uses 64.
+    groups = ["schemes.w4a16.weight.group_size=16"] if "w4a16" in config_name else []
+    config = load_config(resolve_config_path(config_name), SMALL_CALIBRATION + groups)
     with pytest.warns(UserWarning, match="below the recommended"):
         compiled = compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
     ids = torch.randint(4, compiled.program.model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
@@ -29,4 +34,4 @@ def test_shipped_config_compiles_and_the_ascend_files_reproduce_the_quantized_mo
     float_model = type(compiled.program.model).from_pretrained(model_dir).eval()
     with torch.no_grad():
         reference = float_model(input_ids=ids, use_cache=False).logits
-    assert torch.nn.functional.cosine_similarity(from_files.flatten(), reference.flatten(), dim=0) > 0.99
+    assert torch.nn.functional.cosine_similarity(from_files.flatten(), reference.flatten(), dim=0) > FIDELITY[config_name]

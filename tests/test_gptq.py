@@ -5,6 +5,7 @@ import torch
 from programs import run_pipeline
 from tiny_models import tiny_causal_lm
 
+from slimc.errors import PassError
 from slimc.gptq import HessianAccumulator, gptq_quantize
 from slimc.quant import dequantize_weight, quantize_weight
 from slimc.schemes import TensorScheme
@@ -87,3 +88,10 @@ def test_calibrate_with_gptq_lowers_layer_errors_of_a_model_compared_with_rtn():
     assert set(rtn) == set(gptq) and any(name.endswith("mlp.experts") for name in gptq)
     assert sum(gptq.values()) < 0.9 * sum(rtn.values())
     assert all(gptq[name] <= rtn[name] * 1.05 for name in gptq)
+
+
+def test_a_group_size_that_does_not_divide_a_layer_names_the_layer():
+    schemes = {"w4a16": {"weight": {"dtype": "int4", "granularity": "per_group", "group_size": 48}}}
+    pipeline = [{"pass": "fake_quant", "rules": [{"scheme": "w4a16"}]}, {"pass": "calibrate", "weight_algorithm": "gptq"}]
+    with pytest.raises(PassError, match=r"model.layers.0.self_attn.\w+_proj: group_size 48 does not divide the input size 64"):
+        run_pipeline(tiny_causal_lm("llama"), pipeline, schemes=schemes)
