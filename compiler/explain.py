@@ -12,7 +12,14 @@ from slimc.data import load_corpus, token_samples
 from slimc.frontends import frontend_for
 from slimc.frontends.hf import default_model_path, load_model, load_tokenizer, resolve_model_source
 from slimc.ir import Block, Program
-from slimc.patterns import find_experts, find_norm_linear_groups, find_ov_pairs, find_up_down_pairs, node_kind
+from slimc.patterns import (
+    find_experts,
+    find_norm_linear_groups,
+    find_ov_pairs,
+    find_residual_stream,
+    find_up_down_pairs,
+    node_kind,
+)
 from slimc.pipeline import Pipeline
 from slimc.report import RunReport
 
@@ -46,6 +53,12 @@ def describe_block(block: Block) -> list[str]:
     for experts in find_experts(gm):
         module = gm.get_submodule(experts)
         lines.append(f"  experts          {experts}: {module.gate_up_proj.shape[0]} experts, fused 3-D weights")
+    stream = find_residual_stream(gm)
+    if stream.problem:
+        lines.append(f"  residual stream  not rotatable: {stream.problem}")
+    else:
+        readers = [n.norm for n in stream.norms] + [c.target for c in stream.direct_readers]
+        lines.append(f"  residual stream  read by {', '.join(readers)}; written by {', '.join(w.target for w in stream.writers)}")
     return lines
 
 
@@ -53,7 +66,9 @@ def trace_report(model_path: str | None, *, seq_len: int = 32) -> str:
     program = traced_program(model_path, seq_len=seq_len)
     lines = [
         f"model: {program.source.architecture} ({program.family} frontend), {len(program.blocks)} blocks, "
-        f"tied embeddings: {program.metadata.get('tied_embeddings', False)}"
+        f"tied embeddings: {program.metadata.get('tied_embeddings', False)}",
+        f"residual stream outside the blocks: written by {', '.join(program.embeddings) or '?'}, "
+        f"read by {program.head_norm or '?'} → {program.head or '?'}",
     ]
     previous: list[str] | None = None
     repeated: list[str] = []

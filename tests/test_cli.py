@@ -326,6 +326,13 @@ def test_trace_prints_the_fused_experts_of_a_moe_model(tiny_qwen3_moe_dir):
     assert "experts          mlp.experts: 4 experts" in result.stdout
 
 
+def test_trace_prints_who_reads_and_writes_the_residual_stream(tiny_qwen3_moe_dir):
+    result = slimc("trace", tiny_qwen3_moe_dir)
+    assert result.returncode == 0, result.stderr
+    assert "residual stream outside the blocks: written by model.embed_tokens, read by model.norm → lm_head" in result.stdout
+    assert "residual stream  read by " in result.stdout and "written by mlp.experts, self_attn.o_proj" in result.stdout
+
+
 def test_eval_json_gives_float_and_quantized_perplexity_within_5_percent_for_w8a8(compiled, tiny_llama_dir):
     out, _ = compiled
     result = slimc("eval", "--model", tiny_llama_dir, "--quantized", out, "--samples", "2", "--seq-len", "32", "--json")

@@ -10,7 +10,7 @@ from torch import nn
 
 from slimc.backends.mindie import MindieBackend
 from slimc.backends.mindie_reader import load_ascend_model
-from slimc.errors import ConfigError, PassError
+from slimc.errors import ConfigError, ExportError, ModelLoadError, PassError
 from slimc.hadamard import OnlineHadamard
 from slimc.passes.rotate import check_rotatable_norm
 from slimc.quant import dynamic_fake_quantize
@@ -46,7 +46,7 @@ def test_rotation_changes_the_weights_it_claims_to():
     model = tiny_causal_lm("llama", sizes=ODD_SIZES)
     q_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     program, _ = run_pipeline(model, ROTATE)
-    assert relative(model.model.layers[0].self_attn.q_proj.weight, q_before) > 0.5
+    assert relative(model.model.layers[0].self_attn.q_proj.weight.detach(), q_before) > 0.5
 
 
 def test_run_summary_names_the_hadamard_construction_of_each_size():
@@ -126,18 +126,22 @@ def test_rotation_shrinks_int4_activation_error_on_a_residual_stream_with_an_out
     assert q_proj_input_error(rotate=True) < 0.5 * q_proj_input_error(rotate=False)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
-def test_rotated_w4a4_export_is_read_back_with_its_online_rotations(tmp_path, family):
-    model = tiny_causal_lm(family, tie_word_embeddings=True, sizes=ODD_SIZES)
+def export_rotated_w4a4(tmp_path, model):
     model.config.save_pretrained(tmp_path / "model")
     program, _ = run_pipeline(model, ROTATE + QUANTIZE_W4A4, schemes={"w4a4": W4A4})
     program.source = type(program.source)(path=tmp_path / "model", gguf_file=None, config=model.config,
                                           architecture=program.source.architecture)
     out = tmp_path / "out"
     out.mkdir()
-    backend = MindieBackend()
-    backend.write(program, out)
-    backend.verify(program, out)
+    MindieBackend().write(program, out)
+    return program, out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_rotated_w4a4_export_is_read_back_with_its_online_rotations(tmp_path, family):
+    model = tiny_causal_lm(family, tie_word_embeddings=True, sizes=ODD_SIZES)
+    program, out = export_rotated_w4a4(tmp_path, model)
+    MindieBackend().verify(program, out)
     description = json.loads((out / "quant_model_description.json").read_text())
     layers = description["metadata"]["quarot"]["kronecker_rotation"]["layers"]
     expected_layer = "model.layers.1.mlp.experts.0.down_proj" if family == "qwen3_moe" else "model.layers.1.mlp.down_proj"
@@ -147,3 +151,15 @@ def test_rotated_w4a4_export_is_read_back_with_its_online_rotations(tmp_path, fa
     ids = calibration_ids(model.config.vocab_size, seed=9)[0]
     read_back = float_logits(load_ascend_model(out), ids)
     assert relative(read_back, logits(program, ids)) < 1e-5
+
+
+def test_an_export_whose_metadata_lost_the_online_rotations_fails_verification_and_loading(tmp_path):
+    program, out = export_rotated_w4a4(tmp_path, tiny_causal_lm("llama", sizes=ODD_SIZES))
+    path = out / "quant_model_description.json"
+    description = json.loads(path.read_text())
+    description["metadata"] = {}
+    path.write_text(json.dumps(description))
+    with pytest.raises(ExportError, match="does not list the online rotations"):
+        MindieBackend().verify(program, out)
+    with pytest.raises(ModelLoadError, match="metadata.quarot lists online rotations of 0 layers"):
+        load_ascend_model(out)
