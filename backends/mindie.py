@@ -44,7 +44,7 @@ from slimc.backends.mindie_reader import (
 )
 from slimc.errors import ExportError, SlimcError
 from slimc.ir import Program
-from slimc.modules import QuantizedExperts, QuantizedLinear
+from slimc.modules import FakeQuantize, QuantizedExperts, QuantizedLinear
 from slimc.quant import pack_int4
 from slimc.schemes import QuantScheme
 
@@ -267,7 +267,7 @@ def _online_rotations(program: Program, parts: list[_Part]) -> dict[str, torch.n
             if node.op != "call_module" or not hasattr(gm.get_submodule(node.target), "kronecker_factors"):
                 continue
             for user in node.users:
-                while user.op == "call_module" and type(gm.get_submodule(user.target)).__name__ == "FakeQuantize":
+                while user.op == "call_module" and isinstance(gm.get_submodule(user.target), FakeQuantize):
                     user = next(iter(user.users))
                 found[block.qualified(user.target)] = gm.get_submodule(node.target)
         for name, module in block.module.named_modules():
