@@ -44,14 +44,13 @@ from slimc.backends.mindie_reader import (
 )
 from slimc.errors import ExportError, SlimcError
 from slimc.ir import Program
-from slimc.modules import FakeQuantize, QuantizedExperts, QuantizedLinear
+from slimc.modules import EXPERT_WEIGHTS, FakeQuantize, QuantizedExperts, QuantizedLinear
 from slimc.quant import pack_int4
 from slimc.schemes import QuantScheme
 
 __all__ = ["AscendExperts", "AscendLinear", "MindieBackend", "load_ascend_model"]
 
 SUPPORTED = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16", "W4A4_DYNAMIC", "W4A8_DYNAMIC")
-EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 SCALE_BIAS_SPLITS = 16  # W4A8 row-parallel scale_bias: one column per 1/16 of the input (tensor parallel up to 16)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -143,16 +142,11 @@ class MindieBackend(Backend):
         if description["metadata"] != _metadata(program, rotations):
             raise ExportError(f"mindie: the description's metadata {description['metadata']} does not list the online rotations")
         total = 0
-        for name, tensor in rotations.items():
+        for name, tensor in {**expected, **rotations}.items():
             actual = stored[name]
             total += actual.numel() * actual.element_size()
-            if not torch.equal(tensor, actual):
-                raise ExportError(f"mindie: the online rotation {name} differs from the program's")
-        for name, tensor in expected.items():
-            actual = stored[name]
-            total += actual.numel() * actual.element_size()
-            if expected_types[name] != types[name] or not torch.equal(tensor.cpu(), actual):
-                raise ExportError(f"mindie: {name} ({types[name]}, {actual.dtype} {tuple(actual.shape)}) "
+            if expected_types.get(name) != types.get(name) or not torch.equal(tensor.cpu(), actual):
+                raise ExportError(f"mindie: {name} ({types.get(name, 'online rotation')}, {actual.dtype} {tuple(actual.shape)}) "
                                   "differs from the program's tensor")
         _check_index(out_dir, total)
         is_bf16 = runs_in_bfloat16(program)

@@ -77,35 +77,38 @@ def gptq_quantize(
     w[:, dead] = 0.0
 
     grouped = scheme.granularity == "per_group"
-    if grouped and in_features % scheme.group_size:
-        raise ValueError(f"group_size {scheme.group_size} does not divide the input size {in_features}")
     if grouped:
+        if in_features % scheme.group_size:
+            raise ValueError(f"group_size {scheme.group_size} does not divide the input size {in_features}")
         groups = in_features // scheme.group_size
         scale = torch.empty(out_features, groups, device=w.device)
         offset = torch.empty(out_features, groups, device=w.device)
-        group_ready = torch.zeros(groups, dtype=torch.bool)
+        column_scale, column_offset = torch.empty_like(w), torch.empty_like(w)
     else:
         scale, offset = weight_qparams(w, scheme)
-    column_scale = expand_to_weight(scale, w.shape, scheme).clone() if not grouped else torch.empty_like(w)
-    column_offset = expand_to_weight(offset, w.shape, scheme).clone() if not grouped else torch.empty_like(w)
+        column_scale, column_offset = expand_to_weight(scale, w.shape, scheme), expand_to_weight(offset, w.shape, scheme)
 
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(in_features, device=w.device)
+    position = torch.empty_like(order)  # where each original column sits in the processing order
+    position[order] = torch.arange(in_features, device=order.device)
     w, h = w[:, order], h[order][:, order]
     hinv = _inverse_hessian_factor(h, damp)
     quantized = torch.zeros_like(w)
+    fixed_groups: set[int] = set()
 
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
-        block = w[:, start:end].clone()
+        block = w[:, start:end]  # updated in place: a group fixed later reads its columns' current values from w
         errors = torch.zeros_like(block)
         hinv_block = hinv[start:end, start:end]
-        for i in range(end - start):
-            column = order[start + i].item()
-            if grouped:
+        for i, column in enumerate(order[start:end].tolist()):
+            if grouped and column // scheme.group_size not in fixed_groups:
                 group = column // scheme.group_size
-                if not group_ready[group]:
-                    _fix_group(w, block, start, order, group, scheme, scale, offset, column_scale, column_offset)
-                    group_ready[group] = True
+                columns = slice(group * scheme.group_size, (group + 1) * scheme.group_size)
+                group_scale, group_offset = weight_qparams(w[:, position[columns]], scheme)
+                scale[:, group], offset[:, group] = group_scale[:, 0], group_offset[:, 0]
+                column_scale[:, columns], column_offset[:, columns] = group_scale, group_offset
+                fixed_groups.add(group)
             col = block[:, i]
             q = fake_quantize(col, column_scale[:, column], column_offset[:, column], scheme)
             quantized[:, start + i] = q
@@ -118,20 +121,3 @@ def gptq_quantize(
     restored[:, order] = quantized
     codes = quantize(restored, expand_to_weight(scale, w.shape, scheme), expand_to_weight(offset, w.shape, scheme), scheme)
     return codes, scale, offset
-
-
-def _fix_group(w, block, start, order, group, scheme, scale, offset, column_scale, column_offset) -> None:
-    """Scale and offset of one group from its columns' current (error-updated) values."""
-    size = scheme.group_size
-    columns = torch.arange(group * size, (group + 1) * size, device=w.device)
-    position = torch.empty_like(order)
-    position[order] = torch.arange(order.numel(), device=order.device)
-    current = torch.empty(w.shape[0], size, device=w.device)
-    for j, column in enumerate(columns.tolist()):
-        p = position[column].item()
-        local = p - start
-        current[:, j] = block[:, local] if 0 <= local < block.shape[1] else w[:, p]
-    group_scale, group_offset = weight_qparams(current, scheme)
-    scale[:, group], offset[:, group] = group_scale[:, 0], group_offset[:, 0]
-    column_scale[:, columns] = group_scale
-    column_offset[:, columns] = group_offset

@@ -161,10 +161,15 @@ def _plan(n: int) -> tuple[int, int, int] | None:
     return None if power == 1 else (1, power, n // power)
 
 
+def _factors(p: int, power: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The orthonormal float64 Kronecker factors of a plan: (I_blocks ⊗ H_p / √p, H_{2^j} / √2^j)."""
+    r_m = torch.kron(torch.eye(blocks, dtype=torch.float64), _base_matrix(p)) / math.sqrt(p)
+    return r_m, _sylvester(power) / math.sqrt(power)
+
+
 def _rotation(p: int, power: int, blocks: int) -> torch.Tensor:
-    """The orthonormal (n, n) float64 matrix of a plan."""
-    h = torch.kron(_base_matrix(p), _sylvester(power))
-    return torch.kron(torch.eye(blocks, dtype=torch.float64), h) / math.sqrt(p * power)
+    """The orthonormal (n, n) float64 matrix of a plan: I_blocks ⊗ H_p ⊗ H_{2^j} / √(p·2^j)."""
+    return torch.kron(*_factors(p, power, blocks))
 
 
 def fast_hadamard_transform(x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
@@ -258,9 +263,7 @@ class OnlineHadamard(nn.Module):
     def kronecker_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(R_m, R_n) float64, orthonormal, with matrix() == kron(R_m, R_n): R_m (m, m) spans the blocks and
         the dense base, R_n (2^j, 2^j) the Sylvester part. Runtimes apply it as R_mᵀ · X · R_n on x read as (m, n)."""
-        eye = torch.eye(self.blocks, dtype=torch.float64)
-        r_m = torch.kron(eye, _base_matrix(self.base_order)) / math.sqrt(self.base_order)
-        return r_m, _sylvester(self.power) / math.sqrt(self.power)
+        return _factors(self.base_order, self.power, self.blocks)
 
     def extra_repr(self) -> str:
         return f"order={self.order}, kind={self.kind}, base_order={self.base_order}, power={self.power}"

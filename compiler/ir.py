@@ -8,8 +8,9 @@ leaf (e.g. lowering a Linear) goes through `Block.replace_leaf`, which keeps bot
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -102,17 +103,11 @@ class Block:
         """Put `module` (registered in the graph module as `node_target`) on the first input of every
         call of the layer, as a call_module node."""
         gm = self.graph_module
+        gm.add_submodule(node_target, module)
         for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == layer_target]:
-            self.insert_argument_node(node, 0, node_target, module)
-
-    def insert_argument_node(self, node: fx.Node, index: int, node_target: str, module: nn.Module) -> None:
-        """Apply `module` to positional argument `index` of `node` (registered as `node_target`)."""
-        gm = self.graph_module
-        if not any(name == node_target for name, _ in gm.named_modules()):
-            gm.add_submodule(node_target, module)
-        with gm.graph.inserting_before(node):
-            inserted = gm.graph.call_module(node_target, (node.args[index],))
-        node.args = (*node.args[:index], inserted, *node.args[index + 1:])
+            with gm.graph.inserting_before(node):
+                inserted = gm.graph.call_module(node_target, (node.args[0],))
+            node.args = (inserted, *node.args[1:])
         gm.recompile()
 
     def remove_input_quantizer(self, layer_target: str) -> None:
@@ -137,10 +132,16 @@ class Program:
     quant_specs: dict[str, QuantSpec] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     # The residual stream outside the blocks (set by frontends that have one): the modules that
-    # write it before the first block, the norm after the last block, and the head reading that norm.
+    # write it before the first block, the head reading it after the last, and how to find the norm
+    # between them (a forward pass, so only when a pass asks for `head_norm`).
     embeddings: list[str] = field(default_factory=list)
-    head_norm: str | None = None
     head: str | None = None
+    find_head_norm: Callable[[], str | None] | None = field(default=None, repr=False)
+
+    @functools.cached_property
+    def head_norm(self) -> str | None:
+        """The norm between the last block and the head, found on first use; None if there is none."""
+        return None if self.find_head_norm is None else self.find_head_norm()
 
     @property
     def dtype(self) -> torch.dtype:

@@ -267,15 +267,13 @@ def write_model_files(source: ModelSource, dest: Path, config_updates: dict | No
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    # A GGUF has no config.json beside it: its config is the parsed one.
+    config = json.loads(source.config.to_json_string(use_diff=True)) if source.is_gguf else _read_config_json(source.path)
+    written = [_write_json(dest / CONFIG_FILE, {**config_dict_without_quantization(config), **(config_updates or {})})]
     if source.is_gguf:
-        # No such files exist beside a GGUF: write the parsed config, and the tokenizer it embeds.
-        config = json.loads(source.config.to_json_string(use_diff=True))
-        written = [_write_json(dest / CONFIG_FILE, {**config_dict_without_quantization(config), **(config_updates or {})})]
-        saved = load_tokenizer(source).save_pretrained(dest)
+        saved = load_tokenizer(source).save_pretrained(dest)  # the tokenizer the GGUF embeds
         written += [Path(p) for p in saved if Path(p).is_file()]
     else:
-        config = _read_config_json(source.path)
-        written = [_write_json(dest / CONFIG_FILE, {**config_dict_without_quantization(config), **(config_updates or {})})]
         for name in MODEL_FILES:
             if (source.path / name).is_file():
                 written.append(Path(shutil.copyfile(source.path / name, dest / name)))

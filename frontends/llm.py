@@ -7,6 +7,8 @@ layers of one class, so a model laid out like these needs no new code beyond its
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -74,7 +76,7 @@ class DecoderLLM(Frontend):
         names = {id(module): name for name, module in model.named_modules()}
         program.embeddings = [names[id(model.get_input_embeddings())]]
         program.head = names[id(model.get_output_embeddings())]
-        program.head_norm = module_feeding(model, model.get_output_embeddings(), layers)
+        program.find_head_norm = functools.partial(module_feeding, model, model.get_output_embeddings(), layers)
         return program
 
     @torch.no_grad()

@@ -188,8 +188,6 @@ class Rotate(Pass):
 
     @staticmethod
     def _record(block: Block, ctx: Context, target: str, transform: OnlineHadamard) -> None:
-        online = ctx.program.metadata.setdefault("rotations", {}).setdefault("online", {})
         description = describe_hadamard(transform.order)
-        if description not in online.values():
-            ctx.report.note(f"rotate: online rotation before down projections of width {transform.order}: {description}")
-        online[block.qualified(target)] = description
+        ctx.report.note(f"rotate: online rotation before down projections of width {transform.order}: {description}")
+        ctx.program.metadata.setdefault("rotations", {}).setdefault("online", {})[block.qualified(target)] = description
