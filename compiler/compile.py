@@ -10,15 +10,12 @@ from pydantic import ValidationError
 
 from slimc.backends import Backend, backend_class
 from slimc.config import SlimcConfig, format_validation_error
-from slimc.data import load_corpus, text_fingerprint, token_samples
 from slimc.errors import ConfigError, ExportError
 from slimc.export import check_disk_space, check_output_dir, staged_output
 from slimc.frontends import Frontend, frontend_for
 from slimc.frontends.hf import (
     ModelSource,
     default_model_path,
-    load_model,
-    load_tokenizer,
     resolve_model_source,
 )
 from slimc.ir import Program
@@ -87,17 +84,8 @@ def build_backends(config: SlimcConfig) -> list[Backend]:
 
 def load_program(config: SlimcConfig, source: ModelSource, frontend: Frontend, report: RunReport) -> Program:
     with report.timed("load"):
-        model = load_model(source, dtype=model_dtype(config, source), trust_remote_code=config.model.trust_remote_code)
+        model = frontend.load(source, dtype=model_dtype(config, source), trust_remote_code=config.model.trust_remote_code)
     return frontend.build(source, model)
-
-
-def calibration_batches(config: SlimcConfig, source: ModelSource, report: RunReport) -> list[torch.Tensor]:
-    cal = config.calibration
-    text = load_corpus(cal.dataset)
-    ids = token_samples(load_tokenizer(source), text, samples=cal.samples, seq_len=cal.seq_len)
-    report.metrics["calibration_tokens"] = float(ids.numel())
-    report.note(f"calibration: {ids.shape[0]} × {ids.shape[1]} tokens of {cal.dataset} (sha256 {text_fingerprint(text)[:12]})")
-    return list(ids.split(cal.batch_size))
 
 
 @dataclass
@@ -117,10 +105,8 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
     check_not_inside(source, out_dir)
     frontend = frontend_for(source, config.model.family)
     program = load_program(config, source, frontend, report)
-    batches = calibration_batches(config, source, report)
-    with report.timed("capture"):
-        first_inputs = frontend.first_block_inputs(program, batches)
-    pipeline.run(program, config, first_inputs, report)
+    batches = frontend.calibration_batches(config.calibration, source, program, report)
+    pipeline.run(program, config, batches, report)
     if backends:
         params = sum(t.numel() * t.element_size() for t in program.model.state_dict().values())
         check_disk_space(out_dir, int(params * 1.1))

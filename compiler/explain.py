@@ -8,9 +8,8 @@ from collections import Counter
 import torch
 
 from slimc.config import config_from_data
-from slimc.data import load_corpus, token_samples
 from slimc.frontends import frontend_for
-from slimc.frontends.hf import default_model_path, load_model, load_tokenizer, resolve_model_source
+from slimc.frontends.hf import default_model_path, resolve_model_source
 from slimc.ir import Block, Program
 from slimc.patterns import (
     find_experts,
@@ -28,11 +27,12 @@ def traced_program(model_path: str | None, *, seq_len: int = 32) -> Program:
     """Load a model in float32 and trace every block on a short sample of the built-in text."""
     source = resolve_model_source(model_path or default_model_path())
     frontend = frontend_for(source)
-    program = frontend.build(source, load_model(source, dtype=torch.float32))
+    program = frontend.build(source, frontend.load(source, dtype=torch.float32))
+    config = config_from_data({"calibration": {"samples": 1, "seq_len": seq_len, "batch_size": 1}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ids = token_samples(load_tokenizer(source), load_corpus("builtin:text"), samples=1, seq_len=seq_len)
-    Pipeline([]).run(program, config_from_data({}), frontend.first_block_inputs(program, [ids]), RunReport())
+        batches = frontend.calibration_batches(config.calibration, source, program)
+    Pipeline([]).run(program, config, batches[:1], RunReport())
     return program
 
 

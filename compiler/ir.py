@@ -122,13 +122,33 @@ class Block:
 
 
 @dataclass
+class Stage:
+    """Blocks the model calls one after another (a vision tower, a text decoder, DiT double blocks).
+
+    The pipeline captures a stage's inputs from a forward of the model (after the stages before it
+    were quantized) and carries each block's outputs into the next block.
+    """
+
+    name: str
+    blocks: list[Block]
+
+
+def call_with_kwargs(model: nn.Module, batch: dict[str, Any]) -> Any:
+    return model(**batch)
+
+
+@dataclass
 class Program:
-    """A model cut into blocks, with the quantization annotations of its layers."""
+    """A model cut into stages of blocks, with the quantization annotations of its layers.
+
+    `call(model, batch)` runs the model on one calibration batch (a dict of forward arguments).
+    """
 
     model: nn.Module
     family: str
     source: ModelSource
-    blocks: list[Block]
+    stages: list[Stage]
+    call: Callable[[nn.Module, dict[str, Any]], Any] = field(default=call_with_kwargs, repr=False)
     quant_specs: dict[str, QuantSpec] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     # The residual stream outside the blocks (set by frontends that have one): the modules that
@@ -137,6 +157,11 @@ class Program:
     embeddings: list[str] = field(default_factory=list)
     head: str | None = None
     find_head_norm: Callable[[], str | None] | None = field(default=None, repr=False)
+
+    @property
+    def blocks(self) -> list[Block]:
+        """Every block, in the order the stages run."""
+        return [block for stage in self.stages for block in stage.blocks]
 
     @functools.cached_property
     def head_norm(self) -> str | None:

@@ -1,21 +1,25 @@
 """The block-sequential pipeline: each block is traced, rewritten by every pass, run, and released.
 
-Calibration data enters at the first block; each later block's inputs are the previous block's
-outputs, computed after that block's passes (so quantization error propagates as it will at
-run time). Only one block's calibration activations are held at a time: outputs overwrite
-inputs batch by batch.
+Calibration data enters each stage (vision tower, text decoder, DiT blocks) through a forward of
+the model, which runs the stages before it as already rewritten; each later block's inputs are
+the previous block's outputs, computed after that block's passes (so quantization error
+propagates as it will at run time). Only one block's calibration activations are held at a
+time: outputs replace inputs batch by batch.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from pydantic import ValidationError
+from torch.utils import _pytree as pytree
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
+from slimc.capture import BlockInput, capture_stage
 from slimc.config import SlimcConfig, format_validation_error
 from slimc.errors import ConfigError, PassError
 from slimc.ir import Block, Program
@@ -25,14 +29,16 @@ from slimc.report import RunReport
 from slimc.schemes import QuantScheme
 from slimc.tracer import trace_block
 
-BlockInput = tuple[tuple, dict[str, Any]]
-
 DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
-def primary_output(output: Any) -> torch.Tensor:
-    """The hidden states a block returns (a tensor, or the first element of a tuple)."""
-    return output if isinstance(output, torch.Tensor) else output[0]
+def block_output(output: Any) -> torch.Tensor:
+    """What a block computes, as one tensor: its output, or its tensor outputs (both streams of a
+    joint-attention block) flattened and concatenated, so errors weigh every stream."""
+    if isinstance(output, torch.Tensor):
+        return output
+    tensors = [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+    return tensors[0] if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
 
 
 def hidden_of(inputs: BlockInput) -> torch.Tensor:
@@ -77,9 +83,9 @@ class Context:
 
     @torch.no_grad()
     def run(self, block: Block, batches: Sequence[BlockInput] | None = None) -> list[torch.Tensor]:
-        """The block graph's hidden-state outputs on (some of) its calibration inputs."""
+        """The block graph's outputs (see `block_output`) on (some of) its calibration inputs."""
         batches = self.inputs if batches is None else batches
-        return [primary_output(block.traced(*args, **kwargs)) for args, kwargs in batches]
+        return [block_output(block.traced(*args, **kwargs)) for args, kwargs in batches]
 
     def planned_scheme(self, qualified_name: str) -> tuple[str, QuantScheme] | None:
         """The scheme a later step will give a layer, so earlier steps (smoothing) can aim for it."""
@@ -133,22 +139,35 @@ class Pipeline:
             steps.append(step)
         return cls(steps)
 
-    def run(self, program: Program, config: SlimcConfig, first_inputs: list[BlockInput], report: RunReport) -> Context:
-        """Run every pass on every block, in order. `first_inputs` are the first block's calibration inputs."""
+    def run(self, program: Program, config: SlimcConfig, batches: list[dict[str, Any]], report: RunReport) -> Context:
+        """Run every pass on every block, stage by stage. `batches` are calibration batches: each a dict
+        of the model's forward arguments. A stage's inputs are captured by running the model (through
+        the already rewritten stages before it) on every batch."""
         ctx = Context(program, config, self.steps, report)
-        ctx.inputs = [to_device(batch, ctx.device) for batch in first_inputs]
-        for step in self.steps:
-            with report.timed(step.name):
-                step.prepare(program, ctx)
-        for block in tqdm(program.blocks, desc="blocks", unit="block"):
-            self._run_block(block, ctx)
+        for index, stage in enumerate(program.stages):
+            with report.timed("capture"), program.executing_graphs():
+                stage_inputs = capture_stage(
+                    [block.module for block in stage.blocks],
+                    [functools.partial(program.call, program.model, batch) for batch in batches],
+                )
+            ctx.inputs = [to_device(batch, ctx.device) for batch in stage_inputs.first]
+            if index == 0:
+                for step in self.steps:
+                    with report.timed(step.name):
+                        step.prepare(program, ctx)
+            for position, block in enumerate(tqdm(stage.blocks, desc=stage.name, unit="block")):
+                outputs = self._run_block(block, ctx)
+                if position + 1 < len(stage.blocks):
+                    ctx.inputs = [to_device(stage_inputs.next_inputs(position + 1, b, out), ctx.device)
+                                  for b, out in enumerate(outputs)]
+            ctx.inputs = []
         for step in self.steps:
             with report.timed(step.name):
                 step.finish(program, ctx)
-        ctx.inputs = []
         return ctx
 
-    def _run_block(self, block: Block, ctx: Context) -> None:
+    def _run_block(self, block: Block, ctx: Context) -> list[Any]:
+        """Trace the block if needed, run every pass on it, and return its outputs on every batch."""
         moved = ctx.device.type != "cpu"
         if moved:
             block.module.to(ctx.device)
@@ -164,10 +183,10 @@ class Pipeline:
             if reference is not None:
                 self._check_equivalence(step, block, ctx, reference)
         with torch.no_grad():
-            for index, batch in enumerate(ctx.inputs):
-                ctx.inputs[index] = rebind_hidden(batch, primary_output(block.traced(*batch[0], **batch[1])))
+            outputs = [block.traced(*args, **kwargs) for args, kwargs in ctx.inputs]
         if moved:
             block.module.to("cpu")
+        return outputs
 
     @staticmethod
     def _reference(step: Pass, block: Block, ctx: Context) -> list[torch.Tensor]:

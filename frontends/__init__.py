@@ -14,23 +14,34 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from slimc.config import CalibrationConfig
     from slimc.frontends.hf import ModelSource
     from slimc.ir import Program
-    from slimc.pipeline import BlockInput
+    from slimc.report import RunReport
 
 
 class Frontend:
-    """Base class: `architectures` lists the transformers/diffusers class names the frontend cuts."""
+    """Base class: `architectures` lists the transformers/diffusers class names the frontend cuts.
+
+    A frontend loads a model, cuts it into a Program of stages and blocks, and turns the
+    calibration dataset into batches of the model's forward arguments (`Program.call` runs one).
+    """
 
     name: ClassVar[str] = ""
     architectures: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
 
+    def load(self, source: ModelSource, *, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False) -> nn.Module:
+        from slimc.frontends.hf import load_model
+
+        return load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
     def build(self, source: ModelSource, model: nn.Module) -> Program:
         raise NotImplementedError
 
-    def first_block_inputs(self, program: Program, batches: list[torch.Tensor]) -> list[BlockInput]:
-        """The first block's (args, kwargs) for each calibration batch."""
+    def calibration_batches(self, calibration: CalibrationConfig, source: ModelSource, program: Program,
+                            report: RunReport | None = None) -> list[dict]:
+        """The calibration dataset as batches of forward arguments for `program.call`."""
         raise NotImplementedError
 
 

@@ -12,15 +12,13 @@ import functools
 import torch
 from torch import nn
 
+from slimc.config import CalibrationConfig
+from slimc.data import load_corpus, text_fingerprint, token_samples
 from slimc.errors import ModelLoadError
 from slimc.frontends import Frontend
-from slimc.frontends.hf import ModelSource
-from slimc.ir import Block, Program
-from slimc.pipeline import BlockInput
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook: the first block's inputs are all that is needed."""
+from slimc.frontends.hf import ModelSource, load_tokenizer
+from slimc.ir import Block, Program, Stage
+from slimc.report import RunReport
 
 
 def decoder_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
@@ -71,7 +69,7 @@ class DecoderLLM(Frontend):
         config = model.config
         prefix, layers = decoder_layers(model, config.num_hidden_layers)
         blocks = [Block(f"{prefix}.{i}", layer, layers, i, role="text") for i, layer in enumerate(layers)]
-        program = Program(model=model, family=self.name, source=source, blocks=blocks)
+        program = Program(model=model, family=self.name, source=source, stages=[Stage("text", blocks)], call=call_without_cache)
         program.metadata["tied_embeddings"] = bool(getattr(config, "tie_word_embeddings", False))
         names = {id(module): name for name, module in model.named_modules()}
         program.embeddings = [names[id(model.get_input_embeddings())]]
@@ -79,21 +77,21 @@ class DecoderLLM(Frontend):
         program.find_head_norm = functools.partial(module_feeding, model, model.get_output_embeddings(), layers)
         return program
 
-    @torch.no_grad()
-    def first_block_inputs(self, program: Program, batches: list[torch.Tensor]) -> list[BlockInput]:
-        captured: list[BlockInput] = []
+    def calibration_batches(self, calibration: CalibrationConfig, source: ModelSource, program: Program,
+                            report: RunReport | None = None) -> list[dict]:
+        return [{"input_ids": ids} for ids in text_batches(calibration, load_tokenizer(source), report)]
 
-        def capture(module, args, kwargs):
-            captured.append((args, kwargs))
-            raise _StopForward
 
-        handle = program.blocks[0].module.register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            for input_ids in batches:
-                try:
-                    program.model(input_ids=input_ids, use_cache=False)
-                except _StopForward:
-                    pass
-        finally:
-            handle.remove()
-        return captured
+def call_without_cache(model: nn.Module, batch: dict) -> object:
+    return model(**batch, use_cache=False)
+
+
+def text_batches(calibration: CalibrationConfig, tokenizer, report: RunReport | None = None) -> list[torch.Tensor]:
+    """Windows of `calibration.seq_len` tokens of the calibration text, `batch_size` to a batch."""
+    text = load_corpus(calibration.dataset)
+    ids = token_samples(tokenizer, text, samples=calibration.samples, seq_len=calibration.seq_len)
+    if report is not None:
+        report.metrics["calibration_tokens"] = float(ids.numel())
+        report.note(f"calibration: {ids.shape[0]} × {ids.shape[1]} tokens of {calibration.dataset} "
+                    f"(sha256 {text_fingerprint(text)[:12]})")
+    return list(ids.split(calibration.batch_size))

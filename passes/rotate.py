@@ -92,9 +92,9 @@ class Rotate(Pass):
         return self._rotation
 
     def prepare(self, program: Program, ctx: Context) -> None:
-        if not program.embeddings or program.head is None:
-            raise PassError(f"rotate: the {program.family} frontend does not say which embeddings write the residual stream "
-                            "and which head reads it, so the stream cannot be rotated; remove the rotate pass")
+        if not program.embeddings or program.head is None or len(program.stages) != 1:
+            raise PassError(f"rotate: the {program.family} frontend does not give one residual stream from embeddings to "
+                            "a head, so the stream cannot be rotated; remove the rotate pass")
         model = program.model
         hidden = model.get_submodule(program.embeddings[0]).weight.shape[-1]
         self._rotation, description = random_orthogonal(hidden, self.seed)

@@ -39,7 +39,7 @@ def run_pipeline(model, pipeline: list[dict], schemes: dict | None = None, batch
     cfg = config_from_data({"schemes": schemes or {}, "pipeline": pipeline, **config})
     batches = batches if batches is not None else calibration_ids(model.config.vocab_size)
     report = RunReport()
-    Pipeline.from_config(cfg).run(program, cfg, DecoderLLM().first_block_inputs(program, batches), report)
+    Pipeline.from_config(cfg).run(program, cfg, [{"input_ids": ids} for ids in batches], report)
     return program, report
 
 

@@ -109,7 +109,7 @@ def program_of(model: nn.Module, tmp_path: Path, **metadata) -> Program:
     source_dir.mkdir(exist_ok=True)
     model.config.save_pretrained(source_dir)
     source = ModelSource(path=source_dir, gguf_file=None, config=model.config, architecture=model.config.architectures[0])
-    return Program(model=model, family="llm", source=source, blocks=[], metadata=metadata)
+    return Program(model=model, family="llm", source=source, stages=[], metadata=metadata)
 
 
 def everything_but_head(scheme: QuantScheme):
