@@ -320,7 +320,7 @@ def load_ascend_model(out_dir: Path, *, dtype: torch.dtype | None = None) -> nn.
     """
     from transformers import AutoConfig
 
-    from slimc.frontends.hf import ModelSource, auto_class  # the one place that picks the model class
+    from slimc.frontends.hf import ModelSource, model_from_config  # the one place that picks the model class
 
     out_dir = Path(out_dir)
     description = read_description(out_dir)
@@ -341,7 +341,7 @@ def load_ascend_model(out_dir: Path, *, dtype: torch.dtype | None = None) -> nn.
         dtype = sizes.most_common(1)[0][0] if sizes else torch.float32
     config = AutoConfig.from_pretrained(out_dir)
     source = ModelSource(path=out_dir, gguf_file=None, config=config, architecture=(config.architectures or [""])[0])
-    model = auto_class(source).from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model = model_from_config(source, dtype=dtype)
     quantized = {name.removesuffix(".weight"): t for name, t in types.items() if name.endswith(".weight") and t != "FLOAT"}
     factors = {p: (rotations[p + ROTATION_SUFFIXES[0]], rotations[p + ROTATION_SUFFIXES[1]]) for p in rotated}
     used = _install_quantized(model, quantized, tensors, factors, int(description.get("group_size", 0)))

@@ -144,8 +144,9 @@ def _hooks(blocks: list[nn.Module], on_input: Callable, on_output: Callable) -> 
             handle.remove()
 
 
-def _record(blocks: list[nn.Module], run: Callable[[], Any], full: bool) -> tuple[BlockInput, list[Template]]:
-    """One forward: the first block's inputs and, if `full`, the templates of the later blocks."""
+def _record(blocks: list[nn.Module], run: Callable[[], Any], full: bool) -> tuple[BlockInput, list[Template]] | None:
+    """One forward: the first block's inputs and, if `full`, the templates of the later blocks;
+    None if the batch never reaches the stage (a text-only batch and a vision tower)."""
     calls: list[BlockInput | None] = [None] * len(blocks)
     templates: list[Template] = []
     state: dict[str, Any] = {}
@@ -175,21 +176,31 @@ def _record(blocks: list[nn.Module], run: Callable[[], Any], full: bool) -> tupl
             run()
         except _StopForward:
             pass
-    if calls[0] is None or (full and len(templates) != len(blocks) - 1):
+    if calls[0] is None:
+        return None
+    if full and len(templates) != len(blocks) - 1:
         ran = sum(c is not None for c in calls)
         raise TraceError(f"a calibration batch reached {ran} of the stage's {len(blocks)} blocks; "
                          "the inputs must run the whole stage (e.g. include an image for the vision tower)")
     return calls[0], templates
 
 
-def capture_stage(blocks: list[nn.Module], runs: list[Callable[[], Any]]) -> StageInputs:
-    """Run the model once per batch (`runs[b]()`), recording what the stage's blocks need."""
-    first_call, templates = _record(blocks, runs[0], full=len(blocks) > 1)
-    uniform = all(t.uniform for t in templates)
-    firsts = [first_call]
-    per_batch = [templates]
-    for run in runs[1:]:
-        call, batch_templates = _record(blocks, run, full=not uniform)
-        firsts.append(call)
-        per_batch.append(batch_templates)
-    return StageInputs(firsts, templates if uniform else per_batch, uniform)
+def capture_stage(blocks: list[nn.Module], runs: list[Callable[[], Any]], *, stage: str = "stage") -> StageInputs:
+    """Run the model once per batch (`runs[b]()`), recording what the stage's blocks need.
+
+    Batches that never reach the stage are left out of it (`StageInputs.first` lists the others)."""
+    firsts: list[BlockInput] = []
+    per_batch: list[list[Template]] = []
+    uniform = None
+    for run in runs:
+        recorded = _record(blocks, run, full=len(blocks) > 1 and not uniform)
+        if recorded is None:
+            continue
+        firsts.append(recorded[0])
+        per_batch.append(recorded[1])
+        if uniform is None:
+            uniform = all(t.uniform for t in recorded[1])
+    if not firsts:
+        raise TraceError(f"no calibration batch reaches {stage}; give calibration data that runs it "
+                         "(e.g. images for a vision tower, audio for an audio encoder)")
+    return StageInputs(firsts, per_batch[0] if uniform else per_batch, bool(uniform))

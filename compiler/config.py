@@ -38,11 +38,26 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False
 
 
+class DiffusionSampling(_Strict):
+    """How a diffusers pipeline is run on the calibration prompts to record its transformer's inputs."""
+
+    steps: int = Field(20, gt=0)
+    height: int = Field(512, gt=0)
+    width: int = Field(512, gt=0)
+    frames: int = Field(1, gt=0)  # video pipelines (HunyuanVideo, Wan)
+    guidance_scale: float | None = None  # None: the pipeline's default
+    seed: int = 0
+
+
 class CalibrationConfig(_Strict):
     dataset: str = "builtin:text"
     samples: int = Field(128, gt=0)
     seq_len: int = Field(512, gt=1)
     batch_size: int = Field(4, gt=0)
+    # Multimodal: images are resized to image_size × image_size, so every batch gives the vision
+    # tower the same number of patches (and windows) that its traced blocks were specialised to.
+    image_size: int = Field(448, gt=0)
+    diffusion: DiffusionSampling = DiffusionSampling()
 
 
 class EvaluationConfig(_Strict):

