@@ -6,6 +6,6 @@ Users write their own passes against the same contract:
 """
 
 from slimc.pass_base import Pass, register_pass
-from slimc.passes import calibrate, fake_quant, lower, norm_fusion, rotate, smooth
+from slimc.passes import calibrate, fake_quant, lower, norm_fusion, rotate, rotate_inputs, smooth
 
-__all__ = ["Pass", "register_pass", "calibrate", "fake_quant", "lower", "norm_fusion", "rotate", "smooth"]
+__all__ = ["Pass", "register_pass", "calibrate", "fake_quant", "lower", "norm_fusion", "rotate", "rotate_inputs", "smooth"]
