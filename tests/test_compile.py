@@ -35,3 +35,24 @@ def test_shipped_config_compiles_and_the_ascend_files_reproduce_the_quantized_mo
     with torch.no_grad():
         reference = float_model(input_ids=ids, use_cache=False).logits
     assert torch.nn.functional.cosine_similarity(from_files.flatten(), reference.flatten(), dim=0) > FIDELITY[config_name]
+
+
+def test_glm_4_7_moe_config_compiles_a_glm4_moe_model_and_the_ascend_files_reproduce_it(tmp_path):
+    """The GLM-4.7 row: static W8A8 on attention and dense layers, dynamic on routed experts and down projections."""
+    model_dir = save_tiny_model(tmp_path / "model", "glm4_moe")
+    config = load_config(resolve_config_path("glm4_moe/w8a8.yaml"), SMALL_CALIBRATION)
+    with pytest.warns(UserWarning, match="below the recommended"):
+        compiled = compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
+    specs = compiled.program.quant_specs
+    assert specs["model.layers.1.mlp.experts"].scheme_name == "w8a8_dynamic"
+    assert specs["model.layers.1.self_attn.q_proj"].scheme_name == "w8a8_static"
+    assert not any(name.endswith("mlp.gate") for name in specs)
+    ids = torch.randint(4, compiled.program.model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
+    expected = logits(compiled.program, ids)
+    with torch.no_grad():
+        from_files = load_ascend_model(tmp_path / "out" / "mindie")(input_ids=ids, use_cache=False).logits
+    assert relative(from_files, expected) < 1e-2
+    float_model = type(compiled.program.model).from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        reference = float_model(input_ids=ids, use_cache=False).logits
+    assert torch.nn.functional.cosine_similarity(from_files.flatten(), reference.flatten(), dim=0) > 0.99
