@@ -24,11 +24,12 @@ from slimc.report import RunReport
 
 
 def traced_program(model_path: str | None, *, seq_len: int = 32) -> Program:
-    """Load a model in float32 and trace every block on a short sample of the built-in text."""
+    """Load a model in float32 and trace every block on one small calibration batch of the frontend's
+    default data (a short text window; one image; one diffusion step)."""
     source = resolve_model_source(model_path or default_model_path())
     frontend = frontend_for(source)
     program = frontend.build(source, frontend.load(source, dtype=torch.float32))
-    config = config_from_data({"calibration": {"samples": 1, "seq_len": seq_len, "batch_size": 1}})
+    config = config_from_data({"calibration": {"samples": 1, "seq_len": seq_len, "batch_size": 1, "diffusion": {"steps": 1}}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batches = frontend.calibration_batches(config.calibration, source, program)
@@ -64,12 +65,14 @@ def describe_block(block: Block) -> list[str]:
 
 def trace_report(model_path: str | None, *, seq_len: int = 32) -> str:
     program = traced_program(model_path, seq_len=seq_len)
+    stages = ", ".join(f"{stage.name} ({len(stage.blocks)})" for stage in program.stages)
     lines = [
-        f"model: {program.source.architecture} ({program.family} frontend), {len(program.blocks)} blocks, "
-        f"tied embeddings: {program.metadata.get('tied_embeddings', False)}",
-        f"residual stream outside the blocks: written by {', '.join(program.embeddings) or '?'}, "
-        f"read by {program.head_norm or '?'} → {program.head or '?'}",
+        f"model: {program.source.architecture} ({program.family} frontend), {len(program.blocks)} blocks "
+        f"in stages {stages}; tied embeddings: {program.metadata.get('tied_embeddings', False)}",
     ]
+    if program.embeddings:
+        lines.append(f"residual stream outside the blocks: written by {', '.join(program.embeddings)}, "
+                     f"read by {program.head_norm or '?'} → {program.head or '?'}")
     previous: list[str] | None = None
     repeated: list[str] = []
     for block in program.blocks:
