@@ -1,6 +1,6 @@
 """Reading the Ascend "ascendV1" layout (quant_model_description.json + safetensors) without slimc's modules.
 
-`load_ascend_model` rebuilds a transformers model from an output directory alone: float tensors are
+`load_ascend_model` rebuilds the model (transformers or diffusers) from an output directory alone: float tensors are
 loaded by name, and every Linear the description marks as quantized becomes an `AscendLinear` that
 computes the Ascend runtime arithmetic from the written tensors (FORMATS.md). This is what
 `slimc eval --quantized OUT` measures, so nothing here may use `QuantizedLinear` or `slimc.quant`.
@@ -151,7 +151,7 @@ def checkpoint_row_layout(model: nn.Module, weights: dict[str, torch.Size]) -> d
         bases.append(base)
         base += rows
     layout: dict[str, RowSlice] = {}
-    for ck_name, idx in revert_weight_conversion(model, index).items():
+    for ck_name, idx in revert_weight_conversion(_IndexedWeights(model, index), index).items():
         idx = idx[0] if isinstance(idx, list) else idx
         flat = idx.reshape(-1)
         source = bisect.bisect_right(bases, int(flat[0])) - 1
@@ -171,6 +171,24 @@ def checkpoint_row_layout(model: nn.Module, weights: dict[str, torch.Size]) -> d
         else:
             layout[ck_name] = RowSlice(runtime, None, local)
     return layout
+
+
+class _IndexedWeights:
+    """The model as transformers' save conversion sees it, except that the weights being named answer with
+    the shape of the index tensors standing in for them. A conversion that compares a tensor with the
+    model's parameter (Qwen3-VL-MoE transposes experts only when they disagree) then sees the runtime
+    layout it would see at save time, and lowered modules (buffers, not parameters) are named too."""
+
+    def __init__(self, model: nn.Module, index: dict[str, torch.Tensor]) -> None:
+        self._model, self._index = model, index
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def get_parameter(self, target: str) -> torch.Tensor:
+        if target in self._index:
+            return torch.empty(self._index[target].shape, device="meta")
+        return self._model.get_parameter(target)
 
 
 def _default_expert_names(runtime: str, shape: torch.Size) -> dict[str, RowSlice]:
@@ -314,13 +332,15 @@ class AscendExperts(nn.Module):
 
 
 def load_ascend_model(out_dir: Path, *, dtype: torch.dtype | None = None) -> nn.Module:
-    """A transformers model computing what Ascend runtimes compute from the files in `out_dir`, in eval mode.
+    """A model computing what Ascend runtimes compute from the files in `out_dir`, in eval mode.
 
-    `dtype` is the dtype of the float parts; by default the dtype most float tensors were written in.
+    The class is the one config.json names: a transformers model (decoder LLMs, multimodal models, whose
+    checkpoint names come from transformers' own save conversion) or a diffusers model (`_class_name`;
+    no conversion, the checkpoint names are its state_dict names). `dtype` is the dtype of the float
+    parts; by default the dtype most float tensors were written in.
     """
-    from transformers import AutoConfig
-
-    from slimc.frontends.hf import ModelSource, model_from_config  # the one place that picks the model class
+    # slimc.frontends.hf is the one place that picks the model class, for loading and reading alike.
+    from slimc.frontends.hf import config_source, model_from_config
 
     out_dir = Path(out_dir)
     description = read_description(out_dir)
@@ -339,9 +359,7 @@ def load_ascend_model(out_dir: Path, *, dtype: torch.dtype | None = None) -> nn.
             if types[name] == "FLOAT" and t.is_floating_point():
                 sizes[t.dtype] += t.numel()
         dtype = sizes.most_common(1)[0][0] if sizes else torch.float32
-    config = AutoConfig.from_pretrained(out_dir)
-    source = ModelSource(path=out_dir, gguf_file=None, config=config, architecture=(config.architectures or [""])[0])
-    model = model_from_config(source, dtype=dtype)
+    model = model_from_config(config_source(out_dir), dtype=dtype)
     quantized = {name.removesuffix(".weight"): t for name, t in types.items() if name.endswith(".weight") and t != "FLOAT"}
     factors = {p: (rotations[p + ROTATION_SUFFIXES[0]], rotations[p + ROTATION_SUFFIXES[1]]) for p in rotated}
     used = _install_quantized(model, quantized, tensors, factors, int(description.get("group_size", 0)))

@@ -21,22 +21,25 @@ EXIT_INTERNAL = 3
 def _compile(args: argparse.Namespace) -> None:
     from slimc.compile import compile_model, resolve_source
     from slimc.config import load_config
-    from slimc.evaluate import evaluate_perplexity
+    from slimc.evaluate import check_held_out, evaluate
 
     config = load_config(resolve_config_path(args.config), args.set)
+    if args.eval and config.evaluation.dataset:
+        check_held_out(config.evaluation.dataset, config.calibration.dataset)  # before the compile, not after
     report = compile_model(config, model_path=args.model, out_dir=Path(args.out), overwrite=args.overwrite).report
     print(report.render())
     print(f"\nwrote {args.out}")
     if args.eval:
-        ev = config.evaluation
-        results = evaluate_perplexity(
-            resolve_source(config, args.model), Path(args.out), corpus=ev.dataset, samples=ev.samples,
-            seq_len=ev.seq_len, batch_size=ev.batch_size,
-        )
-        print(_format_eval(results))
+        results = evaluate(resolve_source(config, args.model), Path(args.out), config, calibrated_on=config.calibration.dataset)
+        print(format_results(results))
 
 
-def _format_eval(results: dict) -> str:
+def format_results(results: dict) -> str:
+    """Evaluation results for the terminal: perplexities, or the fidelity table."""
+    if results["metric"] == "fidelity":
+        from slimc.fidelity import render
+
+        return render(results)
     lines = [f"perplexity on {results['corpus']} ({results['tokens']} tokens):", f"  float      {results['float_ppl']:.4f}"]
     if "quantized_ppl" in results:
         lines.append(f"  quantized  {results['quantized_ppl']:.4f}  ({results['relative_change'] * 100:+.2f}%, from {results['quantized_dir']})")
@@ -44,15 +47,25 @@ def _format_eval(results: dict) -> str:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from slimc.evaluate import evaluate_perplexity
-    from slimc.frontends.hf import default_model_path, resolve_model_source
+    from slimc.compile import resolve_source
+    from slimc.config import config_from_data, load_config, with_evaluation
+    from slimc.evaluate import evaluate
+    from slimc.fidelity import json_safe
 
-    source = resolve_model_source(args.model or default_model_path())
-    results = evaluate_perplexity(
-        source, Path(args.quantized) if args.quantized else None, corpus=args.corpus, samples=args.samples,
-        seq_len=args.seq_len, batch_size=args.batch_size,
-    )
-    print(json.dumps(results) if args.json else _format_eval(results))
+    config = load_config(resolve_config_path(args.config)) if args.config else config_from_data({})
+    config = with_evaluation(config, dataset=args.corpus, samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
+    results = evaluate(resolve_source(config, args.model), Path(args.quantized) if args.quantized else None, config,
+                       fidelity=args.fidelity)
+    print(json.dumps(json_safe(results)) if args.json else format_results(results))
+
+
+def _record(args: argparse.Namespace) -> None:
+    from slimc.config import load_config
+    from slimc.diffusion_data import record_to_file, summary
+
+    config = load_config(resolve_config_path(args.config), args.set)
+    path, calls = record_to_file(config, args.model, Path(args.out), overwrite=args.overwrite)
+    print(f"recorded {summary(calls)} to {path}\nuse it with --set calibration.dataset={path}")
 
 
 def _trace(args: argparse.Namespace) -> None:
@@ -116,22 +129,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (one subdirectory per export format)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value (parsed as YAML)")
-    p.add_argument("--eval", action="store_true", help="afterwards, print float and quantized perplexity (config's evaluation section)")
+    p.add_argument("--eval", action="store_true", help="afterwards, evaluate the output as `slimc eval` does (config's evaluation section)")
     p.set_defaults(run=_compile)
+
+    p = sub.add_parser("record", help="run a diffusers pipeline on the calibration prompts and save its transformer inputs")
+    p.add_argument("config", help="YAML config whose calibration section (prompts, samples, diffusion sampling) to use")
+    p.add_argument("--model", help="the diffusers pipeline directory (with model_index.json); default: the config's model.path")
+    p.add_argument("--out", required=True, help="the .safetensors file to write (then: --set calibration.dataset=FILE)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value (parsed as YAML)")
+    p.set_defaults(run=_record)
 
     p = sub.add_parser("trace", help="print the blocks, leaves and patterns found in a model")
     p.add_argument("model", nargs="?", help="model directory or .gguf file (default: SmolLM2-135M)")
     p.add_argument("--seq-len", type=int, default=32)
     p.set_defaults(run=_trace)
 
-    p = sub.add_parser("eval", help="perplexity of a float model and, optionally, of its quantized output")
-    p.add_argument("--model", help="the float model (default: SmolLM2-135M)")
+    p = sub.add_parser("eval", help="what quantization lost: perplexity (LLMs) or fidelity to the float model (other families)")
+    p.add_argument("--model", help="the float model (default: the config's model.path, else SmolLM2-135M)")
     p.add_argument("--quantized", help="a `slimc compile` output directory (or its mindie/ subdirectory)")
-    p.add_argument("--corpus", default="builtin:text-eval", help="builtin:text-eval, a .txt file, or a .jsonl of {\"text\": ...}")
-    p.add_argument("--samples", type=int, default=40)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--json", action="store_true", help="print one JSON object with float_ppl and quantized_ppl")
+    p.add_argument("--config", help="a compile config whose model, calibration (image size, sampling) and evaluation settings to use")
+    p.add_argument("--corpus", help="held-out dataset (default: the config's evaluation.dataset, else the model family's: "
+                   "builtin:text-eval for LLMs); for text, a .txt file or a .jsonl of {\"text\": ...}")
+    p.add_argument("--samples", type=int, help="evaluation samples (default 40)")
+    p.add_argument("--seq-len", type=int, help="tokens per text sample (default 512)")
+    p.add_argument("--batch-size", type=int, help="samples per batch (default 4)")
+    p.add_argument("--fidelity", action="store_true", help="measure fidelity (block outputs and logits) for an LLM too")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(run=_eval)
 
     sub.add_parser("passes", help="list registered passes and their parameters").set_defaults(run=_passes)

@@ -106,6 +106,7 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
     frontend = frontend_for(source, config.model.family)
     program = load_program(config, source, frontend, report)
     batches = frontend.calibration_batches(config.calibration, source, program, report)
+    report.details["calibration"] = {"dataset": config.calibration.dataset}  # `slimc eval` refuses to evaluate on it
     pipeline.run(program, config, batches, report)
     if backends:
         params = sum(t.numel() * t.element_size() for t in program.model.state_dict().values())

@@ -61,7 +61,9 @@ class CalibrationConfig(_Strict):
 
 
 class EvaluationConfig(_Strict):
-    dataset: str = "builtin:text-eval"
+    """Held-out data for `slimc eval` / `compile --eval`; image size and diffusion sampling come from `calibration`."""
+
+    dataset: str | None = None  # None: the frontend's evaluation dataset (builtin:text-eval for LLMs)
     samples: int = Field(40, gt=0)
     seq_len: int = Field(512, gt=1)
     batch_size: int = Field(4, gt=0)
@@ -210,6 +212,16 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> SlimcConfig:
     for assignment in overrides:
         apply_override(data, assignment, lines)
     return config_from_data(data, source=str(path), lines=lines)
+
+
+def with_evaluation(config: SlimcConfig, **settings: Any) -> SlimcConfig:
+    """The config with evaluation settings replaced by those given (None keeps the config's), validated."""
+    given = {key: value for key, value in settings.items() if value is not None}
+    try:
+        evaluation = EvaluationConfig.model_validate({**config.evaluation.model_dump(), **given})
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, SlimcConfig, "command line", {}, prefix=("evaluation",))) from None
+    return config.model_copy(update={"evaluation": evaluation})
 
 
 def config_from_data(data: dict, *, source: str = "<config>", lines: dict[tuple, int] | None = None) -> SlimcConfig:

@@ -1,7 +1,13 @@
-"""Perplexity: how much a language model lost, measured on held-out text."""
+"""What quantization lost, on held-out data: perplexity for decoder LLMs, fidelity for every other family.
+
+`evaluate` picks the measure from the model's frontend (`Frontend.evaluation_metric`; `fidelity=True`
+forces fidelity, on a language model's logits) and the held-out dataset from the evaluation settings,
+else the frontend's `evaluation_dataset`; it refuses the dataset the output was calibrated on.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -10,9 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from slimc.compile import REPORT_FILE
+from slimc.config import CalibrationConfig, SlimcConfig
 from slimc.data import load_corpus, token_samples
-from slimc.errors import DataError
+from slimc.errors import ConfigError, DataError
+from slimc.fidelity import compare_models
+from slimc.frontends import Frontend, frontend_for
 from slimc.frontends.hf import ModelSource, load_model, load_tokenizer
+from slimc.ir import Program
+
+ROTATION_TOLERANCE = 1e-2  # relative change of an embedding beyond any dtype rounding: the stream was rotated
 
 
 @torch.no_grad()
@@ -74,3 +87,93 @@ def evaluate_perplexity(
         results["quantized_ppl"] = perplexity(load_ascend_model(directory), ids, batch_size=batch_size, progress=True)
         results["relative_change"] = results["quantized_ppl"] / results["float_ppl"] - 1.0
     return results
+
+
+def evaluate(source: ModelSource, quantized: Path | None, config: SlimcConfig, *, fidelity: bool = False,
+             calibrated_on: str | None = None) -> dict:
+    """Perplexity or fidelity (as the frontend says, or fidelity when asked) on the evaluation dataset.
+
+    `calibrated_on` is the calibration dataset of the output (by default read from its slimc_report.json);
+    evaluating on it is refused, since it would measure the data the scales were fitted to.
+    """
+    frontend = frontend_for(source, config.model.family)
+    dataset = config.evaluation.dataset or frontend.evaluation_dataset
+    if calibrated_on is None and quantized is not None:
+        calibrated_on = calibration_dataset_of(quantized)
+    check_held_out(dataset, calibrated_on)
+    if frontend.evaluation_metric == "perplexity" and not fidelity:
+        ev = config.evaluation
+        results = evaluate_perplexity(source, quantized, corpus=dataset, samples=ev.samples, seq_len=ev.seq_len,
+                                      batch_size=ev.batch_size)
+        return {"metric": "perplexity", **results}
+    if quantized is None:
+        raise DataError(f"{source.architecture} is evaluated by fidelity to the float model, which needs the quantized "
+                        "model: pass --quantized OUT (the --out directory of `slimc compile`)")
+    return {"metric": "fidelity", **evaluate_fidelity(source, quantized, config, frontend, dataset)}
+
+
+def evaluation_settings(config: SlimcConfig, dataset: str) -> CalibrationConfig:
+    """What frontends read to make batches, for held-out data: the evaluation's dataset and sizes, with the
+    calibration's image size and diffusion sampling."""
+    ev = config.evaluation
+    return config.calibration.model_copy(update={"dataset": dataset, "samples": ev.samples, "seq_len": ev.seq_len,
+                                                 "batch_size": ev.batch_size})
+
+
+def evaluate_fidelity(source: ModelSource, quantized: Path, config: SlimcConfig, frontend: Frontend, dataset: str) -> dict:
+    """Block and model outputs of the quantized model rebuilt from its written files against the float model."""
+    from slimc.backends.mindie_reader import load_ascend_model
+
+    directory = quantized_output_dir(quantized)
+    float_model = frontend.load(source, dtype=torch.float32, trust_remote_code=config.model.trust_remote_code)
+    program = frontend.build(source, float_model)
+    batches = frontend.calibration_batches(evaluation_settings(config, dataset), source, program)
+    if not batches:
+        raise DataError(f"{dataset} gave no evaluation batch; give more data or smaller evaluation sizes")
+    quantized_model = load_ascend_model(directory)
+    blocks = [block.name for block in program.blocks]
+    notes = []
+    if residual_stream_rotated(program, quantized_model):
+        blocks = []
+        notes.append("the quantized model's residual stream is rotated (rotate pass), so its block outputs are in "
+                     "another basis: only the model outputs are compared")
+    report = compare_models(float_model, quantized_model, batches, program.call, blocks, progress=True)
+    report.notes[:0] = notes
+    return {"dataset": dataset, "batches": len(batches), "quantized_dir": str(directory), **report.to_dict()}
+
+
+@torch.no_grad()
+def residual_stream_rotated(program: Program, quantized_model: nn.Module) -> bool:
+    """Whether the embeddings writing the residual stream (float in every output) were rotated: then every
+    block reads and writes its hidden states rotated, and only the model outputs compare."""
+    for name in program.embeddings:
+        reference = program.model.get_submodule(name).weight.float()
+        written = quantized_model.get_submodule(name).weight.float()
+        if written.shape != reference.shape or (written - reference).norm() > ROTATION_TOLERANCE * reference.norm():
+            return True
+    return False
+
+
+def calibration_dataset_of(quantized: Path) -> str | None:
+    """The calibration dataset a `slimc compile` output records in its report, if it has one."""
+    for candidate in (Path(quantized) / REPORT_FILE, Path(quantized).parent / REPORT_FILE):
+        if candidate.is_file():
+            try:
+                dataset = json.loads(candidate.read_text())["details"]["calibration"]["dataset"]
+            except (ValueError, KeyError, TypeError):
+                return None
+            return dataset if isinstance(dataset, str) else None
+    return None
+
+
+def check_held_out(dataset: str, calibrated_on: str | None) -> None:
+    """Refuse to evaluate on the calibration dataset (the same spec, or the same file)."""
+    if calibrated_on is None:
+        return
+    same = dataset == calibrated_on or (
+        not dataset.startswith("builtin:") and not calibrated_on.startswith("builtin:")
+        and Path(dataset).expanduser().resolve() == Path(calibrated_on).expanduser().resolve()
+    )
+    if same:
+        raise ConfigError(f"the evaluation dataset {dataset} is the calibration dataset; evaluate on held-out data "
+                          "(--corpus, or evaluation.dataset in the config; by default the model family's own)")

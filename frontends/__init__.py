@@ -30,6 +30,11 @@ class Frontend:
     name: ClassVar[str] = ""
     architectures: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
+    # `slimc eval`: the held-out dataset (never the calibration data) that `calibration_batches` turns into
+    # evaluation batches unless the user names another, and what is measured on it: "perplexity" (decoder
+    # LLMs) or "fidelity" (the quantized model's block and model outputs against the float model's).
+    evaluation_dataset: ClassVar[str] = "builtin:text-eval"
+    evaluation_metric: ClassVar[str] = "fidelity"
 
     def load(self, source: ModelSource, *, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False) -> nn.Module:
         from slimc.frontends.hf import load_model

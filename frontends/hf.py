@@ -181,8 +181,25 @@ def _check_shards(path: Path, single: str = SAFETENSORS_FILE, index: str = SAFET
 
 
 def _safetensors_source(path: Path, trust_remote_code: bool) -> ModelSource:
-    raw = _read_config_json(path)
     _check_shards(path)
+    return config_source(path, trust_remote_code=trust_remote_code)
+
+
+def _diffusers_model_source(path: Path) -> ModelSource:
+    """A diffusers model directory (config.json with `_class_name`, diffusion_pytorch_model*.safetensors)."""
+    _read_config_json(path)
+    _check_shards(path, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX)
+    return config_source(path)
+
+
+def config_source(path: Path, *, trust_remote_code: bool = False) -> ModelSource:
+    """The source of a directory from its config.json alone, weights unchecked: a diffusers model when the
+    config names a `_class_name`, else a transformers one. Readers of written outputs (whose weights are in
+    another layout) pick the model class through this, as loading does."""
+    path = Path(path)
+    raw = _read_config_json(path)
+    if "_class_name" in raw:
+        return ModelSource(path=path, gguf_file=None, config=raw, architecture=str(raw["_class_name"]), library="diffusers")
     text_config = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
     if not trust_remote_code and ("auto_map" in raw or "auto_map" in text_config):
         raise ModelLoadError(f"{path} ships its own modeling code (auto_map in config.json); {TRUST_REMOTE_CODE_FIX}")
@@ -196,13 +213,6 @@ def _safetensors_source(path: Path, trust_remote_code: bool) -> ModelSource:
             f"ships its own code, {TRUST_REMOTE_CODE_FIX}"
         ) from None
     return ModelSource(path=path, gguf_file=None, config=config, architecture=_architecture(config, path))
-
-
-def _diffusers_model_source(path: Path) -> ModelSource:
-    """A diffusers model directory (config.json with `_class_name`, diffusion_pytorch_model*.safetensors)."""
-    config = _read_config_json(path)
-    _check_shards(path, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX)
-    return ModelSource(path=path, gguf_file=None, config=config, architecture=str(config["_class_name"]), library="diffusers")
 
 
 def _diffusers_pipeline_source(path: Path) -> ModelSource:

@@ -64,6 +64,8 @@ class DecoderLLM(Frontend):
         "Glm4MoeForCausalLM",
     )
     description = "decoder-only language models"
+    evaluation_dataset = "builtin:text-eval"
+    evaluation_metric = "perplexity"
 
     def build(self, source: ModelSource, model: nn.Module) -> Program:
         config = model.config

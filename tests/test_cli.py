@@ -342,6 +342,34 @@ def test_eval_json_gives_float_and_quantized_perplexity_within_5_percent_for_w8a
     assert results["quantized_ppl"] / results["float_ppl"] == pytest.approx(1.0, abs=0.05)
 
 
+def test_eval_fidelity_of_an_llm_compares_every_decoder_layer_and_the_logits(compiled, tiny_llama_dir):
+    out, _ = compiled
+    result = slimc("eval", "--model", tiny_llama_dir, "--quantized", out, "--fidelity", "--samples", "2", "--seq-len", "32",
+                   "--batch-size", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout)
+    assert (results["metric"], results["dataset"], results["batches"]) == ("fidelity", "builtin:text-eval", 2)
+    assert [row["name"] for row in results["blocks"]] == ["model.layers.0", "model.layers.1"]
+    assert [row["name"] for row in results["outputs"]] == ["logits"]
+    assert all(0.99 < row["worst"]["cosine"] < 1 for row in [*results["blocks"], *results["outputs"]])
+
+
+def test_eval_fidelity_prints_a_table_of_cosine_relative_error_and_psnr(compiled, tiny_llama_dir):
+    out, _ = compiled
+    result = slimc("eval", "--model", tiny_llama_dir, "--quantized", out, "--fidelity", "--samples", "1", "--seq-len", "32")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("fidelity on builtin:text-eval (1 batches)")
+    assert [line.split()[0] for line in lines[3:]] == ["model.layers.0", "model.layers.1", "output"]
+    assert "cosine" in lines[1] and "PSNR (dB)" in lines[1]
+
+
+def test_eval_on_the_calibration_dataset_is_a_user_error(compiled, tiny_llama_dir):
+    out, _ = compiled
+    result = slimc("eval", "--model", tiny_llama_dir, "--quantized", out, "--corpus", "builtin:text", "--samples", "1")
+    assert_user_error(result, "builtin:text is the calibration dataset", "held-out")
+
+
 def test_eval_of_a_directory_that_is_not_a_compile_output_is_a_user_error(tmp_path, tiny_llama_dir):
     result = slimc("eval", "--model", tiny_llama_dir, "--quantized", tmp_path, "--samples", "2", "--seq-len", "32")
     assert_user_error(result, "quant_model_description.json", "slimc compile")

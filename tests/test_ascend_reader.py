@@ -1,0 +1,143 @@
+"""`load_ascend_model` rebuilds every family from its Ascend files: decoder LLMs, multimodal models (checkpoint
+names from transformers' save conversion) and diffusers transformers (their state_dict names), computing
+what the compiled program computed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from programs import W8A8_DYNAMIC, calibration_ids, context_of, logits, relative, run_pipeline
+from safetensors import safe_open
+from tiny_diffusion import tiny_transformer, tiny_transformer_inputs
+from tiny_dit_frontend import TinyDiT
+from tiny_models import tiny_causal_lm
+from tiny_multimodal import tiny_multimodal_inputs, tiny_multimodal_model
+from torch import nn
+
+from slimc.backends.mindie import MindieBackend
+from slimc.backends.mindie_reader import (
+    AscendExperts,
+    AscendLinear,
+    load_ascend_model,
+    read_description,
+    tensor_types,
+)
+from slimc.config import config_from_data
+from slimc.frontends.hf import ModelSource, resolve_model_source
+from slimc.ir import Program
+from slimc.modules import QuantizedLinear
+from slimc.passes.lower import Lower
+from slimc.pipeline import Pipeline
+from slimc.quant import quantize_weight
+from slimc.report import RunReport
+from slimc.schemes import QuantScheme
+from tests.test_mindie import _lower_experts
+
+FAKE_QUANT = [{"pass": "fake_quant", "rules": [{"scheme": "w8"}]}, {"pass": "calibrate"}]
+SCHEME = QuantScheme.model_validate(W8A8_DYNAMIC)
+
+
+def export(program: Program, out: Path) -> Path:
+    out.mkdir(parents=True)
+    MindieBackend().write(program, out)
+    MindieBackend().verify(program, out)
+    return out
+
+
+def lower_blocks(program: Program) -> None:
+    for block in program.blocks:
+        Lower().run_block(block, context_of(program))
+
+
+def checkpoint_names(directory: Path) -> set[str]:
+    names = set()
+    for file in directory.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            names.update(f.keys())
+    return names
+
+
+def test_reader_reproduces_the_fake_quantized_llm_compiled_by_the_pipeline(tmp_path):
+    model = tiny_causal_lm("llama")
+    ids = calibration_ids(model.config.vocab_size, batches=1, seed=5)[0]
+    program, _ = run_pipeline(model, [{"pass": "smooth"}, *FAKE_QUANT], {"w8": W8A8_DYNAMIC})
+    fake = logits(program, ids)
+    lower_blocks(program)
+    program.source = ModelSource(path=tmp_path, gguf_file=None, config=model.config, architecture="LlamaForCausalLM")
+    model.config.save_pretrained(tmp_path)
+    with torch.no_grad():
+        read = load_ascend_model(export(program, tmp_path / "mindie"))(input_ids=ids).logits
+    assert relative(read, fake) < 1e-5
+
+
+@pytest.fixture(scope="module", params=["flux", "hunyuan_video", "wan"])
+def compiled_dit(request, tmp_path_factory) -> tuple[str, Path, Program, dict, torch.Tensor]:
+    """A tiny diffusers transformer saved, compiled W8A8_DYNAMIC by the pipeline (smooth, fake_quant,
+    calibrate), its fake-quant output recorded, then lowered and exported."""
+    kind = request.param
+    directory = tmp_path_factory.mktemp(kind)
+    tiny_transformer(kind).save_pretrained(directory / "model")
+    source = resolve_model_source(directory / "model")
+    frontend = TinyDiT()
+    program = frontend.build(source, frontend.load(source, dtype=torch.float32))
+    config = config_from_data({"schemes": {"w8": W8A8_DYNAMIC}, "pipeline": [{"pass": "smooth"}, *FAKE_QUANT]})
+    Pipeline.from_config(config).run(program, config, [tiny_transformer_inputs(program.model, kind, seed=s) for s in range(2)], RunReport())
+    held_out = tiny_transformer_inputs(program.model, kind, seed=7)
+    with torch.no_grad(), program.executing_graphs():
+        fake = program.model(**held_out)[0]
+    lower_blocks(program)
+    return kind, export(program, directory / "mindie"), program, held_out, fake
+
+
+def test_reader_reproduces_the_fake_quantized_diffusers_transformer_compiled_by_the_pipeline(compiled_dit):
+    kind, out, _, held_out, fake = compiled_dit
+    model = load_ascend_model(out)
+    assert type(model).__name__ == {"flux": "FluxTransformer2DModel", "hunyuan_video": "HunyuanVideoTransformer3DModel",
+                                    "wan": "WanTransformer3DModel"}[kind]
+    assert any(isinstance(m, AscendLinear) for m in model.modules())
+    with torch.no_grad():
+        assert relative(model(**held_out)[0], fake) < 1e-5
+
+
+def test_diffusers_outputs_are_named_by_the_models_state_dict(compiled_dit):
+    _, out, program, _, _ = compiled_dit
+    written = checkpoint_names(out)
+    saved = checkpoint_names(program.source.path)
+    quantized = {name for name, kind in tensor_types(read_description(out)).items() if kind != "FLOAT"}
+    assert quantized and {n for n in quantized if n.endswith(".weight")} <= saved
+    assert {n for n in written if n not in quantized and not n.endswith((".weight_scale", ".weight_offset"))} <= saved
+
+
+def lower_every_linear(model: nn.Module, keep: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+    """Every Linear (and fused experts) outside `keep` lowered to W8A8_DYNAMIC by round-to-nearest."""
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if name in keep:
+                continue
+            if isinstance(module, nn.Linear):
+                codes, scale, offset = quantize_weight(module.weight, SCHEME.weight)
+                model.set_submodule(name, QuantizedLinear(SCHEME, codes, scale, offset, module.bias, None, module.weight.dtype))
+            elif getattr(module, "gate_up_proj", None) is not None and module.gate_up_proj.ndim == 3:
+                model.set_submodule(name, _lower_experts(module, SCHEME, None))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl_moe"])
+def test_reader_rebuilds_a_multimodal_model_under_its_transformers_checkpoint_names(kind, tmp_path):
+    model = tiny_multimodal_model(kind)
+    model.save_pretrained(tmp_path / "model")
+    inputs = tiny_multimodal_inputs(model, kind)
+    source = ModelSource(path=tmp_path / "model", gguf_file=None, config=model.config, architecture=type(model).__name__)
+    lower_every_linear(model)
+    out = export(Program(model=model, family="test", source=source, stages=[]), tmp_path / "mindie")
+    read = load_ascend_model(out)
+    assert any(name.startswith("model.visual.") and isinstance(m, AscendLinear) for name, m in read.named_modules())
+    if kind == "qwen3_vl_moe":
+        assert any(isinstance(m, AscendExperts) for m in read.modules())
+    with torch.no_grad():
+        assert relative(read(**inputs).logits, model(**inputs).logits) < 1e-5
+    saved = checkpoint_names(tmp_path / "model")
+    floats = {n for n, t in tensor_types(read_description(out)).items() if t == "FLOAT"}
+    assert floats <= saved  # the float tensors keep the names transformers saves the model under
