@@ -151,7 +151,8 @@ class FidelityReport:
 
     def to_dict(self) -> dict:
         def rows(summaries: dict[str, Summary]) -> list[dict]:
-            return [{"name": name, "mean": asdict(s.mean), "worst": asdict(s.worst)} for name, s in summaries.items()]
+            return [{"name": name, "batches": s.batches, "mean": asdict(s.mean), "worst": asdict(s.worst)}
+                    for name, s in summaries.items()]
 
         return {"blocks": rows(self.blocks), "outputs": rows(self.outputs), "notes": list(self.notes)}
 

@@ -151,3 +151,8 @@ def test_the_table_has_a_row_per_block_and_per_output(llm):
     rows = [line.split()[0:2] for line in text.splitlines()[3:]]
     assert rows == [["model.layers.0", "1.000000"], ["model.layers.1", "1.000000"], ["output", "logits"]]
     assert "cosine" in text and "rel. error" in text and "PSNR (dB)" in text and "inf" in text
+
+
+def test_json_rows_count_the_batches_that_reached_each_block(llm):
+    report = compare_models(llm, copy.deepcopy(llm), batches(2), call_without_cache, LAYERS)
+    assert [row["batches"] for row in report.to_dict()["blocks"]] == [2, 2]
