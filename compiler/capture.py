@@ -78,6 +78,10 @@ class Template:
         return all(isinstance(leaf, Carried | FromFirst) or not isinstance(leaf, torch.Tensor | Injected) for leaf in self.leaves)
 
 
+class StageNotReached(TraceError):
+    """No calibration batch runs the stage (text-only data and a vision tower)."""
+
+
 class _StopForward(Exception):
     """Raised by a capture hook once the stage has given everything it needs."""
 
@@ -201,6 +205,6 @@ def capture_stage(blocks: list[nn.Module], runs: list[Callable[[], Any]], *, sta
         if uniform is None:
             uniform = all(t.uniform for t in recorded[1])
     if not firsts:
-        raise TraceError(f"no calibration batch reaches {stage}; give calibration data that runs it "
+        raise StageNotReached(f"no calibration batch reaches {stage}; give calibration data that runs it "
                          "(e.g. images for a vision tower, audio for an audio encoder)")
     return StageInputs(firsts, per_batch[0] if uniform else per_batch, bool(uniform))

@@ -15,16 +15,17 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
+from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from slimc.capture import BlockInput, capture_stage
+from slimc.capture import BlockInput, StageNotReached, capture_stage
 from slimc.config import SlimcConfig, format_validation_error
-from slimc.errors import ConfigError, PassError
-from slimc.ir import Block, Program
+from slimc.errors import ConfigError, DataError, PassError
+from slimc.ir import Block, Program, Stage
 from slimc.pass_base import Pass, pass_class
-from slimc.patterns import propagate_shapes
+from slimc.patterns import is_experts_module, propagate_shapes
 from slimc.report import RunReport
 from slimc.schemes import QuantScheme
 from slimc.tracer import trace_block
@@ -144,15 +145,21 @@ class Pipeline:
         of the model's forward arguments. A stage's inputs are captured by running the model (through
         the already rewritten stages before it) on every batch."""
         ctx = Context(program, config, self.steps, report)
-        for index, stage in enumerate(program.stages):
-            with report.timed("capture"), program.executing_graphs():
-                stage_inputs = capture_stage(
-                    [block.module for block in stage.blocks],
-                    [functools.partial(program.call, program.model, batch) for batch in batches],
-                    stage=f"stage {stage.name!r}",
-                )
+        prepared = False
+        for stage in program.stages:
+            try:
+                with report.timed("capture"), program.executing_graphs():
+                    stage_inputs = capture_stage(
+                        [block.module for block in stage.blocks],
+                        [functools.partial(program.call, program.model, batch) for batch in batches],
+                        stage=f"stage {stage.name!r}",
+                    )
+            except StageNotReached as error:
+                self._leave_unreached(stage, ctx, error)
+                continue
             ctx.inputs = [to_device(batch, ctx.device) for batch in stage_inputs.first]
-            if index == 0:
+            if not prepared:
+                prepared = True
                 for step in self.steps:
                     with report.timed(step.name):
                         step.prepare(program, ctx)
@@ -166,6 +173,23 @@ class Pipeline:
             with report.timed(step.name):
                 step.finish(program, ctx)
         return ctx
+
+    @staticmethod
+    def _leave_unreached(stage: Stage, ctx: Context, error: StageNotReached) -> None:
+        """A stage no calibration batch runs (text-only data and a vision tower) stays float if the config
+        quantizes none of its layers; if it quantizes some, the data cannot calibrate them."""
+        selected = [block.qualified(name) for block in stage.blocks for name, module in block.module.named_modules()
+                    if (isinstance(module, nn.Linear) or is_experts_module(module))
+                    and ctx.planned_scheme(block.qualified(name)) is not None]
+        if selected:
+            raise DataError(
+                f"calibration.dataset {ctx.config.calibration.dataset!r} gives no input to stage {stage.name!r}, but the "
+                f"config quantizes {len(selected)} of its layers (e.g. {selected[0]}): give calibration data that runs "
+                "it (images for a vision tower: builtin:image-text or a .jsonl of {\"image\": ..., \"text\": ...} lines; "
+                "see docs/calibration.md), or exclude those layers from the fake_quant rules"
+            ) from error
+        ctx.report.note(f"stage {stage.name!r}: no calibration batch runs it and the config quantizes none of its "
+                        "layers, so it stays as loaded")
 
     def _run_block(self, block: Block, ctx: Context) -> list[Any]:
         """Trace the block if needed, run every pass on it, and return its outputs on every batch."""

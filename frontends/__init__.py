@@ -52,8 +52,9 @@ class Frontend:
 
 def all_frontends() -> list[Frontend]:
     from slimc.frontends.llm import DecoderLLM
+    from slimc.frontends.multimodal import MultimodalLLM
 
-    return [DecoderLLM()]
+    return [DecoderLLM(), MultimodalLLM()]
 
 
 def supported_architectures() -> list[str]:

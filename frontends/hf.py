@@ -47,15 +47,10 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "merges.txt",
 )
-MODEL_FILES = (
-    "generation_config.json",
-    *TOKENIZER_FILES,
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "video_preprocessor_config.json",
-)
+# Every other top-level file of a checkpoint is copied too (generation config, processor and preprocessor
+# configs, chat templates, Qwen2.5-Omni's spk_dict.pt, copied as bytes and never loaded), except these:
+# weights (written quantized), their indexes, and config.json (rewritten).
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".index.json")
 MODEL_DIRS = ("additional_chat_templates",)
 FILE_MODE = 0o644
 
@@ -287,11 +282,13 @@ def model_from_config(source: ModelSource, *, dtype: torch.dtype) -> torch.nn.Mo
 
 
 def load_model(
-    source: ModelSource, *, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False
+    source: ModelSource, *, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False, **options
 ) -> transformers.PreTrainedModel:
-    """Load weights (safetensors or GGUF, never pickle) in eval mode with the SDPA attention kernel."""
+    """Load weights (safetensors or GGUF, never pickle) in eval mode with the SDPA attention kernel.
+
+    `options` go to `from_pretrained` as they are (e.g. `experts_implementation="batched_mm"`)."""
     # The already-parsed config saves a second parse (seconds for a GGUF file).
-    kwargs: dict = {"config": source.config, "dtype": dtype, "device_map": device, "attn_implementation": "sdpa"}
+    kwargs: dict = {"config": source.config, "dtype": dtype, "device_map": device, "attn_implementation": "sdpa", **options}
     if source.is_gguf:
         kwargs["gguf_file"] = source.gguf_file
     else:
@@ -350,9 +347,8 @@ def write_model_files(source: ModelSource, dest: Path, config_updates: dict | No
         saved = load_tokenizer(source).save_pretrained(dest)  # the tokenizer the GGUF embeds
         written += [Path(p) for p in saved if Path(p).is_file()]
     else:
-        for name in MODEL_FILES:
-            if (source.path / name).is_file():
-                written.append(Path(shutil.copyfile(source.path / name, dest / name)))
+        for path in model_files(source.path):
+            written.append(Path(shutil.copyfile(path, dest / path.name)))
         for name in MODEL_DIRS:
             if (source.path / name).is_dir():
                 shutil.copytree(source.path / name, dest / name, dirs_exist_ok=True)
@@ -360,6 +356,13 @@ def write_model_files(source: ModelSource, dest: Path, config_updates: dict | No
     for path in written:
         path.chmod(FILE_MODE)
     return written
+
+
+def model_files(path: Path) -> list[Path]:
+    """The top-level files of a checkpoint directory that are written next to its quantized weights: all but
+    weights, weight indexes, config.json and hidden files."""
+    return sorted(p for p in Path(path).iterdir() if p.is_file() and p.name != CONFIG_FILE
+                  and not p.name.startswith(".") and not p.name.endswith(WEIGHT_SUFFIXES))
 
 
 def _write_json(path: Path, data: dict) -> Path:
