@@ -28,10 +28,12 @@ from slimc.backends.mindie_reader import (
     DESCRIPTION_FILE,
     GLOBAL_KEYS,
     INDEX_FILE,
+    MUL_SCALE_SUFFIX,
     QUANT_TYPE_PRIORITY,
     ROTATION_SUFFIXES,
     VERSION,
     WEIGHTS_FILE,
+    WRAPPED_LINEAR,
     AscendExperts,
     AscendLinear,
     checkpoint_row_layout,
@@ -44,7 +46,7 @@ from slimc.backends.mindie_reader import (
 )
 from slimc.errors import ExportError, SlimcError
 from slimc.ir import Program
-from slimc.modules import EXPERT_WEIGHTS, FakeQuantize, QuantizedExperts, QuantizedLinear
+from slimc.modules import EXPERT_WEIGHTS, ChannelScale, FakeQuantize, QuantizedExperts, QuantizedLinear
 from slimc.quant import pack_int4
 from slimc.schemes import QuantScheme
 
@@ -153,7 +155,9 @@ class MindieBackend(Backend):
         for prefix, quant_type in _quantized_prefixes(types).items():
             _check_linear(prefix, quant_type, stored.linear(prefix), types, is_bf16, description["group_size"])
         for part in parts:
-            _check_recomputed(part, stored.linear(part.prefix), description["group_size"])
+            wrapped = f"{part.prefix}{MUL_SCALE_SUFFIX}" in types
+            _check_recomputed(part, stored.linear(part.prefix + WRAPPED_LINEAR if wrapped else part.prefix), description["group_size"])
+        _check_multiplies(types, stored, description["group_size"])
 
     def _tensors(self, program: Program, parts: list[_Part]) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
         """Every tensor to write (checkpoint name -> tensor), its description type, and the global group size."""
@@ -170,6 +174,7 @@ class MindieBackend(Backend):
             if name in tensors:
                 raise ExportError(f"mindie: {name} is both a float tensor and a quantized Linear's tensor")
             tensors[name], types[name] = tensor, "FLOAT"
+        _nest_multiplied(tensors, types, _multiplied_prefixes(program, parts, set(tensors)))
         if len(group_sizes) > 1:
             raise ExportError(f"mindie: the description has one group_size but the schemes use {sorted(group_sizes)}")
         per_channel_w4a16 = [p.prefix for p in parts if p.scheme.label == "W4A16" and p.scheme.weight.granularity != "per_group"]
@@ -296,6 +301,58 @@ def _metadata(program: Program, rotations: dict[str, torch.Tensor]) -> dict:
     if layers:
         metadata["quarot"] = {"max_tp_size": 1, "kronecker_rotation": {"layers": layers}}
     return metadata
+
+
+def _explicit_multiplies(program: Program) -> dict[str, torch.Tensor]:
+    """Runtime Linear name -> `mul_scale` of the explicit smoothing multiply (a ChannelScale node) on its input;
+    Linears reading one multiply each get it. Quantizers and online rotations between are followed."""
+    found: dict[str, torch.Tensor] = {}
+    for block in program.blocks:
+        if block.traced is None:
+            continue
+        gm = block.graph_module
+        for node in gm.graph.nodes:
+            if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), ChannelScale):
+                continue
+            readers = list(node.users)
+            while readers:
+                user = readers.pop()
+                layer = gm.get_submodule(user.target) if user.op == "call_module" else None
+                if isinstance(layer, FakeQuantize) or hasattr(layer, "kronecker_factors"):
+                    readers.extend(user.users)
+                elif isinstance(layer, torch.nn.Linear | QuantizedLinear):
+                    found[block.qualified(user.target)] = gm.get_submodule(node.target).mul_scale
+                else:
+                    raise ExportError(f"mindie: {block.qualified(node.target)} multiplies the input of {user.name}, not of a "
+                                      "Linear; Ascend checkpoints record explicit multiplies before Linears only")
+    return found
+
+
+def _multiplied_prefixes(program: Program, parts: list[_Part], names: set[str]) -> dict[str, torch.Tensor]:
+    """Checkpoint Linear name -> `mul_scale`, for every Linear (quantized or float) behind an explicit multiply."""
+    prefixes: dict[str, torch.Tensor] = {}
+    rotated = set(_online_rotations(program, parts))
+    for runtime, mul_scale in _explicit_multiplies(program).items():
+        own = [part.prefix for part in parts if part.runtime == f"{runtime}.weight"]
+        if not own and f"{runtime}.weight" in names:
+            own = [runtime]
+        if not own:
+            raise ExportError(f"mindie: {runtime} has an explicit smoothing multiply but no checkpoint tensors under its name")
+        if rotated & set(own):
+            raise ExportError(f"mindie: {runtime} has both an online rotation and an explicit smoothing multiply; "
+                              "Ascend runtimes define no order for the two")
+        prefixes.update(dict.fromkeys(own, mul_scale))
+    return prefixes
+
+
+def _nest_multiplied(tensors: dict[str, torch.Tensor], types: dict[str, str], multiplied: dict[str, torch.Tensor]) -> None:
+    """msModelSlim's layout of a Linear P behind an explicit multiply: `P.div.mul_scale` (FLOAT) and P's own
+    tensors under `P.linear.*`."""
+    for prefix, mul_scale in multiplied.items():
+        for name in [n for n in tensors if n.rpartition(".")[0] == prefix]:
+            nested = f"{prefix}{WRAPPED_LINEAR}.{name.rpartition('.')[2]}"
+            tensors[nested], types[nested] = tensors.pop(name), types.pop(name)
+        tensors[prefix + MUL_SCALE_SUFFIX], types[prefix + MUL_SCALE_SUFFIX] = mul_scale.detach().float(), "FLOAT"
 
 
 def _take(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -526,6 +583,21 @@ def _check_linear(prefix: str, quant_type: str, own: dict[str, torch.Tensor], ty
         raise ExportError(f"mindie: {prefix}.bias should be described as FLOAT")
     if quant_type == "W4A4_DYNAMIC" and (weight.min() < -8 or weight.max() > 7):
         raise ExportError(f"mindie: {prefix}.weight holds values outside int4 [-8, 7]")
+
+
+def _check_multiplies(types: dict[str, str], stored: _StoredTensors, group_size: int) -> None:
+    """Each `P.div.mul_scale` is a FLOAT float32 vector as long as P's input, beside `P.linear.weight` (and no `P.weight`)."""
+    for name in (n for n in types if n.endswith(MUL_SCALE_SUFFIX)):
+        prefix = name.removesuffix(MUL_SCALE_SUFFIX)
+        weight_name = f"{prefix}{WRAPPED_LINEAR}.weight"
+        if weight_name not in types or f"{prefix}.weight" in types:
+            raise ExportError(f"mindie: {name} needs the Linear's tensors under {prefix}{WRAPPED_LINEAR}.*, not {prefix}.*")
+        weight, quant_type = stored[weight_name], types[weight_name]
+        in_features = unpacked_shape(quant_type, weight, group_size)[1] if quant_type in SUPPORTED else weight.shape[-1]
+        mul_scale = stored[name]
+        if types[name] != "FLOAT" or mul_scale.dtype != torch.float32 or tuple(mul_scale.shape) != (in_features,):
+            raise ExportError(f"mindie: {name} is {types[name]} {mul_scale.dtype} {tuple(mul_scale.shape)}; "
+                              f"expected FLOAT torch.float32 ({in_features},)")
 
 
 def _check_recomputed(part: _Part, own: dict[str, torch.Tensor], group_size: int) -> None:

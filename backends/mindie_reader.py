@@ -43,6 +43,10 @@ LINEAR_TYPES: dict[str, tuple[int, int] | None] = {
 }
 # Online rotations: `P.kronecker_rotation_m` / `_n` beside a Linear P, listed in metadata.quarot, not typed.
 ROTATION_SUFFIXES = (".kronecker_rotation_m", ".kronecker_rotation_n")
+# Explicit smoothing multiplies (msModelSlim's non-fusion smoothing): `P.div.mul_scale` (FLOAT, (in,)) multiplies
+# the input of Linear P, whose own tensors are then written under `P.linear.*`.
+MUL_SCALE_SUFFIX = ".div.mul_scale"
+WRAPPED_LINEAR = ".linear"
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -285,6 +289,44 @@ class KroneckerRotatedInput(nn.Module):
         return self.layer(rotated.reshape(x.shape).to(x.dtype))
 
 
+class ScaledInput(nn.Module):
+    """A layer behind an explicit smoothing multiply: its input is first multiplied by `mul_scale` per channel (float32)."""
+
+    def __init__(self, layer: nn.Module, mul_scale: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("mul_scale", mul_scale.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer((x.float() * self.mul_scale).to(x.dtype))
+
+
+def take_explicit_multiplies(types: dict[str, str], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Linear prefix P -> its `P.div.mul_scale`, taken out of `types` and `tensors`; the Linear's `P.linear.*`
+    tensors get their plain names `P.*` back, so they load as any Linear's."""
+    multiplies = {n.removesuffix(MUL_SCALE_SUFFIX): tensors.pop(n) for n in [n for n in tensors if n.endswith(MUL_SCALE_SUFFIX)]}
+    for prefix in multiplies:
+        types.pop(prefix + MUL_SCALE_SUFFIX, None)
+        wrapped = prefix + WRAPPED_LINEAR
+        own = [n for n in tensors if n.rpartition(".")[0] == wrapped]
+        if wrapped + ".weight" not in own:
+            raise ModelLoadError(f"{prefix}{MUL_SCALE_SUFFIX} multiplies the input of {prefix}, but there is no {wrapped}.weight")
+        for name in own:
+            plain = f"{prefix}.{name.rpartition('.')[2]}"
+            tensors[plain], types[plain] = tensors.pop(name), types.pop(name)
+    return multiplies
+
+
+def apply_explicit_multiplies(model: nn.Module, multiplies: dict[str, torch.Tensor]) -> None:
+    """Put each Linear (quantized or float) of `multiplies` behind its multiply."""
+    for prefix, mul_scale in multiplies.items():
+        try:
+            layer = model.get_submodule(prefix)
+        except AttributeError:
+            raise ModelLoadError(f"{prefix}{MUL_SCALE_SUFFIX} names no layer of {type(model).__name__}") from None
+        model.set_submodule(prefix, ScaledInput(layer, mul_scale))
+
+
 class AscendRows(nn.Module):
     """A runtime weight's output rows computed by several checkpoint Linears (e.g. one expert's gate and up)."""
 
@@ -353,6 +395,7 @@ def load_ascend_model(out_dir: Path, *, dtype: torch.dtype | None = None) -> nn.
                              f"but the files hold rotation tensors for {len(rotations) // 2}")
     if set(types) != set(tensors):
         raise ModelLoadError(f"{out_dir}: description and safetensors disagree on {sorted(set(types) ^ set(tensors))[:5]}")
+    multiplies = take_explicit_multiplies(types, tensors)
     if dtype is None:
         sizes = Counter()
         for name, t in tensors.items():
@@ -366,6 +409,7 @@ def load_ascend_model(out_dir: Path, *, dtype: torch.dtype | None = None) -> nn.
     _load_float(model, {n: t for n, t in tensors.items() if n not in used})
     for prefix in set(factors) - set(quantized):
         model.set_submodule(prefix, KroneckerRotatedInput(model.get_submodule(prefix), *factors[prefix]))
+    apply_explicit_multiplies(model, multiplies)
     return model.eval()
 
 

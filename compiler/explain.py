@@ -12,7 +12,10 @@ from slimc.frontends import frontend_for
 from slimc.frontends.hf import default_model_path, resolve_model_source
 from slimc.ir import Block, Program
 from slimc.patterns import (
+    ModulationGroup,
     find_experts,
+    find_modulation_groups,
+    find_multiply_groups,
     find_norm_linear_groups,
     find_ov_pairs,
     find_residual_stream,
@@ -39,7 +42,7 @@ def traced_program(model_path: str | None, *, seq_len: int = 32) -> Program:
 
 def describe_block(block: Block) -> list[str]:
     gm = block.graph_module
-    kinds = Counter(node_kind(gm, n) for n in gm.graph.nodes if n.op == "call_module")
+    kinds = Counter(node_kind(gm, n) for n in gm.graph.nodes if n.op in ("call_module", "call_function"))
     lines = [
         f"  leaves: {kinds['linear']} Linear, {kinds['norm']} norm, {kinds['attention']} attention kernel, "
         f"{kinds['experts']} experts; {len(gm.graph.nodes)} graph nodes"
@@ -54,13 +57,28 @@ def describe_block(block: Block) -> list[str]:
     for experts in find_experts(gm):
         module = gm.get_submodule(experts)
         lines.append(f"  experts          {experts}: {module.gate_up_proj.shape[0]} experts, fused 3-D weights")
+    for group in (g for g in find_modulation_groups(gm) if g.foldable):
+        lines.append(f"  modulation       {group.norm}·(1 + scale) + shift → {', '.join(c.target for c in group.readers)}: "
+                     f"smoothing folds into {_chunk_rows(gm, group)}")
+    for group in find_multiply_groups(gm):
+        lines.append(f"  explicit multiply {group.source} → {', '.join(c.target for c in group.readers)}: "
+                     f"x·(1/s) before them ({group.reason})")
     stream = find_residual_stream(gm)
     if stream.problem:
-        lines.append(f"  residual stream  not rotatable: {stream.problem}")
+        hint = "; smoothing goes through the modulation and explicit multiplies, rotation only per Linear (rotate_inputs)"
+        lines.append(f"  residual stream  not rotatable: {stream.problem}{hint if 'AdaLN' in stream.problem else ''}")
     else:
         readers = [n.norm for n in stream.norms] + [c.target for c in stream.direct_readers]
         lines.append(f"  residual stream  read by {', '.join(readers)}; written by {', '.join(w.target for w in stream.writers)}")
     return lines
+
+
+def _chunk_rows(gm, group: ModulationGroup) -> str:
+    """`norm1.linear rows [32:64) (scale, chunk 1 of 6) and [0:32) (shift, chunk 0)`."""
+    out = gm.get_submodule(group.linear).out_features
+    scale, shift = group.rows(group.scale_chunk, out), group.rows(group.shift_chunk, out)
+    return (f"{group.linear} rows [{scale.start}:{scale.stop}) (scale, chunk {group.scale_chunk} of {group.chunks}) "
+            f"and [{shift.start}:{shift.stop}) (shift, chunk {group.shift_chunk})")
 
 
 def trace_report(model_path: str | None, *, seq_len: int = 32) -> str:

@@ -89,3 +89,16 @@ def fold_norm(block: Block, norm_target: str, consumers: list[Consumer]) -> bool
     scale_input_channels(block, consumers, norm.weight.detach().float())
     norm.weight.fill_(1.0)
     return True
+
+
+@torch.no_grad()
+def scale_modulation(linear: nn.Module, scale_rows: slice, shift_rows: slice, factor: torch.Tensor) -> None:
+    """Multiply the modulated output `norm(x) · (1 + scale) + shift` by `factor` per channel, where scale and
+    shift are the rows `scale_rows` and `shift_rows` of `linear`'s output:
+    W_s ← W_s·f, b_s ← (1 + b_s)·f − 1 (so that 1 + scale becomes (1 + scale)·f); W_h ← W_h·f, b_h ← b_h·f."""
+    factor = factor.to(linear.weight.device, torch.float32)
+    bias = linear.bias
+    one_plus_bias = 1.0 + bias[scale_rows].float()
+    scale_output_channels(linear, factor, scale_rows)
+    scale_output_channels(linear, factor, shift_rows)
+    bias[scale_rows].copy_((one_plus_bias * factor - 1.0).to(bias.dtype))

@@ -81,6 +81,12 @@ class Block:
         """Where the online rotation of a layer's input lives in the graph module."""
         return "rotation." + re.sub(r"\W", "_", layer_target)
 
+    @staticmethod
+    def scale_target(layer_target: str) -> str:
+        """Where the explicit smoothing multiply before a layer (shared by the layers reading its input) lives
+        in the graph module."""
+        return "channel_scale." + re.sub(r"\W", "_", layer_target)
+
     def input_quantizer(self, layer_target: str) -> nn.Module | None:
         """The quantize-dequantize node module on a layer's input, if one was inserted."""
         return self._graph_submodule(self.quantizer_target(layer_target))
@@ -112,8 +118,11 @@ class Block:
 
     def remove_input_quantizer(self, layer_target: str) -> None:
         """Take a layer's input quantizer node out of the graph (its input goes straight to the layer)."""
+        self.remove_input_node(self.quantizer_target(layer_target))
+
+    def remove_input_node(self, target: str) -> None:
+        """Take the nodes calling the graph module's submodule `target` out of the graph, and the submodule."""
         gm = self.graph_module
-        target = self.quantizer_target(layer_target)
         for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)

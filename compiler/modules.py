@@ -102,6 +102,22 @@ class QuantizedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.scheme.label}"
 
 
+class ChannelScale(nn.Module):
+    """``x · mul_scale`` per channel, computed in float32: the explicit multiply that smoothing puts before
+    a Linear whose input no layer can absorb a scale into (msModelSlim's non-fusion smoothing; Ascend
+    checkpoints store it as ``<linear>.div.mul_scale``). Buffer ``mul_scale`` float32 (in_features,)."""
+
+    def __init__(self, mul_scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mul_scale", mul_scale.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() * self.mul_scale).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.mul_scale.numel()}"
+
+
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # the fused weights of transformers' *Experts modules
 
 

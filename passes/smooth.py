@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field, PrivateAttr, field_validator
+from torch import fx
 
 from slimc.calib import channel_absmax, simulated_quantization
 from slimc.fold import (
@@ -15,16 +16,26 @@ from slimc.fold import (
     input_channel_absmax,
     norm_has_affine_weight,
     scale_input_channels,
+    scale_modulation,
     scale_norm,
     scale_output_channels,
 )
 from slimc.ir import Block, Program
+from slimc.modules import ChannelScale
 from slimc.pass_base import Pass, register_pass
-from slimc.patterns import Consumer, find_norm_linear_groups, find_ov_pairs, find_up_down_pairs
+from slimc.patterns import (
+    Consumer,
+    ModulationGroup,
+    find_modulation_groups,
+    find_multiply_groups,
+    find_norm_linear_groups,
+    find_ov_pairs,
+    find_up_down_pairs,
+)
 from slimc.pipeline import Context, relative_error
 from slimc.quant import smoothing_scales
 
-Subgraph = Literal["norm-linear", "v-o", "up-down"]
+Subgraph = Literal["norm-linear", "v-o", "up-down", "modulation", "multiply"]
 
 
 @dataclass
@@ -38,12 +49,19 @@ class Migration:
     apply: Callable[[torch.Tensor], None]  # takes activation-channel scales
     tensors: Callable[[], list[torch.Tensor]]  # what `apply` changes, to undo a search trial
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    discard: Callable[[], None] = lambda: None  # undo what `apply` did besides `tensors` (inserted nodes)
 
 
 @register_pass("smooth")
 class Smooth(Pass):
     """Per input channel j, scale s_j = max|X_j|^alpha / max|W_j|^(1-alpha); X is divided by s (folded into
     the norm, the v projection or the up projection that produce it) and the readers' weights multiplied.
+
+    DiT blocks have no norm right before their Linears: an AdaLN-modulated input
+    `norm(x)·(1 + scale) + shift` takes 1/s in the modulation Linear's scale and shift rows
+    ("modulation"); where nothing can take it (a block input such as Wan's encoder_hidden_states, Wan's
+    `scale_shift_table + temb` modulation), an explicit multiply by 1/s is put before each reader that
+    a later step quantizes ("multiply"). The patterns decide; LLM blocks have neither.
 
     With `search: true`, alpha is chosen per group from `search_grid` to minimise the block's output
     error when the group's Linears are quantized with the schemes the pipeline will give them; a
@@ -56,8 +74,9 @@ class Smooth(Pass):
     search: bool = False
     search_grid: list[float] = [round(0.1 * i, 1) for i in range(11)]
     search_batches: int = Field(1, ge=1)
-    subgraphs: list[Subgraph] = ["norm-linear", "v-o", "up-down"]
+    subgraphs: list[Subgraph] = ["norm-linear", "v-o", "up-down", "modulation", "multiply"]
     _chosen: dict[str, float | None] = PrivateAttr(default_factory=dict)
+    _multiplied: int = PrivateAttr(0)
 
     @field_validator("search_grid")
     @classmethod
@@ -67,7 +86,7 @@ class Smooth(Pass):
         return grid
 
     def run_block(self, block: Block, ctx: Context) -> None:
-        migrations = self.migrations(block)
+        migrations = self.migrations(block, ctx)
         if not migrations:
             return
         stats = channel_absmax(block, ctx.inputs, dict(m.observe for m in migrations), ctx.run)
@@ -77,6 +96,7 @@ class Smooth(Pass):
             alpha = self._best_alpha(block, ctx, migration, act_absmax, reference) if self.search else self.alpha
             if alpha is not None:
                 migration.apply(smoothing_scales(act_absmax, migration.weight_absmax(), alpha))
+                self._multiplied += len(migration.readers) if migration.kind == "multiply" else 0
 
     def _best_alpha(self, block: Block, ctx: Context, migration: Migration, act_absmax, reference) -> float | None:
         """The grid alpha with the lowest quantized block error, or None where no migration is better."""
@@ -103,10 +123,15 @@ class Smooth(Pass):
             with torch.no_grad():
                 for tensor, original in zip(migration.tensors(), saved):
                     tensor.copy_(original)
+        if best_alpha is None:
+            migration.discard()
         self._chosen[block.qualified(migration.observe[0])] = best_alpha
         return best_alpha
 
     def finish(self, program: Program, ctx: Context) -> None:
+        if self._multiplied:
+            ctx.report.note(f"smooth: {self._multiplied} Linears read inputs that no layer can take the scale into; "
+                            "an explicit multiply by 1/s sits before each (`slimc trace` lists them)")
         if self._chosen:
             values = sorted(a for a in self._chosen.values() if a is not None)
             kept = len(self._chosen) - len(values)
@@ -117,7 +142,9 @@ class Smooth(Pass):
             )
             ctx.report.details["smooth_alpha"] = dict(self._chosen)
 
-    def migrations(self, block: Block) -> list[Migration]:
+    def migrations(self, block: Block, ctx: Context | None = None) -> list[Migration]:
+        """The block's migrations of the enabled subgraphs. An explicit multiply goes only before the
+        readers a later step of `ctx`'s pipeline quantizes (before all of them when no step quantizes)."""
         gm = block.graph_module
         found: list[Migration] = []
         if "norm-linear" in self.subgraphs:
@@ -126,7 +153,21 @@ class Smooth(Pass):
             found += [_ov_migration(block, p.v, p.o, p.head_dim) for p in find_ov_pairs(gm)]
         if "up-down" in self.subgraphs:
             found += [_up_down_migration(block, p.up, p.down) for p in find_up_down_pairs(gm)]
+        if "modulation" in self.subgraphs:
+            found += [_modulation_migration(block, g) for g in find_modulation_groups(gm) if g.foldable]
+        if "multiply" in self.subgraphs:
+            for group in find_multiply_groups(gm):
+                readers = _quantized(block, ctx, group.readers)
+                if readers:
+                    found.append(_multiply_migration(block, readers))
         return found
+
+
+def _quantized(block: Block, ctx: Context | None, readers: list[Consumer]) -> list[Consumer]:
+    """The readers a later step quantizes; all of them when no step of the pipeline quantizes."""
+    if ctx is None or not any(hasattr(step, "scheme_for") for step in ctx.steps):
+        return readers
+    return [r for r in readers if ctx.planned_scheme(block.qualified(r.target)) is not None]
 
 
 def _norm_migration(block: Block, norm_target: str, readers: list[Consumer]) -> Migration:
@@ -179,3 +220,64 @@ def _up_down_migration(block: Block, up_target: str, down_target: str) -> Migrat
         return [up.weight, *([up.bias] if up.bias is not None else []), block.leaf(down_target).weight]
 
     return Migration("up-down", (down_target, "input"), readers, lambda: input_channel_absmax(block, readers), apply, tensors)
+
+
+def _modulation_migration(block: Block, group: ModulationGroup) -> Migration:
+    """1/s goes into the modulation Linear's scale and shift rows (see `scale_modulation`)."""
+    linear, readers = block.leaf(group.linear), group.readers
+    scale_rows = group.rows(group.scale_chunk, linear.out_features)
+    shift_rows = group.rows(group.shift_chunk, linear.out_features)
+
+    def apply(scales: torch.Tensor) -> None:
+        scale_modulation(linear, scale_rows, shift_rows, 1.0 / scales)
+        scale_input_channels(block, readers, scales)
+
+    def tensors() -> list[torch.Tensor]:
+        return [linear.weight, linear.bias, *(consumer_weight(block, r) for r in readers)]
+
+    return Migration("modulation", (readers[0].target, "input"), readers, lambda: input_channel_absmax(block, readers), apply, tensors)
+
+
+def _multiply_migration(block: Block, readers: list[Consumer]) -> Migration:
+    """A `ChannelScale` node multiplies the readers' input by 1/s; Linears reading the same node share
+    one (inserted on the first `apply`, before the first of them)."""
+    gm = block.graph_module
+    targets = {r.target for r in readers}
+    calls: dict[fx.Node, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in targets:
+            calls.setdefault(node.args[0], []).append(node)
+    modules: dict[fx.Node, ChannelScale] = {}
+    for source, group in calls.items():
+        existing = gm.get_submodule(source.target) if source.op == "call_module" else None
+        weight = block.leaf(group[0].target).weight
+        # smoothed before: the existing multiply takes the new scale too
+        modules[source] = existing if isinstance(existing, ChannelScale) else ChannelScale(torch.ones(weight.shape[-1], device=weight.device))
+    fresh = [source for source, module in modules.items() if source.op != "call_module" or gm.get_submodule(source.target) is not module]
+    inserted: dict[fx.Node, str] = {}
+
+    def apply(scales: torch.Tensor) -> None:
+        for source in (s for s in fresh if s not in inserted):
+            group = calls[source]
+            inserted[source] = target = block.scale_target(group[0].target)
+            gm.add_submodule(target, modules[source])
+            with gm.graph.inserting_before(group[0]):
+                scaled = gm.graph.call_module(target, (source,))
+            for call in group:
+                call.replace_input_with(source, scaled)
+        gm.recompile()
+        with torch.no_grad():
+            for module in modules.values():
+                module.mul_scale.mul_(1.0 / scales.to(module.mul_scale.device, torch.float32))
+        scale_input_channels(block, readers, scales)
+
+    def tensors() -> list[torch.Tensor]:
+        return [*(consumer_weight(block, r) for r in readers), *(m.mul_scale for m in modules.values())]
+
+    def discard() -> None:
+        for target in inserted.values():
+            block.remove_input_node(target)
+        inserted.clear()
+
+    return Migration("multiply", (readers[0].target, "input"), readers, lambda: input_channel_absmax(block, readers), apply, tensors,
+                     discard=discard)
