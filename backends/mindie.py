@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +104,9 @@ class MindieBackend(Backend):
         parts = _parts(program)
         tensors, types, group_size = self._tensors(program, parts)
         rotations = _rotation_tensors(program, parts)
-        everything = {n: t for n, t in sorted({**tensors, **rotations}.items(), key=lambda item: _natural_key(item[0]))}
+        copied = _source_tensors(program, tensors)
+        types.update(dict.fromkeys(copied, "FLOAT"))
+        everything = {n: t for n, t in sorted({**tensors, **rotations, **copied}.items(), key=lambda item: _natural_key(item[0]))}
         written = _save_sharded(everything, out_dir, None if self.max_shard_size is None else parse_size(self.max_shard_size))
         description = dict(types)
         description.update({
@@ -138,7 +141,9 @@ class MindieBackend(Backend):
         stored = _StoredTensors(out_dir, files)
         parts = _parts(program)
         expected, expected_types, _ = self._tensors(program, parts)
-        _check_same_names("the program's tensors", set(expected), "the written tensors", set(types))
+        copied = _source_tensors(program, expected)
+        expected_types.update(dict.fromkeys(copied, "FLOAT"))
+        _check_same_names("the program's tensors", set(expected) | set(copied), "the written tensors", set(types))
         rotations = _rotation_tensors(program, parts)
         _check_same_names("the program's online rotations", set(rotations), "the written rotation tensors", rotation_names)
         if description["metadata"] != _metadata(program, rotations):
@@ -150,6 +155,12 @@ class MindieBackend(Backend):
             if expected_types.get(name) != types.get(name) or not torch.equal(tensor.cpu(), actual):
                 raise ExportError(f"mindie: {name} ({types.get(name, 'online rotation')}, {actual.dtype} {tuple(actual.shape)}) "
                                   "differs from the program's tensor")
+        for name, source in copied.items():  # one at a time: a talker can be gigabytes
+            actual = stored[name]
+            total += actual.numel() * actual.element_size()
+            if types[name] != "FLOAT" or not _same_bits(source.load(), actual):
+                raise ExportError(f"mindie: {name} ({types[name]}, {actual.dtype} {tuple(actual.shape)}) differs from "
+                                  f"{source.path.name} of the source checkpoint, which it should copy unchanged")
         _check_index(out_dir, total)
         is_bf16 = runs_in_bfloat16(program)
         for prefix, quant_type in _quantized_prefixes(types).items():
@@ -437,6 +448,66 @@ def _float_tensors(program: Program) -> dict[str, torch.Tensor]:
     return {n: t[0] if isinstance(t, list) else t for n, t in revert_weight_conversion(model, state).items()}
 
 
+# --- outputs that keep a whole checkpoint ------------------------------------------------------------------
+# A frontend that quantizes one part of a larger checkpoint (an Omni thinker beside its talker) sets
+# `program.metadata[SOURCE_TENSORS]`, {name: safetensors file} of the checkpoint's other tensors, which are
+# copied unchanged as FLOAT, so the output loads in place of the checkpoint. The part's own tensors already
+# carry their checkpoint names: transformers' save conversion restores the prefix (`thinker.`) that
+# `from_pretrained` removed when it loaded the part from the whole checkpoint.
+
+SOURCE_TENSORS = "source_tensors"
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                      "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+
+
+@dataclass(frozen=True)
+class _SourceTensor:
+    """A tensor of the source checkpoint, read from its file only when written or checked."""
+
+    name: str
+    path: Path
+    nbytes: int
+
+    def load(self) -> torch.Tensor:
+        with safe_open(self.path, "pt") as f:
+            return f.get_tensor(self.name)
+
+
+def _source_tensors(program: Program, written: dict[str, torch.Tensor]) -> dict[str, _SourceTensor]:
+    """The checkpoint tensors the program copies (SOURCE_TENSORS), each file's header read once."""
+    declared = program.metadata.get(SOURCE_TENSORS, {})
+    clashes = sorted(set(declared) & set(written))
+    if clashes:
+        raise ExportError(f"mindie: {clashes[0]} is both a tensor of the program and one copied from the source checkpoint")
+    by_file: dict[Path, list[str]] = {}
+    for name, path in declared.items():
+        by_file.setdefault(Path(path), []).append(name)
+    found = {}
+    for path, names in by_file.items():
+        if not path.is_file():
+            raise ExportError(f"mindie: {path} of the source checkpoint is gone; the tensors it holds must be copied from it")
+        with safe_open(path, "pt") as f:
+            for name in names:
+                tensor = f.get_slice(name)
+                found[name] = _SourceTensor(name, path, math.prod(tensor.get_shape()) * _SAFETENSORS_BYTES[tensor.get_dtype()])
+    return found
+
+
+def _nbytes(tensor: torch.Tensor | _SourceTensor) -> int:
+    return tensor.nbytes if isinstance(tensor, _SourceTensor) else tensor.numel() * tensor.element_size()
+
+
+def _loaded(tensor: torch.Tensor | _SourceTensor) -> torch.Tensor:
+    return tensor.load() if isinstance(tensor, _SourceTensor) else tensor
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bytes (NaN payloads included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
 def _natural_key(name: str) -> list:
     return [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in name.split(".")]
 
@@ -445,23 +516,23 @@ def _save_sharded(tensors: dict[str, torch.Tensor], out_dir: Path, max_bytes: in
     shards: list[list[str]] = [[]]
     size = 0
     for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = _nbytes(tensor)
         if max_bytes is not None and shards[-1] and size + nbytes > max_bytes:
             shards.append([])
             size = 0
         shards[-1].append(name)
         size += nbytes
     if len(shards) == 1:
-        save_file(_storable({n: tensors[n] for n in shards[0]}), out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+        save_file(_storable({n: _loaded(tensors[n]) for n in shards[0]}), out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
         return [out_dir / WEIGHTS_FILE]
     stem = WEIGHTS_FILE.removesuffix(".safetensors")
     written, weight_map = [], {}
     for i, names in enumerate(shards, start=1):
         file = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(_storable({n: tensors[n] for n in names}), out_dir / file, metadata={"format": "pt"})
+        save_file(_storable({n: _loaded(tensors[n]) for n in names}), out_dir / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, file))
         written.append(out_dir / file)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    total = sum(_nbytes(t) for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return [*written, out_dir / INDEX_FILE]

@@ -80,10 +80,12 @@ def tensor_files(out_dir: Path) -> dict[str, Path]:
         return {name: out_dir / WEIGHTS_FILE for name in f.keys()}
 
 
-def read_tensors(out_dir: Path) -> dict[str, torch.Tensor]:
+def read_tensors(out_dir: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The written tensors whose names start with `prefix` (all by default)."""
     by_file: dict[Path, list[str]] = {}
     for name, path in tensor_files(out_dir).items():
-        by_file.setdefault(path, []).append(name)
+        if name.startswith(prefix):
+            by_file.setdefault(path, []).append(name)
     tensors = {}
     for path, names in by_file.items():
         with safe_open(path, "pt") as f:
@@ -382,12 +384,13 @@ def load_ascend_model(out_dir: Path, *, dtype: torch.dtype | None = None) -> nn.
     parts; by default the dtype most float tensors were written in.
     """
     # slimc.frontends.hf is the one place that picks the model class, for loading and reading alike.
-    from slimc.frontends.hf import config_source, model_from_config
+    from slimc.frontends.hf import component_source, config_source, model_from_config
 
     out_dir = Path(out_dir)
-    description = read_description(out_dir)
+    source, prefix = component_source(config_source(out_dir))  # a whole Omni checkpoint: its thinker
+    description = _component_description(read_description(out_dir), prefix)
     types = tensor_types(description)
-    tensors = read_tensors(out_dir)
+    tensors = {name.removeprefix(prefix): t for name, t in read_tensors(out_dir, prefix).items()}
     rotations = {n: tensors.pop(n) for n in [n for n in tensors if n.endswith(ROTATION_SUFFIXES)]}
     rotated = description.get("metadata", {}).get("quarot", {}).get("kronecker_rotation", {}).get("layers", [])
     if sorted(rotated) != sorted({n.rpartition(".")[0] for n in rotations}):
@@ -402,7 +405,7 @@ def load_ascend_model(out_dir: Path, *, dtype: torch.dtype | None = None) -> nn.
             if types[name] == "FLOAT" and t.is_floating_point():
                 sizes[t.dtype] += t.numel()
         dtype = sizes.most_common(1)[0][0] if sizes else torch.float32
-    model = model_from_config(config_source(out_dir), dtype=dtype)
+    model = model_from_config(source, dtype=dtype)
     quantized = {name.removesuffix(".weight"): t for name, t in types.items() if name.endswith(".weight") and t != "FLOAT"}
     factors = {p: (rotations[p + ROTATION_SUFFIXES[0]], rotations[p + ROTATION_SUFFIXES[1]]) for p in rotated}
     used = _install_quantized(model, quantized, tensors, factors, int(description.get("group_size", 0)))
@@ -411,6 +414,25 @@ def load_ascend_model(out_dir: Path, *, dtype: torch.dtype | None = None) -> nn.
         model.set_submodule(prefix, KroneckerRotatedInput(model.get_submodule(prefix), *factors[prefix]))
     apply_explicit_multiplies(model, multiplies)
     return model.eval()
+
+
+def _component_description(description: dict, prefix: str) -> dict:
+    """The description of the part of a whole checkpoint whose names start with `prefix` (an Omni output's
+    `thinker.` tensors), names without it; the other tensors, copied from the checkpoint, must be FLOAT."""
+    if not prefix:
+        return description
+    quantized = sorted(n for n, t in tensor_types(description).items() if not n.startswith(prefix) and t != "FLOAT")
+    if quantized:
+        raise ModelLoadError(f"{quantized[0]} is quantized but lies outside {prefix!r}, the part of the checkpoint "
+                             "slimc quantizes; only that part's tensors may be quantized")
+    part = {key: value for key, value in description.items() if key in GLOBAL_KEYS}
+    part.update({n.removeprefix(prefix): t for n, t in tensor_types(description).items() if n.startswith(prefix)})
+    rotation = part.get("metadata", {}).get("quarot", {}).get("kronecker_rotation")
+    if rotation:
+        layers = [layer.removeprefix(prefix) for layer in rotation.get("layers", [])]
+        part["metadata"] = {**part["metadata"], "quarot": {**part["metadata"]["quarot"],
+                                                           "kronecker_rotation": {**rotation, "layers": layers}}}
+    return part
 
 
 def _install_quantized(model: nn.Module, quantized: dict[str, str], tensors: dict[str, torch.Tensor],

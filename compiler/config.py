@@ -57,6 +57,9 @@ class CalibrationConfig(_Strict):
     # Multimodal: images are resized to image_size × image_size, so every batch gives the vision
     # tower the same number of patches (and windows) that its traced blocks were specialised to.
     image_size: int = Field(448, gt=0)
+    # Omni: every audio clip is clipped or padded with silence to audio_seconds, so every batch gives the
+    # audio encoder the same number of attention chunks.
+    audio_seconds: float = Field(10.0, gt=0)
     diffusion: DiffusionSampling = DiffusionSampling()
 
 

@@ -53,8 +53,9 @@ class Frontend:
 def all_frontends() -> list[Frontend]:
     from slimc.frontends.llm import DecoderLLM
     from slimc.frontends.multimodal import MultimodalLLM
+    from slimc.frontends.omni import OmniThinker
 
-    return [DecoderLLM(), MultimodalLLM()]
+    return [DecoderLLM(), MultimodalLLM(), OmniThinker()]
 
 
 def supported_architectures() -> list[str]:

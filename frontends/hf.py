@@ -13,7 +13,7 @@ import importlib.metadata
 import importlib.util
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -257,6 +257,28 @@ def _architecture(config: PretrainedConfig, where: Path) -> str:
             "causal-LM class in transformers; add `architectures` to config.json"
         )
     return architecture
+
+
+# Checkpoints of a whole model of which slimc quantizes one part: the architecture config.json names ->
+# (the part's class, the config attribute holding its config, the prefix of its tensors in the checkpoint).
+# Omni releases ship the thinker with its talker and vocoder; the thinker is what slimc quantizes.
+_THINKER = "thinker_config", "thinker."
+COMPONENT_MODELS = {
+    "Qwen2_5OmniModel": ("Qwen2_5OmniThinkerForConditionalGeneration", *_THINKER),
+    "Qwen2_5OmniForConditionalGeneration": ("Qwen2_5OmniThinkerForConditionalGeneration", *_THINKER),
+    "Qwen3OmniMoeForConditionalGeneration": ("Qwen3OmniMoeThinkerForConditionalGeneration", *_THINKER),
+}
+
+
+def component_source(source: ModelSource) -> tuple[ModelSource, str]:
+    """The part of a whole-model checkpoint that slimc quantizes, as a source of its own (same directory, the
+    part's class and config), and the prefix of the part's tensor names in the checkpoint; any other model
+    is its own part, with no prefix."""
+    entry = COMPONENT_MODELS.get(source.architecture)
+    if entry is None:
+        return source, ""
+    architecture, attribute, prefix = entry
+    return replace(source, config=getattr(source.config, attribute), architecture=architecture), prefix
 
 
 def auto_class(source: ModelSource) -> type:

@@ -35,6 +35,7 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoProcessor, PretrainedConfig
 from transformers.utils import is_torchvision_available
 
+from slimc.audio import holds_audio
 from slimc.config import CalibrationConfig
 from slimc.errors import DataError, ModelLoadError
 from slimc.frontends import Frontend
@@ -82,6 +83,9 @@ class MultimodalLLM(Frontend):
                             report: RunReport | None = None) -> list[dict]:
         """Text-only data gives `{"input_ids"}` batches (the vision stages then get none); image–text data
         gives the processor's outputs, `batch_size` samples of one image each, rows of one length."""
+        if holds_audio(calibration.dataset):  # the omni frontend reads audio; these models have no audio encoder
+            raise DataError(f"{calibration.dataset} holds audio, but {type(program.model).__name__} has no audio encoder; "
+                            "use image–text data (builtin:image-text, or a .jsonl of {\"image\", \"text\"} lines)")
         if is_text_only(calibration.dataset):
             if report is not None:
                 report.note(f"calibration: {calibration.dataset} is text only; the vision tower gets no calibration "
