@@ -48,11 +48,11 @@ def format_results(results: dict) -> str:
 
 def _eval(args: argparse.Namespace) -> None:
     from slimc.compile import resolve_source
-    from slimc.config import config_from_data, load_config, with_evaluation
+    from slimc.config import load_config, settings_config, with_evaluation
     from slimc.evaluate import evaluate
     from slimc.fidelity import json_safe
 
-    config = load_config(resolve_config_path(args.config)) if args.config else config_from_data({})
+    config = load_config(resolve_config_path(args.config), args.set) if args.config else settings_config(args.set)
     config = with_evaluation(config, dataset=args.corpus, samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
     results = evaluate(resolve_source(config, args.model), Path(args.quantized) if args.quantized else None, config,
                        fidelity=args.fidelity)
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="evaluation samples (default 40)")
     p.add_argument("--seq-len", type=int, help="tokens per text sample (default 512)")
     p.add_argument("--batch-size", type=int, help="samples per batch (default 4)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value, e.g. calibration.diffusion.height=256 (parsed as YAML)")
     p.add_argument("--fidelity", action="store_true", help="measure fidelity (block outputs and logits) for an LLM too")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(run=_eval)

@@ -217,6 +217,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> SlimcConfig:
     return config_from_data(data, source=str(path), lines=lines)
 
 
+def settings_config(overrides: list[str] = ()) -> SlimcConfig:
+    """A config of defaults with `--set` overrides only (no file)."""
+    data: dict = {}
+    lines: dict[tuple, int] = {}
+    for assignment in overrides:
+        apply_override(data, assignment, lines)
+    return config_from_data(data, source="command line", lines=lines)
+
+
 def with_evaluation(config: SlimcConfig, **settings: Any) -> SlimcConfig:
     """The config with evaluation settings replaced by those given (None keeps the config's), validated."""
     given = {key: value for key, value in settings.items() if value is not None}

@@ -61,11 +61,12 @@ def perplexity(model: nn.Module, input_ids: torch.LongTensor, *, batch_size: int
 
 
 def quantized_output_dir(path: Path) -> Path:
-    """The Ascend files of a compile output: OUT/mindie, or OUT itself if it is that directory."""
+    """The Ascend files of a compile output: OUT/mindie, or OUT itself if it is that directory (the files, or one
+    subdirectory of them per exported part)."""
     from slimc.backends.mindie_reader import DESCRIPTION_FILE
 
     for candidate in (path / "mindie", path):
-        if (candidate / DESCRIPTION_FILE).is_file():
+        if (candidate / DESCRIPTION_FILE).is_file() or any((d / DESCRIPTION_FILE).is_file() for d in candidate.glob("*/")):
             return candidate
     raise DataError(f"{path} holds no Ascend output ({DESCRIPTION_FILE}); pass the --out directory of `slimc compile`")
 
@@ -122,15 +123,13 @@ def evaluation_settings(config: SlimcConfig, dataset: str) -> CalibrationConfig:
 
 def evaluate_fidelity(source: ModelSource, quantized: Path, config: SlimcConfig, frontend: Frontend, dataset: str) -> dict:
     """Block and model outputs of the quantized model rebuilt from its written files against the float model."""
-    from slimc.backends.mindie_reader import load_ascend_model
-
     directory = quantized_output_dir(quantized)
     float_model = frontend.load(source, dtype=torch.float32, trust_remote_code=config.model.trust_remote_code)
     program = frontend.build(source, float_model)
     batches = frontend.calibration_batches(evaluation_settings(config, dataset), source, program)
     if not batches:
         raise DataError(f"{dataset} gave no evaluation batch; give more data or smaller evaluation sizes")
-    quantized_model = load_ascend_model(directory)
+    quantized_model = load_quantized_model(directory)
     blocks = [block.name for block in program.blocks]
     notes = []
     if residual_stream_rotated(program, quantized_model):
@@ -140,6 +139,20 @@ def evaluate_fidelity(source: ModelSource, quantized: Path, config: SlimcConfig,
     report = compare_models(float_model, quantized_model, batches, program.call, blocks, progress=True)
     report.notes[:0] = notes
     return {"dataset": dataset, "batches": len(batches), "quantized_dir": str(directory), **report.to_dict()}
+
+
+def load_quantized_model(directory: Path) -> nn.Module:
+    """The model the Ascend files compute. An output written in parts (one subdirectory per model of the
+    program, named as the program's model names its child: Wan2.2's `transformer/`, `transformer_2/`) gives
+    a container holding each part's model under that name, so block names and `program.call` apply to it."""
+    from slimc.backends.mindie_reader import DESCRIPTION_FILE, load_ascend_model
+
+    if (directory / DESCRIPTION_FILE).is_file():
+        return load_ascend_model(directory)
+    container = nn.Module()
+    for part in sorted(d for d in directory.iterdir() if (d / DESCRIPTION_FILE).is_file()):
+        container.add_module(part.name, load_ascend_model(part))
+    return container.eval()
 
 
 @torch.no_grad()

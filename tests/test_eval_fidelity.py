@@ -9,17 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_diffusion import tiny_transformer
+from tiny_diffusion import tiny_transformer, tiny_transformer_inputs
 from tiny_dit_frontend import TinyDiT, installed
 from tiny_models import tiny_causal_lm
+from torch import nn
 
+from slimc.backends.mindie import MindieBackend
 from slimc.cli import build_parser
 from slimc.compile import compile_model
 from slimc.config import load_config
 from slimc.errors import ConfigError, DataError
-from slimc.evaluate import residual_stream_rotated
-from slimc.frontends.hf import ModelSource
+from slimc.evaluate import load_quantized_model, quantized_output_dir, residual_stream_rotated
+from slimc.fidelity import compare_models
+from slimc.frontends.hf import ModelSource, resolve_model_source
 from slimc.frontends.llm import DecoderLLM
+from slimc.ir import Program
 
 CONFIG = """\
 version: 1
@@ -92,6 +96,13 @@ def test_eval_takes_evaluation_and_calibration_settings_from_a_config(flux, fron
     assert json.loads(capsys.readouterr().out)["batches"] == 2
 
 
+def test_eval_set_overrides_settings_with_or_without_a_config(flux, frontend, capsys):
+    model, config, out = flux
+    run("eval", "--model", model, "--quantized", out, "--set", "calibration.image_size=64", "--set", "evaluation.samples=2")
+    run("eval", "--model", model, "--quantized", out, "--config", config, "--set", "evaluation.batch_size=1")
+    assert [(r.image_size, r.samples, r.batch_size) for r in frontend.requested] == [(64, 2, 4), (448, 4, 1)]
+
+
 def test_eval_prints_a_table_with_a_row_per_block_then_the_output(flux, frontend, capsys):
     model, _, out = flux
     run("eval", "--model", model, "--quantized", out, "--samples", "2")
@@ -125,6 +136,28 @@ def test_compile_eval_prints_the_fidelity_table_for_a_diffusers_transformer(flux
     text = capsys.readouterr().out
     assert f"fidelity on {TinyDiT.evaluation_dataset} (2 batches)" in text
     assert all(f"\n{block} " in text for block in BLOCKS) and "\noutput 0 " in text
+
+
+def test_an_output_written_in_parts_is_read_back_as_a_container_of_the_same_names(tmp_path):
+    experts = nn.Module()
+    for index, name in enumerate(("transformer", "transformer_2")):
+        model = tiny_transformer("wan", seed=index)
+        experts.add_module(name, model)
+        model.save_pretrained(tmp_path / "model" / name)
+        program = Program(model=model, family="test", source=resolve_model_source(tmp_path / "model" / name), stages=[])
+        (tmp_path / "out" / "mindie" / name).mkdir(parents=True)
+        MindieBackend().write(program, tmp_path / "out" / "mindie" / name)
+    read = load_quantized_model(quantized_output_dir(tmp_path / "out"))
+    assert [name for name, _ in read.named_children()] == ["transformer", "transformer_2"]
+    batch = {"expert": "transformer_2", **tiny_transformer_inputs(experts.transformer_2, "wan")}
+
+    def call(model, batch):
+        return model.get_submodule(batch["expert"])(**{k: v for k, v in batch.items() if k != "expert"})
+
+    blocks = ["transformer.blocks.0", "transformer_2.blocks.0", "transformer_2.blocks.1"]
+    report = compare_models(experts, read, [batch], call, blocks)
+    assert list(report.blocks) == blocks[1:] and report.notes == ["1 blocks ran on no batch (e.g. transformer.blocks.0); give data that reaches them"]
+    assert report.outputs["0"].worst.relative_error == 0.0
 
 
 def test_a_rotated_residual_stream_is_recognised_from_the_embeddings():
