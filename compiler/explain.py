@@ -25,6 +25,8 @@ from slimc.patterns import (
 from slimc.pipeline import Pipeline
 from slimc.report import RunReport
 
+TRACE_IMAGE_SIZE = 64  # pixels: the fewest image tokens processors allow, so a short seq_len holds them
+
 
 def traced_program(model_path: str | None, *, seq_len: int = 32) -> Program:
     """Load a model in float32 and trace every block on one small calibration batch of the frontend's
@@ -32,7 +34,8 @@ def traced_program(model_path: str | None, *, seq_len: int = 32) -> Program:
     source = resolve_model_source(model_path or default_model_path())
     frontend = frontend_for(source)
     program = frontend.build(source, frontend.load(source, dtype=torch.float32))
-    config = config_from_data({"calibration": {"samples": 1, "seq_len": seq_len, "batch_size": 1, "diffusion": {"steps": 1}}})
+    config = config_from_data({"calibration": {"dataset": frontend.calibration_dataset, "samples": 1, "seq_len": seq_len,
+                                               "batch_size": 1, "image_size": TRACE_IMAGE_SIZE, "diffusion": {"steps": 1}}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batches = frontend.calibration_batches(config.calibration, source, program)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,8 +87,11 @@ def load_image_text(spec: str, *, samples: int, image_size: int) -> list[ImageTe
                         f"lines or one of {', '.join(IMAGE_TEXT_SPECS)}")
     if path.suffix != ".jsonl":
         raise DataError(f"dataset file {path}: image–text data must be a .jsonl file of {{\"image\": path, \"text\": ...}} lines")
-    return [_jsonl_sample(path, number, record, image_size)
-            for number, record in _image_records(path)[:samples]]
+    records = _image_records(path)
+    if len(records) < samples:
+        warnings.warn(f"{path} holds {len(records)} image–text samples, not {samples}; using {len(records)}. "
+                      "Add lines or lower samples", UserWarning, stacklevel=2)
+    return [_jsonl_sample(path, number, record, image_size) for number, record in records[:samples]]
 
 
 # ------------------------------------------------------------------------------------------ JSONL

@@ -35,6 +35,8 @@ class Frontend:
     # LLMs) or "fidelity" (the quantized model's block and model outputs against the float model's).
     evaluation_dataset: ClassVar[str] = "builtin:text-eval"
     evaluation_metric: ClassVar[str] = "fidelity"
+    # The family's own calibration data: what its shipped configs use, and what `slimc trace` traces with.
+    calibration_dataset: ClassVar[str] = "builtin:text"
 
     def load(self, source: ModelSource, *, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False) -> nn.Module:
         from slimc.frontends.hf import load_model

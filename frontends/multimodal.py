@@ -59,6 +59,7 @@ class MultimodalLLM(Frontend):
     description = "vision-language models: vision tower, projector, text decoder"
     evaluation_dataset = "builtin:image-text-eval"
     evaluation_metric = "fidelity"
+    calibration_dataset = "builtin:image-text"
 
     def load(self, source: ModelSource, *, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False) -> nn.Module:
         # batched_mm: fused MoE experts that fx can trace (the default grouped_mm cannot); dense models ignore it.
@@ -141,8 +142,9 @@ class MultimodalLLM(Frontend):
             raise DataError("the chat template put no image token in the prompt; check the model's chat template")
         needed = int(image_positions[-1]) + 1
         if needed > seq_len:
-            raise DataError(f"calibration.seq_len={seq_len} is shorter than a sample's prompt up to its last image token "
-                            f"({needed} tokens at image_size {sample.image.width}); raise seq_len or lower image_size")
+            raise DataError(f"seq_len {seq_len} is shorter than a sample's prompt up to its last image token ({needed} tokens "
+                            f"at image_size {sample.image.width}); raise seq_len (calibration.seq_len, or --seq-len of "
+                            "slimc trace) or lower calibration.image_size")
         return {k: (v[:, :seq_len] if k in SEQUENCE_KEYS else v) for k, v in row.items() if isinstance(v, torch.Tensor)}
 
 
@@ -164,6 +166,10 @@ def tower_of(model: nn.Module, sub_config: PretrainedConfig) -> tuple[str, nn.Mo
     """The outermost module built from `sub_config` (the vision tower from `config.vision_config`)."""
     for name, module in model.named_modules():
         if getattr(module, "config", None) is sub_config:
+            return name, module
+    for name, module in model.named_modules():  # a copy of the sub-config
+        config = getattr(module, "config", None)
+        if type(config) is type(sub_config) and config.to_dict() == sub_config.to_dict():
             return name, module
     raise ModelLoadError(f"{type(model).__name__}: found no module built from its {type(sub_config).__name__}")
 
