@@ -166,8 +166,9 @@ class OmniThinker(MultimodalLLM):
                 raise DataError(f"the chat template put no {key.rstrip('s')} token in the prompt; check the model's chat template")
             needed = max(needed, int(positions[-1]) + 1 if len(positions) else 0)
         if needed > seq_len:
-            raise DataError(f"calibration.seq_len={seq_len} is shorter than a sample's prompt up to its last image or audio "
-                            f"token ({needed} tokens); raise seq_len, or lower image_size or audio_seconds")
+            raise DataError(f"seq_len {seq_len} is shorter than a sample's prompt up to its last image or audio token "
+                            f"({needed} tokens); raise seq_len (calibration.seq_len, or --seq-len of slimc trace), or lower "
+                            "calibration.image_size or calibration.audio_seconds")
         return {k: (v[:, :seq_len] if k in SEQUENCE_KEYS else v) for k, v in row.items() if isinstance(v, torch.Tensor)}
 
 
