@@ -25,6 +25,7 @@ from slimc.cli import resolve_config_path
 from slimc.compile import Compiled, compile_model
 from slimc.config import config_from_data, load_config
 from slimc.errors import DataError
+from slimc.explain import trace_report
 from slimc.frontends.hf import resolve_model_source, write_model_files
 from slimc.frontends.multimodal import ComposedProcessor, MultimodalLLM, chat_template
 from slimc.media import load_image_text
@@ -225,6 +226,33 @@ def test_blocks_are_calibrated_on_the_inputs_the_quantized_model_gives_them(tmp_
     if kind == "qwen3_vl":  # deepstack mergers run between the vision blocks, before the final merger
         assert [block.name for block in program.stages[1].blocks] == [
             "model.visual.deepstack_merger_list.0", "model.visual.deepstack_merger_list.1", "model.visual.merger"]
+
+
+def test_batches_hold_one_image_per_sample_in_equal_unpadded_rows(tmp_path: Path) -> None:
+    model_dir = save_tiny_multimodal("glm4v_moe", tmp_path / "model")
+    source = resolve_model_source(model_dir)
+    frontend = MultimodalLLM()
+    program = frontend.build(source, frontend.load(source, dtype=torch.float32))
+    calibration = load_config(resolve_config_path(CONFIGS["glm4v_moe"]), [*SMALL, "calibration.samples=5",
+                                                                         "calibration.seq_len=40"]).calibration
+    report = RunReport()
+    batches = frontend.calibration_batches(calibration, source, program, report)
+    assert len(batches) == 2 and "the last 1 samples (an incomplete batch) were dropped" in report.notes[0]
+    per_image = GRID * GRID // MERGE**2
+    for batch in batches:
+        ids = batch["input_ids"]
+        assert ids.shape[0] == 2 and ids.shape[1] <= 40 and bool(batch["attention_mask"].all())
+        assert batch["image_grid_thw"].tolist() == [[1, GRID, GRID]] * 2
+        assert ((ids == source.config.image_token_id).sum(1) == per_image).all()
+        assert torch.equal(batch["mm_token_type_ids"], (ids == source.config.image_token_id).long())
+
+
+def test_slimc_trace_shows_the_three_stages(tmp_path: Path) -> None:
+    model_dir = save_tiny_multimodal("qwen3_vl_moe", tmp_path / "model")
+    text = trace_report(str(model_dir))
+    assert "stages vision (2), projector (3), text (2)" in text
+    assert "block model.visual.deepstack_merger_list.0 [projector]" in text
+    assert "experts          mlp.experts: 4 experts" in text
 
 
 # --------------------------------------------------------------------------------------------- processors
