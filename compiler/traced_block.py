@@ -68,7 +68,7 @@ class TracedBlock(nn.Module):
 
     def __init__(self, graph_module: fx.GraphModule, guard_module: fx.GraphModule, guards: list[Guard], *,
                  name: str, block: nn.Module, spec: pytree.TreeSpec, names: list[str], positional: list[str],
-                 leaves: list[Any]) -> None:
+                 leaves: list[Any], unread: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.name = name
@@ -79,6 +79,7 @@ class TracedBlock(nn.Module):
         self._expected = [(leaf.dtype, leaf.ndim, leaf.device) if isinstance(leaf, torch.Tensor) else leaf
                           for leaf in leaves]
         self._is_tensor = [isinstance(leaf, torch.Tensor) for leaf in leaves]
+        self._unread = unread  # constants the block never reads: any value of their type matches
 
     def __getattr__(self, name: str) -> Any:
         """Other attributes read through to the block, since model code reads some off its layers."""
@@ -102,9 +103,13 @@ class TracedBlock(nn.Module):
             got = leaf_names(paths, self._positional)
             missing, extra = [n for n in self._names if n not in got], [n for n in got if n not in self._names]
             return f"inputs {got} (missing {missing}, unexpected {extra}), traced with {self._names}"
-        for name, is_tensor, expected, leaf in zip(self._names, self._is_tensor, self._expected, leaves):
+        for index, (name, is_tensor, expected, leaf) in enumerate(zip(self._names, self._is_tensor, self._expected, leaves)):
             if is_tensor != isinstance(leaf, torch.Tensor):
                 return f"input {name} is {type(leaf).__name__}, traced with {'a tensor' if is_tensor else repr(expected)}"
+            if index in self._unread:
+                if type(leaf) is not type(expected):
+                    return f"input {name} is {type(leaf).__name__}, traced with {type(expected).__name__} (unread)"
+                continue
             if is_tensor and (leaf.dtype, leaf.ndim, leaf.device) != expected:
                 return (f"input {name} has dtype {leaf.dtype}, rank {leaf.ndim}, device {leaf.device}; "
                         f"traced with dtype {expected[0]}, rank {expected[1]}, device {expected[2]}")

@@ -347,18 +347,63 @@ def _difference(expected: Any, actual: Any) -> str | None:
     return None
 
 
+class _Unread:
+    """Stands in for a non-tensor extra argument while checking that a block ignores it."""
+
+    def __repr__(self) -> str:
+        return "<unread>"
+
+
+def _extra_constants(parameters: list[inspect.Parameter], with_paths: list[tuple]) -> list[int]:
+    """Indices of non-tensor leaves that land in the block's `*args` / `**kwargs` rather than a named parameter."""
+    named = [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    var_positional = any(p.kind == p.VAR_POSITIONAL for p in parameters)
+    var_keyword = any(p.kind == p.VAR_KEYWORD for p in parameters)
+    extras = []
+    for index, (path, leaf) in enumerate(with_paths):
+        if isinstance(leaf, torch.Tensor):
+            continue
+        top, first = path[0], path[1]
+        if (top.idx == 0 and var_positional and first.idx >= len(positional)) or \
+                (top.idx == 1 and var_keyword and first.key not in named):
+            extras.append(index)
+    return extras
+
+
+def _unread_constants(block: nn.Module, leaves: list[Any], spec: pytree.TreeSpec, extras: list[int],
+                      expected: Any) -> frozenset[int]:
+    """The extra constants the block never reads: it computes exactly the same with placeholders in their
+    place (HunyuanVideo blocks swallow an unused int in `*args`). They are then not baked into the trace,
+    so inputs that differ only there still match; else (the block reads one) every extra stays a constant."""
+    if not extras:
+        return frozenset()
+    probe = list(leaves)
+    for index in extras:
+        probe[index] = _Unread()
+    call_args, call_kwargs = pytree.tree_unflatten(probe, spec)
+    try:
+        with torch.no_grad():
+            output = block.forward(*call_args, **call_kwargs)
+    except Exception:
+        return frozenset()
+    return frozenset(extras) if _difference(expected, output) is None else frozenset()
+
+
 def trace_block(block: nn.Module, args: tuple, kwargs: dict, *, name: str) -> TracedBlock:
     """Trace one block (decoder layer, vision block, DiT block) on example inputs.
 
     `(args, kwargs)` are the block's inputs as the model called it (capture them with a forward
-    pre-hook, `with_kwargs=True`). Tensor leaves become graph inputs; other leaves are baked in.
+    pre-hook, `with_kwargs=True`). Tensor leaves become graph inputs; other leaves are baked in,
+    except those passed into the block's `*args`/`**kwargs` that it never reads (any value of
+    the same type then matches).
     The graph is checked to reproduce `block.forward` exactly on these inputs; a block that cannot
     be traced, or whose graph differs, raises TraceError naming the block and the operation.
     """
     args, kwargs = normalise_inputs(args, kwargs)
     with_paths, spec = pytree.tree_flatten_with_path((args, kwargs))
     leaves = [leaf for _, leaf in with_paths]
-    parameters = inspect.signature(block.forward).parameters.values()
+    parameters = list(inspect.signature(block.forward).parameters.values())
     positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     names = leaf_names([path for path, _ in with_paths], positional)
     tensor_names = [n for n, leaf in zip(names, leaves) if isinstance(leaf, torch.Tensor)]
@@ -377,6 +422,7 @@ def trace_block(block: nn.Module, args: tuple, kwargs: dict, *, name: str) -> Tr
             expected = block.forward(*args, **kwargs)
     except Exception as exc:
         raise TraceError(f"block {name!r} fails on its example inputs: {type(exc).__name__}: {exc}") from exc
+    unread = _unread_constants(block, leaves, spec, _extra_constants(parameters, with_paths), expected)
     attributes_before = set(block.__dict__)
     try:
         with torch.no_grad(), _routed_attention(block):
@@ -397,7 +443,7 @@ def trace_block(block: nn.Module, args: tuple, kwargs: dict, *, name: str) -> Tr
         for key in set(block.__dict__) - attributes_before:  # constants fx parked on the block
             del block.__dict__[key]
     traced = TracedBlock(graph_module, guard_module, tracer.guards, name=name, block=block, spec=spec,
-                         names=names, positional=positional, leaves=leaves)
+                         names=names, positional=positional, leaves=leaves, unread=unread)
     with torch.no_grad():
         difference = _difference(expected, traced.run_flat([t.clone() for t in tensors]))
     if difference is not None:

@@ -236,6 +236,35 @@ class Noisy(nn.Module):
         return x + torch.rand_like(x)
 
 
+class IgnoresExtras(nn.Module):
+    """Like HunyuanVideo's dual/single blocks: extra arguments are swallowed and never read."""
+
+    def forward(self, x: torch.Tensor, scale: float | None = None, *args, **kwargs) -> torch.Tensor:
+        return x * 2 if scale is None else x * scale
+
+
+class ReadsExtras(nn.Module):
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        return x * args[0]
+
+
+def test_constants_a_block_never_reads_from_its_star_args_match_any_value_of_their_type():
+    block = trace_block(IgnoresExtras(), (torch.randn(2, 3), None, 4), {"flag": 7}, name="toy")
+    x = torch.randn(2, 3)
+    assert block.matches((x, None, 12), {"flag": 9})
+    assert torch.equal(block(x, None, 12, flag=9), x * 2)
+    assert not block.matches((x, None, "12"), {"flag": 9})  # another type
+    assert not block.matches((x, 3.0, 12), {"flag": 9})  # a named parameter stays a constant
+
+
+def test_constants_a_block_reads_from_its_star_args_stay_baked_in():
+    block = trace_block(ReadsExtras(), (torch.randn(2, 3), 4), {}, name="toy")
+    x = torch.randn(2, 3)
+    assert torch.equal(block(x, 4), x * 4)
+    with pytest.raises(TraceError, match="input arg1 is 5, traced with 4"):
+        block(x, 5)
+
+
 def test_shape_unpacking_and_chunk_iteration_stay_symbolic_in_sizes():
     block = trace_block(UnpackAndChunk(), (torch.randn(2, 5, 8),), {}, name="toy")
     x = torch.randn(3, 7, 6)
