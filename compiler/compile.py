@@ -15,6 +15,7 @@ from slimc.export import check_disk_space, check_output_dir, staged_output
 from slimc.frontends import Frontend, frontend_for
 from slimc.frontends.hf import (
     ModelSource,
+    checkpoint_dtype,
     default_model_path,
     resolve_model_source,
 )
@@ -30,6 +31,8 @@ def model_dtype(config: SlimcConfig, source: ModelSource) -> torch.dtype:
     """The configured dtype; `auto` keeps the checkpoint's own (float32 for GGUF, which is dequantized)."""
     if config.model.dtype != "auto":
         return DTYPES[config.model.dtype]
+    if source.library == "diffusers":  # diffusers configs record no dtype: the checkpoint's own
+        return checkpoint_dtype(source) or torch.float32
     declared = getattr(source.config, "dtype", None) or getattr(source.config, "torch_dtype", None)
     if source.gguf_file is None and isinstance(declared, torch.dtype):
         return declared
@@ -85,7 +88,9 @@ def build_backends(config: SlimcConfig) -> list[Backend]:
 def load_program(config: SlimcConfig, source: ModelSource, frontend: Frontend, report: RunReport) -> Program:
     with report.timed("load"):
         model = frontend.load(source, dtype=model_dtype(config, source), trust_remote_code=config.model.trust_remote_code)
-    return frontend.build(source, model)
+    program = frontend.build(source, model)
+    program.metadata["device"] = config.model.device  # where a frontend may run the model to make calibration data
+    return program
 
 
 @dataclass
@@ -114,9 +119,10 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
         with report.timed("export"), staged_output(out_dir, overwrite) as staging:
             for backend in backends:
                 target = staging / backend.format_name
-                target.mkdir()
-                backend.write(program, target)
-                backend.verify(program, target)
+                for subdirectory, part in program.export_parts().items():
+                    (target / subdirectory).mkdir(parents=True)
+                    backend.write(part, target / subdirectory)
+                    backend.verify(part, target / subdirectory)
                 report.outputs[backend.format_name] = directory_size(target)
             report.finish()
             (staging / REPORT_FILE).write_text(report.to_json())

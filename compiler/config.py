@@ -46,6 +46,7 @@ class DiffusionSampling(_Strict):
     width: int = Field(512, gt=0)
     frames: int = Field(1, gt=0)  # video pipelines (HunyuanVideo, Wan)
     guidance_scale: float | None = None  # None: the pipeline's default
+    max_sequence_length: int | None = Field(None, gt=0)  # text tokens; None: the pipeline's default
     seed: int = 0
 
 

@@ -166,6 +166,13 @@ class Program:
     embeddings: list[str] = field(default_factory=list)
     head: str | None = None
     find_head_norm: Callable[[], str | None] | None = field(default=None, repr=False)
+    # Models inside the program that are exported separately (Wan2.2's two experts): set by the frontend,
+    # it gives a Program of each, by output subdirectory.
+    parts: Callable[[], dict[str, Program]] | None = field(default=None, repr=False)
+
+    def export_parts(self) -> dict[str, Program]:
+        """What backends write, by subdirectory of their output: {"": self}, or one Program per part."""
+        return {"": self} if self.parts is None else self.parts()
 
     @property
     def blocks(self) -> list[Block]:

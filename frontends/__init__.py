@@ -53,11 +53,12 @@ class Frontend:
 
 
 def all_frontends() -> list[Frontend]:
+    from slimc.frontends.diffusion import DiffusionTransformer
     from slimc.frontends.llm import DecoderLLM
     from slimc.frontends.multimodal import MultimodalLLM
     from slimc.frontends.omni import OmniThinker
 
-    return [DecoderLLM(), MultimodalLLM(), OmniThinker()]
+    return [DecoderLLM(), DiffusionTransformer(), MultimodalLLM(), OmniThinker()]
 
 
 def supported_architectures() -> list[str]:

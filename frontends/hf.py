@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -362,6 +363,8 @@ def write_model_files(source: ModelSource, dest: Path, config_updates: dict | No
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    if source.library == "diffusers":
+        return _write_diffusers_files(source, dest, config_updates)
     # A GGUF has no config.json beside it: its config is the parsed one.
     config = json.loads(source.config.to_json_string(use_diff=True)) if source.is_gguf else _read_config_json(source.path)
     written = [_write_json(dest / CONFIG_FILE, {**config_dict_without_quantization(config), **(config_updates or {})})]
@@ -385,6 +388,40 @@ def model_files(path: Path) -> list[Path]:
     weights, weight indexes, config.json and hidden files."""
     return sorted(p for p in Path(path).iterdir() if p.is_file() and p.name != CONFIG_FILE
                   and not p.name.startswith(".") and not p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def _write_diffusers_files(source: ModelSource, dest: Path, config_updates: dict | None) -> list[Path]:
+    """A diffusers transformer's config.json and, from a pipeline, the pipeline's model_index.json (as
+    msModelSlim copies it). A pipeline with two transformers is written one transformer per directory."""
+    if len(source.components) > 1:
+        raise ModelLoadError(f"{source.path}: write the files of each transformer ({', '.join(source.components)}) "
+                             "to its own directory")
+    model_dir = source.path / source.components[0] if source.is_pipeline else source.path
+    config = {**config_dict_without_quantization(_read_config_json(model_dir)), **(config_updates or {})}
+    written = [_write_json(dest / CONFIG_FILE, config)]
+    if source.is_pipeline:
+        written.append(Path(shutil.copyfile(source.path / PIPELINE_INDEX, dest / PIPELINE_INDEX)))
+    for path in written:
+        path.chmod(FILE_MODE)
+    return written
+
+
+def checkpoint_dtype(source: ModelSource) -> torch.dtype | None:
+    """The dtype of most floating weights in a diffusers checkpoint (its config does not record one)."""
+    model_dir = source.path / source.components[0] if source.is_pipeline else source.path
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    counts: dict[str, int] = {}
+    with safe_open(files[0], "pt") as f:
+        for name in f.keys():
+            kind = f.get_slice(name).get_dtype()
+            counts[kind] = counts.get(kind, 0) + 1
+    floats = {kind: n for kind, n in counts.items() if kind in _SAFETENSORS_FLOATS}
+    return _SAFETENSORS_FLOATS[max(floats, key=floats.get)] if floats else None
+
+
+_SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def _write_json(path: Path, data: dict) -> Path:

@@ -88,8 +88,8 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown diffusion kind {kind!r}; expected one of {DIFFUSION_KINDS}")
 
 
-def _randomise(model: nn.Module, seed: int) -> None:
-    """0.02·randn for every parameter, except norm weights, which are drawn around 1."""
+def _randomise(model: nn.Module, seed: int, std: float = 0.02) -> None:
+    """std·randn for every parameter, except norm weights, which are drawn around 1."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -98,16 +98,20 @@ def _randomise(model: nn.Module, seed: int) -> None:
             if "Norm" in type(owner).__name__ and leaf == "weight":
                 param.copy_(1.0 + 0.25 * torch.randn(param.shape, generator=generator))
             else:
-                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+                param.copy_(std * torch.randn(param.shape, generator=generator))
 
 
-def tiny_transformer(kind: str, seed: int = 0) -> ModelMixin:
-    """The tiny float32 transformer of `kind` (one of DIFFUSION_KINDS), in eval mode."""
+def tiny_transformer(kind: str, seed: int = 0, *, weight_std: float = 0.02) -> ModelMixin:
+    """The tiny float32 transformer of `kind` (one of DIFFUSION_KINDS), in eval mode.
+
+    With the default `weight_std` the blocks barely change the output (the AdaLN gates are ~0.02);
+    0.3 gives gates and block updates of order one, so that quantizing the blocks shows in the output.
+    """
     _check_kind(kind)
     model_cls, config = _TRANSFORMERS[kind]
     torch.manual_seed(seed)
     model = model_cls(**config)
-    _randomise(model, seed + 1)
+    _randomise(model, seed + 1, weight_std)
     return model.eval()
 
 
@@ -304,23 +308,24 @@ def _wan_pipeline(transformer: ModelMixin, transformer_2: ModelMixin | None) -> 
 WAN22_BOUNDARY_RATIO = 0.875  # Wan2.2-T2V-A14B: `transformer` runs while t >= 875, then `transformer_2`
 
 
-def tiny_pipeline(kind: str, seed: int = 0, *, two_experts: bool = False) -> DiffusionPipeline:
+def tiny_pipeline(kind: str, seed: int = 0, *, two_experts: bool = False, weight_std: float = 0.02) -> DiffusionPipeline:
     """The tiny float32 pipeline of `kind` around `tiny_transformer(kind, seed)`.
 
     `two_experts` (Wan only) builds the Wan2.2 A14B layout: a second transformer (`transformer_2`,
-    seed + 1) for the low-noise steps and `boundary_ratio` in the pipeline config.
+    seed + 1) for the low-noise steps and `boundary_ratio` in the pipeline config. `weight_std` is
+    the transformers' (see `tiny_transformer`).
     """
     _check_kind(kind)
     if two_experts and kind != "wan":
         raise ValueError("only the Wan pipeline has two experts")
-    transformer = tiny_transformer(kind, seed)
+    transformer = tiny_transformer(kind, seed, weight_std=weight_std)
     torch.manual_seed(seed + 2)  # text encoders and VAE keep their own initialisation, seeded
     if kind == "flux":
         pipe = _flux_pipeline(transformer)
     elif kind == "hunyuan_video":
         pipe = _hunyuan_video_pipeline(transformer)
     else:
-        pipe = _wan_pipeline(transformer, tiny_transformer(kind, seed + 1) if two_experts else None)
+        pipe = _wan_pipeline(transformer, tiny_transformer(kind, seed + 1, weight_std=weight_std) if two_experts else None)
     for component in pipe.components.values():
         if isinstance(component, nn.Module):
             component.eval()
@@ -328,10 +333,11 @@ def tiny_pipeline(kind: str, seed: int = 0, *, two_experts: bool = False) -> Dif
     return pipe
 
 
-def save_tiny_pipeline(kind: str, directory: str | Path, seed: int = 0, *, two_experts: bool = False) -> Path:
+def save_tiny_pipeline(kind: str, directory: str | Path, seed: int = 0, *, two_experts: bool = False,
+                       weight_std: float = 0.02) -> Path:
     """A complete diffusers pipeline directory (model_index.json, one subfolder per component, safetensors)."""
     directory = Path(directory)
-    tiny_pipeline(kind, seed, two_experts=two_experts).save_pretrained(directory, safe_serialization=True)
+    tiny_pipeline(kind, seed, two_experts=two_experts, weight_std=weight_std).save_pretrained(directory, safe_serialization=True)
     return directory
 
 

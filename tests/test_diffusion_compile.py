@@ -1,0 +1,103 @@
+"""Every shipped diffusion config compiles its tiny pipeline, and the Ascend files reproduce the result.
+
+Each row saves a tiny pipeline (Wan2.2: both experts), compiles it with the shipped config through the
+Ascend export (calibration shrunk by --set overrides), rebuilds every exported transformer from its
+files with the independent reader, and compares it on fresh inputs at another resolution than the
+calibration's with the fake-quant program and with the float transformer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import ModelMixin
+from programs import relative
+from tiny_diffusion import save_tiny_pipeline, tiny_transformer_inputs
+
+from slimc.backends.mindie_reader import load_ascend_model
+from slimc.cli import resolve_config_path
+from slimc.compile import compile_model
+from slimc.config import load_config
+from slimc.frontends.diffusion import EXPERT_KEY
+
+# (shipped config, tiny pipeline kind, Wan2.2 two experts); W8A8 rows also hold the float model's output.
+ROWS = [
+    ("flux/w8a8.yaml", "flux", False), ("flux/w4a4.yaml", "flux", False),
+    ("hunyuan_video/w8a8.yaml", "hunyuan_video", False), ("hunyuan_video/w4a4.yaml", "hunyuan_video", False),
+    ("wan2_2/w8a8.yaml", "wan", True), ("wan2_2/w4a4.yaml", "wan", True),
+]
+# Tiny pipelines: 16x16 images / 32x32 5-frame videos, 2 prompts, 16 text tokens, 2 steps (Wan2.2: one
+# per expert), one smoothing alpha instead of the searched grid.
+SMALL = ["calibration.samples=2", "calibration.diffusion.steps=2", "calibration.diffusion.max_sequence_length=16",
+         "pipeline.0.search_grid=[0.5]"]
+SIZES = {"flux": ["calibration.diffusion.height=16", "calibration.diffusion.width=16"],
+         "hunyuan_video": ["calibration.diffusion.height=32", "calibration.diffusion.width=32", "calibration.diffusion.frames=5"],
+         "wan": ["calibration.diffusion.height=32", "calibration.diffusion.width=32", "calibration.diffusion.frames=5"]}
+# Cosine similarity of the quantized transformer's output with the float one's, on the tiny models.
+FIDELITY = {"w8a8": 0.99, "w4a4": 0.8}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny matmuls on a shared machine: one thread is many times faster than contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    return {(kind, two): save_tiny_pipeline(kind, root / f"{kind}-{two}", two_experts=two, weight_std=0.3)
+            for _, kind, two in ROWS}
+
+
+def checkpoint_name(name: str, written: dict) -> str:
+    """The diffusers state_dict name, except that a Linear behind an explicit smoothing multiply sits under
+    `.linear` beside its `.div.mul_scale` (msModelSlim's non-fusion layout)."""
+    prefix, _, leaf = name.rpartition(".")
+    return f"{prefix}.linear.{leaf}" if f"{prefix}.div.mul_scale" in written else name
+
+
+def fresh_inputs(model: ModelMixin, kind: str) -> dict:
+    """Inputs the calibration never saw, at another resolution (Flux 6x6 tokens, video 3x8x6 latents)."""
+    inputs = tiny_transformer_inputs(model, kind, batch=2, seed=11)
+    generator = torch.Generator().manual_seed(12)
+    if kind == "flux":
+        rows, cols = torch.meshgrid(torch.arange(6), torch.arange(6), indexing="ij")
+        inputs["img_ids"] = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+        inputs["hidden_states"] = torch.randn(2, 36, model.config.in_channels, generator=generator)
+        inputs["joint_attention_kwargs"] = {}  # as FluxPipeline passes it (traced blocks see the call's structure)
+    else:
+        inputs["hidden_states"] = torch.randn(2, model.config.in_channels, 3, 8, 6, generator=generator)
+    return inputs
+
+
+@pytest.mark.parametrize(("config_name", "kind", "two_experts"), ROWS)
+def test_shipped_diffusion_config_compiles_and_the_ascend_files_reproduce_the_quantized_model(
+        tmp_path, pipelines, config_name, kind, two_experts):
+    pipeline_dir = pipelines[(kind, two_experts)]
+    config = load_config(resolve_config_path(config_name), SMALL + SIZES[kind])
+    compiled = compile_model(config, model_path=str(pipeline_dir), out_dir=tmp_path / "out")
+    program = compiled.program
+    experts = ["transformer", "transformer_2"] if two_experts else [""]
+    assert sorted(p.name for p in (tmp_path / "out" / "mindie").iterdir() if p.is_dir()) == [e for e in experts if e]
+    for expert in experts:
+        out_dir = tmp_path / "out" / "mindie" / expert
+        assert {"config.json", "model_index.json", "quant_model_description.json"} <= {p.name for p in out_dir.iterdir()}
+        float_model = type(program.model.get_submodule(expert)).from_pretrained(pipeline_dir / (expert or "transformer")).eval()
+        written = json.loads((out_dir / "quant_model_description.json").read_text())
+        assert {checkpoint_name(n, written) for n in float_model.state_dict()} <= set(written)
+        inputs = fresh_inputs(float_model, kind)
+        batch = {EXPERT_KEY: expert, **inputs} if expert else inputs
+        with torch.no_grad(), program.executing_graphs():
+            expected = program.call(program.model, batch)[0]
+        with torch.no_grad():
+            from_files = load_ascend_model(out_dir)(**inputs)[0]
+            reference = float_model(**inputs)[0]
+        assert relative(from_files, expected) < 1e-4
+        cosine = torch.nn.functional.cosine_similarity(from_files.flatten(), reference.flatten(), dim=0)
+        assert cosine > FIDELITY[config_name.split("/")[1].removesuffix(".yaml")]
