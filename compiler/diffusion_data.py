@@ -373,6 +373,9 @@ def calibration_calls(calibration: CalibrationConfig, pipeline_dir: Path | None,
         calls = [c for c in calls if c.expert in experts]
     check_uniform(calls)
     missing = [e for e in experts if not any(c.expert == e for c in calls)]
+    if missing and is_recorded_inputs(spec):
+        raise DataError(f"{spec} holds no call of {', '.join(missing)}; record the inputs with enough steps that "
+                        "the pipeline runs every expert")
     if missing:
         raise DataError(f"no calibration call reached {', '.join(missing)}: with {calibration.diffusion.steps} steps the "
                         "pipeline never switched to it; use more steps (calibration.diffusion.steps)")

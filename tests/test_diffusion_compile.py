@@ -17,7 +17,7 @@ from programs import relative
 from tiny_diffusion import save_tiny_pipeline, tiny_transformer_inputs
 
 from slimc.backends.mindie_reader import load_ascend_model
-from slimc.cli import resolve_config_path
+from slimc.cli import main, resolve_config_path
 from slimc.compile import compile_model
 from slimc.config import load_config
 from slimc.frontends.diffusion import EXPERT_KEY
@@ -35,6 +35,7 @@ SMALL = ["calibration.samples=2", "calibration.diffusion.steps=2", "calibration.
 SIZES = {"flux": ["calibration.diffusion.height=16", "calibration.diffusion.width=16"],
          "hunyuan_video": ["calibration.diffusion.height=32", "calibration.diffusion.width=32", "calibration.diffusion.frames=5"],
          "wan": ["calibration.diffusion.height=32", "calibration.diffusion.width=32", "calibration.diffusion.frames=5"]}
+MODULATION = ("norm1.linear.weight", "norm1_context.linear.weight", "norm.linear.weight", "norm_out.linear.weight")
 # Cosine similarity of the quantized transformer's output with the float one's, on the tiny models.
 FIDELITY = {"w8a8": 0.99, "w4a4": 0.8}
 
@@ -91,6 +92,11 @@ def test_shipped_diffusion_config_compiles_and_the_ascend_files_reproduce_the_qu
         float_model = type(program.model.get_submodule(expert)).from_pretrained(pipeline_dir / (expert or "transformer")).eval()
         written = json.loads((out_dir / "quant_model_description.json").read_text())
         assert {checkpoint_name(n, written) for n in float_model.state_dict()} <= set(written)
+        quantized = {n for n, t in written.items() if n.endswith(".weight") and isinstance(t, str) and t != "FLOAT"}
+        blocks = tuple(f"{stage.name}." for stage in program.export_parts()[expert].stages)
+        assert quantized and all(n.startswith(blocks) for n in quantized)  # nothing outside the blocks
+        modulation = {n for n in written if n.startswith(blocks) and n.endswith(MODULATION)}
+        assert bool(modulation) == (kind != "wan") and all(written[n] == "FLOAT" for n in modulation)  # AdaLN stays float
         inputs = fresh_inputs(float_model, kind)
         batch = {EXPERT_KEY: expert, **inputs} if expert else inputs
         with torch.no_grad(), program.executing_graphs():
@@ -101,3 +107,19 @@ def test_shipped_diffusion_config_compiles_and_the_ascend_files_reproduce_the_qu
         assert relative(from_files, expected) < 1e-4
         cosine = torch.nn.functional.cosine_similarity(from_files.flatten(), reference.flatten(), dim=0)
         assert cosine > FIDELITY[config_name.split("/")[1].removesuffix(".yaml")]
+
+
+def test_a_transformer_directory_compiles_from_inputs_recorded_from_its_pipeline(tmp_path, pipelines):
+    pipeline_dir, recorded = pipelines[("flux", False)], tmp_path / "inputs.safetensors"
+    config_file, overrides = resolve_config_path("flux/w8a8.yaml"), SMALL + SIZES["flux"]
+    assert main(["record", str(config_file), "--model", str(pipeline_dir), "--out", str(recorded),
+                 *(arg for override in overrides for arg in ("--set", override))]) == 0
+    config = load_config(config_file, [*overrides, f"calibration.dataset={recorded}"])
+    program = compile_model(config, model_path=str(pipeline_dir / "transformer"), out_dir=tmp_path / "out").program
+    out_dir = tmp_path / "out" / "mindie"
+    assert (out_dir / "config.json").is_file() and not (out_dir / "model_index.json").exists()
+    inputs = fresh_inputs(program.model, "flux")
+    with torch.no_grad(), program.executing_graphs():
+        expected = program.model(**inputs)[0]
+    with torch.no_grad():
+        assert relative(load_ascend_model(out_dir)(**inputs)[0], expected) < 1e-4
