@@ -99,8 +99,7 @@ class DiffusionTransformer(Frontend):
     def load(self, source: ModelSource, *, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False) -> nn.Module:
         if not source.is_pipeline:
             return _load_transformer(source, dtype, device)
-        loaded = {name: _load_transformer(component_source(source, name), dtype, device, source.path / name)
-                  for name in source.components}
+        loaded = {name: _load_transformer(component_source(source, name), dtype, device) for name in source.components}
         return next(iter(loaded.values())) if len(loaded) == 1 else PipelineTransformers(loaded).eval()
 
     def build(self, source: ModelSource, model: nn.Module) -> Program:
@@ -139,11 +138,12 @@ def _expert_programs(program: Program) -> dict[str, Program]:
     return {name: expert_program(program, name) for name, _ in program.model.named_children()}
 
 
-def _load_transformer(source: ModelSource, dtype: torch.dtype, device: str, where: Any = None) -> nn.Module:
+def _load_transformer(source: ModelSource, dtype: torch.dtype, device: str) -> nn.Module:
+    """The transformer of a transformer directory, or of a one-component pipeline source."""
+    directory = source.path / source.components[0] if source.is_pipeline else source.path
     try:
-        model = auto_class(source).from_pretrained(source.path / source.components[0] if source.is_pipeline else source.path,
-                                                   torch_dtype=dtype, use_safetensors=True)
+        model = auto_class(source).from_pretrained(directory, torch_dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as error:
-        raise ModelLoadError(f"could not load the transformer from {where or source.path}: {str(error).splitlines()[0]}; "
+        raise ModelLoadError(f"could not load the transformer from {directory}: {str(error).splitlines()[0]}; "
                              "check the weight files are complete and match config.json") from None
     return model.to(device).eval()
