@@ -102,12 +102,21 @@ def test_reader_reproduces_the_fake_quantized_diffusers_transformer_compiled_by_
 
 
 def test_diffusers_outputs_are_named_by_the_models_state_dict(compiled_dit):
+    """Every tensor keeps its state_dict name; a Linear behind an explicit smoothing multiply (Wan) is
+    written as msModelSlim does: `P.div.mul_scale` beside its own tensors under `P.linear.*`."""
     _, out, program, _, _ = compiled_dit
-    written = checkpoint_names(out)
+    multiplied = {n.removesuffix(".div.mul_scale") for n in checkpoint_names(out) if n.endswith(".div.mul_scale")}
+    written = {_unnested(n, multiplied) for n in checkpoint_names(out) if not n.endswith(".div.mul_scale")}
     saved = checkpoint_names(program.source.path)
-    quantized = {name for name, kind in tensor_types(read_description(out)).items() if kind != "FLOAT"}
+    quantized = {_unnested(n, multiplied) for n, kind in tensor_types(read_description(out)).items() if kind != "FLOAT"}
     assert quantized and {n for n in quantized if n.endswith(".weight")} <= saved
     assert {n for n in written if n not in quantized and not n.endswith((".weight_scale", ".weight_offset"))} <= saved
+    assert (len(multiplied) > 0) == (program.source.architecture == "WanTransformer3DModel")
+
+
+def _unnested(name: str, multiplied: set[str]) -> str:
+    prefix = next((p for p in multiplied if name.startswith(f"{p}.linear.")), None)
+    return name if prefix is None else f"{prefix}.{name.removeprefix(f'{prefix}.linear.')}"
 
 
 def lower_every_linear(model: nn.Module, keep: tuple[str, ...] = ("lm_head",)) -> nn.Module:
