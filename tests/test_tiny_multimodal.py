@@ -19,8 +19,7 @@ from tiny_multimodal import (
     tiny_multimodal_inputs,
     tiny_multimodal_model,
 )
-from transformers import AutoConfig, AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, AutoTokenizer
-from transformers.utils import is_torchvision_available
+from transformers import AutoConfig, AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -72,19 +71,3 @@ def test_saved_directory_reloads_offline(kind: str, saved: dict[str, Path]) -> N
         reloaded = model(**inputs, use_cache=False).logits
         original = tiny_multimodal_model(kind)(**inputs, use_cache=False).logits
     torch.testing.assert_close(reloaded, original, rtol=0, atol=0)
-
-
-@pytest.mark.skipif(not is_torchvision_available(), reason="transformers' processors of these classes need torchvision")
-@pytest.mark.parametrize("kind", MULTIMODAL_KINDS)
-def test_saved_directory_reloads_with_auto_processor(kind: str, saved: dict[str, Path]) -> None:
-    processor = AutoProcessor.from_pretrained(saved[kind])
-    text, images, audio = _prompt(kind)
-    inputs = processor(text=text, images=images, audio=audio, return_tensors="pt")
-    expected = processor_inputs(kind, processor.tokenizer, processor.image_processor, text, images,
-                                getattr(processor, "feature_extractor", None), audio)
-    for name, value in expected.items():
-        assert torch.equal(inputs[name], value), name
-    model = model_class(kind).from_pretrained(saved[kind], experts_implementation="batched_mm").eval()
-    with torch.no_grad():
-        logits = model(**inputs, use_cache=False).logits
-    assert logits.shape == (*inputs["input_ids"].shape, VOCAB_SIZE)
