@@ -279,7 +279,8 @@ def _online_rotations(program: Program, parts: list[_Part]) -> dict[str, torch.n
             for user in node.users:
                 while user.op == "call_module" and isinstance(gm.get_submodule(user.target), FakeQuantize):
                     user = next(iter(user.users))
-                found[block.qualified(user.target)] = gm.get_submodule(node.target)
+                found.update(dict.fromkeys(_checkpoint_prefixes(program, parts, block.qualified(user.target)),
+                                           gm.get_submodule(node.target)))
         for name, module in block.module.named_modules():
             transform = getattr(module, "down_transform", None)
             if transform is None:
@@ -291,6 +292,16 @@ def _online_rotations(program: Program, parts: list[_Part]) -> dict[str, torch.n
                                   "Ascend records online rotations of quantized experts only")
             found.update(dict.fromkeys(prefixes, transform))
     return found
+
+
+def _checkpoint_prefixes(program: Program, parts: list[_Part], linear: str) -> list[str]:
+    """The checkpoint names (without .weight) of a runtime Linear: its parts if quantized, else its own conversion."""
+    runtime = f"{linear}.weight"
+    prefixes = [part.prefix for part in parts if part.runtime == runtime]
+    if not prefixes:
+        shape = program.model.get_submodule(linear).weight.shape
+        prefixes = [name.removesuffix(".weight") for name in checkpoint_row_layout(program.model, {runtime: shape})]
+    return prefixes
 
 
 def _rotation_tensors(program: Program, parts: list[_Part]) -> dict[str, torch.Tensor]:

@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("trace", help="print the blocks, leaves and patterns found in a model")
     p.add_argument("model", nargs="?", help="model directory or .gguf file (default: SmolLM2-135M)")
-    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--seq-len", type=int, help="tokens of the traced text sample (default: what the model family needs)")
     p.set_defaults(run=_trace)
 
     p = sub.add_parser("eval", help="what quantization lost: perplexity (LLMs) or fidelity to the float model (other families)")

@@ -25,21 +25,21 @@ from slimc.patterns import (
 from slimc.pipeline import Pipeline
 from slimc.report import RunReport
 
-TRACE_IMAGE_SIZE = 64  # pixels: the fewest image tokens processors allow, so a short seq_len holds them
 
-
-def traced_program(model_path: str | None, *, seq_len: int = 32) -> Program:
-    """Load a model in float32 and trace every block on one small calibration batch of the frontend's
-    default data (a short text window; one image; one diffusion step)."""
+def traced_program(model_path: str | None, *, seq_len: int | None = None) -> Program:
+    """Load a model in float32 and trace every block on one small sample of the frontend's own data
+    (its `trace_calibration` settings: a short text window, one small image, two diffusion steps)."""
     source = resolve_model_source(model_path or default_model_path())
     frontend = frontend_for(source)
     program = frontend.build(source, frontend.load(source, dtype=torch.float32))
-    config = config_from_data({"calibration": {"dataset": frontend.calibration_dataset, "samples": 1, "seq_len": seq_len,
-                                               "batch_size": 1, "image_size": TRACE_IMAGE_SIZE, "diffusion": {"steps": 1}}})
+    settings = {"dataset": frontend.calibration_dataset, "samples": 1, "batch_size": 1, **frontend.trace_calibration}
+    if seq_len is not None:
+        settings["seq_len"] = seq_len
+    config = config_from_data({"calibration": settings})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batches = frontend.calibration_batches(config.calibration, source, program)
-    Pipeline([]).run(program, config, batches[:1], RunReport())
+    Pipeline([]).run(program, config, batches, RunReport())
     return program
 
 
@@ -84,7 +84,7 @@ def _chunk_rows(gm, group: ModulationGroup) -> str:
             f"and [{shift.start}:{shift.stop}) (shift, chunk {group.shift_chunk})")
 
 
-def trace_report(model_path: str | None, *, seq_len: int = 32) -> str:
+def trace_report(model_path: str | None, *, seq_len: int | None = None) -> str:
     program = traced_program(model_path, seq_len=seq_len)
     stages = ", ".join(f"{stage.name} ({len(stage.blocks)})" for stage in program.stages)
     lines = [

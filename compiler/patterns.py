@@ -294,7 +294,7 @@ def find_residual_stream(gm: fx.GraphModule) -> ResidualStream:
             stream.problem = _stream_problem(node)
             return stream
     groups = {group.norm: group for group in find_norm_linear_groups(gm)}
-    for node in carriers:
+    for node in sorted(carriers, key=lambda n: graph.nodes[n]["order"]):
         for reader in _through(graph, node, _keeps_channels):
             kind = graph.nodes[reader]["kind"]
             if reader in carriers or reader.op == "output":

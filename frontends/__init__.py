@@ -37,6 +37,8 @@ class Frontend:
     evaluation_metric: ClassVar[str] = "fidelity"
     # The family's own calibration data: what its shipped configs use, and what `slimc trace` traces with.
     calibration_dataset: ClassVar[str] = "builtin:text"
+    # Calibration settings for `slimc trace`: the smallest batches that still reach every stage.
+    trace_calibration: ClassVar[dict] = {"seq_len": 32}
 
     def load(self, source: ModelSource, *, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False) -> nn.Module:
         from slimc.frontends.hf import load_model

@@ -93,6 +93,7 @@ class DiffusionTransformer(Frontend):
     architectures = ("FluxTransformer2DModel", "HunyuanVideoTransformer3DModel", "WanTransformer3DModel")
     description = "diffusion transformers (diffusers): FLUX.1, HunyuanVideo, Wan 2.1/2.2"
     calibration_dataset = "builtin:prompts"
+    trace_calibration = {"diffusion": {"steps": 2}}  # two steps reach both Wan2.2 experts (boundary at 0.875)
     evaluation_dataset = "builtin:prompts-eval"
     evaluation_metric = "fidelity"
 

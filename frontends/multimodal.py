@@ -60,6 +60,7 @@ class MultimodalLLM(Frontend):
     evaluation_dataset = "builtin:image-text-eval"
     evaluation_metric = "fidelity"
     calibration_dataset = "builtin:image-text"
+    trace_calibration = {"seq_len": 32, "image_size": 64}  # 64 px: the fewest image tokens processors allow
 
     def load(self, source: ModelSource, *, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False) -> nn.Module:
         # batched_mm: fused MoE experts that fx can trace (the default grouped_mm cannot); dense models ignore it.

@@ -63,6 +63,7 @@ class OmniThinker(MultimodalLLM):
     architectures = (*THINKERS, *WHOLE_MODELS)
     description = "omni thinkers: audio encoder, vision tower, projector, text decoder (talker copied unchanged)"
     calibration_dataset = "builtin:omni"
+    trace_calibration = {"seq_len": 256, "image_size": 64, "audio_seconds": 1.0}  # room for one image's and one second's tokens
     evaluation_dataset = "builtin:omni-eval"
 
     def load(self, source: ModelSource, *, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False) -> nn.Module:

@@ -318,3 +318,27 @@ def test_bad_image_text_lines_are_named_with_their_line(tmp_path: Path, line: st
     data.write_text('{"image": "a.png", "text": "Describe it."}\n' + line + "\n")
     with pytest.raises(DataError, match=message):
         load_image_text(str(data), samples=2, image_size=32)
+
+
+@torch.no_grad()
+def test_online_rotations_are_written_under_checkpoint_names(tmp_path: Path) -> None:
+    """Qwen2.5-VL's checkpoint names its text layers `model.layers.*` (the runtime says
+    `model.language_model.layers.*`): rotation tensors must follow the checkpoint, and read back."""
+    model_dir = save_tiny_multimodal("qwen2_5_vl", tmp_path / "model")
+    config = load_config(resolve_config_path(CONFIGS["qwen2_5_vl"]), [
+        *SMALL, "calibration.samples=4",
+        'pipeline=[{pass: rotate_inputs, include: ["*language_model.layers.*.mlp.down_proj"]},'
+        ' {pass: fake_quant, rules: [{scheme: w8a8_dynamic, include: ["*language_model.layers.*"]}]},'
+        ' {pass: calibrate}, {pass: lower}]',
+    ])
+    compiled = compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
+    description = json.loads((tmp_path / "out" / "mindie" / "quant_model_description.json").read_text())
+    assert description["metadata"]["quarot"]["kronecker_rotation"]["layers"] == [
+        "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    program = compiled.program
+    output = Output("qwen2_5_vl", model_dir, tmp_path / "out" / "mindie", compiled)
+    from_files = load_ascend_model(output.out)
+    for batch in fresh_batches(output)[:1]:
+        with program.executing_graphs():
+            expected = program.model(**batch, use_cache=False).logits
+        assert relative(from_files(**batch, use_cache=False).logits, expected) < 1e-4
