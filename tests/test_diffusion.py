@@ -225,3 +225,11 @@ def test_builtin_prompt_sets_are_fixed_and_disjoint(tmp_path):
     (tmp_path / "mine.txt").write_text("a cat\n\na dog\n")
     (tmp_path / "mine.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": "a dog"}\n')
     assert load_prompts(str(tmp_path / "mine.txt")) == load_prompts(str(tmp_path / "mine.jsonl")) == ["a cat", "a dog"]
+
+
+def test_trace_of_a_two_expert_pipeline_traces_the_blocks_of_both_experts(pipelines):
+    from slimc.explain import trace_report
+
+    report = trace_report(str(pipelines["wan2"]))
+    assert "stages transformer.blocks (2), transformer_2.blocks (2)" in report
+    assert "block transformer_2.blocks.0 [dit]" in report

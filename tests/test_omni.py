@@ -134,3 +134,11 @@ def test_a_thinker_config_without_vision_start_token_id_gets_the_tokenizers(tmp_
     assert model.config.vision_start_token_id == TOKEN_ID["<|vision_bos|>"]
     with torch.no_grad():  # the rope index reads it
         model(**tiny_multimodal_inputs(model, kind, audio=True), use_cache=False)
+
+
+def test_trace_of_a_thinker_reaches_its_audio_vision_projector_and_text_stages(tmp_path):
+    from slimc.explain import trace_report
+
+    report = trace_report(str(save_tiny_multimodal("qwen2_5_omni", tmp_path / "model")))
+    assert "stages audio (2), vision (4), projector (1), text (2)" in report
+    assert "block model.audio_tower.layers.0 [audio]" in report
