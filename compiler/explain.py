@@ -84,19 +84,12 @@ def _chunk_rows(gm, group: ModulationGroup) -> str:
             f"and [{shift.start}:{shift.stop}) (shift, chunk {group.shift_chunk})")
 
 
-def trace_report(model_path: str | None, *, seq_len: int | None = None) -> str:
-    program = traced_program(model_path, seq_len=seq_len)
-    stages = ", ".join(f"{stage.name} ({len(stage.blocks)})" for stage in program.stages)
-    lines = [
-        f"model: {program.source.architecture} ({program.family} frontend), {len(program.blocks)} blocks "
-        f"in stages {stages}; tied embeddings: {program.metadata.get('tied_embeddings', False)}",
-    ]
-    if program.embeddings:
-        lines.append(f"residual stream outside the blocks: written by {', '.join(program.embeddings)}, "
-                     f"read by {program.head_norm or '?'} → {program.head or '?'}")
+def _describe_stage(blocks: list[Block]) -> list[str]:
+    """Each block's description; a run of blocks with the same description is shown once."""
+    lines: list[str] = []
     previous: list[str] | None = None
     repeated: list[str] = []
-    for block in program.blocks:
+    for block in blocks:
         description = describe_block(block)
         if description == previous:
             repeated.append(block.name)
@@ -109,4 +102,20 @@ def trace_report(model_path: str | None, *, seq_len: int | None = None) -> str:
         previous = description
     if repeated:
         lines.append(f"  (same structure: {repeated[0]} … {repeated[-1]}, {len(repeated)} blocks)")
+    return lines
+
+
+def trace_report(model_path: str | None, *, seq_len: int | None = None) -> str:
+    program = traced_program(model_path, seq_len=seq_len)
+    stages = ", ".join(f"{stage.name} ({len(stage.blocks)})" for stage in program.stages)
+    lines = [
+        f"model: {program.source.architecture} ({program.family} frontend), {len(program.blocks)} blocks "
+        f"in stages {stages}; tied embeddings: {program.metadata.get('tied_embeddings', False)}",
+    ]
+    if program.embeddings:
+        lines.append(f"residual stream outside the blocks: written by {', '.join(program.embeddings)}, "
+                     f"read by {program.head_norm or '?'} → {program.head or '?'}")
+    for stage in program.stages:
+        lines.append(f"stage {stage.name}")
+        lines.extend(_describe_stage(stage.blocks))
     return "\n".join(lines)
