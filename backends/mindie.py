@@ -355,10 +355,8 @@ def _multiplied_prefixes(program: Program, parts: list[_Part], names: set[str]) 
     prefixes: dict[str, torch.Tensor] = {}
     rotated = set(_online_rotations(program, parts))
     for runtime, mul_scale in _explicit_multiplies(program).items():
-        own = [part.prefix for part in parts if part.runtime == f"{runtime}.weight"]
-        if not own and f"{runtime}.weight" in names:
-            own = [runtime]
-        if not own:
+        own = _checkpoint_prefixes(program, parts, runtime)
+        if not all(f"{prefix}.weight" in names for prefix in own):
             raise ExportError(f"mindie: {runtime} has an explicit smoothing multiply but no checkpoint tensors under its name")
         if rotated & set(own):
             raise ExportError(f"mindie: {runtime} has both an online rotation and an explicit smoothing multiply; "

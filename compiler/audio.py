@@ -22,7 +22,6 @@ attention chunks (its traced layers are specialised to that count).
 
 from __future__ import annotations
 
-import json
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from slimc.data import jsonl_records
 from slimc.errors import DataError
 from slimc.media import IMAGE_TEXT_SPECS, builtin_sample, load_image_text, resized
 
@@ -326,22 +326,7 @@ def load_media_samples(spec: str, *, samples: int, image_size: int, rate: int, s
 
 
 def _records(path: Path) -> list[tuple[int, dict]]:
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as error:
-        raise DataError(f"dataset file {path} is not UTF-8 text ({error.reason} at byte {error.start}); re-save it as UTF-8") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}, line {number}: not valid JSON ({error.msg}); each line must be an object such as "
-                            "{\"audio\": \"clip.wav\", \"text\": \"What do you hear?\"}") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}, line {number}: expected a JSON object such as {{\"audio\": \"clip.wav\", \"text\": \"...\"}}")
-        records.append((number, record))
+    records = list(jsonl_records(path, '{"audio": "clip.wav", "text": "What do you hear?"}'))
     if not records:
         raise DataError(f"dataset file {path} holds no lines; add {{\"audio\": path, \"text\": ...}} lines")
     return records

@@ -59,9 +59,9 @@ def load_corpus(spec: str) -> str:
     if not path.is_file():
         raise DataError(f"dataset file {path} does not exist; give a .txt or .jsonl path, or one of {', '.join(BUILTIN_SPECS)}")
     if path.suffix == ".txt":
-        text = _read_text(path)
+        text = read_text_file(path)
     elif path.suffix == ".jsonl":
-        text = "\n\n".join(_jsonl_texts(path))
+        text = "\n\n".join(jsonl_strings(path, "text", '{"text": "..."}'))
     else:
         raise DataError(f"dataset file {path} has an unsupported type; use a .txt file or a .jsonl file of {{\"text\": ...}} lines")
     if not text.strip():
@@ -205,21 +205,31 @@ def _paragraphs(text: str) -> Iterator[str]:
             yield paragraph
 
 
-def _read_text(path: Path) -> str:
+def read_text_file(path: Path) -> str:
+    """A dataset file's text; a file that is not UTF-8 is a DataError saying so."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise DataError(f"dataset file {path} is not UTF-8 text ({error.reason} at byte {error.start}); re-save it as UTF-8") from None
 
 
-def _jsonl_texts(path: Path) -> Iterator[str]:
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+def jsonl_records(path: Path, example: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-empty line of a JSON-lines file; `example` shows a valid line in messages."""
+    for number, line in enumerate(read_text_file(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise DataError(f"{path}, line {number}: not valid JSON ({error.msg}); each line must be {{\"text\": \"...\"}}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f"{path}, line {number}: expected an object with a string \"text\" field, e.g. {{\"text\": \"...\"}}")
-        yield record["text"]
+            raise DataError(f"{path}, line {number}: not valid JSON ({error.msg}); each line must be an object such as {example}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object such as {example}")
+        yield number, record
+
+
+def jsonl_strings(path: Path, key: str, example: str) -> Iterator[str]:
+    """The string `key` of every line of a JSON-lines file."""
+    for number, record in jsonl_records(path, example):
+        if not isinstance(record.get(key), str):
+            raise DataError(f"{path}, line {number}: expected an object with a string \"{key}\" field, e.g. {example}")
+        yield record[key]

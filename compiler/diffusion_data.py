@@ -20,7 +20,6 @@ import inspect
 import json
 import warnings
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimc.config import CalibrationConfig, DiffusionSampling
+from slimc.data import jsonl_strings, read_text_file
 from slimc.errors import DataError
 
 PROMPT_SPECS = ("builtin:prompts", "builtin:prompts-eval")
@@ -135,9 +135,9 @@ def load_prompts(spec: str, samples: int | None = None) -> list[str]:
             raise DataError(f"prompt file {path} does not exist; give a .txt (one prompt per line) or .jsonl file, "
                             f"or one of {', '.join(PROMPT_SPECS)}")
         if path.suffix == ".txt":
-            prompts = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+            prompts = [line.strip() for line in read_text_file(path).splitlines() if line.strip()]
         elif path.suffix == ".jsonl":
-            prompts = list(_jsonl_prompts(path))
+            prompts = list(jsonl_strings(path, "prompt", '{"prompt": "a cat"}'))
         else:
             raise DataError(f"dataset {path} has an unsupported type for a diffusion model; use a .txt file (one prompt "
                             "per line), a .jsonl file of {\"prompt\": ...} lines, or a .safetensors file of recorded inputs")
@@ -148,26 +148,6 @@ def load_prompts(spec: str, samples: int | None = None) -> list[str]:
             warnings.warn(f"{spec} has {len(prompts)} prompts, not {samples}; using {len(prompts)}", UserWarning, stacklevel=2)
         prompts = prompts[:samples]
     return prompts
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(f"prompt file {path} is not UTF-8 text ({error.reason} at byte {error.start}); re-save it as UTF-8") from None
-
-
-def _jsonl_prompts(path: Path) -> Iterator[str]:
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}, line {number}: not valid JSON ({error.msg}); each line must be {{\"prompt\": \"...\"}}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise DataError(f"{path}, line {number}: expected an object with a string \"prompt\" field, e.g. {{\"prompt\": \"a cat\"}}")
-        yield record["prompt"]
 
 
 # --- recording a pipeline --------------------------------------------------------------------------

@@ -17,20 +17,19 @@ square size, so every batch gives a vision tower the same number of patches.
 
 from __future__ import annotations
 
-import json
 import random
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from slimc.data import BUILTIN_SPECS
+from slimc.data import BUILTIN_SPECS, jsonl_records
 from slimc.errors import DataError
 
 IMAGE_TEXT_SPECS = ("builtin:image-text", "builtin:image-text-eval")
+IMAGE_TEXT_EXAMPLE = '{"image": "cat.png", "text": "Describe the image."}'
 
 COLOURS = {
     "red": (214, 39, 40), "orange": (255, 127, 14), "yellow": (240, 220, 30), "green": (44, 160, 44),
@@ -70,7 +69,7 @@ def is_text_only(spec: str) -> bool:
         return False
     path = Path(spec).expanduser()
     if path.suffix == ".jsonl" and path.is_file():
-        return not any("image" in record for _, record in _jsonl_records(path))
+        return not any("image" in record for _, record in jsonl_records(path, IMAGE_TEXT_EXAMPLE))
     return path.suffix == ".txt"
 
 
@@ -97,27 +96,9 @@ def load_image_text(spec: str, *, samples: int, image_size: int) -> list[ImageTe
 # ------------------------------------------------------------------------------------------ JSONL
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as error:
-        raise DataError(f"dataset file {path} is not UTF-8 text ({error.reason} at byte {error.start}); re-save it as UTF-8") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}, line {number}: not valid JSON ({error.msg}); each line must be an object such as "
-                            "{\"image\": \"cat.png\", \"text\": \"Describe the image.\"}") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}, line {number}: expected a JSON object such as {{\"image\": \"cat.png\", \"text\": \"...\"}}")
-        yield number, record
-
-
 def _image_records(path: Path) -> list[tuple[int, dict]]:
     """Every record, checked: each has a string `image` and `text` (and `response`, if given)."""
-    records = list(_jsonl_records(path))
+    records = list(jsonl_records(path, IMAGE_TEXT_EXAMPLE))
     if not records:
         raise DataError(f"dataset file {path} holds no lines; add {{\"image\": path, \"text\": ...}} lines")
     for number, record in records:

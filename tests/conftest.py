@@ -37,6 +37,18 @@ def save_tiny_model(path: Path, family: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny-model modules run torch on one thread: their small matmuls gain nothing from more, and on a
+    machine shared with other work the contended threads made them many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny LlamaForCausalLM directory (model.safetensors, config.json, tokenizer); treat as read-only."""

@@ -36,17 +36,10 @@ from slimc.frontends.diffusion import EXPERT_KEY, DiffusionTransformer, Pipeline
 from slimc.frontends.hf import ModelSource, resolve_model_source
 from slimc.tracer import trace_block
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY = {"dataset": "builtin:prompts", "samples": 2, "batch_size": 1,
         "diffusion": {"steps": 3, "height": 32, "width": 32, "frames": 5, "max_sequence_length": 16}}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matmuls on a shared machine: one thread is many times faster than contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

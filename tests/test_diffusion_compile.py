@@ -22,6 +22,8 @@ from slimc.compile import compile_model
 from slimc.config import load_config
 from slimc.frontends.diffusion import EXPERT_KEY
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # (shipped config, tiny pipeline kind, Wan2.2 two experts); W8A8 rows also hold the float model's output.
 ROWS = [
     ("flux/w8a8.yaml", "flux", False), ("flux/w4a4.yaml", "flux", False),
@@ -38,15 +40,6 @@ SIZES = {"flux": ["calibration.diffusion.height=16", "calibration.diffusion.widt
 MODULATION = ("norm1.linear.weight", "norm1_context.linear.weight", "norm.linear.weight", "norm_out.linear.weight")
 # Cosine similarity of the quantized transformer's output with the float one's, on the tiny models.
 FIDELITY = {"w8a8": 0.99, "w4a4": 0.8}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matmuls on a shared machine: one thread is many times faster than contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

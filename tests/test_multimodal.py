@@ -32,20 +32,13 @@ from slimc.pass_base import Pass
 from slimc.pipeline import Context, Pipeline
 from slimc.report import RunReport
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CONFIGS = {"qwen2_5_vl": "qwen2_5_vl/w8a8.yaml", "qwen3_vl": "qwen3_vl/w8a8.yaml",
            "qwen3_vl_moe": "qwen3_vl_moe/w8a8.yaml", "glm4v_moe": "glm4v_moe/w8a8.yaml"}
 # Small calibration: 8 samples of the built-in image–text set, 2 to a batch, 56-pixel images (the tiny
 # processors turn any image into 8 x 8 patches, 16 image tokens).
 SMALL = ["calibration.samples=8", "calibration.batch_size=2", "calibration.image_size=56", "calibration.seq_len=64"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Ops on these 32-64 wide tensors are faster on one thread; on a loaded machine several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass
