@@ -299,9 +299,23 @@ def model_from_config(source: ModelSource, *, dtype: torch.dtype) -> torch.nn.Mo
     """An untrained model of the source's class from its config alone (weights to be loaded by the caller)."""
     cls = auto_class(source)
     if source.library == "diffusers":
-        return cls.from_config(source.config).to(dtype)
+        return _cast_keeping_fp32_modules(cls.from_config(source.config), dtype)
     build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
     return build(source.config, dtype=dtype, attn_implementation="sdpa")
+
+
+def _cast_keeping_fp32_modules(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`dtype` everywhere but in the modules the class keeps in float32 (Wan's norms, time embedder, ...),
+    as `from_pretrained(torch_dtype=...)` would load them."""
+    if dtype == torch.float32:
+        return model
+    torch.nn.Module.to(model, dtype)  # ModelMixin.to warns about exactly what is undone below
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if keep.intersection(name.split(".")) and tensor.is_floating_point():
+                tensor.data = tensor.data.float()
+    return model
 
 
 def load_model(

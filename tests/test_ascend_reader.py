@@ -150,3 +150,15 @@ def test_reader_rebuilds_a_multimodal_model_under_its_transformers_checkpoint_na
     saved = checkpoint_names(tmp_path / "model")
     floats = {n for n, t in tensor_types(read_description(out)).items() if t == "FLOAT"}
     assert floats <= saved  # the float tensors keep the names transformers saves the model under
+
+
+def test_a_diffusers_model_built_in_bfloat16_keeps_the_modules_its_class_keeps_in_float32(tmp_path):
+    """As diffusers' own from_pretrained(torch_dtype=bfloat16) does: Wan's norms, time embedder and
+    modulation tables stay float32, the rest becomes bfloat16, and no cast warning is printed."""
+    from slimc.frontends.hf import model_from_config
+
+    tiny_transformer("wan").save_pretrained(tmp_path / "model")
+    source = resolve_model_source(tmp_path / "model")
+    reference = type(tiny_transformer("wan")).from_pretrained(tmp_path / "model", torch_dtype=torch.bfloat16)
+    built = model_from_config(source, dtype=torch.bfloat16)
+    assert {n: p.dtype for n, p in built.named_parameters()} == {n: p.dtype for n, p in reference.named_parameters()}
