@@ -37,6 +37,7 @@ from transformers.utils import is_torchvision_available
 
 from slimc.audio import holds_audio
 from slimc.config import CalibrationConfig
+from slimc.diffusion_data import load_recorded_calls
 from slimc.errors import DataError, ModelLoadError
 from slimc.frontends import Frontend
 from slimc.frontends.hf import ModelSource, load_model, load_tokenizer
@@ -85,6 +86,8 @@ class MultimodalLLM(Frontend):
                             report: RunReport | None = None) -> list[dict]:
         """Text-only data gives `{"input_ids"}` batches (the vision stages then get none); image–text data
         gives the processor's outputs, `batch_size` samples of one image each, rows of one length."""
+        if (batches := model_ready_batches(calibration, report)) is not None:
+            return batches
         if holds_audio(calibration.dataset):  # the omni frontend reads audio; these models have no audio encoder
             raise DataError(f"{calibration.dataset} holds audio, but {type(program.model).__name__} has no audio encoder; "
                             "use image–text data (builtin:image-text, or a .jsonl of {\"image\", \"text\"} lines)")
@@ -306,4 +309,21 @@ def batch_rows(rows: list[dict[str, torch.Tensor]], calibration: CalibrationConf
         dropped = f"; the last {len(rows) - used} samples (an incomplete batch) were dropped" if used < len(rows) else ""
         report.note(f"calibration: {used} image–text samples of {calibration.dataset} in {len(batches)} batches of {size}, "
                     f"images {calibration.image_size}px square, {kept} tokens ({total - kept} cut to equalise rows){dropped}")
+    return batches
+
+
+def model_ready_batches(calibration: CalibrationConfig, report: RunReport | None = None) -> list[dict] | None:
+    """A `.safetensors` dataset of batches already run through the processor, as the model takes them:
+    tensors named `<batch>.<argument>` (`0.input_ids`, `0.pixel_values`, `0.image_grid_thw`, ...), each
+    batch used as stored; None for any other dataset."""
+    if not calibration.dataset.endswith(".safetensors"):
+        return None
+    path = Path(calibration.dataset).expanduser()
+    if not path.is_file():
+        raise DataError(f"dataset file {path} does not exist; give a .safetensors file of model-ready batches "
+                        "(tensors named '<batch>.<argument>', e.g. '0.input_ids', '0.pixel_values'), a .jsonl of "
+                        "{\"image\", \"text\"} lines, or builtin:image-text")
+    batches = [call.kwargs for call in load_recorded_calls(path)]
+    if report is not None:
+        report.note(f"calibration: {len(batches)} model-ready batches from {path} (used as stored)")
     return batches

@@ -46,6 +46,7 @@ from slimc.frontends.multimodal import (
     ComposedProcessor,
     MultimodalLLM,
     batch_rows,
+    model_ready_batches,
     tower_of,
     width_keeping_list,
 )
@@ -93,6 +94,8 @@ class OmniThinker(MultimodalLLM):
                             report: RunReport | None = None) -> list[dict]:
         """Text-only data gives `{"input_ids"}` batches; media data the processor's outputs, `batch_size`
         samples of the same media to a batch (image-bearing batches first), rows of one length."""
+        if (batches := model_ready_batches(calibration, report)) is not None:
+            return batches
         if not holds_media(calibration.dataset):
             if report is not None:
                 report.note(f"calibration: {calibration.dataset} is text only; the audio encoder and the vision tower get "

@@ -335,3 +335,29 @@ def test_online_rotations_are_written_under_checkpoint_names(tmp_path: Path) -> 
         with program.executing_graphs():
             expected = program.model(**batch, use_cache=False).logits
         assert relative(from_files(**batch, use_cache=False).logits, expected) < 1e-4
+
+
+def test_model_ready_batches_from_safetensors_calibrate_the_vision_tower(tmp_path: Path) -> None:
+    """Batches already run through the processor, saved as `<batch>.<argument>` tensors, are used as stored."""
+    from safetensors.torch import save_file
+
+    model_dir = save_tiny_multimodal("qwen2_5_vl", tmp_path / "model")
+    config = load_config(resolve_config_path(CONFIGS["qwen2_5_vl"]), SMALL)
+    source = resolve_model_source(model_dir)
+    frontend = MultimodalLLM()
+    program = frontend.build(source, frontend.load(source, dtype=torch.float32))
+    batches = frontend.calibration_batches(config.calibration, source, program)
+    save_file({f"{i}.{key}": value.contiguous() for i, batch in enumerate(batches) for key, value in batch.items()},
+              tmp_path / "batches.safetensors")
+    ready = load_config(resolve_config_path(CONFIGS["qwen2_5_vl"]), [*SMALL, f"calibration.dataset={tmp_path / 'batches.safetensors'}"])
+    assert [sorted(b) for b in frontend.calibration_batches(ready.calibration, source, program)] == [sorted(b) for b in batches]
+    compiled = compile_model(ready, model_path=str(model_dir), out_dir=tmp_path / "out")
+    assert any(name.startswith("model.visual.blocks.") for name in compiled.program.quant_specs)
+    assert any("model-ready batches" in note for note in compiled.report.notes)
+
+
+def test_a_missing_model_ready_batches_file_names_the_layout(tmp_path: Path) -> None:
+    model_dir = save_tiny_multimodal("qwen2_5_vl", tmp_path / "model")
+    config = load_config(resolve_config_path(CONFIGS["qwen2_5_vl"]), [*SMALL, f"calibration.dataset={tmp_path / 'none.safetensors'}"])
+    with pytest.raises(DataError, match="model-ready batches .tensors named '<batch>.<argument>'"):
+        compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
