@@ -14,17 +14,25 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from pydantic import field_validator
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from slimc.backends import Backend, register_backend
+from slimc.backends.checkpoint import (
+    CheckpointLinear,
+    checkpoint_linears,
+    checkpoint_prefixes,
+    float_tensors,
+    natural_key,
+    online_rotations,
+    parse_size,
+    same_bits,
+    save_sharded,
+    source_tensors,
+)
 from slimc.backends.mindie_reader import (
     DESCRIPTION_FILE,
     GLOBAL_KEYS,
@@ -37,7 +45,6 @@ from slimc.backends.mindie_reader import (
     WRAPPED_LINEAR,
     AscendExperts,
     AscendLinear,
-    checkpoint_row_layout,
     load_ascend_model,
     model_quant_type,
     read_description,
@@ -47,35 +54,13 @@ from slimc.backends.mindie_reader import (
 )
 from slimc.errors import ExportError, SlimcError
 from slimc.ir import Program
-from slimc.modules import EXPERT_WEIGHTS, ChannelScale, FakeQuantize, QuantizedExperts, QuantizedLinear
+from slimc.modules import ChannelScale, FakeQuantize, QuantizedLinear
 from slimc.quant import pack_int4
-from slimc.schemes import QuantScheme
 
 __all__ = ["AscendExperts", "AscendLinear", "MindieBackend", "load_ascend_model"]
 
 SUPPORTED = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16", "W4A4_DYNAMIC", "W4A8_DYNAMIC")
 SCALE_BIAS_SPLITS = 16  # W4A8 row-parallel scale_bias: one column per 1/16 of the input (tensor parallel up to 16)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-@dataclass
-class _Part:
-    """One checkpoint Linear: output rows of a lowered Linear or of one expert's fused weight."""
-
-    prefix: str  # checkpoint name without ".weight"
-    scheme: QuantScheme
-    codes: torch.Tensor  # int8 (out, in)
-    scale: torch.Tensor  # float32 (out, 1) or (out, in / g)
-    offset: torch.Tensor
-    bias: torch.Tensor | None  # float32 (out,)
-    input_qparams: tuple[torch.Tensor, torch.Tensor] | None  # static: float32 (1,), (1,)
-    dtype: torch.dtype
-    runtime: str  # the runtime weight it comes from, e.g. "model.layers.0.mlp.experts.down_proj"
-
-    def reference(self) -> QuantizedLinear:
-        return QuantizedLinear(self.scheme, self.codes, self.scale, self.offset, self.bias, self.input_qparams, self.dtype)
-
 
 @register_backend("mindie")
 class MindieBackend(Backend):
@@ -101,13 +86,13 @@ class MindieBackend(Backend):
     def write(self, program: Program, out_dir: Path) -> list[Path]:
         out_dir = Path(out_dir)
         before = set(out_dir.iterdir())
-        parts = _parts(program)
+        parts = checkpoint_linears(program, "mindie")
         tensors, types, group_size = self._tensors(program, parts)
         rotations = _rotation_tensors(program, parts)
-        copied = _source_tensors(program, tensors)
+        copied = source_tensors(program, tensors, "mindie")
         types.update(dict.fromkeys(copied, "FLOAT"))
-        everything = {n: t for n, t in sorted({**tensors, **rotations, **copied}.items(), key=lambda item: _natural_key(item[0]))}
-        written = _save_sharded(everything, out_dir, None if self.max_shard_size is None else parse_size(self.max_shard_size))
+        everything = {n: t for n, t in sorted({**tensors, **rotations, **copied}.items(), key=lambda item: natural_key(item[0]))}
+        written = save_sharded(everything, out_dir, WEIGHTS_FILE, None if self.max_shard_size is None else parse_size(self.max_shard_size))
         description = dict(types)
         description.update({
             "version": VERSION,
@@ -139,9 +124,9 @@ class MindieBackend(Backend):
         _check_same_names("description", set(types), "safetensors", set(files) - rotation_names)
         _check_globals(description, types)
         stored = _StoredTensors(out_dir, files)
-        parts = _parts(program)
+        parts = checkpoint_linears(program, "mindie")
         expected, expected_types, _ = self._tensors(program, parts)
-        copied = _source_tensors(program, expected)
+        copied = source_tensors(program, expected, "mindie")
         expected_types.update(dict.fromkeys(copied, "FLOAT"))
         _check_same_names("the program's tensors", set(expected) | set(copied), "the written tensors", set(types))
         rotations = _rotation_tensors(program, parts)
@@ -158,7 +143,7 @@ class MindieBackend(Backend):
         for name, source in copied.items():  # one at a time: a talker can be gigabytes
             actual = stored[name]
             total += actual.numel() * actual.element_size()
-            if types[name] != "FLOAT" or not _same_bits(source.load(), actual):
+            if types[name] != "FLOAT" or not same_bits(source.load(), actual):
                 raise ExportError(f"mindie: {name} ({types[name]}, {actual.dtype} {tuple(actual.shape)}) differs from "
                                   f"{source.path.name} of the source checkpoint, which it should copy unchanged")
         _check_index(out_dir, total)
@@ -170,7 +155,7 @@ class MindieBackend(Backend):
             _check_recomputed(part, stored.linear(part.prefix + WRAPPED_LINEAR if wrapped else part.prefix), description["group_size"])
         _check_multiplies(types, stored, description["group_size"])
 
-    def _tensors(self, program: Program, parts: list[_Part]) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
+    def _tensors(self, program: Program, parts: list[CheckpointLinear]) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
         """Every tensor to write (checkpoint name -> tensor), its description type, and the global group size."""
         tensors, types, group_sizes = {}, {}, set()
         is_bf16 = runs_in_bfloat16(program)
@@ -181,7 +166,7 @@ class MindieBackend(Backend):
             row_parallel = any(fnmatch.fnmatchcase(part.prefix, glob) for glob in self.row_parallel)
             for name, (tensor, quant_type) in _part_tensors(part, is_bf16, row_parallel).items():
                 tensors[name], types[name] = tensor, quant_type
-        for name, tensor in _float_tensors(program).items():
+        for name, tensor in float_tensors(program).items():
             if name in tensors:
                 raise ExportError(f"mindie: {name} is both a float tensor and a quantized Linear's tensor")
             tensors[name], types[name] = tensor, "FLOAT"
@@ -192,20 +177,8 @@ class MindieBackend(Backend):
         if group_sizes and per_channel_w4a16:
             raise ExportError(f"mindie: {per_channel_w4a16[0]}: per-channel W4A16 packs along its input, but with a group_size "
                               "in the description runtimes unpack W4A16 along the output; use one W4A16 granularity")
-        order = sorted(tensors, key=_natural_key)
+        order = sorted(tensors, key=natural_key)
         return {n: tensors[n] for n in order}, {n: types[n] for n in order}, group_sizes.pop() if group_sizes else 0
-
-
-def parse_size(value: str | int) -> int:
-    """Bytes of a size given as an int or a string like "5GB", "500MB", "4GiB"."""
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"max_shard_size must be positive, got {value}")
-        return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
-    if not match or match.group(2).upper() not in _UNITS or float(match.group(1)) <= 0:
-        raise ValueError(f"max_shard_size {value!r} is not a size; use bytes or e.g. \"5GB\", \"500MB\", \"4GiB\"")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
 def runs_in_bfloat16(program: Program) -> bool:
@@ -223,92 +196,11 @@ def runs_in_bfloat16(program: Program) -> bool:
 # --- what to write ------------------------------------------------------------------------------------
 
 
-def _parts(program: Program) -> list[_Part]:
-    """The checkpoint Linears of every lowered module, named by transformers' save-time conversion."""
-    model = program.model
-    lowered = {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedExperts))}
-    weights = {}
-    for name, module in lowered.items():
-        for which in ("weight",) if isinstance(module, QuantizedLinear) else EXPERT_WEIGHTS:
-            weights[f"{name}.{which}"] = getattr(module, which).shape
-    try:
-        layout = checkpoint_row_layout(model, weights) if weights else {}
-    except ValueError as e:
-        raise ExportError(f"mindie: cannot name the quantized tensors in the checkpoint layout: {e}") from e
-    parts = []
-    for ck_name, where in layout.items():
-        if not ck_name.endswith(".weight"):
-            raise ExportError(f"mindie: the checkpoint name {ck_name} of {where.runtime} does not end in .weight")
-        module_name, _, which = where.runtime.rpartition(".")
-        module = lowered[module_name]
-        if isinstance(module, QuantizedLinear):
-            codes, scale, offset, bias = module.weight, module.weight_scale, module.weight_offset, module.bias
-            static = None if module.input_scale is None else (module.input_scale, module.input_offset)
-        else:
-            e, stem = where.expert, which.removesuffix("_proj")
-            codes = getattr(module, which)[e]
-            scale, offset = getattr(module, f"{which}_scale")[e], getattr(module, f"{which}_offset")[e]
-            bias = getattr(module, f"{which}_bias", None)
-            bias = None if bias is None else bias[e]
-            static = None
-            if module.scheme.act is not None and not module.scheme.act.dynamic:
-                static = tuple(getattr(module, f"{stem}_input_{q}")[e:e + 1] for q in ("scale", "offset"))
-        scale, offset = scale.expand(codes.shape[0], -1), offset.expand(codes.shape[0], -1)  # per_tensor -> per row
-        rows = where.rows
-        parts.append(_Part(
-            ck_name.removesuffix(".weight"), module.scheme, _take(codes, rows), _take(scale, rows), _take(offset, rows),
-            None if bias is None else _take(bias, rows), static, module.dtype, where.runtime,
-        ))
-    return parts
-
-
-def _online_rotations(program: Program, parts: list[_Part]) -> dict[str, torch.nn.Module]:
-    """Checkpoint Linear name -> the online rotation applied to its input at run time.
-
-    Rotations are graph nodes in front of a Linear, or the `down_transform` of fused experts (one
-    per expert's down projection). Only their Kronecker factors matter here.
-    """
-    found: dict[str, torch.nn.Module] = {}
-    for block in program.blocks:
-        if block.traced is None:
-            continue
-        gm = block.graph_module
-        for node in gm.graph.nodes:
-            if node.op != "call_module" or not hasattr(gm.get_submodule(node.target), "kronecker_factors"):
-                continue
-            for user in node.users:
-                while user.op == "call_module" and isinstance(gm.get_submodule(user.target), FakeQuantize):
-                    user = next(iter(user.users))
-                found.update(dict.fromkeys(_checkpoint_prefixes(program, parts, block.qualified(user.target)),
-                                           gm.get_submodule(node.target)))
-        for name, module in block.module.named_modules():
-            transform = getattr(module, "down_transform", None)
-            if transform is None:
-                continue
-            runtime = f"{block.qualified(name)}.down_proj"
-            prefixes = [part.prefix for part in parts if part.runtime == runtime]
-            if not prefixes:
-                raise ExportError(f"mindie: {runtime} has an online rotation but is not quantized; "
-                                  "Ascend records online rotations of quantized experts only")
-            found.update(dict.fromkeys(prefixes, transform))
-    return found
-
-
-def _checkpoint_prefixes(program: Program, parts: list[_Part], linear: str) -> list[str]:
-    """The checkpoint names (without .weight) of a runtime Linear: its parts if quantized, else its own conversion."""
-    runtime = f"{linear}.weight"
-    prefixes = [part.prefix for part in parts if part.runtime == runtime]
-    if not prefixes:
-        shape = program.model.get_submodule(linear).weight.shape
-        prefixes = [name.removesuffix(".weight") for name in checkpoint_row_layout(program.model, {runtime: shape})]
-    return prefixes
-
-
-def _rotation_tensors(program: Program, parts: list[_Part]) -> dict[str, torch.Tensor]:
+def _rotation_tensors(program: Program, parts: list[CheckpointLinear]) -> dict[str, torch.Tensor]:
     """`P.kronecker_rotation_m` (m, m) and `P.kronecker_rotation_n` (n, n) float32 per rotated Linear P:
     the runtime reads P's input x (.., m·n) as X (m, n) and computes R_mᵀ · X · R_n (msModelSlim's layout)."""
     tensors = {}
-    for prefix, transform in _online_rotations(program, parts).items():
+    for prefix, transform in online_rotations(program, parts, "mindie").items():
         r_m, r_n = transform.kronecker_factors()
         tensors[f"{prefix}.kronecker_rotation_m"] = r_m.float().contiguous()
         tensors[f"{prefix}.kronecker_rotation_n"] = r_n.float().contiguous()
@@ -319,7 +211,7 @@ def _metadata(program: Program, rotations: dict[str, torch.Tensor]) -> dict:
     """The description's metadata: `quarot` lists the Linears with an online rotation. max_tp_size 1: the
     rotation mixes the whole input, so a tensor-parallel runtime must gather it first."""
     metadata = dict(program.metadata.get("ascend_metadata", {}))
-    layers = sorted({n.rpartition(".")[0] for n in rotations}, key=_natural_key)
+    layers = sorted({n.rpartition(".")[0] for n in rotations}, key=natural_key)
     if layers:
         metadata["quarot"] = {"max_tp_size": 1, "kronecker_rotation": {"layers": layers}}
     return metadata
@@ -350,12 +242,12 @@ def _explicit_multiplies(program: Program) -> dict[str, torch.Tensor]:
     return found
 
 
-def _multiplied_prefixes(program: Program, parts: list[_Part], names: set[str]) -> dict[str, torch.Tensor]:
+def _multiplied_prefixes(program: Program, parts: list[CheckpointLinear], names: set[str]) -> dict[str, torch.Tensor]:
     """Checkpoint Linear name -> `mul_scale`, for every Linear (quantized or float) behind an explicit multiply."""
     prefixes: dict[str, torch.Tensor] = {}
-    rotated = set(_online_rotations(program, parts))
+    rotated = set(online_rotations(program, parts, "mindie"))
     for runtime, mul_scale in _explicit_multiplies(program).items():
-        own = _checkpoint_prefixes(program, parts, runtime)
+        own = checkpoint_prefixes(program, parts, runtime)
         if not all(f"{prefix}.weight" in names for prefix in own):
             raise ExportError(f"mindie: {runtime} has an explicit smoothing multiply but no checkpoint tensors under its name")
         if rotated & set(own):
@@ -375,14 +267,7 @@ def _nest_multiplied(tensors: dict[str, torch.Tensor], types: dict[str, str], mu
         tensors[prefix + MUL_SCALE_SUFFIX], types[prefix + MUL_SCALE_SUFFIX] = mul_scale.detach().float(), "FLOAT"
 
 
-def _take(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows of `t`: a view when they are consecutive."""
-    if len(rows) and torch.equal(rows, torch.arange(int(rows[0]), int(rows[0]) + len(rows))):
-        return t[int(rows[0]):int(rows[0]) + len(rows)]
-    return t.index_select(0, rows)
-
-
-def _check_scheme(part: _Part) -> None:
+def _check_scheme(part: CheckpointLinear) -> None:
     scheme, label, where = part.scheme, part.scheme.label, f"mindie: {part.prefix}"
     if label not in SUPPORTED:
         raise ExportError(f"{where}: scheme {label} has no Ascend layout; the mindie backend writes {', '.join(SUPPORTED)}")
@@ -402,7 +287,7 @@ def _check_scheme(part: _Part) -> None:
                           f"{SCALE_BIAS_SPLITS}, got {tuple(part.codes.shape)}")
 
 
-def _part_tensors(part: _Part, is_bf16: bool, row_parallel: bool) -> dict[str, tuple[torch.Tensor, str]]:
+def _part_tensors(part: CheckpointLinear, is_bf16: bool, row_parallel: bool) -> dict[str, tuple[torch.Tensor, str]]:
     """The tensors of one checkpoint Linear in the ascendV1 layout (FORMATS.md), with their description types."""
     p, label = part.prefix, part.scheme.label
     codes = part.codes.to(torch.int8)
@@ -436,130 +321,6 @@ def _part_tensors(part: _Part, is_bf16: bool, row_parallel: bool) -> dict[str, t
             out[f"{p}.scale_bias"] = (scale_bias, label)
     if part.bias is not None:
         out[f"{p}.bias"] = (part.bias.float(), "FLOAT")
-    return out
-
-
-def _float_tensors(program: Program) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers outside lowered modules, under their checkpoint names and in their dtypes.
-
-    Tied weights are written under each of their names.
-    """
-    from transformers.core_model_loading import revert_weight_conversion
-
-    model = program.model
-    lowered = {n for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedExperts))}
-
-    def inside_lowered(name: str) -> bool:
-        parts = name.split(".")
-        return any(".".join(parts[:i]) in lowered for i in range(1, len(parts)))
-
-    state = {n: t.detach() for n, t in model.state_dict(keep_vars=True).items() if not inside_lowered(n)}
-    return {n: t[0] if isinstance(t, list) else t for n, t in revert_weight_conversion(model, state).items()}
-
-
-# --- outputs that keep a whole checkpoint ------------------------------------------------------------------
-# A frontend that quantizes one part of a larger checkpoint (an Omni thinker beside its talker) sets
-# `program.metadata[SOURCE_TENSORS]`, {name: safetensors file} of the checkpoint's other tensors, which are
-# copied unchanged as FLOAT, so the output loads in place of the checkpoint. The part's own tensors already
-# carry their checkpoint names: transformers' save conversion restores the prefix (`thinker.`) that
-# `from_pretrained` removed when it loaded the part from the whole checkpoint.
-
-SOURCE_TENSORS = "source_tensors"
-_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-                      "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
-
-
-@dataclass(frozen=True)
-class _SourceTensor:
-    """A tensor of the source checkpoint, read from its file only when written or checked."""
-
-    name: str
-    path: Path
-    nbytes: int
-
-    def load(self) -> torch.Tensor:
-        with safe_open(self.path, "pt") as f:
-            return f.get_tensor(self.name)
-
-
-def _source_tensors(program: Program, written: dict[str, torch.Tensor]) -> dict[str, _SourceTensor]:
-    """The checkpoint tensors the program copies (SOURCE_TENSORS), each file's header read once."""
-    declared = program.metadata.get(SOURCE_TENSORS, {})
-    clashes = sorted(set(declared) & set(written))
-    if clashes:
-        raise ExportError(f"mindie: {clashes[0]} is both a tensor of the program and one copied from the source checkpoint")
-    by_file: dict[Path, list[str]] = {}
-    for name, path in declared.items():
-        by_file.setdefault(Path(path), []).append(name)
-    found = {}
-    for path, names in by_file.items():
-        if not path.is_file():
-            raise ExportError(f"mindie: {path} of the source checkpoint is gone; the tensors it holds must be copied from it")
-        with safe_open(path, "pt") as f:
-            for name in names:
-                tensor = f.get_slice(name)
-                found[name] = _SourceTensor(name, path, math.prod(tensor.get_shape()) * _SAFETENSORS_BYTES[tensor.get_dtype()])
-    return found
-
-
-def _nbytes(tensor: torch.Tensor | _SourceTensor) -> int:
-    return tensor.nbytes if isinstance(tensor, _SourceTensor) else tensor.numel() * tensor.element_size()
-
-
-def _loaded(tensor: torch.Tensor | _SourceTensor) -> torch.Tensor:
-    return tensor.load() if isinstance(tensor, _SourceTensor) else tensor
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal dtype, shape and bytes (NaN payloads included)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
-
-
-def _natural_key(name: str) -> list:
-    return [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in name.split(".")]
-
-
-def _save_sharded(tensors: dict[str, torch.Tensor], out_dir: Path, max_bytes: int | None) -> list[Path]:
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = _nbytes(tensor)
-        if max_bytes is not None and shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    if len(shards) == 1:
-        save_file(_storable({n: _loaded(tensors[n]) for n in shards[0]}), out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
-        return [out_dir / WEIGHTS_FILE]
-    stem = WEIGHTS_FILE.removesuffix(".safetensors")
-    written, weight_map = [], {}
-    for i, names in enumerate(shards, start=1):
-        file = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(_storable({n: _loaded(tensors[n]) for n in names}), out_dir / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, file))
-        written.append(out_dir / file)
-    total = sum(_nbytes(t) for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return [*written, out_dir / INDEX_FILE]
-
-
-def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors; a tensor overlapping one already in the file (tied weights) is copied."""
-    seen: dict[int, list[tuple[int, int]]] = {}
-    out = {}
-    for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        spans = seen.setdefault(t.untyped_storage().data_ptr(), [])
-        if any(start < e and s < end for s, e in spans):
-            t = t.clone()
-        else:
-            spans.append((start, end))
-        out[name] = t
     return out
 
 
@@ -680,7 +441,7 @@ def _check_multiplies(types: dict[str, str], stored: _StoredTensors, group_size:
                               f"expected FLOAT torch.float32 ({in_features},)")
 
 
-def _check_recomputed(part: _Part, own: dict[str, torch.Tensor], group_size: int) -> None:
+def _check_recomputed(part: CheckpointLinear, own: dict[str, torch.Tensor], group_size: int) -> None:
     """The Linear recomputed from the files alone matches the lowered one on a random input."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(4, part.codes.shape[1], generator=generator)
