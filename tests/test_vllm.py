@@ -1,0 +1,170 @@
+"""The vllm backend writes compressed-tensors checkpoints that transformers (through compressed-tensors) loads and
+runs like slimc's lowered model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationConfig
+from conftest import save_tiny_model
+from programs import W8A8_DYNAMIC, logits, relative, run_pipeline
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tiny_models import tiny_causal_lm
+from transformers import AutoModelForCausalLM
+
+from slimc.backends.vllm import VllmBackend
+from slimc.cli import resolve_config_path
+from slimc.compile import compile_model
+from slimc.config import load_config
+from slimc.errors import ExportError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SMALL_CALIBRATION = ["calibration.samples=4", "calibration.seq_len=32", "calibration.batch_size=2"]
+VLLM_ONLY = ["export=[{format: vllm}]"]
+IDS = torch.randint(4, 512, (2, 20), generator=torch.Generator().manual_seed(3))
+
+
+def compile_tiny(tmp_path: Path, family: str, config_name: str, overrides: tuple[str, ...] = ()):
+    model_dir = save_tiny_model(tmp_path / "model", family)
+    config = load_config(resolve_config_path(config_name), [*SMALL_CALIBRATION, *VLLM_ONLY, *overrides])
+    with pytest.warns(UserWarning, match="below the recommended"):
+        return compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
+
+
+def lowered_llama(tmp_path: Path, rules: list[dict], schemes: dict):
+    """A tiny Llama quantized in memory, its config.json saved where the program's source points."""
+    program, _ = run_pipeline(tiny_causal_lm("llama"), [{"pass": "fake_quant", "rules": rules}, {"pass": "calibrate"},
+                                                        {"pass": "lower"}], schemes=schemes)
+    program.model.config.save_pretrained(tmp_path / "source")
+    program.source = dataclasses.replace(program.source, path=tmp_path / "source")
+    return program
+
+
+def load_with_transformers(out_dir: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(out_dir / "vllm").eval()
+
+
+@pytest.fixture
+def vllm_per_token_scales(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-token dynamic scales as vLLM's int8 kernel computes them, amax / 127 (transformers' compressed-tensors
+    simulation divides by 127.5 instead, half a code wider than the int8 range)."""
+    from compressed_tensors.quantization.lifecycle import forward
+
+    def amax_over_qmax(value, args, module, global_scale=None):
+        qmax = 2 ** (args.num_bits - 1) - 1
+        scale = value.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / qmax
+        return scale.to(value.dtype), torch.zeros_like(scale, dtype=torch.int8)
+
+    monkeypatch.setattr(forward, "compute_dynamic_scales_and_zp", amax_over_qmax)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_dynamic_w8a8_checkpoint_runs_in_transformers_as_the_lowered_model(tmp_path, family, vllm_per_token_scales):
+    compiled = compile_tiny(tmp_path, family, "llm/w8a8_dynamic.yaml")
+    with torch.no_grad():
+        loaded = load_with_transformers(tmp_path / "out")(input_ids=IDS, use_cache=False).logits
+    assert relative(loaded, logits(compiled.program, IDS)) < 1e-5
+
+
+def test_transformers_own_per_token_scales_stay_within_a_quantization_step_of_vllms(tmp_path):
+    compiled = compile_tiny(tmp_path, "llama", "llm/w8a8_dynamic.yaml")
+    with torch.no_grad():
+        loaded = load_with_transformers(tmp_path / "out")(input_ids=IDS, use_cache=False).logits
+    assert 1e-5 < relative(loaded, logits(compiled.program, IDS)) < 2e-2
+
+
+def test_static_w8a8_checkpoint_keeps_input_scales_and_zero_points(tmp_path, vllm_per_token_scales):
+    compiled = compile_tiny(tmp_path, "qwen2", "llm/w8a8_static.yaml")
+    out = tmp_path / "out" / "vllm"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        q_proj = {k.rpartition(".")[2]: f.get_tensor(k) for k in f.keys() if k.startswith("model.layers.0.self_attn.q_proj.")}
+    assert set(q_proj) == {"weight", "weight_scale", "input_scale", "input_zero_point", "bias"}
+    assert q_proj["weight"].dtype == torch.int8 and q_proj["input_zero_point"].dtype == torch.int8
+    lowered = compiled.program.model.model.layers[0].self_attn.q_proj
+    assert torch.equal(q_proj["input_scale"], lowered.input_scale)
+    assert torch.equal(q_proj["input_zero_point"].float(), lowered.input_offset)
+    config = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    assert config.format == "int-quantized" and len(config.config_groups) == 2  # static, and dynamic down_proj
+    with torch.no_grad():
+        loaded = load_with_transformers(tmp_path / "out")(input_ids=IDS, use_cache=False).logits
+    assert relative(loaded, logits(compiled.program, IDS)) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_w4a16_groups_are_pack_quantized_and_load_exactly(tmp_path, family):
+    compiled = compile_tiny(tmp_path, family, "llm/w4a16_gptq.yaml", ("schemes.w4a16.weight.group_size=16",))
+    config = json.loads((tmp_path / "out" / "vllm" / "config.json").read_text())["quantization_config"]
+    group = config["config_groups"]["group_0"]
+    assert config["format"] == "pack-quantized" and group["targets"] == ["Linear"]
+    assert group["weights"].items() >= {"num_bits": 4, "strategy": "group", "group_size": 16, "symmetric": True}.items()
+    assert group["input_activations"] is None and "lm_head" in config["ignore"]
+    with torch.no_grad():
+        loaded = load_with_transformers(tmp_path / "out")(input_ids=IDS, use_cache=False).logits
+    assert relative(loaded, logits(compiled.program, IDS)) < 1e-6
+
+
+def test_moe_experts_are_written_per_expert_under_the_names_vllm_loads(tmp_path):
+    compile_tiny(tmp_path, "qwen3_moe", "llm/w8a8_dynamic.yaml")
+    with safe_open(tmp_path / "out" / "vllm" / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    for expert in range(4):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            prefix = f"model.layers.1.mlp.experts.{expert}.{proj}"
+            assert {f"{prefix}.weight", f"{prefix}.weight_scale"} <= names
+    assert not any("gate_up_proj" in name for name in names)
+    assert "model.layers.1.mlp.gate.weight" in names  # the router stays float
+
+
+def test_glm_4_7_mixed_schemes_target_their_layers_by_pattern(tmp_path):
+    compile_tiny(tmp_path, "glm4_moe", "glm4_moe/w8a8.yaml")
+    config = QuantizationConfig.model_validate(
+        json.loads((tmp_path / "out" / "vllm" / "config.json").read_text())["quantization_config"])
+    dynamic = [g for g in config.config_groups.values() if g.input_activations.dynamic]
+    static = [g for g in config.config_groups.values() if not g.input_activations.dynamic]
+    assert len(dynamic) == len(static) == 1
+    assert r"re:^model\.layers\.\d+\.mlp\.experts\.\d+\.gate_proj$" in dynamic[0].targets
+    assert r"re:^model\.layers\.\d+\.self_attn\.q_proj$" in static[0].targets
+
+
+def test_weight_only_and_w4a4_schemes_are_expressed(tmp_path):
+    w4a4 = {"weight": {"dtype": "int4", "granularity": "per_channel"},
+            "act": {"dtype": "int4", "granularity": "per_token", "dynamic": True}}
+    program = lowered_llama(tmp_path, [{"scheme": "w4a4", "include": ["*mlp*"]}, {"scheme": "w8a16", "include": ["*self_attn*"]}],
+                            {"w4a4": w4a4, "w8a16": {"weight": {"dtype": "int8", "granularity": "per_channel"}}})
+    out = tmp_path / "out"
+    out.mkdir()
+    backend = VllmBackend()
+    backend.write(program, out)
+    backend.verify(program, out)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized"
+    schemes = {(g["weights"]["num_bits"], (g["input_activations"] or {}).get("num_bits")) for g in config["config_groups"].values()}
+    assert schemes == {(4, 4), (8, None)}
+    with torch.no_grad():
+        loaded = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=IDS, use_cache=False).logits
+    assert torch.nn.functional.cosine_similarity(loaded.flatten(), logits(program, IDS).flatten(), dim=0) > 0.99
+
+
+def test_verify_fails_when_a_written_weight_changed(tmp_path):
+    program = lowered_llama(tmp_path, [{"scheme": "w8a8", "include": ["*"], "exclude": ["lm_head"]}], {"w8a8": W8A8_DYNAMIC})
+    out = tmp_path / "out"
+    out.mkdir()
+    backend = VllmBackend()
+    backend.write(program, out)
+    tensors = load_file(out / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] += 1
+    save_file(tensors, out / "model.safetensors")
+    with pytest.raises(ExportError, match=r"model.layers.1.mlp.up_proj decompressed by compressed-tensors differs"):
+        backend.verify(program, out)
+
+
+def test_online_rotations_are_refused_with_the_fix(tmp_path):
+    with pytest.raises(ExportError, match="online rotation.*format mindie"):
+        compile_tiny(tmp_path, "llama", "llm/w4a8_quarot_gptq.yaml")
+    assert not (tmp_path / "out").exists()
