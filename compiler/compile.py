@@ -93,6 +93,16 @@ def load_program(config: SlimcConfig, source: ModelSource, frontend: Frontend, r
     return program
 
 
+def export_format(program: Program, backend: Backend, staging: Path) -> Path:
+    """Write and verify one format in `staging/.<format>.partial`, renamed to `staging/<format>` once complete."""
+    partial = staging / f".{backend.format_name}.partial"
+    for subdirectory, part in program.export_parts().items():
+        (partial / subdirectory).mkdir(parents=True)
+        backend.write(part, partial / subdirectory)
+        backend.verify(part, partial / subdirectory)
+    return partial.rename(staging / backend.format_name)
+
+
 @dataclass
 class Compiled:
     program: Program
@@ -115,15 +125,10 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
     pipeline.run(program, config, batches, report)
     if backends:
         params = sum(t.numel() * t.element_size() for t in program.model.state_dict().values())
-        check_disk_space(out_dir, int(params * 1.1))
+        check_disk_space(out_dir, int(params * 1.1) * len(backends))
         with report.timed("export"), staged_output(out_dir, overwrite) as staging:
             for backend in backends:
-                target = staging / backend.format_name
-                for subdirectory, part in program.export_parts().items():
-                    (target / subdirectory).mkdir(parents=True)
-                    backend.write(part, target / subdirectory)
-                    backend.verify(part, target / subdirectory)
-                report.outputs[backend.format_name] = directory_size(target)
+                report.outputs[backend.format_name] = directory_size(export_format(program, backend, staging))
             report.finish()
             (staging / REPORT_FILE).write_text(report.to_json())
     report.finish()

@@ -1,0 +1,65 @@
+"""One compile writes every format its `export:` list names, each complete in its own subdirectory of --out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import save_tiny_model
+from programs import logits, relative
+from transformers import AutoModelForCausalLM
+
+from slimc.backends.mindie_reader import load_ascend_model
+from slimc.backends.vllm import VllmBackend
+from slimc.cli import resolve_config_path
+from slimc.compile import REPORT_FILE, compile_model
+from slimc.config import load_config
+from slimc.errors import ExportError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SMALL_CALIBRATION = ["calibration.samples=4", "calibration.seq_len=32", "calibration.batch_size=2"]
+EVERY_FORMAT = "export=[{format: mindie}, {format: vllm}]"
+
+
+def test_every_listed_format_is_written_to_its_own_directory_and_reads_back(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "model", "qwen3")
+    config = load_config(resolve_config_path("llm/w8a8_static.yaml"), [*SMALL_CALIBRATION, EVERY_FORMAT])
+    with pytest.warns(UserWarning, match="below the recommended"):
+        compiled = compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(["mindie", "vllm", REPORT_FILE])
+    assert set(json.loads((out / REPORT_FILE).read_text())["outputs"]) == {"mindie", "vllm"}
+    ids = torch.randint(4, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    expected = logits(compiled.program, ids)
+    with torch.no_grad():
+        ascend = load_ascend_model(out / "mindie")(input_ids=ids, use_cache=False).logits
+        vllm = AutoModelForCausalLM.from_pretrained(out / "vllm").eval()(input_ids=ids, use_cache=False).logits
+    assert relative(ascend, expected) < 1e-2
+    assert torch.nn.functional.cosine_similarity(vllm.flatten(), expected.flatten(), dim=0) > 0.999
+
+
+def test_a_format_that_fails_leaves_no_output_and_names_itself(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "model", "llama")
+    config = load_config(resolve_config_path("llm/w4a8_quarot_gptq.yaml"), [*SMALL_CALIBRATION, EVERY_FORMAT])
+    with pytest.warns(UserWarning, match="below the recommended"), pytest.raises(ExportError, match="^vllm: .*online rotation"):
+        compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == [tmp_path / "model"]
+
+
+def test_a_format_is_renamed_into_place_only_after_it_verified(tmp_path, monkeypatch):
+    """While a format is written and checked it lives under a hidden name; a failed check leaves nothing."""
+    seen = []
+
+    def failing_verify(self, program, out_dir):
+        seen.append((out_dir.name, (out_dir / "config.json").is_file(), sorted(p.name for p in out_dir.parent.iterdir())))
+        raise ExportError("vllm: simulated mismatch")
+
+    monkeypatch.setattr(VllmBackend, "verify", failing_verify)
+    model_dir = save_tiny_model(tmp_path / "model", "llama")
+    config = load_config(resolve_config_path("llm/w8a8_dynamic.yaml"), [*SMALL_CALIBRATION, EVERY_FORMAT])
+    with pytest.warns(UserWarning, match="below the recommended"), pytest.raises(ExportError, match="simulated mismatch"):
+        compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
+    assert seen == [(".vllm.partial", True, [".vllm.partial", "mindie"])]
+    assert not (tmp_path / "out").exists()
