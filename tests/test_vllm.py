@@ -168,3 +168,30 @@ def test_online_rotations_are_refused_with_the_fix(tmp_path):
     with pytest.raises(ExportError, match="online rotation.*format mindie"):
         compile_tiny(tmp_path, "llama", "llm/w4a8_quarot_gptq.yaml")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
+def test_vision_language_checkpoint_loads_under_its_own_names(tmp_path, kind, vllm_per_token_scales):
+    """Multimodal checkpoints keep their tensor names (Qwen2.5-VL's legacy `model.layers.*`); config groups and
+    the ignore list name each Linear under both its runtime and its checkpoint name, so both loaders find it."""
+    from test_multimodal import CONFIGS, SMALL
+    from tiny_multimodal import save_tiny_multimodal
+
+    from slimc.frontends.multimodal import MultimodalLLM
+
+    model_dir = save_tiny_multimodal(kind, tmp_path / "model")
+    config = load_config(resolve_config_path(CONFIGS[kind]), [*SMALL, *VLLM_ONLY])
+    compiled = compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
+    program = compiled.program
+    with safe_open(tmp_path / "out" / "vllm" / "model.safetensors", "pt") as f:
+        written = set(f.keys())
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        assert {n for n in written if n.endswith((".weight", ".bias"))} == set(f.keys())
+    loaded = type(program.model).from_pretrained(tmp_path / "out" / "vllm").eval()
+    held_out = config.calibration.model_copy(update={"dataset": "builtin:image-text-eval", "samples": 2})
+    for batch in MultimodalLLM().calibration_batches(held_out, program.source, program):
+        with torch.no_grad(), program.executing_graphs():
+            expected = program.model(**batch, use_cache=False).logits
+        with torch.no_grad():
+            actual = loaded(**batch, use_cache=False).logits
+        assert relative(actual, expected) < 1e-5
