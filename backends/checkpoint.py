@@ -17,8 +17,10 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import AfterValidator
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -272,3 +274,17 @@ def parse_size(value: str | int) -> int:
     if not match or match.group(2).upper() not in _UNITS or float(match.group(1)) <= 0:
         raise ValueError(f"max_shard_size {value!r} is not a size; use bytes or e.g. \"5GB\", \"500MB\", \"4GiB\"")
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def _checked_size(value: str | int | None) -> str | int | None:
+    if value is not None:
+        parse_size(value)
+    return value
+
+
+# A backend option: the most bytes one safetensors file holds ("5GB", "500MiB" or an int), None for one file.
+ShardSize = Annotated[str | int | None, AfterValidator(_checked_size)]
+
+
+def shard_bytes(size: str | int | None) -> int | None:
+    return None if size is None else parse_size(size)

@@ -17,20 +17,20 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import field_validator
 from safetensors import safe_open
 
 from slimc.backends import Backend, register_backend
 from slimc.backends.checkpoint import (
     CheckpointLinear,
+    ShardSize,
     checkpoint_linears,
     checkpoint_prefixes,
     float_tensors,
     natural_key,
     online_rotations,
-    parse_size,
     same_bits,
     save_sharded,
+    shard_bytes,
     source_tensors,
 )
 from slimc.backends.mindie_reader import (
@@ -73,15 +73,8 @@ class MindieBackend(Backend):
       splits along their input (W4A8_DYNAMIC only: their `scale_bias` gets one column per 1/16 of the input).
     """
 
-    max_shard_size: str | int | None = None
+    max_shard_size: ShardSize = None
     row_parallel: list[str] = ["*.o_proj", "*.down_proj"]
-
-    @field_validator("max_shard_size")
-    @classmethod
-    def _size(cls, value: str | int | None) -> str | int | None:
-        if value is not None:
-            parse_size(value)
-        return value
 
     def write(self, program: Program, out_dir: Path) -> list[Path]:
         out_dir = Path(out_dir)
@@ -92,7 +85,7 @@ class MindieBackend(Backend):
         copied = source_tensors(program, tensors, "mindie")
         types.update(dict.fromkeys(copied, "FLOAT"))
         everything = {n: t for n, t in sorted({**tensors, **rotations, **copied}.items(), key=lambda item: natural_key(item[0]))}
-        written = save_sharded(everything, out_dir, WEIGHTS_FILE, None if self.max_shard_size is None else parse_size(self.max_shard_size))
+        written = save_sharded(everything, out_dir, WEIGHTS_FILE, shard_bytes(self.max_shard_size))
         description = dict(types)
         description.update({
             "version": VERSION,

@@ -20,20 +20,20 @@ import re
 from pathlib import Path
 
 import torch
-from pydantic import field_validator
 from safetensors import safe_open
 
 from slimc.backends import Backend, register_backend
 from slimc.backends.checkpoint import (
     CheckpointLinear,
+    ShardSize,
     checkpoint_linears,
     checkpoint_prefixes,
     float_tensors,
     natural_key,
     online_rotations,
-    parse_size,
     same_bits,
     save_sharded,
+    shard_bytes,
     source_tensors,
 )
 from slimc.errors import ExportError
@@ -80,14 +80,7 @@ class VllmBackend(Backend):
       None writes one file.
     """
 
-    max_shard_size: str | int | None = "5GB"
-
-    @field_validator("max_shard_size")
-    @classmethod
-    def _size(cls, value: str | int | None) -> str | int | None:
-        if value is not None:
-            parse_size(value)
-        return value
+    max_shard_size: ShardSize = "5GB"
 
     def write(self, program: Program, out_dir: Path) -> list[Path]:
         from compressed_tensors.compressors import ModelCompressor
@@ -104,7 +97,7 @@ class VllmBackend(Backend):
             tensors[name] = tensor
         copied = source_tensors(program, tensors, "vllm")
         everything = dict(sorted({**tensors, **copied}.items(), key=lambda item: natural_key(item[0])))
-        save_sharded(everything, out_dir, WEIGHTS_FILE, None if self.max_shard_size is None else parse_size(self.max_shard_size))
+        save_sharded(everything, out_dir, WEIGHTS_FILE, shard_bytes(self.max_shard_size))
         from slimc.frontends.hf import write_model_files
 
         write_model_files(program.source, out_dir, program.metadata.get("config_updates"))

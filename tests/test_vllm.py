@@ -195,3 +195,20 @@ def test_vision_language_checkpoint_loads_under_its_own_names(tmp_path, kind, vl
         with torch.no_grad():
             actual = loaded(**batch, use_cache=False).logits
         assert relative(actual, expected) < 1e-5
+
+
+def test_small_max_shard_size_writes_transformers_style_shards(tmp_path):
+    program = lowered_llama(tmp_path, [{"scheme": "w8a8", "include": ["*"], "exclude": ["lm_head"]}], {"w8a8": W8A8_DYNAMIC})
+    out = tmp_path / "out"
+    out.mkdir()
+    backend = VllmBackend(max_shard_size="40KB")
+    backend.write(program, out)
+    backend.verify(program, out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    with torch.no_grad():
+        loaded = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=IDS, use_cache=False).logits
+    assert torch.nn.functional.cosine_similarity(loaded.flatten(), logits(program, IDS).flatten(), dim=0) > 0.999
+    with pytest.raises(ValueError, match="is not a size"):
+        VllmBackend(max_shard_size="five gigs")
