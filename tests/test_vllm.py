@@ -212,3 +212,28 @@ def test_small_max_shard_size_writes_transformers_style_shards(tmp_path):
     assert torch.nn.functional.cosine_similarity(loaded.flatten(), logits(program, IDS).flatten(), dim=0) > 0.999
     with pytest.raises(ValueError, match="is not a size"):
         VllmBackend(max_shard_size="five gigs")
+
+
+def test_whole_omni_checkpoint_keeps_the_talker_float_and_targets_the_thinker_by_its_checkpoint_names(tmp_path):
+    """The thinker is quantized under `thinker.*`; talker and vocoder are copied bit for bit and ignored. (The tiny
+    whole checkpoint's talker config is not a loadable whole model, so this reads the files, not transformers.)"""
+    from test_omni import IMAGE_SIZE, SMALL
+    from tiny_omni import save_tiny_full_omni
+
+    model_dir = save_tiny_full_omni("qwen2_5_omni", tmp_path / "model")
+    config = load_config(resolve_config_path("qwen2_5_omni/w8a8.yaml"),
+                         [*SMALL, f"calibration.image_size={IMAGE_SIZE['qwen2_5_omni']}", *VLLM_ONLY])
+    compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
+    out = tmp_path / "out" / "vllm"
+    quantization = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    assert {"talker.model.layers.0.mlp.down_proj", "thinker.lm_head"} <= set(quantization.ignore)
+    targets = [t for group in quantization.config_groups.values() for t in group.targets]
+    assert r"re:^thinker\.model\.layers\.\d+\.self_attn\.q_proj$" in targets
+    assert not any("talker" in target for target in targets)
+    written = load_file(out / "model.safetensors")
+    assert written["thinker.model.layers.0.self_attn.q_proj.weight"].dtype == torch.int8
+    source = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        source.update(load_file(shard))
+    talker = [name for name in source if not name.startswith("thinker.")]
+    assert talker and all(torch.equal(written[name], source[name]) for name in talker)
