@@ -237,3 +237,14 @@ def test_whole_omni_checkpoint_keeps_the_talker_float_and_targets_the_thinker_by
         source.update(load_file(shard))
     talker = [name for name in source if not name.startswith("thinker.")]
     assert talker and all(torch.equal(written[name], source[name]) for name in talker)
+
+
+def test_a_diffusion_transformer_is_refused_with_the_formats_that_take_it(tmp_path):
+    from test_diffusion_compile import SIZES, SMALL
+    from tiny_diffusion import save_tiny_pipeline
+
+    pipeline_dir = save_tiny_pipeline("flux", tmp_path / "flux", two_experts=False, weight_std=0.3)
+    config = load_config(resolve_config_path("flux/w8a8.yaml"), [*SMALL, *SIZES["flux"], *VLLM_ONLY])
+    with pytest.raises(ExportError, match="vllm: .*language models.*format mindie or onnx"):
+        compile_model(config, model_path=str(pipeline_dir), out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
