@@ -51,4 +51,4 @@ def backend_class(name: str) -> type[Backend]:
 
 
 def _load_builtin_backends() -> None:
-    from slimc.backends import mindie, vllm  # noqa: F401
+    from slimc.backends import mindie, onnx, vllm  # noqa: F401
