@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import onnxruntime
 import pytest
 import torch
 from conftest import save_tiny_model
@@ -20,7 +21,7 @@ from slimc.errors import ExportError
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SMALL_CALIBRATION = ["calibration.samples=4", "calibration.seq_len=32", "calibration.batch_size=2"]
-EVERY_FORMAT = "export=[{format: mindie}, {format: vllm}]"
+EVERY_FORMAT = "export=[{format: mindie}, {format: vllm}, {format: onnx}]"
 
 
 def test_every_listed_format_is_written_to_its_own_directory_and_reads_back(tmp_path):
@@ -29,14 +30,16 @@ def test_every_listed_format_is_written_to_its_own_directory_and_reads_back(tmp_
     with pytest.warns(UserWarning, match="below the recommended"):
         compiled = compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == sorted(["mindie", "vllm", REPORT_FILE])
-    assert set(json.loads((out / REPORT_FILE).read_text())["outputs"]) == {"mindie", "vllm"}
+    assert sorted(p.name for p in out.iterdir()) == sorted(["mindie", "vllm", "onnx", REPORT_FILE])
+    assert set(json.loads((out / REPORT_FILE).read_text())["outputs"]) == {"mindie", "vllm", "onnx"}
     ids = torch.randint(4, 512, (2, 16), generator=torch.Generator().manual_seed(1))
     expected = logits(compiled.program, ids)
     with torch.no_grad():
         ascend = load_ascend_model(out / "mindie")(input_ids=ids, use_cache=False).logits
         vllm = AutoModelForCausalLM.from_pretrained(out / "vllm").eval()(input_ids=ids, use_cache=False).logits
+    onnx_logits = onnxruntime.InferenceSession(str(out / "onnx" / "model.onnx")).run(None, {"input_ids": ids.numpy()})[0]
     assert relative(ascend, expected) < 1e-2
+    assert relative(torch.from_numpy(onnx_logits), expected) < 5e-3
     assert torch.nn.functional.cosine_similarity(vllm.flatten(), expected.flatten(), dim=0) > 0.999
 
 
@@ -61,5 +64,5 @@ def test_a_format_is_renamed_into_place_only_after_it_verified(tmp_path, monkeyp
     config = load_config(resolve_config_path("llm/w8a8_dynamic.yaml"), [*SMALL_CALIBRATION, EVERY_FORMAT])
     with pytest.warns(UserWarning, match="below the recommended"), pytest.raises(ExportError, match="simulated mismatch"):
         compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
-    assert seen == [(".vllm.partial", True, [".vllm.partial", "mindie"])]
+    assert seen == [(".vllm.partial", True, [".vllm.partial", "mindie"])]  # onnx, listed after vllm, never started
     assert not (tmp_path / "out").exists()
