@@ -232,10 +232,9 @@ def quantization_config(program: Program, parts: list[CheckpointLinear], copied:
     experts, and the 2-D weights copied unchanged from the source checkpoint."""
     from compressed_tensors.quantization import QuantizationConfig
 
-    by_scheme: dict[QuantScheme, list[str]] = {}
+    by_scheme: dict[QuantScheme, dict[str, None]] = {}  # names kept in order, each once (MoE: tens of thousands)
     for part in parts:
-        names = by_scheme.setdefault(part.scheme, [])
-        names.extend(n for n in (part.prefix, _runtime_linear(part)) if n not in names)
+        by_scheme.setdefault(part.scheme, {}).update(dict.fromkeys((part.prefix, _runtime_linear(part))))
     if len(by_scheme) == 1:
         targets = {next(iter(by_scheme)): ["Linear"]}
     else:
@@ -255,7 +254,7 @@ def _generalised(name: str) -> str:
     return "re:^" + r"\.".join(r"\d+" if piece.isdigit() else re.escape(piece) for piece in name.split(".")) + "$"
 
 
-def _target_patterns(by_scheme: dict[QuantScheme, list[str]]) -> dict[QuantScheme, list[str]]:
+def _target_patterns(by_scheme: dict[QuantScheme, dict[str, None]]) -> dict[QuantScheme, list[str]]:
     """Per scheme, patterns over module names that no other scheme's module matches."""
     owners: dict[str, set[QuantScheme]] = {}
     for scheme, names in by_scheme.items():
@@ -263,26 +262,24 @@ def _target_patterns(by_scheme: dict[QuantScheme, list[str]]) -> dict[QuantSchem
             owners.setdefault(_generalised(name), set()).add(scheme)
     targets: dict[QuantScheme, list[str]] = {}
     for scheme, names in by_scheme.items():
-        patterns = targets.setdefault(scheme, [])
+        chosen: dict[str, None] = {}  # in order, each pattern once
         for name in names:
             pattern = _generalised(name)
-            if len(owners[pattern]) > 1:
-                pattern = f"re:^{re.escape(name)}$"
-            if pattern not in patterns:
-                patterns.append(pattern)
+            chosen[pattern if len(owners[pattern]) == 1 else f"re:^{re.escape(name)}$"] = None
+        targets[scheme] = list(chosen)
     return targets
 
 
 def _ignored(program: Program, parts: list[CheckpointLinear], copied: set[str]) -> list[str]:
     quantized = {part.runtime.removesuffix(".weight") for part in parts} | {part.prefix for part in parts}
-    ignored: list[str] = []
+    ignored: dict[str, None] = {}  # in order, each name once
     for name, module in program.model.named_modules():
         if isinstance(module, torch.nn.Linear) and name not in quantized:
-            ignored.extend(n for n in (name, *checkpoint_prefixes(program, parts, name)) if n not in ignored)
+            ignored.update(dict.fromkeys((name, *checkpoint_prefixes(program, parts, name))))
         elif _is_float_experts(module):
-            ignored.append(name)
+            ignored[name] = None
     copied_layers = {name.removesuffix(".weight") for name in copied if name.endswith(".weight")}
-    return ignored + sorted(copied_layers - set(ignored), key=natural_key)
+    return [*ignored, *sorted(copied_layers - ignored.keys(), key=natural_key)]
 
 
 def _is_float_experts(module: torch.nn.Module) -> bool:
