@@ -116,12 +116,13 @@ def check_integer_weights(model: ir.Model, program: Program, integer: bool) -> N
 
 
 def _readers(value: ir.Value) -> set[str]:
-    """Op types reading the value, through the Cast / Gather / Transpose that may sit in front of the matmul."""
+    """Op types reading the value, through the Cast / Add (the uint8 shift) / Gather / Transpose that may sit in
+    front of the matmul."""
     found, frontier = set(), [value]
     while frontier:
         for node in frontier.pop().consumers():
             found.add(node.op_type)
-            if node.op_type in ("Cast", "Gather", "Transpose", "Squeeze"):
+            if node.op_type in ("Cast", "Add", "Gather", "Transpose", "Squeeze"):
                 frontier.extend(node.outputs)
     return found
 

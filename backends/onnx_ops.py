@@ -9,10 +9,13 @@ int8 buffer, so it reaches the file as an integer initializer; `onnx_graph` then
 Layouts, with W the codes transposed to (in, out):
 
 - weight only: ``MatMul(x, DequantizeLinear(W, scale, zp))`` (+ ``Add`` bias);
-- static activations: ``DequantizeLinear(QuantizeLinear(x, s, z), s, z)`` before that MatMul;
+- static activations: ``DequantizeLinear(QuantizeLinear(x, s, z), s, z)`` before that MatMul, int8 codes of
+  both as uint8 (+128), which the runtime fuses into an exact uint8 x uint8 integer matmul;
 - dynamic symmetric activations with symmetric per-channel or per-tensor weights (integer matmul):
   the scale ``max|x| / qmax`` per token (``ReduceMax(Abs)``), codes ``Clip(Round(x / s))`` shifted by 128
-  to uint8, ``MatMulInteger(codes, W, 128)`` to int32, ``Cast`` to float, ``× s × weight_scale``;
+  to uint8, ``MatMulInteger(codes, W + 128, 128, 128)`` to int32, ``Cast`` to float, ``× s × weight_scale``.
+  Both operands are uint8: x86 CPUs without VNNI multiply uint8 × int8 with a saturating 16-bit sum
+  (``vpmaddubsw``), which ONNX Runtime's uint8 × int8 kernel inherits, so that pairing is wrong there;
 - other dynamic schemes (or with ``integer_matmul: false``): the same codes dequantized
   (``(q - offset) · s``) before the DequantizeLinear MatMul.
 """
@@ -35,7 +38,7 @@ from slimc.schemes import QuantScheme, TensorScheme
 __all__ = ["exporting_custom_ops", "integer_matmul", "translation_table"]
 
 _INT_TYPES = {"int8": ir.DataType.INT8, "int4": ir.DataType.INT4}
-UINT8_SHIFT = 128  # int8 codes + 128 = uint8: ONNX Runtime's CPU kernels multiply u8 x s8 several times faster than s8 x s8
+UINT8_SHIFT = 128  # int8 codes + 128 = uint8: ONNX Runtime multiplies u8 x u8 exactly, and several times faster than s8 x s8
 
 
 @torch.library.custom_op("slimc_onnx::quantized_linear", mutates_args=())
@@ -120,15 +123,21 @@ def _floats(value: float) -> ir.Value:
     return op.Constant(value_float=float(value))
 
 
-def _dequantized_weight(weight: ir.Value, scale: ir.Value, offset: ir.Value, w: TensorScheme) -> ir.Value:
-    """DequantizeLinear of the (in, out) codes: per-tensor, per output channel (axis 1) or blocked along the input."""
-    codes = _weight_codes(weight, w)
+def _dequantized_weight(weight: ir.Value, scale: ir.Value, offset: ir.Value, w: TensorScheme,
+                        shifted: bool = False) -> ir.Value:
+    """DequantizeLinear of the (in, out) codes: per-tensor, per output channel (axis 1) or blocked along the input.
+    `shifted`: the codes as uint8 (+128, zero point offset + 128), for a runtime that fuses this with uint8
+    activations into an integer matmul."""
     if w.granularity == "per_group":  # stored (out, in / g): (in / g, out) blocks along the input
         scale, offset = op.Transpose(scale, perm=[1, 0]), op.Transpose(offset, perm=[1, 0])
         kwargs = {"axis": 0, "block_size": w.group_size}
     else:  # stored (out, 1) or (1, 1): one scale per output column of the (in, out) codes, or a scalar
         shape = op.Constant(value_ints=[] if w.granularity == "per_tensor" else [-1])
         scale, offset, kwargs = op.Reshape(scale, shape), op.Reshape(offset, shape), {"axis": 1}
+    if shifted:
+        zero_point = op.Cast(op.Add(offset, _floats(UINT8_SHIFT)), to=ir.DataType.UINT8)
+        return op.DequantizeLinear(_uint8_weight(weight, w), scale, zero_point, **kwargs)
+    codes = _weight_codes(weight, w)
     if w.symmetric:  # a zero point of 0 is DequantizeLinear's default
         return op.DequantizeLinear(codes, scale, **kwargs)
     return op.DequantizeLinear(codes, scale, op.Cast(offset, to=_INT_TYPES[w.dtype]), **kwargs)
@@ -137,6 +146,14 @@ def _dequantized_weight(weight: ir.Value, scale: ir.Value, offset: ir.Value, w: 
 def _weight_codes(weight: ir.Value, w: TensorScheme) -> ir.Value:
     codes = op.Transpose(weight, perm=[1, 0])
     return op.Cast(codes, to=ir.DataType.INT4) if w.dtype == "int4" else codes
+
+
+def _uint8_weight(weight: ir.Value, w: TensorScheme) -> ir.Value:
+    """The (in, out) codes shifted by 128 to uint8. The file keeps the int8/int4 codes; this shift of a constant
+    is folded by the runtime when it loads the model."""
+    widened = op.Cast(_weight_codes(weight, w), to=ir.DataType.INT16)
+    shift = op.Constant(value=ir.tensor(UINT8_SHIFT, dtype=ir.DataType.INT16))
+    return op.Cast(op.Add(widened, shift), to=ir.DataType.UINT8)
 
 
 def _dynamic_codes(x: ir.Value, act: TensorScheme) -> tuple[ir.Value, ir.Value | None, ir.Value]:
@@ -157,8 +174,14 @@ def _dynamic_codes(x: ir.Value, act: TensorScheme) -> tuple[ir.Value, ir.Value |
 
 
 def _static_fake_quant(x: ir.Value, scale: ir.Value, offset: ir.Value, act: TensorScheme) -> ir.Value:
+    """QuantizeLinear-DequantizeLinear with the calibrated scale; int8 codes as uint8 (zero point offset + 128), the
+    operand type the runtime's fused integer matmul multiplies exactly (see `_uint8_weight`)."""
     scale = op.Reshape(scale, op.Constant(value_ints=[]))
-    zero_point = op.Cast(op.Reshape(offset, op.Constant(value_ints=[])), to=_INT_TYPES[act.dtype])
+    offset = op.Reshape(offset, op.Constant(value_ints=[]))
+    if act.dtype == "int8":
+        zero_point = op.Cast(op.Add(offset, _floats(UINT8_SHIFT)), to=ir.DataType.UINT8)
+    else:
+        zero_point = op.Cast(offset, to=_INT_TYPES[act.dtype])
     return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
 
 
@@ -171,11 +194,9 @@ def translate_quantized_linear(x, weight, weight_scale, weight_offset, bias=None
     if integer:
         scale, _, codes = _dynamic_codes(x32, act)
         shifted = op.Cast(op.Add(codes, _floats(UINT8_SHIFT)), to=ir.DataType.UINT8)
-        int8_weight = _weight_codes(weight, w)
-        if w.dtype == "int4":  # MatMulInteger takes 8-bit operands; the runtime folds this cast of a constant at load
-            int8_weight = op.Cast(int8_weight, to=ir.DataType.INT8)
         zero_point = op.Constant(value=ir.tensor(UINT8_SHIFT, dtype=ir.DataType.UINT8))
-        accumulated = op.Cast(op.MatMulInteger(shifted, int8_weight, zero_point), to=ir.DataType.FLOAT)
+        accumulated = op.Cast(op.MatMulInteger(shifted, _uint8_weight(weight, w), zero_point, zero_point),
+                              to=ir.DataType.FLOAT)
         channel_scale = op.Reshape(weight_scale, op.Constant(value_ints=[] if w.granularity == "per_tensor" else [-1]))
         y = op.Mul(op.Mul(accumulated, scale), channel_scale)
     else:
@@ -184,7 +205,8 @@ def translate_quantized_linear(x, weight, weight_scale, weight_offset, bias=None
             x32 = op.Mul(codes if offset is None else op.Sub(codes, offset), scale)
         elif act is not None:
             x32 = _static_fake_quant(x32, input_scale, input_offset, act)
-        y = op.MatMul(x32, _dequantized_weight(weight, weight_scale, weight_offset, w))
+        static_int8 = act is not None and not act.dynamic and act.dtype == "int8"
+        y = op.MatMul(x32, _dequantized_weight(weight, weight_scale, weight_offset, w, shifted=static_int8))
     if bias is not None:
         y = op.Add(y, bias)
     return y if x.dtype == ir.DataType.FLOAT else op.Cast(y, to=x.dtype)

@@ -32,8 +32,10 @@ from onnx import numpy_helper
 from programs import logits, relative
 from tiny_diffusion import save_tiny_pipeline, tiny_transformer
 from tiny_models import VOCAB_SIZE
+from torch import nn
 
 from slimc.backends.onnx import DESCRIPTION_FILE, EXACT_SESSION_CONFIG, MODEL_FILE, OnnxBackend
+from slimc.backends.onnx_ops import exporting_custom_ops, translation_table
 from slimc.cli import resolve_config_path
 from slimc.compile import compile_model
 from slimc.config import load_config
@@ -42,6 +44,7 @@ from slimc.frontends.diffusion import DiffusionTransformer
 from slimc.frontends.hf import ModelSource
 from slimc.ir import Program
 from slimc.modules import QuantizedExperts, QuantizedLinear
+from slimc.schemes import QuantScheme
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -154,7 +157,7 @@ def test_static_activations_are_quantize_dequantize_pairs_with_the_stored_scale_
     assert ops["MatMulInteger"] == len(dynamic)
     scales = {(float(numpy_helper.to_array(stored[n.input[1]])), int(numpy_helper.to_array(stored[n.input[2]])))
               for n in graph.graph.node if n.op_type == "QuantizeLinear"}
-    assert scales == {(float(m.input_scale), int(m.input_offset)) for m in static.values()}
+    assert scales == {(float(m.input_scale), int(m.input_offset) + 128) for m in static.values()}  # uint8 codes
     for node in (n for n in graph.graph.node if n.op_type == "QuantizeLinear"):
         readers = [n.op_type for n in graph.graph.node if node.output[0] in n.input]
         assert readers == ["DequantizeLinear"]
@@ -167,12 +170,35 @@ def test_dynamic_activations_are_quantized_per_token_into_matmulinteger(compiled
     assert ops["MatMulInteger"] == len(lowered(row.program))
     assert ops["QuantizeLinear"] == 0 and ops["DequantizeLinear"] == 0
     stored = initializers(graph)
+    producers = {output: node for node in graph.graph.node for output in node.output}
     for node in (n for n in graph.graph.node if n.op_type == "MatMulInteger"):
-        activation, weight, zero_point = node.input[:3]
-        assert stored[weight].data_type == onnx.TensorProto.INT8
-        assert numpy_helper.to_array(stored[zero_point]) == 128  # int8 codes shifted to uint8, the fast u8 x s8 kernel
-        producer = next(n for n in graph.graph.node if activation in n.output)
-        assert producer.op_type == "Cast" and onnx.helper.get_node_attr_value(producer, "to") == onnx.TensorProto.UINT8
+        activation, weight, activation_zero_point, weight_zero_point = node.input
+        for operand, zero_point in ((activation, activation_zero_point), (weight, weight_zero_point)):
+            # both int8 operands shifted to uint8: uint8 x int8 saturates on x86 CPUs without VNNI
+            assert producers[operand].op_type == "Cast"
+            assert onnx.helper.get_node_attr_value(producers[operand], "to") == onnx.TensorProto.UINT8
+            assert numpy_helper.to_array(stored[zero_point]) == 128
+        shift = producers[producers[weight].input[0]]
+        assert shift.op_type == "Add" and stored[producers[shift.input[0]].input[0]].data_type == onnx.TensorProto.INT8
+
+
+def test_the_integer_matmul_is_exact_for_codes_at_the_ends_of_the_int8_range(tmp_path):
+    """Activations and weights of +-127 make every pair of products overflow a 16-bit sum: the case a uint8 x int8
+    kernel gets wrong on AVX2-only CPUs. onnxruntime must reproduce the layer to float rounding."""
+    scheme = QuantScheme.model_validate({"weight": {"dtype": "int8"},
+                                         "act": {"dtype": "int8", "granularity": "per_token", "dynamic": True}})
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.where(torch.rand(32, 64, generator=generator) < 0.5, -127, 127)
+    layer = nn.Sequential(QuantizedLinear(scheme, codes, torch.full((32, 1), 1e-3), torch.zeros(32, 1), None, None,
+                                          torch.float32)).eval()
+    x = torch.where(torch.rand(2, 5, 64, generator=generator) < 0.5, -1.0, 1.0)
+    with exporting_custom_ops(layer, integer=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(layer, (x,), tmp_path / "layer.onnx", input_names=["x"], dynamo=True, opset_version=21,
+                          custom_translation_table=translation_table(), optimize=False, verbose=False)
+    actual = session(tmp_path / "layer.onnx").run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        assert relative(torch.from_numpy(actual), layer(x)) < EXACT
 
 
 def test_without_integer_matmul_dynamic_activations_are_fake_quantized_before_dequantized_weights(compiled, tmp_path):
