@@ -220,6 +220,8 @@ class _ValueTracer(fx.Tracer):
         self.guards: list[Guard] = []
         self.non_tensor: set[fx.Node] = set()
         self.failing_op: str | None = None
+        self._root_parameter_ids: set[int] | None = None
+        self._foreign_parameters: dict[int, torch.Tensor] = {}
 
     def create_args_for_root(self, root_fn: Callable, is_module: bool, concrete_args: Any = None) -> tuple:
         proxies = []
@@ -259,9 +261,29 @@ class _ValueTracer(fx.Tracer):
             self._depth -= 1
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        if self._depth:
+        if self._depth or not self._installed(m):
+            # A module the block calls but does not own (transformers' kernel-hub function wrappers,
+            # helpers shared between blocks) is not something a pass can address by name: it is traced
+            # through like any function, its own parameters becoming constants (see create_arg).
             return forward(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
+
+    def _installed(self, module: nn.Module) -> bool:
+        try:
+            self.path_of_module(module)
+        except NameError:
+            return False
+        return True
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, nn.Parameter) and id(a) not in self._root_parameters():
+            a = self._foreign_parameters.setdefault(id(a), a.detach())
+        return super().create_arg(a)
+
+    def _root_parameters(self) -> set[int]:
+        if self._root_parameter_ids is None:
+            self._root_parameter_ids = {id(p) for p in self.root.parameters()}
+        return self._root_parameter_ids
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
         if self._depth:

@@ -248,6 +248,48 @@ class ReadsExtras(nn.Module):
         return x * args[0]
 
 
+class FunctionAsModule(nn.Module):
+    """What transformers' kernel-hub decorator makes of a function such as `apply_rotary_pos_emb`: a module
+    instance called like the function, owned by no model."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * y, x - y
+
+
+class SharedScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([0.5, 2.0, 3.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+PAIRWISE = FunctionAsModule()
+SHARED_SCALE = SharedScale()
+
+
+class CallsModulesItDoesNotOwn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        product, difference = PAIRWISE(self.proj(x), x)
+        return SHARED_SCALE(product) + difference
+
+
+def test_modules_called_but_not_owned_by_the_block_are_traced_through_as_functions():
+    block_module = CallsModulesItDoesNotOwn()
+    block = trace_block(block_module, (torch.randn(2, 4, 3),), {}, name="toy")
+    assert call_targets(block) == ["proj"]  # the block's own leaf only; the helpers became graph nodes
+    x = torch.randn(5, 7, 3)
+    with torch.no_grad():
+        assert torch.equal(block(x), block_module(x))
+    owned = {id(p) for p in block_module.parameters()}
+    assert all(id(p) in owned for p in block.graph_module.parameters())  # the helper's parameter became a constant
+
+
 def test_constants_a_block_never_reads_from_its_star_args_match_any_value_of_their_type():
     block = trace_block(IgnoresExtras(), (torch.randn(2, 3), None, 4), {"flag": 7}, name="toy")
     x = torch.randn(2, 3)
