@@ -151,8 +151,8 @@ def _weight_codes(weight: ir.Value, w: TensorScheme) -> ir.Value:
 def _uint8_weight(weight: ir.Value, w: TensorScheme) -> ir.Value:
     """The (in, out) codes shifted by 128 to uint8. The file keeps the int8/int4 codes; this shift of a constant
     is folded by the runtime when it loads the model."""
-    widened = op.Cast(_weight_codes(weight, w), to=ir.DataType.INT16)
-    shift = op.Constant(value=ir.tensor(UINT8_SHIFT, dtype=ir.DataType.INT16))
+    widened = op.Cast(_weight_codes(weight, w), to=ir.DataType.INT32)  # int32: Add is implemented for it everywhere
+    shift = op.Constant(value=ir.tensor(UINT8_SHIFT, dtype=ir.DataType.INT32))
     return op.Cast(op.Add(widened, shift), to=ir.DataType.UINT8)
 
 
