@@ -1,6 +1,6 @@
 """The YAML config: safe loading, typed validation, `--set` overrides, messages that point at the line.
 
-    version: 1
+    version: 2
     model: {family: auto, dtype: auto}
     calibration: {dataset: builtin:text, samples: 128, seq_len: 512}
     schemes: {w8a8_dynamic: {weight: {...}, act: {...}}}
@@ -8,11 +8,13 @@
     export: [{format: mindie}]
 
 Pass and export parameters are validated by the pass/backend class itself (its typed fields).
+A file of an older `version` is upgraded in memory (slimc.migrate), with one warning saying so.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,9 +22,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slimc.errors import ConfigError
+from slimc.migrate import CONFIG_VERSION, upgrade
 from slimc.schemes import QuantScheme
 
-CONFIG_VERSION = 1
+MAX_CONFIG_BYTES = 1 << 20
+MAX_VALUES = 100_000
 PLAIN_TAGS = {f"tag:yaml.org,2002:{kind}" for kind in ("str", "int", "float", "bool", "null", "map", "seq")}
 
 
@@ -73,15 +77,22 @@ class EvaluationConfig(_Strict):
     batch_size: int = Field(4, gt=0)
 
 
+class ChecksConfig(_Strict):
+    """The compiler's own checks."""
+
+    equivalence: bool = True  # after each function-preserving pass, the block must still compute the same
+    equivalence_tolerance: float | None = Field(None, gt=0)  # relative; None: by the model's dtype
+
+
 class SlimcConfig(_Strict):
-    version: Literal[1] = 1
+    version: int = CONFIG_VERSION  # older versions are upgraded before validation
     model: ModelConfig = ModelConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     schemes: dict[str, QuantScheme] = {}
     pipeline: list[dict[str, Any]] = []
     export: list[dict[str, Any]] = []
-    equivalence_tolerance: float | None = Field(None, gt=0)
+    checks: ChecksConfig = ChecksConfig()
 
     source_file: str = Field("<config>", exclude=True)
     lines: dict[tuple, int] = Field(default_factory=dict, exclude=True)
@@ -100,8 +111,14 @@ def _where(source: str, lines: dict[tuple, int], loc: tuple) -> str:
 
 
 def _construct(node: yaml.Node, path: tuple, lines: dict[tuple, int]) -> Any:
-    """Build plain Python data from a composed YAML node, recording each key's line (1-based)."""
+    """Build plain Python data from a composed YAML node, recording each key's line (1-based).
+
+    Aliases are expanded, so a file of nested aliases ("billion laughs") would expand without end: past
+    MAX_VALUES values the file is refused."""
     lines[path] = node.start_mark.line + 1
+    if len(lines) > MAX_VALUES:
+        raise ConfigError(f"line {node.start_mark.line + 1}: the config expands to more than {MAX_VALUES} values "
+                          "(aliases of aliases?); a config is a few hundred values: write it out plainly")
     if node.tag not in PLAIN_TAGS:
         raise ConfigError(f"line {node.start_mark.line + 1}: YAML tag {node.tag!r} is not allowed; configs are plain data")
     if isinstance(node, yaml.MappingNode):
@@ -122,8 +139,20 @@ def read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
     """Safe-load a YAML file into plain data and a map from key path to line number."""
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"{path} is a directory, not a config file; pass a YAML file such as {path / 'w8a8.yaml'}, "
+                          "or a shipped config name (slimc configs)")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is {path.stat().st_size / 2**20:.1f} MiB; a config is a small YAML file: is this the "
+                          "right file?")
     try:
-        node = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text (a binary file?); pass a YAML config file") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {error.strerror}; check its permissions") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     lines: dict[tuple, int] = {}
@@ -238,14 +267,13 @@ def with_evaluation(config: SlimcConfig, **settings: Any) -> SlimcConfig:
 
 
 def config_from_data(data: dict, *, source: str = "<config>", lines: dict[tuple, int] | None = None) -> SlimcConfig:
-    lines = lines or {}
+    lines = dict(lines or {})
     data = copy.deepcopy(data)
-    version = data.get("version", CONFIG_VERSION)
-    if version != CONFIG_VERSION:
-        raise ConfigError(
-            f"{_where(source, lines, ('version',))}: version: this slimc reads config version {CONFIG_VERSION}, "
-            f"the file says {version!r}"
-        )
+    written_for = data.get("version", CONFIG_VERSION)
+    changes = upgrade(data, lines, source=_where(source, lines, ("version",)))
+    if changes:
+        warnings.warn(f"{source}: a version {written_for} config, upgraded in memory ({'; '.join(changes)}); "
+                      f"`slimc migrate {source}` prints the upgraded file", UserWarning, stacklevel=2)
     try:
         config = SlimcConfig.model_validate(data)
     except ValidationError as error:

@@ -1,16 +1,18 @@
 """Config loading: typed validation, overrides, and messages that point at the file and line."""
 
 import textwrap
+import warnings
 
 import pytest
 
-from slimc.cli import shipped_configs
-from slimc.config import load_config
+from slimc.cli import main, shipped_configs
+from slimc.config import CONFIG_VERSION, load_config
 from slimc.errors import ConfigError
+from slimc.migrate import migrated_yaml
 from slimc.pipeline import Pipeline
 
 GOOD = """\
-version: 1
+version: 2
 model: {dtype: float32}
 calibration: {samples: 8, seq_len: 64}
 schemes:
@@ -116,9 +118,75 @@ def test_malformed_override_explains_the_syntax(tmp_path):
         load_config(write(tmp_path, GOOD), ["calibration.samples"])
 
 
-def test_unsupported_version_is_rejected(tmp_path):
-    with pytest.raises(ConfigError, match="reads config version 1, the file says 2"):
-        load_config(write(tmp_path, GOOD.replace("version: 1", "version: 2")))
+def test_a_version_newer_than_this_slimc_is_rejected_naming_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.yaml:1: version: this slimc reads config versions 1 to 2, the file says 3; "
+                                          r"a newer version needs a newer slimc"):
+        load_config(write(tmp_path, GOOD.replace("version: 2", "version: 3")))
+
+
+@pytest.mark.parametrize("version", ["0", "two", "true"])
+def test_a_version_that_is_no_known_version_is_rejected(tmp_path, version):
+    with pytest.raises(ConfigError, match="reads config versions 1 to 2"):
+        load_config(write(tmp_path, GOOD.replace("version: 2", f"version: {version}")))
+
+
+V1 = GOOD.replace("version: 2", "version: 1") + "equivalence_tolerance: 0.05  # looser, for this model\n"
+
+
+def test_a_version_1_config_is_upgraded_in_memory_with_one_warning(tmp_path):
+    path = write(tmp_path, V1)
+    with pytest.warns(UserWarning, match=r"c.yaml: a version 1 config, upgraded in memory \(version 1 -> 2: "
+                                         r"equivalence_tolerance moved to checks.equivalence_tolerance") as warned:
+        config = load_config(path)
+    assert len(warned) == 1 and "slimc migrate" in str(warned[0].message)
+    assert config.version == 2 and config.checks.equivalence_tolerance == 0.05 and config.checks.equivalence
+
+
+def test_an_error_in_a_migrated_key_points_at_the_line_the_user_wrote(tmp_path):
+    path = write(tmp_path, V1.replace("equivalence_tolerance: 0.05", "equivalence_tolerance: -1"))
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match=r"c.yaml:18: checks.equivalence_tolerance: .*greater than 0"):
+        load_config(path)
+
+
+def test_a_version_1_config_setting_both_the_old_and_the_new_key_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="both equivalence_tolerance .* and checks.equivalence_tolerance are set"):
+        load_config(write(tmp_path, V1 + "checks: {equivalence_tolerance: 0.1}\n"))
+
+
+def test_migrate_prints_the_upgraded_file_with_its_comments(tmp_path):
+    text, changes = migrated_yaml(write(tmp_path, V1))
+    assert changes == ["version 1 -> 2: equivalence_tolerance moved to checks.equivalence_tolerance "
+                       "(checks.equivalence: false turns the check off)"]
+    assert text.startswith("version: 2\n") and "# looser, for this model" in text
+    assert "checks:\n  equivalence_tolerance: 0.05" in text and "\nequivalence_tolerance" not in text
+    upgraded = write(tmp_path, text, "upgraded.yaml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a current file loads without the upgrade warning
+        assert load_config(upgraded).checks.equivalence_tolerance == 0.05
+
+
+def test_every_shipped_config_is_the_current_version():
+    for name, path in shipped_configs().items():
+        assert load_config(path).version == CONFIG_VERSION, name
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    with pytest.raises(ConfigError, match="expands to more than 100000 values"):
+        load_config(write(tmp_path, "\n".join(lines) + "\n"))
+
+
+def test_a_config_path_that_is_a_directory_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"is a directory, not a config file"):
+        load_config(tmp_path)
+
+
+def test_a_config_that_is_not_utf8_text_is_named(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(bytes(range(128, 256)) * 4)
+    with pytest.raises(ConfigError, match=r"model.bin is not UTF-8 text"):
+        load_config(path)
 
 
 def test_yaml_is_loaded_safely(tmp_path):
@@ -142,3 +210,34 @@ def test_unusable_devices_are_refused_with_the_fix(device, message):
 
     with pytest.raises(ConfigError, match=message):
         check_device(device)
+
+
+def test_slimc_migrate_prints_the_upgraded_config_on_stdout_and_what_changed_on_stderr(tmp_path, capsys):
+    assert main(["migrate", str(write(tmp_path, V1))]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("version: 2\n") and "checks:\n  equivalence_tolerance: 0.05" in captured.out
+    assert captured.err.strip() == ("slimc: note: version 1 -> 2: equivalence_tolerance moved to checks.equivalence_tolerance"
+                                    " (checks.equivalence: false turns the check off)")
+
+
+def test_slimc_migrate_from_msmodelslim_prints_a_config_that_loads(tmp_path, capsys):
+    source = write(tmp_path, """\
+        apiversion: modelslim_v1
+        spec:
+          process:
+            - type: linear_quant
+              qconfig:
+                act: {scope: per_token, dtype: int8, symmetric: true, method: minmax}
+                weight: {scope: per_channel, dtype: int8, symmetric: true, method: minmax}
+              include: ["*"]
+              exclude: ["lm_head"]
+            - type: dynamic_cache
+          save: [{type: ascendv1_saver}]
+        """, "msmodelslim.yaml")
+    assert main(["migrate", "--from", "msmodelslim", str(source)]) == 0
+    captured = capsys.readouterr()
+    converted = write(tmp_path, captured.out, "converted.yaml")
+    config = load_config(converted)
+    assert [step.name for step in Pipeline.from_config(config).steps] == ["fake_quant", "calibrate", "lower"]
+    assert config.schemes["w8a8_dynamic"].label == "W8A8_DYNAMIC" and config.export[0]["format"] == "mindie"
+    assert "slimc: note: spec.process[1] (type: dynamic_cache)" in captured.err

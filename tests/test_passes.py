@@ -95,6 +95,12 @@ def test_the_equivalence_check_fails_a_pass_that_changes_the_function():
         run_pipeline(tiny_causal_lm("llama"), [{"pass": "test_passes:ScaleFirstLinear"}])
 
 
+def test_checks_equivalence_false_turns_the_equivalence_check_off():
+    program, _ = run_pipeline(tiny_causal_lm("llama"), [{"pass": "test_passes:ScaleFirstLinear"}],
+                              checks={"equivalence": False})
+    assert program.blocks[0].leaf("self_attn.q_proj") is not None  # the pass ran on every block unchecked
+
+
 def test_a_users_pass_runs_by_dotted_path_with_its_typed_parameters():
     _, report = run_pipeline(tiny_causal_lm("llama"), [{"pass": "test_passes:CountLinears"}])
     assert "model.layers.1: 7 Linear layers" in report.notes
