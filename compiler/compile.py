@@ -11,20 +11,22 @@ from pydantic import ValidationError
 from slimc.backends import Backend, backend_class
 from slimc.config import SlimcConfig, format_validation_error
 from slimc.errors import ConfigError, ExportError
-from slimc.export import check_disk_space, check_output_dir, staged_output
-from slimc.frontends import Frontend, frontend_for
+from slimc.export import REPORT_FILE, check_disk_space, check_output_dir, remove_dead_runs, staged_output
+from slimc.frontends import Frontend, check_builtin_dataset, frontend_for
 from slimc.frontends.hf import (
     ModelSource,
+    check_finite_weights,
     checkpoint_dtype,
     default_model_path,
     resolve_model_source,
+    weight_files,
 )
 from slimc.ir import Program
 from slimc.pipeline import Pipeline
 from slimc.report import RunReport, directory_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-REPORT_FILE = "slimc_report.json"
+GGUF_EXPANSION = 4  # GGUF weights (about 4 bits) are written back as int8 weights and float embeddings
 
 
 def model_dtype(config: SlimcConfig, source: ModelSource) -> torch.dtype:
@@ -67,6 +69,16 @@ def resolve_source(config: SlimcConfig, model_path: str | None) -> ModelSource:
     return resolve_model_source(path, trust_remote_code=config.model.trust_remote_code)
 
 
+def check_does_something(config: SlimcConfig) -> None:
+    """A config that quantizes nothing or writes nothing would end in a 'wrote OUT' with nothing of use in it."""
+    if not config.pipeline:
+        raise ConfigError(f"{config.source_file}: pipeline: the config has no passes, so nothing would be quantized; "
+                          "start from a shipped config (slimc configs)")
+    if not config.export:
+        raise ConfigError(f"{config.source_file}: export: the config names no output format, so nothing would be "
+                          "written; add e.g. `export: [{format: mindie}]`")
+
+
 def build_backends(config: SlimcConfig) -> list[Backend]:
     backends = []
     for index, raw in enumerate(config.export):
@@ -85,9 +97,18 @@ def build_backends(config: SlimcConfig) -> list[Backend]:
     return backends
 
 
+def output_size(source: ModelSource, backends: list[Backend]) -> int:
+    """About the bytes the output takes, known before the model loads: each format rewrites the weights,
+    quantized ones no larger than the checkpoint's files (a GGUF's are dequantized: GGUF_EXPANSION)."""
+    on_disk = sum(file.stat().st_size for file in weight_files(source))
+    return on_disk * (GGUF_EXPANSION if source.is_gguf else 1) * len(backends)
+
+
 def load_program(config: SlimcConfig, source: ModelSource, frontend: Frontend, report: RunReport) -> Program:
+    """Load the model (every frontend loads through here) and cut it into a Program."""
     with report.timed("load"):
         model = frontend.load(source, dtype=model_dtype(config, source), trust_remote_code=config.model.trust_remote_code)
+        check_finite_weights(model, source.path)
     program = frontend.build(source, model)
     program.metadata["device"] = config.model.device  # where a frontend may run the model to make calibration data
     return program
@@ -112,6 +133,8 @@ class Compiled:
 def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path, overwrite: bool = False) -> Compiled:
     """Run the whole compile; the output directory appears only when complete."""
     report = RunReport()
+    check_does_something(config)
+    remove_dead_runs(out_dir)
     check_output_dir(out_dir, overwrite)
     check_device(config.model.device)
     pipeline = Pipeline.from_config(config)
@@ -119,14 +142,16 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
     source = resolve_source(config, model_path)
     check_not_inside(source, out_dir)
     frontend = frontend_for(source, config.model.family)
+    dataset = config.calibration.dataset
+    check_builtin_dataset(frontend, dataset, source.architecture, where=config.where("calibration", "dataset"))
+    needed = output_size(source, backends)
+    check_disk_space(out_dir, needed)  # before loading: a full disk should not cost a whole compile
     program = load_program(config, source, frontend, report)
     batches = frontend.calibration_batches(config.calibration, source, program, report)
-    report.details["calibration"] = {"dataset": config.calibration.dataset}  # `slimc eval` refuses to evaluate on it
+    report.details["calibration"] = {"dataset": dataset}  # `slimc eval` refuses to evaluate on it
     pipeline.run(program, config, batches, report)
     if backends:
-        params = sum(t.numel() * t.element_size() for t in program.model.state_dict().values())
-        check_disk_space(out_dir, int(params * 1.1) * len(backends))
-        with report.timed("export"), staged_output(out_dir, overwrite) as staging:
+        with report.timed("export"), staged_output(out_dir, overwrite, needed) as staging:
             for backend in backends:
                 report.outputs[backend.format_name] = directory_size(export_format(program, backend, staging))
             report.finish()

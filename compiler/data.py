@@ -14,13 +14,16 @@ text a run used.
 from __future__ import annotations
 
 import ast
+import codecs
+import contextlib
 import functools
 import hashlib
+import io
 import json
 import re
 import sysconfig
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -30,6 +33,11 @@ from slimc.errors import DataError
 BUILTIN_SPECS = ("builtin:text", "builtin:text-eval")
 RECOMMENDED_SAMPLES = 128
 RECOMMENDED_SEQ_LEN = 512
+# Data files are read as they are used: text in blocks of READ_BYTES, tokenized in chunks of about CHUNK_CHARS
+# characters until the windows are full; one line of a JSONL file (one sample) may not exceed MAX_LINE_CHARS.
+READ_BYTES = 1 << 16
+CHUNK_CHARS = 1 << 18
+MAX_LINE_CHARS = 32 << 20
 
 # Which source feeds which split: a fixed assignment, never a random draw.
 CALIBRATION_SOURCES = (
@@ -51,22 +59,67 @@ _LITERAL = re.compile(r"``([^`]*)``")
 
 def load_corpus(spec: str) -> str:
     """The text of a built-in split (`builtin:text`, `builtin:text-eval`) or of a .txt / .jsonl file."""
+    return "".join(corpus_chunks(spec))
+
+
+def corpus_chunks(spec: str, size: int = CHUNK_CHARS) -> Iterator[str]:
+    """The corpus of `spec` in consecutive chunks of about `size` characters, read from its file only as they are
+    taken (a built-in split, already in memory, is one chunk). Joined, they are `load_corpus(spec)`."""
     if spec.startswith("builtin:"):
         if spec not in SPLITS:
             raise DataError(f"unknown built-in dataset {spec!r}; use one of {', '.join(BUILTIN_SPECS)} or a .txt/.jsonl path")
-        return _builtin_text(spec)
+        yield _builtin_text(spec)
+        return
     path = Path(spec).expanduser()
     if not path.is_file():
         raise DataError(f"dataset file {path} does not exist; give a .txt or .jsonl path, or one of {', '.join(BUILTIN_SPECS)}")
     if path.suffix == ".txt":
-        text = read_text_file(path)
+        pieces = text_blocks(path)
     elif path.suffix == ".jsonl":
-        text = "\n\n".join(jsonl_strings(path, "text", '{"text": "..."}'))
+        pieces = _paragraphs_joined(jsonl_strings(path, "text", '{"text": "..."}'))
     else:
         raise DataError(f"dataset file {path} has an unsupported type; use a .txt file or a .jsonl file of {{\"text\": ...}} lines")
-    if not text.strip():
+    blank = True
+    for chunk in _whole_token_chunks(pieces, size):
+        blank = blank and not chunk.strip()
+        yield chunk
+    if blank:
         raise DataError(f"dataset file {path} holds no text; fill it or use {BUILTIN_SPECS[0]}")
-    return text
+
+
+def _paragraphs_joined(strings: Iterator[str]) -> Iterator[str]:
+    """The strings as one text with a blank line between each two, piece by piece."""
+    for index, string in enumerate(strings):
+        yield string if index == 0 else f"\n\n{string}"
+
+
+def _whole_token_chunks(pieces: Iterator[str], size: int) -> Iterator[str]:
+    """Pieces of text regrouped into chunks of at least `size` characters, each cut before a run of whitespace
+    (one holding a line break if there is one): byte-level BPE tokenizers split words there anyway, so the
+    chunks' tokens are those of the whole text. A text shorter than `size` is one chunk."""
+    buffer: list[str] = []
+    length = 0
+    for piece in pieces:
+        buffer.append(piece)
+        length += len(piece)
+        if length < size:
+            continue
+        text = "".join(buffer)
+        cut = _cut_point(text) or (length if length >= 4 * size else 0)  # no whitespace at all: cut anyway
+        if cut:
+            yield text[:cut]
+        buffer, length = [text[cut:]], length - cut
+    if length:
+        yield "".join(buffer)
+
+
+def _cut_point(text: str) -> int:
+    """Where the last run of whitespace holding a line break (else any whitespace) starts; 0 if there is none."""
+    for separator in ("\n", " "):
+        end = text.rfind(separator)
+        if end > 0 and (start := len(text[:end].rstrip())) > 0:
+            return start
+    return 0
 
 
 def corpus_fingerprint(spec: str) -> str:
@@ -93,6 +146,33 @@ def token_samples(
     (samples, seq_len), the calibration-set size below which scales get noisy; pass None to skip
     that check (evaluation sets).
     """
+    return _token_windows(tokenizer, [text], samples=samples, seq_len=seq_len, recommended=recommended)
+
+
+def corpus_token_samples(
+    tokenizer,
+    spec: str,
+    *,
+    samples: int,
+    seq_len: int,
+    recommended: tuple[int, int] | None = (RECOMMENDED_SAMPLES, RECOMMENDED_SEQ_LEN),
+) -> tuple[torch.LongTensor, str]:
+    """`token_samples` of the corpus `spec`, reading and tokenizing it chunk by chunk only until the windows are
+    full, so a large file costs what the windows need, not its size; and the sha256 of the text read."""
+    digest = hashlib.sha256()
+
+    def read() -> Iterator[str]:
+        for chunk in corpus_chunks(spec):
+            digest.update(chunk.encode("utf-8"))
+            yield chunk
+
+    with contextlib.closing(read()) as chunks:  # closes the file when the windows are full
+        ids = _token_windows(tokenizer, chunks, samples=samples, seq_len=seq_len, recommended=recommended)
+    return ids, digest.hexdigest()
+
+
+def _token_windows(tokenizer, chunks: Iterable[str], *, samples: int, seq_len: int,
+                   recommended: tuple[int, int] | None) -> torch.LongTensor:
     if samples < 1 or seq_len < 1:
         raise DataError(f"samples and seq_len must be positive, got samples={samples}, seq_len={seq_len}")
     if recommended is not None and (samples < recommended[0] or seq_len < recommended[1]):
@@ -100,10 +180,14 @@ def token_samples(
             f"{samples} samples × {seq_len} tokens is below the recommended {recommended[0]} × {recommended[1]} "
             "calibration set; scales may be noisy",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    # verbose=False: the whole corpus is longer than model_max_length on purpose; it is cut below.
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    ids: list[int] = []
+    for chunk in chunks:
+        # verbose=False: the text is longer than model_max_length on purpose; it is cut below.
+        ids += tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) >= samples * seq_len:
+            break
     available = len(ids) // seq_len
     if available == 0:
         raise DataError(
@@ -114,7 +198,7 @@ def token_samples(
             f"the text gives only {available} windows of {seq_len} tokens ({len(ids)} tokens), not {samples}; "
             f"using {available}. Add text or lower samples/seq_len",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     n = min(samples, available)
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
@@ -205,17 +289,55 @@ def _paragraphs(text: str) -> Iterator[str]:
             yield paragraph
 
 
-def read_text_file(path: Path) -> str:
-    """A dataset file's text; a file that is not UTF-8 is a DataError saying so."""
+def text_blocks(path: Path) -> Iterator[str]:
+    """A UTF-8 file's text, read in blocks of READ_BYTES, line endings made "\\n" as `Path.read_text` makes them;
+    a file that is not UTF-8, or cannot be read, is a DataError saying so."""
+    decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(), translate=True)
+    offset = 0  # bytes of the file passed to the decoder
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(f"dataset file {path} is not UTF-8 text ({error.reason} at byte {error.start}); re-save it as UTF-8") from None
+        with path.open("rb") as file:
+            while True:
+                raw = file.read(READ_BYTES)
+                held = len(decoder.getstate()[0])  # bytes of a character split between blocks
+                try:
+                    text = decoder.decode(raw, final=not raw)
+                except UnicodeDecodeError as error:
+                    raise DataError(f"dataset file {path} is not UTF-8 text ({error.reason} at byte "
+                                    f"{offset - held + error.start}); re-save it as UTF-8") from None
+                offset += len(raw)
+                if text:
+                    yield text
+                if not raw:
+                    return
+    except OSError as error:
+        raise DataError(f"dataset file {path} cannot be read ({error.strerror}); make it readable for this user") from None
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 file, read as they are taken; a line longer than MAX_LINE_CHARS is a
+    DataError (one line of data is one sample: holding more in memory at once is a mistake)."""
+    number, pending, length = 1, [], 0  # the line read so far, in pieces: joined once, when it ends
+    for block in text_blocks(path):
+        *ended, rest = block.split("\n")
+        for piece in ended:
+            _check_line(path, number, length + len(piece))
+            yield number, "".join([*pending, piece])
+            number, pending, length = number + 1, [], 0
+        pending.append(rest)
+        length += len(rest)
+        _check_line(path, number, length)
+    yield number, "".join(pending)
+
+
+def _check_line(path: Path, number: int, length: int) -> None:
+    if length > MAX_LINE_CHARS:
+        raise DataError(f"{path}, line {number}: longer than {MAX_LINE_CHARS // 2**20} MiB; a line is one sample: "
+                        "split it into several lines, or put long text in a .txt file")
 
 
 def jsonl_records(path: Path, example: str) -> Iterator[tuple[int, dict]]:
     """(line number, object) for every non-empty line of a JSON-lines file; `example` shows a valid line in messages."""
-    for number, line in enumerate(read_text_file(path).split("\n"), start=1):
+    for number, line in text_lines(path):
         if not line.strip():
             continue
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import json
 import warnings
 from collections import Counter
@@ -31,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimc.config import CalibrationConfig, DiffusionSampling
-from slimc.data import jsonl_strings, read_text_file
+from slimc.data import jsonl_strings, text_lines
 from slimc.errors import DataError
 
 PROMPT_SPECS = ("builtin:prompts", "builtin:prompts-eval")
@@ -135,12 +136,13 @@ def load_prompts(spec: str, samples: int | None = None) -> list[str]:
             raise DataError(f"prompt file {path} does not exist; give a .txt (one prompt per line) or .jsonl file, "
                             f"or one of {', '.join(PROMPT_SPECS)}")
         if path.suffix == ".txt":
-            prompts = [line.strip() for line in read_text_file(path).splitlines() if line.strip()]
+            found = (line.strip() for _, line in text_lines(path) if line.strip())
         elif path.suffix == ".jsonl":
-            prompts = list(jsonl_strings(path, "prompt", '{"prompt": "a cat"}'))
+            found = jsonl_strings(path, "prompt", '{"prompt": "a cat"}')
         else:
             raise DataError(f"dataset {path} has an unsupported type for a diffusion model; use a .txt file (one prompt "
                             "per line), a .jsonl file of {\"prompt\": ...} lines, or a .safetensors file of recorded inputs")
+        prompts = list(itertools.islice(found, samples))  # read no further than the prompts used
         if not prompts:
             raise DataError(f"prompt file {path} holds no prompt; fill it or use {PROMPT_SPECS[0]}")
     if samples is not None:
@@ -423,10 +425,14 @@ def record_to_file(config: Any, model_path: str | None, out: Path, *, overwrite:
     """`slimc record`: run the pipeline at `model_path` (or the config's model.path) with the config's
     calibration settings and write every transformer call to `out` (see `save_recorded_calls`)."""
     from slimc.compile import check_device, model_dtype, resolve_source
+    from slimc.export import staged_file
+    from slimc.frontends import check_builtin_dataset, frontend_for
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise DataError(f"{out} exists; choose another file or pass --overwrite")
+    if out.suffix != ".safetensors":
+        raise DataError(f"recorded inputs are written as .safetensors; got {out.name}")
     if is_recorded_inputs(config.calibration.dataset):
         raise DataError(f"calibration.dataset {config.calibration.dataset!r} is already recorded inputs; `slimc record` "
                         f"needs prompts: {', '.join(PROMPT_SPECS)}, a .txt or a .jsonl file")
@@ -434,9 +440,12 @@ def record_to_file(config: Any, model_path: str | None, out: Path, *, overwrite:
     if not source.is_pipeline:
         raise DataError(f"{source.path} is not a diffusers pipeline directory (no model_index.json with a transformer); "
                         "`slimc record` runs the whole pipeline: pass the pipeline's directory")
+    check_builtin_dataset(frontend_for(source, config.model.family), config.calibration.dataset, source.architecture)
     check_device(config.model.device)
     prompts = load_prompts(config.calibration.dataset, config.calibration.samples)
     calls = record_pipeline_calls(source.path, prompts, config.calibration.diffusion, dtype=model_dtype(config, source),
                                   device=config.model.device, batch_size=config.calibration.batch_size)
     check_uniform(calls)
-    return save_recorded_calls(calls, out), calls
+    with staged_file(out) as partial:  # a killed or failed write leaves no half-written file under `out`
+        save_recorded_calls(calls, partial)
+    return out, calls

@@ -4,6 +4,8 @@ The CLI prints `str(error)` and exits non-zero; a traceback is shown only with `
 Each message names the problem and, where there is one, the fix.
 """
 
+import errno
+
 
 class SlimcError(Exception):
     """Base class: any error a user can act on."""
@@ -35,3 +37,21 @@ class ExportError(SlimcError):
 
 class DataError(SlimcError):
     """Calibration or evaluation data is missing or unusable."""
+
+
+# OSErrors a user fixes (space, permissions), not a bug in slimc.
+SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+PERMISSION_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def describe_os_error(error: OSError, path: object = None) -> str | None:
+    """A message naming the path and the fix for an OSError the user can act on (full disk, no permission),
+    else None. `path` stands in when the error names no file (a failed write reports none)."""
+    where = error.filename if error.filename is not None else path
+    place = f" {where}" if where is not None else ""
+    if error.errno in SPACE_ERRNOS:
+        return f"no space left writing{place} ({error.strerror}); free disk space or write somewhere else"
+    if error.errno in PERMISSION_ERRNOS:
+        return (f"cannot access{place} ({error.strerror}); make it readable/writable for this user, "
+                "or use another location")
+    return None

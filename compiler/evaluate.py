@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 
 from slimc.compile import REPORT_FILE
 from slimc.config import CalibrationConfig, SlimcConfig
-from slimc.data import load_corpus, token_samples
+from slimc.data import corpus_token_samples
 from slimc.errors import ConfigError, DataError
 from slimc.fidelity import compare_models
-from slimc.frontends import Frontend, frontend_for
+from slimc.frontends import Frontend, check_builtin_dataset, frontend_for
 from slimc.frontends.hf import ModelSource, load_model, load_tokenizer
 from slimc.ir import Program
 
@@ -78,7 +78,7 @@ def evaluate_perplexity(
     from slimc.backends.mindie_reader import load_ascend_model
 
     directory = quantized_output_dir(quantized) if quantized is not None else None
-    ids = token_samples(load_tokenizer(source), load_corpus(corpus), samples=samples, seq_len=seq_len, recommended=None)
+    ids, _ = corpus_token_samples(load_tokenizer(source), corpus, samples=samples, seq_len=seq_len, recommended=None)
     results: dict = {"corpus": corpus, "tokens": int(ids.numel()), "samples": int(ids.shape[0]), "seq_len": seq_len}
     float_model = load_model(source, dtype=torch.float32)
     results["float_ppl"] = perplexity(float_model, ids, batch_size=batch_size, progress=True)
@@ -99,6 +99,7 @@ def evaluate(source: ModelSource, quantized: Path | None, config: SlimcConfig, *
     """
     frontend = frontend_for(source, config.model.family)
     dataset = config.evaluation.dataset or frontend.evaluation_dataset
+    check_builtin_dataset(frontend, dataset, source.architecture, "evaluation.dataset (--corpus)")
     if calibrated_on is None and quantized is not None:
         calibrated_on = calibration_dataset_of(quantized)
     check_held_out(dataset, calibrated_on)

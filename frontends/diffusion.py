@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from slimc.config import CalibrationConfig
-from slimc.diffusion_data import calibration_calls, summary
+from slimc.diffusion_data import PROMPT_SPECS, calibration_calls, summary
 from slimc.errors import ModelLoadError
 from slimc.frontends import Frontend
-from slimc.frontends.hf import ModelSource, auto_class, config_source
+from slimc.frontends.hf import ModelSource, auto_class, config_source, load_checked
 from slimc.ir import Block, Program, Stage
 from slimc.report import RunReport
 
@@ -93,6 +93,7 @@ class DiffusionTransformer(Frontend):
     architectures = ("FluxTransformer2DModel", "HunyuanVideoTransformer3DModel", "WanTransformer3DModel")
     description = "diffusion transformers (diffusers): FLUX.1, HunyuanVideo, Wan 2.1/2.2"
     calibration_dataset = "builtin:prompts"
+    builtin_datasets = PROMPT_SPECS
     trace_calibration = {"diffusion": {"steps": 2}}  # two steps reach both Wan2.2 experts (boundary at 0.875)
     evaluation_dataset = "builtin:prompts-eval"
     evaluation_metric = "fidelity"
@@ -102,6 +103,13 @@ class DiffusionTransformer(Frontend):
             return _load_transformer(source, dtype, device)
         loaded = {name: _load_transformer(component_source(source, name), dtype, device) for name in source.components}
         return next(iter(loaded.values())) if len(loaded) == 1 else PipelineTransformers(loaded).eval()
+
+    def skeleton(self, source: ModelSource, dtype: torch.dtype) -> nn.Module:
+        if not source.is_pipeline:
+            return super().skeleton(source, dtype)
+        transformers = {name: super(DiffusionTransformer, self).skeleton(component_source(source, name), dtype)
+                        for name in source.components}
+        return next(iter(transformers.values())) if len(transformers) == 1 else PipelineTransformers(transformers)
 
     def build(self, source: ModelSource, model: nn.Module) -> Program:
         stages = []
@@ -142,9 +150,5 @@ def _expert_programs(program: Program) -> dict[str, Program]:
 def _load_transformer(source: ModelSource, dtype: torch.dtype, device: str) -> nn.Module:
     """The transformer of a transformer directory, or of a one-component pipeline source."""
     directory = source.path / source.components[0] if source.is_pipeline else source.path
-    try:
-        model = auto_class(source).from_pretrained(directory, torch_dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"could not load the transformer from {directory}: {str(error).splitlines()[0]}; "
-                             "check the weight files are complete and match config.json") from None
+    model = load_checked(auto_class(source), directory, directory, torch_dtype=dtype, use_safetensors=True)
     return model.to(device).eval()

@@ -8,17 +8,22 @@ Weights are read from safetensors or GGUF only: pickle files can run code when l
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
+import os
+import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import transformers
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -138,12 +143,21 @@ def resolve_model_source(path: str | Path, *, trust_remote_code: bool = False) -
     )
 
 
+def _read_model_file(file: Path) -> str:
+    """A checkpoint's JSON file as text; one that cannot be read (permissions) is a ModelLoadError naming it."""
+    try:
+        return file.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ModelLoadError(f"{file} cannot be read ({error.strerror}); make it readable for this user "
+                             f"(e.g. chmod a+r {file})") from None
+
+
 def _read_config_json(path: Path) -> dict:
     file = path / CONFIG_FILE
     if not file.exists():
         raise ModelLoadError(f"{path} has safetensors weights but no config.json; copy the model's config.json there")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(_read_model_file(file))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelLoadError(f"{file} is not valid JSON ({error}); restore the model's original config.json") from None
     if not isinstance(data, dict):
@@ -152,6 +166,12 @@ def _read_config_json(path: Path) -> dict:
 
 
 def _check_shards(path: Path, single: str = SAFETENSORS_FILE, index: str = SAFETENSORS_INDEX) -> None:
+    for file in _shard_files(path, single, index):
+        check_weight_file(file)
+
+
+def _shard_files(path: Path, single: str = SAFETENSORS_FILE, index: str = SAFETENSORS_INDEX) -> list[Path]:
+    """The safetensors files of a checkpoint directory: those its index names, else its single file; all present."""
     index_file = path / index
     if not index_file.exists():
         if not (path / single).exists():
@@ -160,9 +180,9 @@ def _check_shards(path: Path, single: str = SAFETENSORS_FILE, index: str = SAFET
                 f"{path} has safetensors files ({found}) but neither {single} nor {index}; "
                 f"copy the model's index file, or name a single weight file {single}"
             )
-        return
+        return [path / single]
     try:
-        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = json.loads(_read_model_file(index_file))["weight_map"]
         shards = sorted(set(weight_map.values()))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
         raise ModelLoadError(
@@ -174,6 +194,44 @@ def _check_shards(path: Path, single: str = SAFETENSORS_FILE, index: str = SAFET
             f"{path}: {len(missing)} of {len(shards)} weight shards named in {index} are missing: "
             f"{', '.join(missing)}; copy them (an interrupted download leaves shards out)"
         )
+    return [path / name for name in shards]
+
+
+def weight_files(source: ModelSource) -> list[Path]:
+    """The files a source's weights are loaded from: its GGUF file, or every safetensors file of its checkpoint
+    (each transformer's, for a pipeline)."""
+    if source.is_gguf:
+        return [source.path / source.gguf_file]
+    if source.library == "diffusers":
+        directories = [source.path / name for name in source.components] if source.is_pipeline else [source.path]
+        return [file for d in directories for file in _shard_files(d, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX)]
+    return _shard_files(source.path)
+
+
+def check_weight_file(file: Path) -> None:
+    """A safetensors file that can be read and is as long as its header says: a file cut short by an interrupted
+    download or copy, or one without read permission, is named here instead of failing inside the loader."""
+    try:
+        with file.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length)) if 8 + length <= size else None
+    except OSError as error:
+        raise ModelLoadError(f"weight file {file} cannot be read ({error.strerror}); make it readable for this user "
+                             f"(e.g. chmod a+r {file})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = []
+    if header is None:
+        raise ModelLoadError(f"weight file {file} is incomplete: {size} bytes, shorter than its own header; "
+                             "download or copy it again (an interrupted transfer cuts files short)")
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"weight file {file} is not a safetensors file (its header is not a JSON object); "
+                             "download or copy it again")
+    end = 8 + length + max((entry["data_offsets"][1] for name, entry in header.items()
+                            if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry), default=0)
+    if size < end:
+        raise ModelLoadError(f"weight file {file} is incomplete: {size} bytes of the {end} its header describes; "
+                             "download or copy it again (an interrupted transfer cuts files short)")
 
 
 def _safetensors_source(path: Path, trust_remote_code: bool) -> ModelSource:
@@ -214,7 +272,7 @@ def config_source(path: Path, *, trust_remote_code: bool = False) -> ModelSource
 def _diffusers_pipeline_source(path: Path) -> ModelSource:
     """A diffusers pipeline directory: its transformer(s) are what slimc quantizes."""
     try:
-        index = json.loads((path / PIPELINE_INDEX).read_text(encoding="utf-8"))
+        index = json.loads(_read_model_file(path / PIPELINE_INDEX))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelLoadError(f"{path / PIPELINE_INDEX} is not valid JSON ({error}); restore the pipeline's original file") from None
     components = tuple(name for name in DIFFUSION_TRANSFORMERS
@@ -331,14 +389,94 @@ def load_model(
     else:
         kwargs["use_safetensors"] = True
         kwargs["trust_remote_code"] = trust_remote_code
+    return load_checked(auto_class(source), source.path, _where(source), **kwargs).eval()
+
+
+def load_checked(cls: type, directory: Path, where: Path, **kwargs) -> torch.nn.Module:
+    """`cls.from_pretrained(directory, **kwargs)` (transformers or diffusers) that refuses a checkpoint which
+    does not fill the model exactly: both libraries would only log the tensors they initialised at random, or
+    stop on the first shape mismatch without naming it. Every frontend loads its weights through here."""
     try:
-        model = auto_class(source).from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError) as error:
+        with _quiet_loading_reports():
+            model, info = cls.from_pretrained(directory, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    except (OSError, ValueError, SafetensorError) as error:
         raise ModelLoadError(
-            f"could not load the model from {_where(source)}: {str(error).splitlines()[0]}; check the weight files "
+            f"could not load the model from {where}: {str(error).splitlines()[0]}; check the weight files "
             "are complete and match config.json"
         ) from None
-    return model.eval()
+    problems = _loading_problems(info, model)
+    if problems:
+        raise ModelLoadError(f"{where}: the checkpoint does not match the model its config.json describes: "
+                             f"{'; '.join(problems)}. The checkpoint is incomplete (copy its weight files again) or "
+                             "config.json is not its own (restore the original config.json)")
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_loading_reports() -> Iterator[None]:
+    """The libraries' own reports of missing or mismatched tensors: slimc's error says it once, with the fix."""
+    loggers = [logging.getLogger(name) for name in ("transformers", "diffusers")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _loading_problems(info: dict, model: torch.nn.Module) -> list[str]:
+    """What `output_loading_info` reports that leaves weights wrong. Tied weights and buffers that checkpoints
+    legitimately lack (rotary inv_freq) or carry (MTP layers, an omni talker) are already left out by the
+    libraries, through the model classes' own lists."""
+    problems = []
+    if missing := sorted(info.get("missing_keys") or (), key=_natural):
+        problems.append(f"{_count(missing, 'tensor')} of the model missing from the checkpoint ({_first(missing)})")
+    if unexpected := sorted(info.get("unexpected_keys") or (), key=_natural):
+        problems.append(f"{_count(unexpected, 'tensor')} in the checkpoint that the model does not have ({_first(unexpected)})")
+    if mismatched := sorted(info.get("mismatched_keys") or (), key=lambda m: _natural(m[0])):
+        shapes = [f"{name} (checkpoint {_shape(stored)}, config.json {_shape(expected)})" for name, stored, expected in mismatched]
+        problems.append(f"{_count(mismatched, 'tensor')} of another shape ({_first(shapes, 3)}){_width_hint(model, mismatched)}")
+    return problems
+
+
+def _width_hint(model: torch.nn.Module, mismatched: list[tuple]) -> str:
+    """Where config.json's hidden_size is what differs (the commonest such mistake), say so."""
+    config = getattr(model, "config", None)
+    hidden = getattr(config.get_text_config(), "hidden_size", None) if hasattr(config, "get_text_config") else None
+    widths = {stored[-1] for _, stored, expected in mismatched
+              if len(stored) == len(expected) > 0 and expected[-1] == hidden != stored[-1]}
+    return f": config.json's hidden_size is {hidden}, the checkpoint's is {widths.pop()}" if len(widths) == 1 else ""
+
+
+def _natural(name: str) -> list:
+    """Sort key putting layers.2 before layers.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _count(items: list, noun: str) -> str:
+    return f"{len(items)} {noun}{'s' if len(items) != 1 else ''}"
+
+
+def _first(items: list[str], shown: int = 5) -> str:
+    return ", ".join(items[:shown]) + (f", ... ({len(items) - shown} more)" if len(items) > shown else "")
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "×".join(map(str, shape)) if len(shape) else "a scalar"
+
+
+def check_finite_weights(model: torch.nn.Module, where: Path, chunk: int = 1 << 24) -> None:
+    """Refuse weights holding NaN or Inf: every later step (smoothing, scales) would fail on them, far from the
+    cause. Checked in slices of `chunk` elements, so the check needs little memory beside the model."""
+    bad = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+           if tensor.is_floating_point() and tensor.device.type != "meta"
+           and not all(torch.isfinite(part).all() for part in tensor.detach().reshape(-1).split(chunk))]
+    if bad:
+        raise ModelLoadError(f"the weights of {where} hold NaN or Inf values in {_count(bad, 'tensor')} "
+                             f"({_first(bad)}); the checkpoint is corrupt or its training diverged, which "
+                             "quantization cannot repair: download it again or use another checkpoint")
 
 
 def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> transformers.PreTrainedTokenizerBase:

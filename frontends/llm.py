@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from slimc.config import CalibrationConfig
-from slimc.data import load_corpus, text_fingerprint, token_samples
+from slimc.data import corpus_token_samples
 from slimc.errors import ModelLoadError
 from slimc.frontends import Frontend
 from slimc.frontends.hf import ModelSource, load_tokenizer
@@ -90,10 +90,10 @@ def call_without_cache(model: nn.Module, batch: dict) -> object:
 
 def text_batches(calibration: CalibrationConfig, tokenizer, report: RunReport | None = None) -> list[torch.Tensor]:
     """Windows of `calibration.seq_len` tokens of the calibration text, `batch_size` to a batch."""
-    text = load_corpus(calibration.dataset)
-    ids = token_samples(tokenizer, text, samples=calibration.samples, seq_len=calibration.seq_len)
+    ids, fingerprint = corpus_token_samples(tokenizer, calibration.dataset, samples=calibration.samples,
+                                            seq_len=calibration.seq_len)
     if report is not None:
         report.metrics["calibration_tokens"] = float(ids.numel())
         report.note(f"calibration: {ids.shape[0]} × {ids.shape[1]} tokens of {calibration.dataset} "
-                    f"(sha256 {text_fingerprint(text)[:12]})")
+                    f"(sha256 {fingerprint[:12]} of the text read)")
     return list(ids.split(calibration.batch_size))

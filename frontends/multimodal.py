@@ -37,13 +37,14 @@ from transformers.utils import is_torchvision_available
 
 from slimc.audio import holds_audio
 from slimc.config import CalibrationConfig
+from slimc.data import BUILTIN_SPECS
 from slimc.diffusion_data import load_recorded_calls
 from slimc.errors import DataError, ModelLoadError
 from slimc.frontends import Frontend
 from slimc.frontends.hf import ModelSource, load_model, load_tokenizer
 from slimc.frontends.llm import call_without_cache, text_batches
 from slimc.ir import Block, Program, Stage
-from slimc.media import ImageText, is_text_only, load_image_text
+from slimc.media import IMAGE_TEXT_SPECS, ImageText, is_text_only, load_image_text
 from slimc.report import RunReport
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # per-token processor outputs, (1, L) per sample
@@ -61,6 +62,7 @@ class MultimodalLLM(Frontend):
     evaluation_dataset = "builtin:image-text-eval"
     evaluation_metric = "fidelity"
     calibration_dataset = "builtin:image-text"
+    builtin_datasets = (*BUILTIN_SPECS, *IMAGE_TEXT_SPECS)  # text-only data calibrates the decoder alone
     trace_calibration = {"seq_len": 32, "image_size": 64}  # 64 px: the fewest image tokens processors allow
 
     def load(self, source: ModelSource, *, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False) -> nn.Module:

@@ -30,7 +30,14 @@ import torch
 from torch import nn
 from transformers import AutoFeatureExtractor, PretrainedConfig
 
-from slimc.audio import MediaSample, audio_token_count, holds_media, load_media_samples
+from slimc.audio import (
+    BUILTIN_AUDIO_SPECS,
+    OMNI_SPECS,
+    MediaSample,
+    audio_token_count,
+    holds_media,
+    load_media_samples,
+)
 from slimc.config import CalibrationConfig
 from slimc.errors import DataError, ModelLoadError
 from slimc.frontends.hf import (
@@ -64,6 +71,7 @@ class OmniThinker(MultimodalLLM):
     architectures = (*THINKERS, *WHOLE_MODELS)
     description = "omni thinkers: audio encoder, vision tower, projector, text decoder (talker copied unchanged)"
     calibration_dataset = "builtin:omni"
+    builtin_datasets = (*MultimodalLLM.builtin_datasets, *BUILTIN_AUDIO_SPECS, *OMNI_SPECS)
     trace_calibration = {"seq_len": 256, "image_size": 64, "audio_seconds": 1.0}  # room for one image's and one second's tokens
     evaluation_dataset = "builtin:omni-eval"
 
@@ -71,6 +79,9 @@ class OmniThinker(MultimodalLLM):
         thinker, _ = component_source(source)
         _ensure_vision_start(source, thinker.config)
         return super().load(thinker, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+    def skeleton(self, source: ModelSource, dtype: torch.dtype) -> nn.Module:
+        return super().skeleton(component_source(source)[0], dtype)
 
     def build(self, source: ModelSource, model: nn.Module) -> Program:
         program = super().build(source, model)

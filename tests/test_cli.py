@@ -20,13 +20,14 @@ from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadMode
 
 from slimc.compile import compile_model
 from slimc.config import load_config
+from slimc.errors import ExportError
 from slimc.frontends import supported_architectures
 
 EXIT_USER_ERROR = 2
 BUILTIN_PASSES = ("norm_fusion", "rotate", "smooth", "fake_quant", "calibrate", "lower")
 
 CONFIG = """\
-version: 1
+version: 2
 model:
   dtype: float32
 calibration:
@@ -141,7 +142,7 @@ def test_a_compile_that_fails_during_export_leaves_no_output_and_no_staging_dire
 
     monkeypatch.setattr(MindieBackend, "write", write_then_fail)
     out = tmp_path / "out"
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ExportError, match="ran out of space"):
         compile_model(load_config(write_config(tmp_path)), model_path=str(tiny_llama_dir), out_dir=out)
     assert not out.exists()
     assert staging_dirs(out) == []
@@ -156,6 +157,7 @@ def test_an_existing_output_directory_is_refused_and_left_alone(tmp_path, tiny_l
 
 def test_overwrite_replaces_an_existing_output_directory(tmp_path, tiny_llama_dir):
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "slimc_report.json").write_text("{}")  # an earlier slimc output: --overwrite may replace it
     (tmp_path / "out" / "stale.txt").write_text("from an earlier run")
     result = compile_with(tmp_path, tiny_llama_dir, CONFIG, "--overwrite")
     assert result.returncode == 0, result.stderr

@@ -26,9 +26,9 @@ from slimc.frontends.llm import DecoderLLM
 from slimc.ir import Program
 
 CONFIG = """\
-version: 1
+version: 2
 model: {dtype: float32}
-calibration: {samples: 2, batch_size: 1}
+calibration: {dataset: "builtin:prompts", samples: 2, batch_size: 1}
 evaluation: {samples: 4, batch_size: 2}
 schemes:
   w8a8_dynamic:
@@ -114,8 +114,8 @@ def test_eval_prints_a_table_with_a_row_per_block_then_the_output(flux, frontend
 
 def test_eval_refuses_the_dataset_the_output_was_calibrated_on(flux, frontend):
     model, _, out = flux
-    with pytest.raises(ConfigError, match="builtin:text is the calibration dataset"):
-        run("eval", "--model", model, "--quantized", out, "--corpus", "builtin:text")
+    with pytest.raises(ConfigError, match="builtin:prompts is the calibration dataset"):
+        run("eval", "--model", model, "--quantized", out, "--corpus", "builtin:prompts")
 
 
 def test_fidelity_without_a_quantized_model_is_a_user_error(flux, frontend):

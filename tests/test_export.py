@@ -17,6 +17,7 @@ from slimc.cli import resolve_config_path
 from slimc.compile import REPORT_FILE, compile_model
 from slimc.config import load_config
 from slimc.errors import ExportError
+from slimc.export import MARKER_FILE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,7 +31,7 @@ def test_every_listed_format_is_written_to_its_own_directory_and_reads_back(tmp_
     with pytest.warns(UserWarning, match="below the recommended"):
         compiled = compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == sorted(["mindie", "vllm", "onnx", REPORT_FILE])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["mindie", "vllm", "onnx", REPORT_FILE, MARKER_FILE])
     assert set(json.loads((out / REPORT_FILE).read_text())["outputs"]) == {"mindie", "vllm", "onnx"}
     ids = torch.randint(4, 512, (2, 16), generator=torch.Generator().manual_seed(1))
     expected = logits(compiled.program, ids)
