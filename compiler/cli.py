@@ -8,11 +8,12 @@ import logging
 import os
 import sys
 import warnings
-from importlib import resources
 from pathlib import Path
 
 from slimc import __version__
-from slimc.errors import SlimcError
+from slimc.configs import shipped_configs
+from slimc.environment import untested_versions_warning
+from slimc.errors import SlimcError, describe_os_error
 
 EXIT_ERROR = 2
 EXIT_INTERNAL = 3
@@ -88,15 +89,35 @@ def _passes(args: argparse.Namespace) -> None:
             print(f"    {field_name}: {annotation} ({default})")
 
 
-def shipped_configs() -> dict[str, Path]:
-    """Shipped configs by their name relative to the configs folder (e.g. llm/w8a8_dynamic.yaml)."""
-    root = resources.files("slimc.configs")
-    found = {}
-    for family in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")):
-        for item in sorted(family.iterdir()):
-            if item.name.endswith(".yaml"):
-                found[f"{family.name}/{item.name}"] = Path(str(item))
-    return found
+def _doctor(args: argparse.Namespace) -> int:
+    from slimc.config import load_config
+    from slimc.doctor import diagnose
+
+    config = load_config(resolve_config_path(args.config), args.set) if args.config else None
+    diagnosis = diagnose(config, args.model, Path(args.out))
+    print(diagnosis.render())
+    return 1 if diagnosis.problems else 0
+
+
+def _migrate(args: argparse.Namespace) -> None:
+    path = Path(args.config)
+    if args.source == "msmodelslim":
+        import yaml
+
+        from slimc.msmodelslim import from_msmodelslim, read_msmodelslim
+
+        converted, notes = from_msmodelslim(read_msmodelslim(path), source=str(path))
+        header = f"# Converted from the msModelSlim config {path.name} by slimc {__version__} (slimc migrate --from msmodelslim)\n"
+        print(header + yaml.safe_dump(converted, sort_keys=False, default_flow_style=None, width=110), end="")
+    else:
+        from slimc.migrate import migrated_yaml
+
+        text, notes = migrated_yaml(path)
+        print(text, end="")
+        if not notes:
+            notes = [f"{path} is already the current config version; printed unchanged"]
+    for note in notes:
+        print(f"slimc: note: {note}", file=sys.stderr)
 
 
 def resolve_config_path(name: str) -> Path:
@@ -160,6 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(run=_eval)
 
+    p = sub.add_parser("doctor", help="check library versions, accelerators, memory and disk; with a model and config, "
+                       "what the compile would quantize and need")
+    p.add_argument("config", nargs="?", help="a compile config (path or shipped name): estimate its compile")
+    p.add_argument("--model", help="model directory or .gguf file (default: the config's model.path, else SmolLM2-135M)")
+    p.add_argument("--out", default=".", help="where the output would go, for the disk check (default: here)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value")
+    p.set_defaults(run=_doctor)
+
+    p = sub.add_parser("migrate", help="print a config upgraded to the current version, or converted from msModelSlim")
+    p.add_argument("config", help="the config file: an older slimc config, or with --from msmodelslim a msModelSlim V1 "
+                   "quantization config (apiversion: modelslim_v1 ...)")
+    p.add_argument("--from", dest="source", choices=["slimc", "msmodelslim"], default="slimc",
+                   help="what the file is (default: an older slimc config); notes on what changed go to stderr")
+    p.set_defaults(run=_migrate)
+
     sub.add_parser("passes", help="list registered passes and their parameters").set_defaults(run=_passes)
     sub.add_parser("configs", help="list shipped configs and the models they target").set_defaults(run=_configs)
     return parser
@@ -173,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.formatwarning = lambda message, category, *rest: f"slimc: warning: {message}\n"
+    if args.run is not _doctor and (untested := untested_versions_warning()) is not None:
+        print(f"slimc: warning: {untested}", file=sys.stderr)
     try:
-        args.run(args)
+        status = args.run(args)
     except SlimcError as error:
         if args.debug:
             raise
@@ -183,12 +221,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slimc: interrupted; no output was published", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # whoever read the output stopped reading (`slimc configs | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 0
     except Exception as error:
         if args.debug:
             raise
+        # Last resort: a full disk or a permission problem that no check above caught is still the user's to fix.
+        if isinstance(error, OSError) and (message := describe_os_error(error)):
+            print(f"slimc: error: {message}", file=sys.stderr)
+            return EXIT_ERROR
         print(f"slimc: internal error: {type(error).__name__}: {error}\n(run again with --debug for the traceback, and report it)", file=sys.stderr)
         return EXIT_INTERNAL
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":
