@@ -135,8 +135,8 @@ def _construct(node: yaml.Node, path: tuple, lines: dict[tuple, int]) -> Any:
     return yaml.safe_load(yaml.serialize(node))
 
 
-def read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
-    """Safe-load a YAML file into plain data and a map from key path to line number."""
+def read_config_text(path: Path) -> str:
+    """The text of a config file; a missing, oversized, unreadable or non-UTF-8 file is a ConfigError saying so."""
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     if not path.is_file():
@@ -146,11 +146,16 @@ def read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
         raise ConfigError(f"{path} is {path.stat().st_size / 2**20:.1f} MiB; a config is a small YAML file: is this the "
                           "right file?")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not UTF-8 text (a binary file?); pass a YAML config file") from None
     except OSError as error:
         raise ConfigError(f"cannot read config {path}: {error.strerror}; check its permissions") from None
+
+
+def read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
+    """Safe-load a YAML file into plain data and a map from key path to line number."""
+    text = read_config_text(path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as error:

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from slimc.config import CONFIG_VERSION
+from slimc.config import CONFIG_VERSION, read_config_text
 from slimc.errors import ConfigError
 from slimc.schemes import QuantScheme
 
@@ -57,12 +57,7 @@ def read_msmodelslim(path: Path) -> dict:
     """Safe-load a msModelSlim YAML file, anchors, aliases and `<<` merge keys resolved.
     (slimc.config.read_yaml refuses merge keys, which msModelSlim's practice configs use.)"""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except (FileNotFoundError, IsADirectoryError):
-        raise ConfigError(f"msModelSlim config not found: {path}") from None
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    text = read_config_text(path)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
