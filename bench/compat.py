@@ -64,7 +64,7 @@ Why the bounds are where they are (each found by running the smoke set on older 
 | diffusers | 0.37 | 0.36: the Wan pipeline needs `ftfy` to clean prompts |
 | compressed-tensors | 0.16 | 0.15: the compressors lack `compression_param_names` (0.12: `compress` takes `names_to_scheme`; 0.14 needs transformers < 5) |
 | onnx | 1.17 | (the oldest release tested; passes) |
-| onnxscript | 0.5 | 0.4: no conversion of `scaled_dot_product_attention` with `enable_gqa`; 0.3: no torch 2.9+ API |
+| onnxscript | 0.6 | 0.5: no exporter API for torch 2.11 and newer (`onnxscript._framework_apis.torch_2_11`), which torch 2.13 asks for |
 | onnxruntime | 1.20.1 | (the oldest release tested; passes) |
 """
 VENVS = ROOT / "runs" / "compat"

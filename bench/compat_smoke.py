@@ -3,7 +3,7 @@
 
 Run inside one environment; `bench/compat.py` runs it in several and writes docs/compatibility.md.
 
-    .venv/bin/python bench/compat_smoke.py --json results.json [--only llama qwen3_vl]
+    .venv/bin/python bench/compat_smoke.py --json results.json [--only llama qwen3_vl onnx]
 
 Each row is compiled in this process, one after another; a failing row records its error and the
 next one runs. Prints one line per row and writes the rows, with the library versions, as JSON.
@@ -155,14 +155,14 @@ def versions() -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, required=True, help="where to write the rows and versions")
-    parser.add_argument("--only", nargs="*", help="families to run (default: all)")
+    parser.add_argument("--only", nargs="*", help="families or backends to run (default: all)")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)  # tiny matmuls; more threads only contend
     rows = []
     for case in cases():
-        if args.only and case.row.family not in args.only:
+        if args.only and not {case.row.family, case.row.backend} & set(args.only):
             continue
         with tempfile.TemporaryDirectory() as root:
             row = run(case, Path(root))
