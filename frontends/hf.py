@@ -9,6 +9,8 @@ Weights are read from safetensors or GGUF only: pickle files can run code when l
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -292,17 +294,24 @@ def _diffusers_pipeline_source(path: Path) -> ModelSource:
 
 
 def _gguf_source(directory: Path, name: str) -> ModelSource:
-    try:
-        config = AutoConfig.from_pretrained(directory, gguf_file=name)
-    except (ValueError, KeyError, OSError) as error:
-        raise ModelLoadError(
-            f"{directory / name} cannot be read as a GGUF model ({str(error).splitlines()[0]}); check the file "
-            "is complete and its architecture is one transformers can load from GGUF"
-        ) from None
+    file = directory / name
+    config = copy.deepcopy(_gguf_config(file, file.stat().st_mtime_ns))  # a source's config is its own to change
     architecture = _architecture(config, directory / name)
     # Written config.json files need `architectures`, which GGUF configs lack.
     config.architectures = [architecture]
     return ModelSource(path=directory, gguf_file=name, config=config, architecture=architecture)
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_config(file: Path, modified_ns: int) -> PretrainedConfig:
+    """A GGUF's config, parsed once per process: transformers reads every field of the file for it (seconds)."""
+    try:
+        return AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
+    except (ValueError, KeyError, OSError) as error:
+        raise ModelLoadError(
+            f"{file} cannot be read as a GGUF model ({str(error).splitlines()[0]}); check the file "
+            "is complete and its architecture is one transformers can load from GGUF"
+        ) from None
 
 
 def _architecture(config: PretrainedConfig, where: Path) -> str:
@@ -480,18 +489,31 @@ def check_finite_weights(model: torch.nn.Module, where: Path, chunk: int = 1 << 
 
 
 def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> transformers.PreTrainedTokenizerBase:
-    """The model's tokenizer, from its tokenizer files or from the GGUF file (slow: seconds)."""
-    if not source.is_gguf and not any((source.path / name).exists() for name in TOKENIZER_FILES):
+    """The model's tokenizer, from its tokenizer files or from the GGUF file. A GGUF's is read once per process
+    (parsing its vocabulary takes seconds, and a compile needs it for calibration and again for the output)."""
+    if source.is_gguf:
+        file = source.path / source.gguf_file
+        return _gguf_tokenizer(file, file.stat().st_mtime_ns)
+    if not any((source.path / name).exists() for name in TOKENIZER_FILES):
         raise ModelLoadError(
             f"{source.path} has no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...); "
             "copy them from the original model"
         )
-    kwargs = {"gguf_file": source.gguf_file} if source.is_gguf else {"trust_remote_code": trust_remote_code}
+    return _read_tokenizer(source.path, trust_remote_code=trust_remote_code)
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_tokenizer(file: Path, modified_ns: int) -> transformers.PreTrainedTokenizerBase:
+    return _read_tokenizer(file.parent, gguf_file=file.name)
+
+
+def _read_tokenizer(directory: Path, **kwargs) -> transformers.PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(source.path, **kwargs)
+        return AutoTokenizer.from_pretrained(directory, **kwargs)
     except (OSError, ValueError) as error:
+        where = directory / kwargs["gguf_file"] if "gguf_file" in kwargs else directory
         raise ModelLoadError(
-            f"could not load the tokenizer from {_where(source)}: {str(error).splitlines()[0]}; "
+            f"could not load the tokenizer from {where}: {str(error).splitlines()[0]}; "
             "copy the original model's tokenizer files"
         ) from None
 

@@ -1,16 +1,22 @@
-"""The `slimc` command line as users meet it: run as a subprocess, so exit codes and stderr are real.
+"""The `slimc` command line as users meet it: its exit code, stdout and stderr.
 
 A bad input exits 2 with one `slimc: error:` message naming the problem and no traceback
 (`--debug` shows it); a good compile publishes a complete output directory, or nothing.
+Commands run in this process through `slimc.cli.main` with stdout and stderr captured (a fresh
+process spends seconds importing torch each time); the traceback and the console script are
+checked in real processes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,6 +24,7 @@ import torch
 from tiny_models import tiny_causal_lm
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
+from slimc.cli import main
 from slimc.compile import compile_model
 from slimc.config import load_config
 from slimc.errors import ExportError
@@ -56,11 +63,22 @@ export:
 # --- helpers ------------------------------------------------------------------------------------------
 
 
-def slimc(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m slimc.cli ARGS` in a fresh process (HF_HUB_OFFLINE=1 is inherited from the fixture)."""
-    return subprocess.run(
-        [sys.executable, "-m", "slimc.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
+def slimc(*args: str | Path) -> subprocess.CompletedProcess:
+    """`slimc ARGS` through `main` in this process: its exit code and what it printed."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    format_warning = warnings.formatwarning  # main sets how warnings print
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+            code = main([str(a) for a in args])
+    finally:
+        warnings.formatwarning = format_warning
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
+
+
+def slimc_process(*args: str | Path) -> subprocess.CompletedProcess:
+    """`python -m slimc.cli ARGS` in a fresh process (HF_HUB_OFFLINE=1 is inherited from the fixture)."""
+    return subprocess.run([sys.executable, "-m", "slimc.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
 
 
 def write_config(directory: Path, text: str = CONFIG) -> Path:
@@ -287,7 +305,8 @@ def test_a_set_override_without_an_equals_sign_shows_the_expected_syntax(tmp_pat
 
 
 def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
-    result = slimc("--debug", "compile", write_config(tmp_path), "--model", tmp_path / "nowhere", "--out", tmp_path / "out")
+    result = slimc_process("--debug", "compile", write_config(tmp_path), "--model", tmp_path / "nowhere",
+                           "--out", tmp_path / "out")
     assert result.returncode != 0
     assert "Traceback" in result.stderr
     assert "ModelLoadError" in result.stderr
