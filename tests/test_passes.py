@@ -75,11 +75,12 @@ class ScaleFirstLinear(Pass):
     """A pass that claims to preserve the function but does not: the equivalence check must catch it."""
 
     preserves_function = True
+    leaf: str = "self_attn.q_proj"
     factor: float = 1.5
 
     def run_block(self, block: Block, ctx: Context) -> None:
         with torch.no_grad():
-            block.leaf("self_attn.q_proj").weight.mul_(self.factor)
+            block.leaf(self.leaf).weight.mul_(self.factor)
 
 
 class CountLinears(Pass):
@@ -93,6 +94,23 @@ class CountLinears(Pass):
 def test_the_equivalence_check_fails_a_pass_that_changes_the_function():
     with pytest.raises(PassError, match=r"changed what block model.layers.0 computes: relative output difference \d"):
         run_pipeline(tiny_causal_lm("llama"), [{"pass": "test_passes:ScaleFirstLinear"}])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_equivalence_check_fails_a_wrong_pass_in_half_precision(dtype):
+    # o_proj x1.1 moves the block output by 4.5%, above what a half-precision output resolves; q_proj x1.5 moves
+    # this random model's output by 0.54%, less than one bfloat16 rounding of it (0.78%), so only float32 sees it.
+    wrong = {"pass": "test_passes:ScaleFirstLinear", "leaf": "self_attn.o_proj", "factor": 1.1}
+    with pytest.raises(PassError, match=r"relative output difference 4\.5\d*e-02 exceeds the tolerance .* "
+                                        r"\(2x the block's .* change under a one-epsilon perturbation of its inputs"):
+        run_pipeline(tiny_causal_lm("llama", dtype=dtype), [wrong])
+
+
+def test_the_equivalence_tolerance_of_the_config_overrides_the_derived_one():
+    wrong = {"pass": "test_passes:ScaleFirstLinear", "leaf": "self_attn.o_proj", "factor": 1.1}
+    with pytest.raises(PassError, match=r"exceeds the tolerance 1\.0e-02 \(checks.equivalence_tolerance\)"):
+        run_pipeline(tiny_causal_lm("llama", dtype=torch.bfloat16), [wrong], checks={"equivalence_tolerance": 0.01})
+    run_pipeline(tiny_causal_lm("llama", dtype=torch.bfloat16), [wrong], checks={"equivalence_tolerance": 0.05})
 
 
 def test_checks_equivalence_false_turns_the_equivalence_check_off():
