@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from slimc.ir import Program
+    from slimc.schemes import ShapeRule
 
 BACKENDS: dict[str, type[Backend]] = {}
 
@@ -22,6 +23,9 @@ class Backend(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     format_name: ClassVar[str] = ""
+    # The weight shapes the format's layouts can hold, beyond what the schemes need (`slimc.schemes.SHAPE_RULES`);
+    # `compile` checks them on the plan before calibrating.
+    shape_rules: ClassVar[tuple[ShapeRule, ...]] = ()
 
     def write(self, program: Program, out_dir: Path) -> list[Path]:
         """Write the program into the (existing, empty) directory; return the written files."""

@@ -56,6 +56,7 @@ from slimc.errors import ExportError, SlimcError
 from slimc.ir import Program
 from slimc.modules import ChannelScale, FakeQuantize, QuantizedLinear
 from slimc.quant import pack_int4
+from slimc.schemes import ShapeRule
 
 __all__ = ["AscendExperts", "AscendLinear", "MindieBackend", "load_ascend_model"]
 
@@ -75,6 +76,22 @@ class MindieBackend(Backend):
 
     max_shard_size: ShardSize = None
     row_parallel: list[str] = ["*.o_proj", "*.down_proj"]
+    # The shapes `_part_tensors`' layouts hold: `compile` checks them on the plan, `_check_scheme` on what is written.
+    shape_rules = (
+        ShapeRule(lambda s: s.label == "W4A16" and s.weight.granularity == "per_group", lambda out, in_, s: out % 2 == 0,
+                  "per-group W4A16 needs an even output size: it packs two int4 output rows per byte",
+                  "give these layers an int8 weight scheme (W8A16)"),
+        ShapeRule(lambda s: s.label == "W4A16" and s.weight.granularity != "per_group", lambda out, in_, s: in_ % 2 == 0,
+                  "per-channel W4A16 needs an even input size: it packs two int4 input columns per byte",
+                  "give these layers an int8 weight scheme (W8A16)"),
+        ShapeRule(lambda s: s.label == "W4A8_DYNAMIC", lambda out, in_, s: out % 2 == 0,
+                  "W4A8_DYNAMIC needs an even output size: it packs two int4 output rows per byte",
+                  "give these layers int8 weights (W8A8_DYNAMIC)"),
+        ShapeRule(lambda s: s.label == "W4A8_DYNAMIC", lambda out, in_, s: in_ % SCALE_BIAS_SPLITS == 0,
+                  f"W4A8_DYNAMIC needs an input size divisible by {SCALE_BIAS_SPLITS}: a row-parallel layer's scale_bias "
+                  f"has one column per 1/{SCALE_BIAS_SPLITS} of the input (tensor parallelism up to {SCALE_BIAS_SPLITS})",
+                  "give these layers int8 weights (W8A8_DYNAMIC)"),
+    )
 
     def write(self, program: Program, out_dir: Path) -> list[Path]:
         out_dir = Path(out_dir)

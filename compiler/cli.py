@@ -9,22 +9,30 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from slimc import __version__
 from slimc.configs import shipped_configs
 from slimc.environment import untested_versions_warning
 from slimc.errors import SlimcError, describe_os_error
 
+if TYPE_CHECKING:
+    from slimc.config import SlimcConfig
+
 EXIT_ERROR = 2
 EXIT_INTERNAL = 3
 
 
-def _compile(args: argparse.Namespace) -> None:
+def _compile(args: argparse.Namespace) -> int:
     from slimc.compile import compile_model, resolve_source
     from slimc.config import load_config
     from slimc.evaluate import check_held_out, evaluate
 
+    if args.out is None and not args.dry_run:
+        raise SlimcError("compile needs --out DIR, the directory to write the outputs to (only --dry-run runs without one)")
     config = load_config(resolve_config_path(args.config), args.set)
+    if args.dry_run:
+        return _dry_run(config, args.model)
     if args.eval and config.evaluation.dataset:
         check_held_out(config.evaluation.dataset, config.calibration.dataset)  # before the compile, not after
     report = compile_model(config, model_path=args.model, out_dir=Path(args.out), overwrite=args.overwrite).report
@@ -33,6 +41,23 @@ def _compile(args: argparse.Namespace) -> None:
     if args.eval:
         results = evaluate(resolve_source(config, args.model), Path(args.out), config, calibrated_on=config.calibration.dataset)
         print(format_results(results))
+    return 0
+
+
+def _dry_run(config: SlimcConfig, model_path: str | None) -> int:
+    """Print the plan and every broken shape rule, from the model's skeleton; 1 if a rule is broken."""
+    from slimc.compile import check_does_something, check_inputs, quantization_plan
+    from slimc.shape_rules import broken_rules, render_plan
+
+    check_does_something(config)
+    inputs = check_inputs(config, model_path)
+    plan = quantization_plan(config, inputs)
+    broken = broken_rules(plan, inputs.backends)
+    print(f"model: {inputs.source.path / (inputs.source.gguf_file or '')} ({inputs.source.architecture}, frontend "
+          f"{inputs.frontend.name})\nconfig: {config.source_file}")
+    print(render_plan(plan, broken, inputs.backends))
+    print("dry run: nothing was loaded, calibrated or written")
+    return 1 if broken else 0
 
 
 def format_results(results: dict) -> str:
@@ -147,10 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="quantize a model as a YAML config says and write its outputs")
     p.add_argument("config", help="YAML config path, or a shipped config name such as llm/w8a8_dynamic.yaml")
     p.add_argument("--model", help="model directory or .gguf file (default: the config's model.path, else SmolLM2-135M)")
-    p.add_argument("--out", required=True, help="output directory (one subdirectory per export format)")
+    p.add_argument("--out", help="output directory (one subdirectory per export format); required unless --dry-run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value (parsed as YAML)")
     p.add_argument("--eval", action="store_true", help="afterwards, evaluate the output as `slimc eval` does (config's evaluation section)")
+    p.add_argument("--dry-run", action="store_true", help="print which layers get which scheme and every layer whose shape "
+                   "its scheme or an export format cannot hold, then exit (1 if any) without loading weights or calibrating")
     p.set_defaults(run=_compile)
 
     p = sub.add_parser("record", help="run a diffusers pipeline on the calibration prompts and save its transformer inputs")

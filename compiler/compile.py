@@ -24,6 +24,7 @@ from slimc.frontends.hf import (
 from slimc.ir import Program
 from slimc.pipeline import Pipeline
 from slimc.report import RunReport, directory_size
+from slimc.shape_rules import Plan, check_plan, plan_layers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GGUF_EXPANSION = 4  # GGUF weights (about 4 bits) are written back as int8 weights and float embeddings
@@ -97,6 +98,33 @@ def build_backends(config: SlimcConfig) -> list[Backend]:
     return backends
 
 
+@dataclass
+class Inputs:
+    """What a config and a model path name, each checked without reading a weight."""
+
+    pipeline: Pipeline
+    backends: list[Backend]
+    source: ModelSource
+    frontend: Frontend
+
+
+def check_inputs(config: SlimcConfig, model_path: str | None) -> Inputs:
+    """The device, pipeline, formats, model source, frontend and calibration dataset, checked; no weight read."""
+    check_device(config.model.device)
+    pipeline = Pipeline.from_config(config)
+    backends = build_backends(config)
+    source = resolve_source(config, model_path)
+    frontend = frontend_for(source, config.model.family)
+    check_builtin_dataset(frontend, config.calibration.dataset, source.architecture, where=config.where("calibration", "dataset"))
+    return Inputs(pipeline, backends, source, frontend)
+
+
+def quantization_plan(config: SlimcConfig, inputs: Inputs) -> Plan:
+    """Which layers get which scheme, planned on the model's meta-device skeleton: no weight is read."""
+    skeleton = inputs.frontend.skeleton(inputs.source, model_dtype(config, inputs.source))
+    return plan_layers(inputs.frontend.build(inputs.source, skeleton), config, inputs.pipeline.steps)
+
+
 def output_size(source: ModelSource, backends: list[Backend]) -> int:
     """About the bytes the output takes, known before the model loads: each format rewrites the weights,
     quantized ones no larger than the checkpoint's files (a GGUF's are dequantized: GGUF_EXPANSION)."""
@@ -136,19 +164,15 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
     check_does_something(config)
     remove_dead_runs(out_dir)
     check_output_dir(out_dir, overwrite)
-    check_device(config.model.device)
-    pipeline = Pipeline.from_config(config)
-    backends = build_backends(config)
-    source = resolve_source(config, model_path)
+    inputs = check_inputs(config, model_path)
+    pipeline, backends, source, frontend = inputs.pipeline, inputs.backends, inputs.source, inputs.frontend
     check_not_inside(source, out_dir)
-    frontend = frontend_for(source, config.model.family)
-    dataset = config.calibration.dataset
-    check_builtin_dataset(frontend, dataset, source.architecture, where=config.where("calibration", "dataset"))
     needed = output_size(source, backends)
     check_disk_space(out_dir, needed)  # before loading: a full disk should not cost a whole compile
+    check_plan(quantization_plan(config, inputs), backends, config)  # nor should a layer that no format can hold
     program = load_program(config, source, frontend, report)
     batches = frontend.calibration_batches(config.calibration, source, program, report)
-    report.details["calibration"] = {"dataset": dataset}  # `slimc eval` refuses to evaluate on it
+    report.details["calibration"] = {"dataset": config.calibration.dataset}  # `slimc eval` refuses to evaluate on it
     pipeline.run(program, config, batches, report)
     if backends:
         with report.timed("export"), staged_output(out_dir, overwrite, needed) as staging:

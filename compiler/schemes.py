@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -79,3 +81,33 @@ class QuantScheme(BaseModel):
         if self.act is None:
             return f"{w}A16"
         return f"{w}A{self.act.bits}" + ("_DYNAMIC" if self.act.dynamic else "")
+
+
+@dataclass(frozen=True)
+class ShapeRule:
+    """A condition on the weight shapes a scheme, or an export format, can hold: data, checked on the plan.
+
+    `concerns(scheme)` picks the schemes it constrains; `holds(out_features, in_features, scheme)` tests one
+    weight (a Linear's, or one expert's projection); `requirement` (formatted with `scheme`) says what is
+    needed and why; `fix` is what to change, besides leaving the layer float.
+    """
+
+    concerns: Callable[[QuantScheme], bool]
+    holds: Callable[[int, int, QuantScheme], bool]
+    requirement: str
+    fix: str
+
+    def broken_by(self, out_features: int, in_features: int, scheme: QuantScheme) -> bool:
+        return self.concerns(scheme) and not self.holds(out_features, in_features, scheme)
+
+
+# What every format needs of a scheme's layers; each format adds its own (`Backend.shape_rules`).
+SHAPE_RULES: tuple[ShapeRule, ...] = (
+    ShapeRule(
+        concerns=lambda scheme: scheme.weight.granularity == "per_group",
+        holds=lambda out_features, in_features, scheme: in_features % scheme.weight.group_size == 0,
+        requirement="group_size {scheme.weight.group_size} must divide the input size: per_group weights have one "
+                    "scale per group of input columns",
+        fix="choose a group_size that divides the input size",
+    ),
+)
