@@ -9,14 +9,14 @@ Each checkpoint Linear (every expert's projection of fused MoE experts included,
 vLLM's MoE loader reads) is compressed by the compressed-tensors library itself from its dequantized weight
 and slimc's scales: `int-quantized` (int8 `weight`, `weight_scale`) for int8 weights with quantized
 activations, `pack-quantized` (`weight_packed` int32, `weight_scale`, `weight_shape`) for int4 weights and
-weight-only schemes; static activations add `input_scale` (and `input_zero_point` when asymmetric).
+weight-only schemes; static activations add `input_scale` (and `input_zero_point` when asymmetric). Online
+Hadamard rotations become compressed-tensors input transforms (`vllm_transforms`).
 `verify` parses the config with compressed-tensors and decompresses every Linear with its compressors.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -30,11 +30,18 @@ from slimc.backends.checkpoint import (
     checkpoint_prefixes,
     float_tensors,
     natural_key,
-    online_rotations,
     same_bits,
     save_sharded,
     shard_bytes,
     source_tensors,
+)
+from slimc.backends.vllm_transforms import (
+    check_transforms,
+    expressible_rotations,
+    runtime_linear,
+    target_patterns,
+    transform_config,
+    transform_tensors,
 )
 from slimc.errors import ExportError
 from slimc.ir import Program
@@ -81,6 +88,8 @@ class VllmBackend(Backend):
     """
 
     max_shard_size: ShardSize = "5GB"
+    # No shape rules of its own: compressed-tensors packs int4 codes into int32 words and pads the last one.
+    shape_rules = ()
 
     def write(self, program: Program, out_dir: Path) -> list[Path]:
         from compressed_tensors.compressors import ModelCompressor
@@ -88,7 +97,8 @@ class VllmBackend(Backend):
         out_dir = Path(out_dir)
         before = set(out_dir.iterdir())
         parts = _exportable_linears(program)
-        tensors = {}
+        rotations = expressible_rotations(program, parts)
+        tensors = transform_tensors(program, rotations)
         for part in parts:
             tensors.update(_compressed_tensors(part))
         for name, tensor in float_tensors(program).items():
@@ -101,7 +111,8 @@ class VllmBackend(Backend):
         from slimc.frontends.hf import write_model_files
 
         write_model_files(program.source, out_dir, program.metadata.get("config_updates"))
-        ModelCompressor(quantization_config=quantization_config(program, parts, set(copied))).update_config(str(out_dir))
+        ModelCompressor(quantization_config=quantization_config(program, parts, set(copied)),
+                        transform_config=transform_config(program, parts, rotations)).update_config(str(out_dir))
         for path in out_dir.iterdir():
             path.chmod(0o644)
         return sorted(set(out_dir.iterdir()) - before)
@@ -121,7 +132,7 @@ class VllmBackend(Backend):
             raise ExportError(f"vllm: quantization_config must say quant_method compressed-tensors and status compressed, "
                               f"got {raw.get('quant_method')!r} / {config.quantization_status!r}")
         parts = _exportable_linears(program)
-        expected: set[str] = set()
+        expected = check_transforms(program, parts, raw.get("transform_config"), stored)
         for part in parts:
             group = _group_of(config, part.prefix)
             wanted = compressed_scheme(part.scheme, group.targets)
@@ -157,16 +168,12 @@ class VllmBackend(Backend):
 
 
 def _exportable_linears(program: Program) -> list[CheckpointLinear]:
-    """The checkpoint Linears, once the program is known to hold nothing compressed-tensors cannot carry."""
+    """The checkpoint Linears, once the program is known to hold no multiply that compressed-tensors cannot carry
+    (online rotations are checked by `expressible_rotations`)."""
     if program.source.library == "diffusers":
         raise ExportError("vllm: compressed-tensors checkpoints are for language models that vLLM serves; "
                           "export a diffusion transformer with format mindie or onnx")
     parts = checkpoint_linears(program, "vllm")
-    rotated = sorted(online_rotations(program, parts, "vllm"))
-    if rotated:
-        raise ExportError(f"vllm: {rotated[0]} (and {len(rotated) - 1} more) has an online rotation, which slimc does not "
-                          "write into compressed-tensors checkpoints; export it with format mindie, or compile without "
-                          "the rotate / rotate_inputs passes' online rotations")
     for block in program.blocks:
         if block.traced is not None and any(isinstance(m, ChannelScale) for m in block.graph_module.modules()):
             raise ExportError(f"vllm: {block.name} has an explicit smoothing multiply, which compressed-tensors cannot "
@@ -234,40 +241,15 @@ def quantization_config(program: Program, parts: list[CheckpointLinear], copied:
 
     by_scheme: dict[QuantScheme, dict[str, None]] = {}  # names kept in order, each once (MoE: tens of thousands)
     for part in parts:
-        by_scheme.setdefault(part.scheme, {}).update(dict.fromkeys((part.prefix, _runtime_linear(part))))
+        by_scheme.setdefault(part.scheme, {}).update(dict.fromkeys((part.prefix, runtime_linear(part))))
     if len(by_scheme) == 1:
         targets = {next(iter(by_scheme)): ["Linear"]}
     else:
-        targets = _target_patterns(by_scheme)
+        targets = target_patterns(by_scheme)
     groups = {f"group_{i}": compressed_scheme(scheme, targets[scheme]) for i, scheme in enumerate(by_scheme)}
     formats = {compression_format(scheme) for scheme in by_scheme}
     return QuantizationConfig(config_groups=groups, format=formats.pop() if len(formats) == 1 else "mixed-precision",
                               quantization_status="compressed", ignore=_ignored(program, parts, copied))
-
-
-def _runtime_linear(part: CheckpointLinear) -> str:
-    """The runtime module a checkpoint Linear comes from (fused experts: the expert's checkpoint name)."""
-    return part.prefix if part.runtime.endswith(EXPERT_WEIGHTS) else part.runtime.removesuffix(".weight")
-
-
-def _generalised(name: str) -> str:
-    return "re:^" + r"\.".join(r"\d+" if piece.isdigit() else re.escape(piece) for piece in name.split(".")) + "$"
-
-
-def _target_patterns(by_scheme: dict[QuantScheme, dict[str, None]]) -> dict[QuantScheme, list[str]]:
-    """Per scheme, patterns over module names that no other scheme's module matches."""
-    owners: dict[str, set[QuantScheme]] = {}
-    for scheme, names in by_scheme.items():
-        for name in names:
-            owners.setdefault(_generalised(name), set()).add(scheme)
-    targets: dict[QuantScheme, list[str]] = {}
-    for scheme, names in by_scheme.items():
-        chosen: dict[str, None] = {}  # in order, each pattern once
-        for name in names:
-            pattern = _generalised(name)
-            chosen[pattern if len(owners[pattern]) == 1 else f"re:^{re.escape(name)}$"] = None
-        targets[scheme] = list(chosen)
-    return targets
 
 
 def _ignored(program: Program, parts: list[CheckpointLinear], copied: set[str]) -> list[str]:

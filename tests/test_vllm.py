@@ -164,12 +164,6 @@ def test_verify_fails_when_a_written_weight_changed(tmp_path):
         backend.verify(program, out)
 
 
-def test_online_rotations_are_refused_with_the_fix(tmp_path):
-    with pytest.raises(ExportError, match="online rotation.*format mindie"):
-        compile_tiny(tmp_path, "llama", "llm/w4a8_quarot_gptq.yaml")
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
 def test_vision_language_checkpoint_loads_under_its_own_names(tmp_path, kind, vllm_per_token_scales):
     """Multimodal checkpoints keep their tensor names (Qwen2.5-VL's legacy `model.layers.*`); config groups and
