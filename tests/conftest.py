@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -30,9 +31,9 @@ def hf_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-def save_tiny_model(path: Path, family: str) -> Path:
-    """A tiny `family` model saved as safetensors with config.json and the tiny tokenizer."""
-    tiny_causal_lm(family).save_pretrained(path)
+def save_tiny_model(path: Path, family: str, dtype: torch.dtype = torch.float32) -> Path:
+    """A tiny `family` model in `dtype` saved as safetensors with config.json and the tiny tokenizer."""
+    tiny_causal_lm(family, dtype=dtype).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
 

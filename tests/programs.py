@@ -57,3 +57,24 @@ def logits(program: Program, ids: torch.Tensor) -> torch.Tensor:
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two outputs, computed in float32 (bfloat16 arithmetic is off in the third digit)."""
+    return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
+
+
+def rounding_bound(program: Program, inputs: dict, floor: float) -> float:
+    """How far another computation of the program's logits may fairly be: the larger of `floor` and twice the
+    logits' relative change on `inputs` when every embedding moves by one epsilon of the model's dtype (random signs), the
+    pipeline's equivalence-check rule applied to the whole model. Static activation quantizers in bfloat16
+    amplify rounding differences into different integer codes; float32 programs stay near `floor`."""
+    table = program.model.get_input_embeddings().weight
+    signs = torch.randint(0, 2, table.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    original = table.detach().clone()
+    with torch.no_grad(), program.executing_graphs():
+        expected = program.model(**inputs, use_cache=False).logits
+        table.copy_(original.float() * (1 + torch.finfo(table.dtype).eps * signs))
+        moved = program.model(**inputs, use_cache=False).logits
+        table.copy_(original)
+    return max(floor, 2 * relative(moved, expected))

@@ -194,8 +194,8 @@ def tiny_multimodal_config(kind: str) -> Any:
     return config
 
 
-def tiny_multimodal_model(kind: str, seed: int = 0) -> PreTrainedModel:
-    """A tiny `kind` model (one of MULTIMODAL_KINDS) in eval mode, float32."""
+def tiny_multimodal_model(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A tiny `kind` model (one of MULTIMODAL_KINDS) in eval mode, in `dtype`."""
     config = tiny_multimodal_config(kind)
     torch.manual_seed(seed)
     model = model_class(kind)(config)
@@ -207,7 +207,7 @@ def tiny_multimodal_model(kind: str, seed: int = 0) -> PreTrainedModel:
                 param.copy_(1.0 + 0.25 * torch.randn(param.shape, generator=generator))
             elif not isinstance(owner, nn.Embedding):
                 param.copy_(0.02 * torch.randn(param.shape, generator=generator))
-    return model.to(torch.float32).eval()
+    return model.to(dtype).eval()
 
 
 def audio_token_count(kind: str, frames: int) -> int:
@@ -383,8 +383,8 @@ def tiny_multimodal_processor(kind: str) -> ProcessorMixin:
     return getattr(transformers, _KINDS[kind][2])(**parts)
 
 
-def save_tiny_multimodal(kind: str, directory: str | Path, *, seed: int = 0) -> Path:
-    """A complete tiny `kind` directory: model.safetensors, config, tokenizer and processor files.
+def save_tiny_multimodal(kind: str, directory: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """A complete tiny `kind` directory: model.safetensors (in `dtype`), config, tokenizer and processor files.
 
     With torchvision the real processor writes its files. Without it the same layout is written from
     the sub-processors: tokenizer.json, tokenizer_config.json, chat_template.jinja and
@@ -392,7 +392,7 @@ def save_tiny_multimodal(kind: str, directory: str | Path, *, seed: int = 0) -> 
     name and sizes), which AutoProcessor loads wherever torchvision is installed.
     """
     directory = Path(directory)
-    tiny_multimodal_model(kind, seed=seed).save_pretrained(directory)
+    tiny_multimodal_model(kind, seed=seed, dtype=dtype).save_pretrained(directory)
     if is_torchvision_available():
         tiny_multimodal_processor(kind).save_pretrained(directory)
         return directory

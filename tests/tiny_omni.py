@@ -50,7 +50,8 @@ def speech_tensors(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def save_tiny_full_omni(kind: str, directory: str | Path, *, seed: int = 0, talker: bool = True) -> Path:
+def save_tiny_full_omni(kind: str, directory: str | Path, *, seed: int = 0, talker: bool = True,
+                        dtype: torch.dtype = torch.float32) -> Path:
     """A full Omni checkpoint directory: full config, `thinker.*` (+ talker/vocoder) in two shards with an
     index, tokenizer and processor files, and (Qwen2.5) a speaker file.
 
@@ -60,7 +61,7 @@ def save_tiny_full_omni(kind: str, directory: str | Path, *, seed: int = 0, talk
     save_tiny_multimodal(kind, directory, seed=seed)  # tokenizer and processor files (and a thinker-only model)
     for name in ("model.safetensors", "config.json"):
         (directory / name).unlink()
-    thinker = tiny_multimodal_model(kind, seed=seed)
+    thinker = tiny_multimodal_model(kind, seed=seed, dtype=dtype)
     state = revert_weight_conversion(thinker, thinker.state_dict())
     tensors = {f"thinker.{name}": t.contiguous() for name, t in state.items()}
     if talker:
@@ -76,10 +77,11 @@ def save_tiny_full_omni(kind: str, directory: str | Path, *, seed: int = 0, talk
     config_class, architecture, _ = FULL_OMNI[kind]
     thinker_config = thinker.config.to_dict()
     thinker_config.pop("_experts_implementation", None)
-    thinker_config["dtype"] = "float32"
-    # The full config classes default to bfloat16 (the releases' dtype); the tiny thinker is float32.
+    dtype_name = str(dtype).removeprefix("torch.")
+    thinker_config["dtype"] = dtype_name
+    # The full config classes default to bfloat16 (the releases' dtype); say the tiny thinker's.
     config = getattr(transformers, config_class)(thinker_config=thinker_config, enable_audio_output=talker,
-                                                 architectures=[architecture], dtype="float32")
+                                                 architectures=[architecture], dtype=dtype_name)
     config.save_pretrained(directory)
     if kind == "qwen2_5_omni":
         (directory / SPEAKER_FILE).write_bytes(bytes(range(256)) * 4)  # opaque to slimc: copied, never read
