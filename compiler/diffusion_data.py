@@ -19,6 +19,7 @@ import copy
 import inspect
 import itertools
 import json
+import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -152,6 +153,24 @@ def load_prompts(spec: str, samples: int | None = None) -> list[str]:
     return prompts
 
 
+# --- dtypes ----------------------------------------------------------------------------------------
+
+
+def compute_dtype(transformer: nn.Module) -> torch.dtype:
+    """The dtype a transformer computes in. diffusers' `dtype` skips the parameters of `_keep_in_fp32_modules`
+    (a bfloat16 Wan keeps `scale_shift_table`, its first parameter, and its norms in float32); pipelines cast
+    latents and text embeddings to it."""
+    declared = getattr(transformer, "dtype", None)
+    if isinstance(declared, torch.dtype):
+        return declared
+    return next((p.dtype for p in transformer.parameters() if p.is_floating_point()), torch.float32)
+
+
+def cast_floats(kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """Floating-point tensor arguments in `dtype` (integer timesteps stay integers), the others as they are."""
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+
+
 # --- recording a pipeline --------------------------------------------------------------------------
 
 
@@ -172,27 +191,34 @@ def pipeline_call_kwargs(pipeline: Any, sampling: DiffusionSampling) -> dict[str
 class _Recorder:
     """Forward pre-hooks on a pipeline's transformers that keep every call's keyword arguments on the CPU.
 
-    A tensor the pipeline passes again (the prompt embeddings at every step) is kept once."""
+    Floating-point tensors are kept in the compute dtype of the transformer called: a pipeline may pass
+    one argument in several dtypes over its steps (HunyuanVideo makes its first latents, and the timestep
+    cast to their dtype, in float32; the scheduler returns later ones in the transformer's dtype), and
+    the transformer computes in one. A tensor the pipeline passes again (the prompt embeddings at every
+    step) is kept once."""
 
     def __init__(self, transformers: dict[str, nn.Module]) -> None:
         self.calls: list[RecordedCall] = []
-        self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._kept: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles = []
         for name, module in transformers.items():
             parameters = [p.name for p in inspect.signature(module.forward).parameters.values()]
+            dtype = compute_dtype(module)
             self._handles.append(module.register_forward_pre_hook(
-                lambda m, args, kwargs, n=name, p=parameters: self._record(n, p, args, kwargs), with_kwargs=True))
+                lambda m, args, kwargs, n=name, p=parameters, d=dtype: self._record(n, p, d, args, kwargs), with_kwargs=True))
 
-    def _record(self, expert: str, parameters: list[str], args: tuple, kwargs: dict) -> None:
+    def _record(self, expert: str, parameters: list[str], dtype: torch.dtype, args: tuple, kwargs: dict) -> None:
         named = {**dict(zip(parameters, args)), **kwargs}
-        self.calls.append(RecordedCall(expert, {k: self._keep(v) for k, v in named.items()}))
+        self.calls.append(RecordedCall(expert, {k: self._keep(v, dtype) for k, v in named.items()}))
 
-    def _keep(self, value: Any) -> Any:
+    def _keep(self, value: Any, dtype: torch.dtype) -> Any:
         if not isinstance(value, torch.Tensor):
             return copy.deepcopy(value)
-        if id(value) not in self._kept:
-            self._kept[id(value)] = (value, value.detach().to("cpu", copy=value.device.type != "cpu"))
-        return self._kept[id(value)][1]
+        key = (id(value), dtype)
+        if key not in self._kept:
+            kept = value.detach().to("cpu", copy=value.device.type != "cpu")
+            self._kept[key] = (value, kept.to(dtype) if kept.is_floating_point() else kept)
+        return self._kept[key][1]
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -200,26 +226,46 @@ class _Recorder:
         self._kept.clear()
 
 
+def load_pipeline(pipeline_dir: str | Path, dtype: torch.dtype, transformers: dict[str, nn.Module]) -> Any:
+    """The diffusers pipeline in `pipeline_dir`, in `dtype`, holding the already loaded `transformers`
+    (component name -> module) instead of loading them again.
+
+    diffusers loads an optional component from disk even when it is passed (both of Wan's transformers are
+    optional), so the pipeline is read from a view of the directory whose model_index.json lists the passed
+    components as absent; diffusers then takes the passed modules for them.
+    """
+    from diffusers import DiffusionPipeline
+
+    pipeline_dir = Path(pipeline_dir)
+    try:
+        with tempfile.TemporaryDirectory(prefix="slimc-pipeline-") as view:
+            index = json.loads((pipeline_dir / "model_index.json").read_text(encoding="utf-8"))
+            index.update({name: [None, None] for name in transformers})
+            (Path(view) / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
+            for entry in pipeline_dir.iterdir():
+                if entry.name != "model_index.json" and entry.name not in transformers:
+                    (Path(view) / entry.name).symlink_to(entry.resolve())
+            return DiffusionPipeline.from_pretrained(view, torch_dtype=dtype, use_safetensors=True, **transformers)
+    except (OSError, ValueError) as error:
+        raise DataError(f"could not load the diffusers pipeline in {pipeline_dir} to record calibration inputs: "
+                        f"{str(error).splitlines()[0]}; check that every component folder is complete") from None
+
+
 @torch.no_grad()
 def record_pipeline_calls(pipeline_dir: str | Path, prompts: list[str], sampling: DiffusionSampling, *,
                           transformers: dict[str, nn.Module] | None = None, dtype: torch.dtype = torch.float32,
                           device: str = "cpu", batch_size: int = 1, progress: bool = True) -> list[RecordedCall]:
     """Run the diffusers pipeline in `pipeline_dir` on `prompts` (`batch_size` per call) and record every call
-    of its transformer(s).
+    of its transformer(s), floating-point arguments in the transformer's compute dtype.
 
-    `transformers` are already loaded components to use instead of loading them again (component name
-    -> module); they are moved back to the CPU afterwards. The pipeline's own defaults (prompt template,
-    negative prompt, guidance of the second expert) are kept. Generator seeds are `sampling.seed + i` for
-    the i-th pipeline call, so the recording does not depend on the device.
+    `dtype` is the pipeline's (the text encoders and VAE load in it). `transformers` are already loaded
+    components to use instead of loading them again (component name -> module); they are moved back to the
+    CPU afterwards. The pipeline's own defaults (prompt template, negative prompt, guidance of the second
+    expert) are kept. Generator seeds are `sampling.seed + i` for the i-th pipeline call, so the recording
+    does not depend on the device.
     """
-    from diffusers import DiffusionPipeline
-
     transformers = dict(transformers or {})
-    try:
-        pipeline = DiffusionPipeline.from_pretrained(pipeline_dir, torch_dtype=dtype, use_safetensors=True, **transformers)
-    except (OSError, ValueError) as error:
-        raise DataError(f"could not load the diffusers pipeline in {pipeline_dir} to record calibration inputs: "
-                        f"{str(error).splitlines()[0]}; check that every component folder is complete") from None
+    pipeline = load_pipeline(pipeline_dir, dtype, transformers)
     components = {name: getattr(pipeline, name) for name in ("transformer", "transformer_2")
                   if isinstance(getattr(pipeline, name, None), nn.Module)}
     pipeline.set_progress_bar_config(disable=True)
@@ -335,6 +381,8 @@ def calibration_calls(calibration: CalibrationConfig, pipeline_dir: Path | None,
                       device: str = "cpu", transformer_dir: Path | None = None) -> list[RecordedCall]:
     """The calibration calls of the transformers named `experts`, checked to share one structure per expert.
 
+    `dtype` is the transformers' compute dtype: the pipeline runs in it, and floating-point inputs are in it.
+
     From a pipeline (`pipeline_dir`): run it on the prompts of `calibration.dataset`, or read recorded inputs
     when the dataset is a .safetensors file. From a transformer directory alone (`pipeline_dir` None, one
     expert): recorded inputs only; a file recorded from several experts is narrowed to the one named like
@@ -344,7 +392,7 @@ def calibration_calls(calibration: CalibrationConfig, pipeline_dir: Path | None,
     if is_recorded_inputs(spec):
         calls = load_recorded_calls(spec)
         calls = _select_experts(calls, experts, spec, None if pipeline_dir is not None else transformer_dir)
-        calls = [RecordedCall(c.expert, _cast_floats(c.kwargs, dtype)) for c in calls]
+        calls = [RecordedCall(c.expert, cast_floats(c.kwargs, dtype)) for c in calls]
     elif pipeline_dir is None:
         raise DataError(f"{transformer_dir} is a diffusion transformer without its pipeline, so slimc cannot turn the prompts "
                         f"of {spec!r} into its inputs; {RECORD_FIX}")
@@ -380,18 +428,14 @@ def _select_experts(calls: list[RecordedCall], experts: tuple[str, ...], spec: s
     return chosen
 
 
-def _cast_floats(kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    """Floating tensors in the model's dtype, as its pipeline passes them (integer timesteps stay integers)."""
-    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
-
-
 def _structure(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else ("constant", repr(v)) for k, v in kwargs.items()}
 
 
 def check_uniform(calls: list[RecordedCall]) -> None:
-    """Every call of one expert must have the same arguments, tensor shapes and constants: traced blocks are
-    specialised to the first."""
+    """Every call of one expert must have the same arguments, tensor shapes and dtypes, and constants: traced
+    blocks are specialised to the first. (Recorded floating-point tensors are already in the transformer's
+    compute dtype, so only a float against an integer tensor can differ in dtype.)"""
     first: dict[str, tuple[int, dict]] = {}
     for index, call in enumerate(calls):
         structure = _structure(call.kwargs)
@@ -401,10 +445,14 @@ def check_uniform(calls: list[RecordedCall]) -> None:
         reference_index, reference = first[call.expert]
         if structure != reference:
             key = next(k for k in sorted(set(structure) | set(reference)) if structure.get(k) != reference.get(k))
+            ours, theirs = structure.get(key), reference.get(key)
+            if ours is not None and theirs is not None and ours[0] == theirs[0] != "constant":
+                fix = "record every call with the argument in one dtype"
+            else:
+                fix = "record every prompt with the same height, width, frames and max_sequence_length"
             raise DataError(
                 f"calibration call {index} ({call.expert}) differs from call {reference_index} in {key!r}: "
-                f"{_describe(structure.get(key))} vs {_describe(reference.get(key))}. Traced blocks are specialised to "
-                "one input structure: record every prompt with the same height, width, frames and max_sequence_length"
+                f"{_describe(ours)} vs {_describe(theirs)}. Traced blocks are specialised to one input structure: {fix}"
             )
 
 

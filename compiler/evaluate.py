@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimc.compile import REPORT_FILE
+from slimc.compile import REPORT_FILE, model_dtype
 from slimc.config import CalibrationConfig, SlimcConfig
 from slimc.data import corpus_token_samples
 from slimc.errors import ConfigError, DataError
@@ -123,9 +123,13 @@ def evaluation_settings(config: SlimcConfig, dataset: str) -> CalibrationConfig:
 
 
 def evaluate_fidelity(source: ModelSource, quantized: Path, config: SlimcConfig, frontend: Frontend, dataset: str) -> dict:
-    """Block and model outputs of the quantized model rebuilt from its written files against the float model."""
+    """Block and model outputs of the quantized model rebuilt from its written files against the float model.
+
+    The float model computes in the dtype the compile used (`model.dtype`, `auto`: the checkpoint's), as the
+    quantized one does: a bfloat16 model against a float32 reference would count bfloat16's rounding as
+    quantization loss."""
     directory = quantized_output_dir(quantized)
-    float_model = frontend.load(source, dtype=torch.float32, trust_remote_code=config.model.trust_remote_code)
+    float_model = frontend.load(source, dtype=model_dtype(config, source), trust_remote_code=config.model.trust_remote_code)
     program = frontend.build(source, float_model)
     batches = frontend.calibration_batches(evaluation_settings(config, dataset), source, program)
     if not batches:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from slimc.config import CalibrationConfig
-from slimc.diffusion_data import PROMPT_SPECS, calibration_calls, summary
+from slimc.diffusion_data import PROMPT_SPECS, calibration_calls, cast_floats, compute_dtype, summary
 from slimc.errors import ModelLoadError
 from slimc.frontends import Frontend
 from slimc.frontends.hf import ModelSource, auto_class, config_source, load_checked
@@ -58,10 +58,14 @@ def block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
 
 
 def call_transformer(model: nn.Module, batch: dict[str, Any]) -> Any:
-    """Run one recorded call: on the expert it names in a two-expert Program, else on the model."""
-    kwargs = {k: v for k, v in batch.items() if k != EXPERT_KEY}
+    """Run one recorded call: on the expert it names in a two-expert Program, else on the model.
+
+    Floating-point inputs are cast to the transformer's compute dtype first, as its pipeline casts them:
+    a batch recorded from a float32 model (evaluation) then also runs a bfloat16 quantized one."""
     expert = batch.get(EXPERT_KEY)
-    return (model if expert is None else model.get_submodule(expert))(**kwargs)
+    transformer = model if expert is None else model.get_submodule(expert)
+    kwargs = {k: v for k, v in batch.items() if k != EXPERT_KEY}
+    return transformer(**cast_floats(kwargs, compute_dtype(transformer)))
 
 
 def component_source(source: ModelSource, component: str) -> ModelSource:
@@ -132,7 +136,7 @@ class DiffusionTransformer(Frontend):
         transformers = dict(model.named_children()) if isinstance(model, PipelineTransformers) else {experts[0]: model}
         calls = calibration_calls(
             calibration, source.path if source.is_pipeline else None, experts,
-            transformers=transformers if source.is_pipeline else None, dtype=program.dtype,
+            transformers=transformers if source.is_pipeline else None, dtype=compute_dtype(next(iter(transformers.values()))),
             device=program.metadata.get("device", "cpu"), transformer_dir=None if source.is_pipeline else source.path,
         )
         if report is not None:

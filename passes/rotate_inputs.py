@@ -7,14 +7,22 @@ time: x → x·H (a fast Walsh–Hadamard transform), with W → W·H fused into
 y = (x·H)(W·H)ᵀ = x·Wᵀ. Activation outliers are spread over all channels before they are
 quantized, which is what 4-bit activations need. Linears that read the same tensor share one
 rotation node (q, k and v compute it once).
+
+A rotation does not help every input. One whose channels share a large mean (a GELU's output, read by
+the MLP's down projection: nearly all positive) is turned into one huge channel, the mean times √n in
+the Hadamard's all-ones row, which then sets every token's int4 scale. With `search: true` each reader
+group is rotated only where that lowers the quantized block error on calibration inputs.
 """
 
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
+import torch
+from pydantic import Field, PrivateAttr
 from torch import fx
 
+from slimc.calib import simulated_quantization
 from slimc.config import SlimcConfig
 from slimc.errors import ConfigError
 from slimc.hadamard import OnlineHadamard, describe_hadamard
@@ -22,7 +30,8 @@ from slimc.ir import Block, Program
 from slimc.pass_base import Pass, register_pass
 from slimc.passes.rotate import rotate_inputs as fuse_input_rotation
 from slimc.patterns import find_linears
-from slimc.pipeline import Context
+from slimc.pipeline import Context, relative_error
+from slimc.schemes import QuantScheme
 
 QUANTIZING_PASSES = {"fake_quant", "calibrate", "lower"}
 
@@ -31,12 +40,17 @@ QUANTIZING_PASSES = {"fake_quant", "calibrate", "lower"}
 class RotateInputs(Pass):
     """Online Hadamard rotation of the inputs of the Linears that `include` selects and `exclude`
     does not (globs over qualified names), fused into their weights. Comes after `smooth` (which
-    then works on unrotated activations) and before `fake_quant`."""
+    then works on unrotated activations) and before `fake_quant`. With `search`, a group of Linears
+    reading one tensor keeps its rotation only where quantizing them as planned gives a lower block
+    error (on `search_batches` calibration batches) rotated than not."""
 
     preserves_function = True
 
     include: list[str] = ["*"]
     exclude: list[str] = []
+    search: bool = False
+    search_batches: int = Field(1, ge=1)
+    _kept: dict[str, bool] = PrivateAttr(default_factory=dict)
 
     def check(self, config: SlimcConfig, step_index: int) -> None:
         earlier = [str(step.get("pass")) for step in config.pipeline[:step_index]]
@@ -55,24 +69,73 @@ class RotateInputs(Pass):
         for node in gm.graph.nodes:
             if node.op == "call_module" and node.target in linears and self.selects(block.qualified(node.target)):
                 readers.setdefault(node.args[0], []).append(node)
+        reference = ctx.run(block, ctx.inputs[: self.search_batches]) if self.search else None
         for source, group in readers.items():
-            weights = [gm.get_submodule(linear.target).weight for linear in group]
-            transform = OnlineHadamard(weights[0].shape[-1]).to(weights[0].device)
-            for weight in weights:
-                fuse_input_rotation(weight, transform.matrix())
-            target = block.rotation_target(group[0].target)
-            gm.add_submodule(target, transform)
-            with gm.graph.inserting_after(source):
-                rotated = gm.graph.call_module(target, (source,))
-            for linear in group:
-                linear.replace_input_with(source, rotated)
-            description = describe_hadamard(transform.order)
+            planned = self._planned(block, ctx, group) if self.search else {}
+            before = self._quantized_error(block, ctx, planned, reference) if planned else None
+            saved = [gm.get_submodule(linear.target).weight.detach().clone() for linear in group] if planned else []
+            rotated = self._rotate(block, source, group)
+            if planned:
+                keep = self._quantized_error(block, ctx, planned, reference) < before
+                self._kept[block.qualified(group[0].target)] = keep
+                if not keep:
+                    self._unrotate(block, rotated, source, group, saved)
+                    continue
+            description = describe_hadamard(gm.get_submodule(rotated.target).order)
             ctx.program.metadata.setdefault("rotations", {}).setdefault("online", {}).update(
                 {block.qualified(linear.target): description for linear in group})
+
+    @staticmethod
+    def _rotate(block: Block, source: fx.Node, group: list[fx.Node]) -> fx.Node:
+        """x -> x·H before the Linears of `group` (all reading `source`), H fused into their weights."""
+        gm = block.graph_module
+        weights = [gm.get_submodule(linear.target).weight for linear in group]
+        transform = OnlineHadamard(weights[0].shape[-1]).to(weights[0].device)
+        for weight in weights:
+            fuse_input_rotation(weight, transform.matrix())
+        target = block.rotation_target(group[0].target)
+        gm.add_submodule(target, transform)
+        with gm.graph.inserting_after(source):
+            rotated = gm.graph.call_module(target, (source,))
+        for linear in group:
+            linear.replace_input_with(source, rotated)
         gm.recompile()
+        return rotated
+
+    @staticmethod
+    def _unrotate(block: Block, rotated: fx.Node, source: fx.Node, group: list[fx.Node], weights: list[torch.Tensor]) -> None:
+        gm = block.graph_module
+        with torch.no_grad():
+            for linear, weight in zip(group, weights):
+                gm.get_submodule(linear.target).weight.copy_(weight)
+        for linear in group:
+            linear.replace_input_with(rotated, source)
+        gm.graph.erase_node(rotated)
+        gm.delete_submodule(rotated.target)
+        gm.recompile()
+
+    @staticmethod
+    def _planned(block: Block, ctx: Context, group: list[fx.Node]) -> dict[str, QuantScheme]:
+        """The schemes a later step gives the group's Linears (only those with quantized activations)."""
+        planned = {}
+        for linear in group:
+            found = ctx.planned_scheme(block.qualified(linear.target))
+            if found is not None and found[1].act is not None:
+                planned[linear.target] = found[1]
+        return planned
+
+    def _quantized_error(self, block: Block, ctx: Context, planned: dict[str, QuantScheme], reference: list) -> float:
+        with simulated_quantization(block, planned):
+            outputs = ctx.run(block, ctx.inputs[: self.search_batches])
+        return max(relative_error(o, r) for o, r in zip(outputs, reference))
 
     def finish(self, program: Program, ctx: Context) -> None:
         online = program.metadata.get("rotations", {}).get("online", {})
         if online:
             sizes = sorted({description for description in online.values()})
             ctx.report.note(f"rotate_inputs: online Hadamard before {len(online)} Linears ({'; '.join(sizes)})")
+        if self._kept:
+            left = [name for name, kept in self._kept.items() if not kept]
+            ctx.report.note(f"rotate_inputs: searched {len(self._kept)} groups: {len(left)} better left unrotated "
+                            "(each group's choice is in the report's details)")
+            ctx.report.details["rotate_inputs_kept"] = dict(self._kept)

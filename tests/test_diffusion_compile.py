@@ -1,14 +1,17 @@
-"""Every shipped diffusion config compiles its tiny pipeline, and the Ascend files reproduce the result.
+"""Every shipped diffusion config compiles its tiny pipeline, in float32 and as a bfloat16 checkpoint, and
+the Ascend files reproduce the result.
 
-Each row saves a tiny pipeline (Wan2.2: both experts), compiles it with the shipped config through the
-Ascend export (calibration shrunk by --set overrides), rebuilds every exported transformer from its
-files with the independent reader, and compares it on fresh inputs at another resolution than the
-calibration's with the fake-quant program and with the float transformer.
+Each row saves a tiny pipeline (Wan2.2: both experts) with its weights in the row's dtype, compiles it
+with the shipped config through the Ascend export (`model.dtype: auto`; calibration shrunk by --set
+overrides), rebuilds every exported transformer from its files with the independent reader, and compares
+it on fresh inputs at another resolution than the calibration's with the fake-quant program and with the
+float transformer of the same dtype.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ from slimc.backends.mindie_reader import load_ascend_model
 from slimc.cli import main, resolve_config_path
 from slimc.compile import compile_model
 from slimc.config import load_config
+from slimc.diffusion_data import cast_floats, compute_dtype
 from slimc.frontends.diffusion import EXPERT_KEY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -30,23 +34,34 @@ ROWS = [
     ("hunyuan_video/w8a8.yaml", "hunyuan_video", False), ("hunyuan_video/w4a4.yaml", "hunyuan_video", False),
     ("wan2_2/w8a8.yaml", "wan", True), ("wan2_2/w4a4.yaml", "wan", True),
 ]
-# Tiny pipelines: 16x16 images / 32x32 5-frame videos, 2 prompts, 16 text tokens, 2 steps (Wan2.2: one
-# per expert), one smoothing alpha instead of the searched grid.
-SMALL = ["calibration.samples=2", "calibration.diffusion.steps=2", "calibration.diffusion.max_sequence_length=16",
+DTYPES = [torch.float32, torch.bfloat16]
+# Tiny pipelines: 32x32 images (64 image tokens) / 64x64 5-frame videos (32 tokens), 4 prompts, 16 text
+# tokens, 2 steps (Wan2.2: one per expert), one smoothing alpha instead of the searched grid. Fewer image
+# tokens than the Linears' input sizes (128 in the MLPs) would leave GPTQ's Hessians and the rotation
+# search fitted to a few tokens, unlike any real calibration.
+SMALL = ["calibration.samples=4", "calibration.diffusion.steps=2", "calibration.diffusion.max_sequence_length=16",
          "pipeline.0.search_grid=[0.5]"]
-SIZES = {"flux": ["calibration.diffusion.height=16", "calibration.diffusion.width=16"],
-         "hunyuan_video": ["calibration.diffusion.height=32", "calibration.diffusion.width=32", "calibration.diffusion.frames=5"],
-         "wan": ["calibration.diffusion.height=32", "calibration.diffusion.width=32", "calibration.diffusion.frames=5"]}
+SIZES = {"flux": ["calibration.diffusion.height=32", "calibration.diffusion.width=32"],
+         "hunyuan_video": ["calibration.diffusion.height=64", "calibration.diffusion.width=64", "calibration.diffusion.frames=5"],
+         "wan": ["calibration.diffusion.height=64", "calibration.diffusion.width=64", "calibration.diffusion.frames=5"]}
 MODULATION = ("norm1.linear.weight", "norm1_context.linear.weight", "norm.linear.weight", "norm_out.linear.weight")
-# Cosine similarity of the quantized transformer's output with the float one's, on the tiny models.
-FIDELITY = {"w8a8": 0.99, "w4a4": 0.8}
+# Cosine similarity of the quantized transformer's output with the float one's (same dtype), on the tiny models.
+FIDELITY = {"w8a8": 0.99, "w4a4": 0.98}
 
 
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipelines")
-    return {(kind, two): save_tiny_pipeline(kind, root / f"{kind}-{two}", two_experts=two, weight_std=0.3)
-            for _, kind, two in ROWS}
+    """(kind, two experts, dtype) -> a tiny pipeline directory, saved on first use."""
+    root, saved = tmp_path_factory.mktemp("pipelines"), {}
+
+    def pipeline(kind: str, two_experts: bool, dtype: torch.dtype) -> Path:
+        key = (kind, two_experts, dtype)
+        if key not in saved:
+            saved[key] = save_tiny_pipeline(kind, root / f"{kind}-{two_experts}-{str(dtype).split('.')[1]}",
+                                            two_experts=two_experts, weight_std=0.3, dtype=dtype)
+        return saved[key]
+
+    return pipeline
 
 
 def checkpoint_name(name: str, written: dict) -> str:
@@ -70,10 +85,18 @@ def fresh_inputs(model: ModelMixin, kind: str) -> dict:
     return inputs
 
 
-@pytest.mark.parametrize(("config_name", "kind", "two_experts"), ROWS)
+WAN_BF16_FILES = pytest.mark.xfail(strict=True, reason=(
+    "open: in bfloat16 the Wan files' model differs from the program by 0.5-0.65x what quantization moved the "
+    "output (Flux and HunyuanVideo: < 1e-4); the fidelity bound above it holds"))
+
+
+@pytest.mark.parametrize(("config_name", "kind", "two_experts", "dtype"), [
+    pytest.param(*row, dtype, id=f"{row[0]}-{str(dtype).split('.')[1]}",
+                 marks=WAN_BF16_FILES if row[1] == "wan" and dtype == torch.bfloat16 else ())
+    for row in ROWS for dtype in DTYPES])
 def test_shipped_diffusion_config_compiles_and_the_ascend_files_reproduce_the_quantized_model(
-        tmp_path, pipelines, config_name, kind, two_experts):
-    pipeline_dir = pipelines[(kind, two_experts)]
+        tmp_path, pipelines, config_name, kind, two_experts, dtype):
+    pipeline_dir = pipelines(kind, two_experts, dtype)
     config = load_config(resolve_config_path(config_name), SMALL + SIZES[kind])
     compiled = compile_model(config, model_path=str(pipeline_dir), out_dir=tmp_path / "out")
     program = compiled.program
@@ -82,7 +105,9 @@ def test_shipped_diffusion_config_compiles_and_the_ascend_files_reproduce_the_qu
     for expert in experts:
         out_dir = tmp_path / "out" / "mindie" / expert
         assert {"config.json", "model_index.json", "quant_model_description.json"} <= {p.name for p in out_dir.iterdir()}
-        float_model = type(program.model.get_submodule(expert)).from_pretrained(pipeline_dir / (expert or "transformer")).eval()
+        float_model = type(program.model.get_submodule(expert)).from_pretrained(
+            pipeline_dir / (expert or "transformer"), torch_dtype=dtype).eval()
+        assert compute_dtype(program.model.get_submodule(expert)) == dtype
         written = json.loads((out_dir / "quant_model_description.json").read_text())
         assert {checkpoint_name(n, written) for n in float_model.state_dict()} <= set(written)
         quantized = {n for n, t in written.items() if n.endswith(".weight") and isinstance(t, str) and t != "FLOAT"}
@@ -90,20 +115,24 @@ def test_shipped_diffusion_config_compiles_and_the_ascend_files_reproduce_the_qu
         assert quantized and all(n.startswith(blocks) for n in quantized)  # nothing outside the blocks
         modulation = {n for n in written if n.startswith(blocks) and n.endswith(MODULATION)}
         assert bool(modulation) == (kind != "wan") and all(written[n] == "FLOAT" for n in modulation)  # AdaLN stays float
-        inputs = fresh_inputs(float_model, kind)
+        inputs = cast_floats(fresh_inputs(float_model, kind), dtype)  # as the pipeline passes them
         batch = {EXPERT_KEY: expert, **inputs} if expert else inputs
         with torch.no_grad(), program.executing_graphs():
             expected = program.call(program.model, batch)[0]
         with torch.no_grad():
             from_files = load_ascend_model(out_dir)(**inputs)[0]
             reference = float_model(**inputs)[0]
-        assert relative(from_files, expected) < 1e-4
-        cosine = torch.nn.functional.cosine_similarity(from_files.flatten(), reference.flatten(), dim=0)
-        assert cosine > FIDELITY[config_name.split("/")[1].removesuffix(".yaml")]
+        cosine = torch.nn.functional.cosine_similarity(from_files.flatten().float(), reference.flatten().float(), dim=0)
+        assert from_files.dtype == dtype and cosine > FIDELITY[config_name.split("/")[1].removesuffix(".yaml")]
+        if dtype == torch.float32:
+            assert relative(from_files, expected) < 1e-4
+        else:  # both round to bfloat16, at different points: an int4 code flips now and again, where a wrong
+            # layer would move the output as far as quantization did
+            assert relative(from_files, expected) < 0.5 * relative(expected, reference)
 
 
 def test_a_transformer_directory_compiles_from_inputs_recorded_from_its_pipeline(tmp_path, pipelines):
-    pipeline_dir, recorded = pipelines[("flux", False)], tmp_path / "inputs.safetensors"
+    pipeline_dir, recorded = pipelines("flux", False, torch.float32), tmp_path / "inputs.safetensors"
     config_file, overrides = resolve_config_path("flux/w8a8.yaml"), SMALL + SIZES["flux"]
     assert main(["record", str(config_file), "--model", str(pipeline_dir), "--out", str(recorded),
                  *(arg for override in overrides for arg in ("--set", override))]) == 0
@@ -116,3 +145,17 @@ def test_a_transformer_directory_compiles_from_inputs_recorded_from_its_pipeline
         expected = program.model(**inputs)[0]
     with torch.no_grad():
         assert relative(load_ascend_model(out_dir)(**inputs)[0], expected) < 1e-4
+
+
+def test_eval_of_a_bfloat16_pipeline_compares_the_written_model_with_the_float_one(tmp_path, pipelines, capsys):
+    """Both models compute in bfloat16, as compiled; the evaluation calls are recorded from the float pipeline."""
+    pipeline_dir = pipelines("flux", False, torch.bfloat16)
+    overrides = [*SMALL, *SIZES["flux"], "evaluation.samples=2"]
+    compile_model(load_config(resolve_config_path("flux/w8a8.yaml"), overrides), model_path=str(pipeline_dir),
+                  out_dir=tmp_path / "out")
+    assert main(["eval", "--model", str(pipeline_dir), "--quantized", str(tmp_path / "out"), "--json",
+                 "--config", str(resolve_config_path("flux/w8a8.yaml")), *(a for o in overrides for a in ("--set", o))]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["metric"] == "fidelity" and results["batches"] == 2 * 2  # 2 prompts x 2 steps
+    assert [row["name"] for row in results["outputs"]] == ["0"]
+    assert 0.99 < results["outputs"][0]["worst"]["cosine"] <= 1.0

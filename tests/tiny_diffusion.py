@@ -334,10 +334,12 @@ def tiny_pipeline(kind: str, seed: int = 0, *, two_experts: bool = False, weight
 
 
 def save_tiny_pipeline(kind: str, directory: str | Path, seed: int = 0, *, two_experts: bool = False,
-                       weight_std: float = 0.02) -> Path:
-    """A complete diffusers pipeline directory (model_index.json, one subfolder per component, safetensors)."""
+                       weight_std: float = 0.02, dtype: torch.dtype = torch.float32) -> Path:
+    """A complete diffusers pipeline directory (model_index.json, one subfolder per component, safetensors),
+    every component's weights stored in `dtype`, as bfloat16 checkpoints ship."""
     directory = Path(directory)
-    tiny_pipeline(kind, seed, two_experts=two_experts, weight_std=weight_std).save_pretrained(directory, safe_serialization=True)
+    pipe = tiny_pipeline(kind, seed, two_experts=two_experts, weight_std=weight_std).to(dtype)
+    pipe.save_pretrained(directory, safe_serialization=True)
     return directory
 
 
