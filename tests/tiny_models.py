@@ -42,6 +42,11 @@ _COMMON = {
     "eos_token_id": 2,
 }
 
+# Sizes (for tiny_causal_lm's `sizes`) of a model whose shapes the defaults do not reach: GQA 3:1, a head_dim (32)
+# that is not hidden / heads (40), widths that are not powers of two (240 = 60·4 and 352 = 44·8 Hadamard orders).
+ODD_SIZES = {"hidden_size": 240, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 32,
+             "intermediate_size": 352}
+
 _BUILDERS: dict[str, tuple[type, type, dict]] = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
