@@ -373,15 +373,17 @@ def model_from_config(source: ModelSource, *, dtype: torch.dtype) -> torch.nn.Mo
 
 def _cast_keeping_fp32_modules(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """`dtype` everywhere but in the modules the class keeps in float32 (Wan's norms, time embedder, ...),
-    as `from_pretrained(torch_dtype=...)` would load them."""
+    as `from_pretrained(torch_dtype=...)` would load them.
+
+    Each tensor is cast once, from the value the class computed: the buffers nothing loads (Wan's rotary
+    tables) would lose their float32 precision through a round trip via `dtype`."""
     if dtype == torch.float32:
         return model
-    torch.nn.Module.to(model, dtype)  # ModelMixin.to warns about exactly what is undone below
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if keep.intersection(name.split(".")) and tensor.is_floating_point():
-                tensor.data = tensor.data.float()
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(torch.float32 if keep.intersection(name.split(".")) else dtype)
     return model
 
 

@@ -13,6 +13,7 @@ from slimc.errors import ConfigError
 from slimc.frontends.hf import ModelSource
 from slimc.hadamard import OnlineHadamard
 from slimc.ir import Block, Program, Stage
+from slimc.modules import FakeQuantize
 from slimc.pipeline import Pipeline
 from slimc.report import RunReport
 
@@ -93,3 +94,32 @@ def test_rotate_inputs_after_fake_quant_is_a_config_error():
             "schemes": {"w4a4": W4A4},
             "pipeline": [{"pass": "fake_quant", "rules": [{"scheme": "w4a4"}]}, {"pass": "rotate_inputs"}],
         }))
+
+
+@torch.no_grad()
+def test_the_search_keeps_a_rotation_that_helps_drops_one_that_hurts_and_keeps_the_function():
+    """A Wan model with two kinds of int4 input, searched block by block: the cross-attention key/value read a
+    text embedding with one outlier channel, which a rotation spreads out; the MLP's down projection reads a
+    GELU output whose channels share a large mean, which a rotation gathers into one huge channel."""
+    program = dit_program("wan")
+    outlier = program.model.condition_embedder.text_embedder.linear_2
+    outlier.weight[3] *= 40.0
+    outlier.bias[3] *= 40.0
+    for block in program.model.blocks:
+        block.ffn.net[0].proj.weight *= 10.0  # GELU(x + 4) ~ x + 4 with x of order one: mean 4 in every channel
+        block.ffn.net[0].proj.bias += 4.0
+    batches = [tiny_transformer_inputs(program.model, "wan", seed=seed) for seed in range(2)]
+    reference = program.model(**batches[1])[0]
+    searched = ["*attn2.to_k", "*attn2.to_v", "*ffn.net.2"]
+    report = run(program, [{"pass": "rotate_inputs", "search": True, "include": searched},
+                           {"pass": "fake_quant", "rules": [{"scheme": "w8a4", "include": searched}]}], batches)
+    kept = report.details["rotate_inputs_kept"]
+    blocks = range(len(program.model.blocks))
+    assert kept == {**{f"blocks.{i}.attn2.to_k": True for i in blocks}, **{f"blocks.{i}.ffn.net.2": False for i in blocks}}
+    rotated = set(program.metadata["rotations"]["online"])
+    assert rotated == {f"blocks.{i}.attn2.{p}" for i in blocks for p in ("to_k", "to_v")}
+    for block in program.blocks:  # the function alone: the planned activation quantizers pass through
+        for module in block.graph_module.modules():
+            if isinstance(module, FakeQuantize):
+                module.mode = "off"
+    assert float((sample(program, batches[1]) - reference).norm() / reference.norm()) < 1e-5
