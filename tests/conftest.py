@@ -6,6 +6,7 @@ repository root and tests/ are both put on sys.path so that each works however p
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,14 @@ for _path in (str(TESTS_DIR), str(REPO_ROOT)):
 
 from tiny_models import tiny_causal_lm  # noqa: E402
 from tiny_tokenizer import tiny_tokenizer  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker takes its share of the cores: torch's default of one thread per core in
+    every worker oversubscribes the machine, and the tiny models' matmuls gain nothing from threads anyway."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(autouse=True)
