@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from slimc.backends.mindie_reader import checkpoint_row_layout
 from slimc.errors import ExportError
 from slimc.ir import Program
-from slimc.modules import EXPERT_WEIGHTS, FakeQuantize, QuantizedExperts, QuantizedLinear
+from slimc.numerics.modules import EXPERT_WEIGHTS, FakeQuantize, QuantizedExperts, QuantizedLinear
 from slimc.schemes import QuantScheme
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from slimc.backends import Backend, register_backend
+from slimc.backends.base import Backend, register_backend
 from slimc.backends.checkpoint import (
     CheckpointLinear,
     ShardSize,
@@ -54,8 +54,8 @@ from slimc.backends.mindie_reader import (
 )
 from slimc.errors import ExportError, SlimcError
 from slimc.ir import Program
-from slimc.modules import ChannelScale, FakeQuantize, QuantizedLinear
-from slimc.quant import pack_int4
+from slimc.numerics.modules import ChannelScale, FakeQuantize, QuantizedLinear
+from slimc.numerics.quant import pack_int4
 from slimc.schemes import ShapeRule
 
 __all__ = ["AscendExperts", "AscendLinear", "MindieBackend", "load_ascend_model"]
@@ -113,11 +113,6 @@ class MindieBackend(Backend):
         })
         (out_dir / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
         written.append(out_dir / DESCRIPTION_FILE)
-        try:
-            from slimc.frontends.hf import write_model_files
-        except ImportError as e:
-            raise ExportError(f"mindie: cannot copy the model files (config.json, tokenizer): {e}") from e
-        write_model_files(program.source, out_dir, program.metadata.get("config_updates"))
         for path in written:
             path.chmod(0o644)
         return sorted(set(out_dir.iterdir()) - before)

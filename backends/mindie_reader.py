@@ -3,7 +3,7 @@
 `load_ascend_model` rebuilds the model (transformers or diffusers) from an output directory alone: float tensors are
 loaded by name, and every Linear the description marks as quantized becomes an `AscendLinear` that
 computes the Ascend runtime arithmetic from the written tensors (FORMATS.md). This is what
-`slimc eval --quantized OUT` measures, so nothing here may use `QuantizedLinear` or `slimc.quant`.
+`slimc eval --quantized OUT` measures, so nothing here may use `QuantizedLinear` or `slimc.numerics.quant`.
 
 The file-format facts the writer (`slimc.backends.mindie`) shares live here too: file names, the
 quant-type priority, and how runtime (transformers) weights map to checkpoint names.
@@ -383,8 +383,8 @@ def load_ascend_model(out_dir: Path, *, dtype: torch.dtype | None = None) -> nn.
     no conversion, the checkpoint names are its state_dict names). `dtype` is the dtype of the float
     parts; by default the dtype most float tensors were written in.
     """
-    # slimc.frontends.hf is the one place that picks the model class, for loading and reading alike.
-    from slimc.frontends.hf import component_source, config_source, model_from_config
+    # slimc.ir.source is the one place that picks the model class, for loading and reading alike.
+    from slimc.ir.source import component_source, config_source, model_from_config
 
     out_dir = Path(out_dir)
     source, prefix = component_source(config_source(out_dir))  # a whole Omni checkpoint: its thinker

@@ -26,13 +26,12 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from slimc.backends import Backend, register_backend
+from slimc.backends.base import Backend, register_backend
 from slimc.backends.onnx_dtype import EXPORT_DTYPE, exported_dtype
 from slimc.backends.onnx_inputs import GraphSpec, graph_spec
 from slimc.errors import ExportError, SlimcError
-from slimc.frontends.hf import write_model_files
 from slimc.ir import Program
-from slimc.modules import QuantizedExperts, QuantizedLinear
+from slimc.numerics.modules import QuantizedExperts, QuantizedLinear
 
 if TYPE_CHECKING:
     from onnxscript import ir
@@ -92,6 +91,9 @@ class OnnxBackend(Backend):
     # DequantizeLinear takes any group size that divides the input (a scheme rule).
     shape_rules = ()
 
+    def check(self, program: Program) -> None:
+        self._spec(program)  # raises for programs with no graph here (DiTs other than FLUX and Wan, multimodal)
+
     def write(self, program: Program, out_dir: Path) -> list[Path]:
         from onnxscript import ir
 
@@ -109,7 +111,6 @@ class OnnxBackend(Backend):
             "layers": {name: layer_description(m, self.integer_matmul) for name, m in _lowered(program).items()},
         }
         (out_dir / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
-        write_model_files(program.source, out_dir, program.metadata.get("config_updates"))
         for path in set(out_dir.iterdir()) - before:
             path.chmod(0o644)
         return sorted(set(out_dir.iterdir()) - before)

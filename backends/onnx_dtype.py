@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from slimc.ir import Program
-from slimc.traced_block import TracedBlock
+from slimc.ir.traced_block import TracedBlock
 
 EXPORT_DTYPE = torch.float32  # what ONNX Runtime's CPU kernels compute in
 

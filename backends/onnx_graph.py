@@ -11,7 +11,7 @@ from onnxscript import ir
 from slimc.backends.onnx_ops import integer_matmul, weight_names
 from slimc.errors import ExportError
 from slimc.ir import Program
-from slimc.modules import QuantizedExperts, QuantizedLinear
+from slimc.numerics.modules import QuantizedExperts, QuantizedLinear
 
 _CODE_TYPES = {"int8": ir.DataType.INT8, "int4": ir.DataType.INT4}
 

@@ -31,8 +31,8 @@ from onnxscript import ir
 from onnxscript import opset21 as op
 from torch import nn
 
-from slimc.modules import EXPERT_WEIGHTS, QuantizedExperts, QuantizedLinear
-from slimc.quant import _TINY as SCALE_FLOOR  # the floor qparams_from_range clamps scales to
+from slimc.numerics.modules import EXPERT_WEIGHTS, QuantizedExperts, QuantizedLinear
+from slimc.numerics.quant import _TINY as SCALE_FLOOR  # the floor qparams_from_range clamps scales to
 from slimc.schemes import QuantScheme, TensorScheme
 
 __all__ = ["exporting_custom_ops", "integer_matmul", "translation_table"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from slimc.backends import Backend, register_backend
+from slimc.backends.base import Backend, register_backend
 from slimc.backends.checkpoint import (
     CheckpointLinear,
     ShardSize,
@@ -45,8 +45,8 @@ from slimc.backends.vllm_transforms import (
 )
 from slimc.errors import ExportError
 from slimc.ir import Program
-from slimc.modules import EXPERT_WEIGHTS, ChannelScale, QuantizedExperts
-from slimc.quant import dequantize, expand_to_weight
+from slimc.numerics.modules import EXPERT_WEIGHTS, ChannelScale, QuantizedExperts
+from slimc.numerics.quant import dequantize, expand_to_weight
 from slimc.schemes import QuantScheme, TensorScheme
 
 WEIGHTS_FILE = "model.safetensors"
@@ -108,9 +108,6 @@ class VllmBackend(Backend):
         copied = source_tensors(program, tensors, "vllm")
         everything = dict(sorted({**tensors, **copied}.items(), key=lambda item: natural_key(item[0])))
         save_sharded(everything, out_dir, WEIGHTS_FILE, shard_bytes(self.max_shard_size))
-        from slimc.frontends.hf import write_model_files
-
-        write_model_files(program.source, out_dir, program.metadata.get("config_updates"))
         ModelCompressor(quantization_config=quantization_config(program, parts, set(copied)),
                         transform_config=transform_config(program, parts, rotations)).update_config(str(out_dir))
         for path in out_dir.iterdir():

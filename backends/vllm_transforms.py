@@ -29,9 +29,9 @@ from torch import fx, nn
 
 from slimc.backends.checkpoint import CheckpointLinear, checkpoint_prefixes, natural_key, online_rotations
 from slimc.errors import ExportError
-from slimc.hadamard import OnlineHadamard
 from slimc.ir import Program
-from slimc.modules import EXPERT_WEIGHTS, FakeQuantize
+from slimc.numerics.hadamard import OnlineHadamard
+from slimc.numerics.modules import EXPERT_WEIGHTS, FakeQuantize
 from slimc.patterns import node_kind
 
 if TYPE_CHECKING:

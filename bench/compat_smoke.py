@@ -119,8 +119,8 @@ def cases() -> list[Case]:
 
 
 def run(case: Case, root: Path) -> Row:
-    from slimc.cli import resolve_config_path
-    from slimc.compile import compile_model
+    from slimc.commands.cli import resolve_config_path
+    from slimc.commands.compile import compile_model
     from slimc.config import load_config
 
     row = case.row

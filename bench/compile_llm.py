@@ -33,10 +33,10 @@ VARIANTS = {  # variant -> (keep the rotate step, weight algorithm; None keeps t
 CHILD = """
 import json, sys, time, warnings
 from pathlib import Path
-from slimc.cli import resolve_config_path
-from slimc.compile import compile_model, resolve_source
+from slimc.commands.cli import resolve_config_path
+from slimc.commands.compile import compile_model, resolve_source
 from slimc.config import load_config
-from slimc.evaluate import evaluate_perplexity
+from slimc.commands.evaluate import evaluate_perplexity
 from slimc.report import peak_memory_bytes
 
 name, model, out, samples, eval_samples = sys.argv[1], sys.argv[2] or None, Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -57,7 +57,7 @@ def variant_config(name: str, variant: str, directory: Path) -> str:
     """The config `name` changed as `variant` says, written to `directory`; the name itself when shipped."""
     if variant == "shipped":
         return name
-    from slimc.cli import resolve_config_path
+    from slimc.commands.cli import resolve_config_path
 
     keep_rotation, algorithm = VARIANTS[variant]
     data = yaml.safe_load(Path(resolve_config_path(name)).read_text())

@@ -31,8 +31,8 @@ import onnxruntime
 import torch
 
 from slimc.backends.onnx import OnnxBackend
-from slimc.cli import resolve_config_path
-from slimc.compile import compile_model, resolve_source
+from slimc.commands.cli import resolve_config_path
+from slimc.commands.compile import compile_model, resolve_source
 from slimc.config import config_from_data, load_config
 from slimc.frontends import frontend_for
 from slimc.ir import Program
@@ -57,7 +57,7 @@ def export(program: Program, out_dir: Path, logits: str) -> float:
     """Write the program's onnx graph to `out_dir`; returns the seconds it took."""
     out_dir.mkdir(parents=True)
     start = time.perf_counter()
-    OnnxBackend(logits=logits).write(program, out_dir)
+    OnnxBackend(logits=logits).export(program, out_dir)
     return time.perf_counter() - start
 
 

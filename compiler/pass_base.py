@@ -7,6 +7,7 @@ validation and the `slimc passes` listing come from one place. It works one bloc
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, ClassVar
 
@@ -14,11 +15,14 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from slimc.errors import ConfigError
+from slimc.ir.calls import block_output, hidden_of, rebind_hidden, rotate_hidden
+from slimc.ir.capture import BlockInput
+from slimc.report import RunReport
+from slimc.schemes import QuantScheme
 
 if TYPE_CHECKING:
     from slimc.config import SlimcConfig
     from slimc.ir import Block, Program
-    from slimc.pipeline import Context
 
 PASSES: dict[str, type[Pass]] = {}
 ENTRY_POINT_GROUP = "slimc.passes"
@@ -104,3 +108,35 @@ def pass_class(reference: str) -> type[Pass]:
             "(or name your own as package.module:ClassName)"
         )
     return PASSES[reference]
+
+
+class Context:
+    """What a pass sees while working on a block: the program, the config, the block's inputs."""
+
+    def __init__(self, program: Program, config: SlimcConfig, steps: Sequence[Pass], report: RunReport) -> None:
+        self.program = program
+        self.config = config
+        self.steps = steps
+        self.report = report
+        self.device = torch.device(config.model.device)
+        self.inputs: list[BlockInput] = []
+
+    @torch.no_grad()
+    def run(self, block: Block, batches: Sequence[BlockInput] | None = None) -> list[torch.Tensor]:
+        """The block graph's outputs (see `block_output`) on (some of) its calibration inputs."""
+        batches = self.inputs if batches is None else batches
+        return [block_output(block.traced(*args, **kwargs)) for args, kwargs in batches]
+
+    def planned_scheme(self, qualified_name: str) -> tuple[str, QuantScheme] | None:
+        """The scheme a later step will give a layer, so earlier steps (smoothing) can aim for it."""
+        for step in self.steps:
+            scheme_for = getattr(step, "scheme_for", None)
+            if scheme_for is not None:
+                found = scheme_for(qualified_name, self.config)
+                if found is not None:
+                    return found
+        return None
+
+    def rotate_stream(self, rotation: torch.Tensor) -> None:
+        """Rotate the hidden states of the current calibration inputs: x -> x R."""
+        self.inputs = [rebind_hidden(batch, rotate_hidden(hidden_of(batch), rotation)) for batch in self.inputs]

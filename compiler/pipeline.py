@@ -10,25 +10,23 @@ time: outputs replace inputs batch by batch.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from pydantic import ValidationError
 from torch import nn
-from torch.utils import _pytree as pytree
-from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from slimc.capture import BlockInput, StageNotReached, capture_stage
 from slimc.config import SlimcConfig, format_validation_error
 from slimc.errors import ConfigError, DataError, PassError
 from slimc.ir import Block, Program, Stage
-from slimc.pass_base import Pass, pass_class
+from slimc.ir.calls import hidden_of, perturbed, rebind_hidden, rotate_hidden, to_device
+from slimc.ir.capture import StageNotReached, capture_stage
+from slimc.ir.tracer import trace_block
+from slimc.numerics.fidelity import relative_error
+from slimc.pass_base import Context, Pass, pass_class
 from slimc.patterns import is_experts_module, propagate_shapes
 from slimc.report import RunReport
-from slimc.schemes import QuantScheme
-from slimc.tracer import trace_block
 
 # The equivalence check's tolerance: the larger of a floor for the model's dtype and SENSITIVITY_FACTOR times the
 # block's own sensitivity, its relative output change when each input element moves by one epsilon of the dtype
@@ -43,91 +41,12 @@ SENSITIVITY_FACTOR = 2
 PERTURBATION_SAMPLES = 2
 
 
-def block_output(output: Any) -> torch.Tensor:
-    """What a block computes, as one tensor: its output, or its tensor outputs (both streams of a
-    joint-attention block) flattened and concatenated, so errors weigh every stream."""
-    if isinstance(output, torch.Tensor):
-        return output
-    tensors = [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
-    return tensors[0] if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
-
-
-def hidden_of(inputs: BlockInput) -> torch.Tensor:
-    """The hidden states of a block call (its first argument, or `hidden_states`)."""
-    args, kwargs = inputs
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def rotate_hidden(hidden: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """hidden (..., d) @ rotation (d, d), computed in float32, in hidden's dtype."""
-    return (hidden.float() @ rotation.to(hidden.device, torch.float32)).to(hidden.dtype)
-
-
-def rebind_hidden(inputs: BlockInput, hidden: torch.Tensor) -> BlockInput:
-    """The next block's inputs: the same call with the hidden states replaced."""
-    args, kwargs = inputs
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-def to_device(batch: BlockInput, device: torch.device) -> BlockInput:
-    """A block input with every tensor moved to the processing device."""
-    return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
-
-
-def perturbed(inputs: BlockInput, seed: int) -> BlockInput:
-    """The block call with each element of the hidden states moved by one epsilon of its dtype, up or down at
-    random (an ulp or two: the size of the rounding differences between two ways of computing it)."""
-    hidden = hidden_of(inputs)
-    if not hidden.is_floating_point():
-        return inputs
-    signs = torch.randint(0, 2, hidden.shape, generator=torch.Generator().manual_seed(seed)).to(hidden.device) * 2 - 1
-    return rebind_hidden(inputs, (hidden.float() * (1 + torch.finfo(hidden.dtype).eps * signs)).to(hidden.dtype))
-
-
-def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    reference = reference.float()
-    return float((actual.float() - reference).norm() / reference.norm().clamp_min(1e-12))
-
-
-class Context:
-    """What a pass sees while working on a block: the program, the config, the block's inputs."""
-
-    def __init__(self, program: Program, config: SlimcConfig, steps: Sequence[Pass], report: RunReport) -> None:
-        self.program = program
-        self.config = config
-        self.steps = steps
-        self.report = report
-        self.device = torch.device(config.model.device)
-        self.inputs: list[BlockInput] = []
-
-    @torch.no_grad()
-    def run(self, block: Block, batches: Sequence[BlockInput] | None = None) -> list[torch.Tensor]:
-        """The block graph's outputs (see `block_output`) on (some of) its calibration inputs."""
-        batches = self.inputs if batches is None else batches
-        return [block_output(block.traced(*args, **kwargs)) for args, kwargs in batches]
-
-    def planned_scheme(self, qualified_name: str) -> tuple[str, QuantScheme] | None:
-        """The scheme a later step will give a layer, so earlier steps (smoothing) can aim for it."""
-        for step in self.steps:
-            scheme_for = getattr(step, "scheme_for", None)
-            if scheme_for is not None:
-                found = scheme_for(qualified_name, self.config)
-                if found is not None:
-                    return found
-        return None
-
-    def rotate_stream(self, rotation: torch.Tensor) -> None:
-        """Rotate the hidden states of the current calibration inputs: x -> x R."""
-        self.inputs = [rebind_hidden(batch, rotate_hidden(hidden_of(batch), rotation)) for batch in self.inputs]
-
-    def tolerance(self, sensitivity: float) -> float:
-        """What the equivalence check accepts from a block whose outputs move by `sensitivity` (relative) under
-        a one-epsilon perturbation of its inputs: the config's tolerance if set, else as TOLERANCE_FLOOR says."""
-        if self.config.checks.equivalence_tolerance is not None:
-            return self.config.checks.equivalence_tolerance
-        return max(TOLERANCE_FLOOR.get(self.program.dtype, 1e-3), SENSITIVITY_FACTOR * sensitivity)
+def equivalence_tolerance(config: SlimcConfig, dtype: torch.dtype, sensitivity: float) -> float:
+    """What the equivalence check accepts from a block whose outputs move by `sensitivity` (relative) under a
+    one-epsilon perturbation of its inputs: the config's tolerance if set, else as TOLERANCE_FLOOR says."""
+    if config.checks.equivalence_tolerance is not None:
+        return config.checks.equivalence_tolerance
+    return max(TOLERANCE_FLOOR.get(dtype, 1e-3), SENSITIVITY_FACTOR * sensitivity)
 
 
 class Pipeline:
@@ -254,7 +173,7 @@ class Pipeline:
     def _check_equivalence(step: Pass, block: Block, ctx: Context, reference: tuple[torch.Tensor, float]) -> None:
         expected, sensitivity = reference
         error = relative_error(ctx.run(block, ctx.inputs[:1])[0], expected)
-        tolerance = ctx.tolerance(sensitivity)
+        tolerance = equivalence_tolerance(ctx.config, ctx.program.dtype, sensitivity)
         if not error <= tolerance:
             if ctx.config.checks.equivalence_tolerance is not None:
                 basis = "checks.equivalence_tolerance"

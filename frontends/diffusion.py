@@ -24,11 +24,17 @@ import torch
 from torch import nn
 
 from slimc.config import CalibrationConfig
-from slimc.diffusion_data import PROMPT_SPECS, calibration_calls, cast_floats, compute_dtype, summary
 from slimc.errors import ModelLoadError
-from slimc.frontends import Frontend
-from slimc.frontends.hf import ModelSource, auto_class, config_source, load_checked
+from slimc.frontends.base import Frontend
+from slimc.frontends.diffusion_data import (
+    PROMPT_SPECS,
+    calibration_calls,
+    cast_floats,
+    compute_dtype,
+    summary,
+)
 from slimc.ir import Block, Program, Stage
+from slimc.ir.source import ModelSource, auto_class, config_source, load_checked
 from slimc.report import RunReport
 
 EXPERT_KEY = "_expert"  # in a batch of a two-expert Program: the component (transformer, transformer_2) to run

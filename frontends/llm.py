@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from slimc.config import CalibrationConfig
-from slimc.data import corpus_token_samples
 from slimc.errors import ModelLoadError
-from slimc.frontends import Frontend
-from slimc.frontends.hf import ModelSource, load_tokenizer
+from slimc.frontends.base import Frontend
+from slimc.frontends.data import corpus_token_samples
 from slimc.ir import Block, Program, Stage
+from slimc.ir.source import ModelSource, load_tokenizer
 from slimc.report import RunReport
 
 

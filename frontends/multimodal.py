@@ -35,16 +35,16 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoProcessor, PretrainedConfig
 from transformers.utils import is_torchvision_available
 
-from slimc.audio import holds_audio
 from slimc.config import CalibrationConfig
-from slimc.data import BUILTIN_SPECS
-from slimc.diffusion_data import load_recorded_calls
 from slimc.errors import DataError, ModelLoadError
-from slimc.frontends import Frontend
-from slimc.frontends.hf import ModelSource, load_model, load_tokenizer
+from slimc.frontends.audio import holds_audio
+from slimc.frontends.base import Frontend
+from slimc.frontends.data import BUILTIN_SPECS
+from slimc.frontends.diffusion_data import load_recorded_calls
 from slimc.frontends.llm import call_without_cache, text_batches
+from slimc.frontends.media import IMAGE_TEXT_SPECS, ImageText, is_text_only, load_image_text
 from slimc.ir import Block, Program, Stage
-from slimc.media import IMAGE_TEXT_SPECS, ImageText, is_text_only, load_image_text
+from slimc.ir.source import ModelSource, load_model, load_tokenizer
 from slimc.report import RunReport
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # per-token processor outputs, (1, L) per sample

@@ -13,7 +13,7 @@ From a whole checkpoint the program records the checkpoint's other tensors (`sou
 checkpoint names (`thinker.*`: transformers' save conversion restores the prefix its loading took
 off), so the output loads in place of the original.
 
-Calibration samples hold an image and/or a clip with text (slimc.audio): the default `builtin:omni`
+Calibration samples hold an image and/or a clip with text (slimc.frontends.audio): the default `builtin:omni`
 gives every sample both, so one compile calibrates the audio encoder, the vision tower and the text
 decoder. Samples are batched with others of the same media (a traced encoder is specialised to its
 inputs' structure); batches with images come first.
@@ -30,22 +30,15 @@ import torch
 from torch import nn
 from transformers import AutoFeatureExtractor, PretrainedConfig
 
-from slimc.audio import (
+from slimc.config import CalibrationConfig
+from slimc.errors import DataError, ModelLoadError
+from slimc.frontends.audio import (
     BUILTIN_AUDIO_SPECS,
     OMNI_SPECS,
     MediaSample,
     audio_token_count,
     holds_media,
     load_media_samples,
-)
-from slimc.config import CalibrationConfig
-from slimc.errors import DataError, ModelLoadError
-from slimc.frontends.hf import (
-    SAFETENSORS_FILE,
-    SAFETENSORS_INDEX,
-    ModelSource,
-    component_source,
-    load_tokenizer,
 )
 from slimc.frontends.llm import text_batches
 from slimc.frontends.multimodal import (
@@ -58,6 +51,13 @@ from slimc.frontends.multimodal import (
     width_keeping_list,
 )
 from slimc.ir import Block, Program, Stage
+from slimc.ir.source import (
+    SAFETENSORS_FILE,
+    SAFETENSORS_INDEX,
+    ModelSource,
+    component_source,
+    load_tokenizer,
+)
 from slimc.report import RunReport
 
 THINKERS = ("Qwen2_5OmniThinkerForConditionalGeneration", "Qwen3OmniMoeThinkerForConditionalGeneration")

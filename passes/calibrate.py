@@ -11,12 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from slimc.errors import PassError
-from slimc.gptq import HessianAccumulator, gptq_quantize
 from slimc.ir import Block
-from slimc.modules import EXPERT_WEIGHTS, FakeQuantExperts, FakeQuantize
-from slimc.pass_base import Pass, register_pass
-from slimc.pipeline import Context, relative_error
-from slimc.quant import dequantize_weight, quantize_weight
+from slimc.numerics.fidelity import relative_error
+from slimc.numerics.gptq import HessianAccumulator, gptq_quantize
+from slimc.numerics.modules import EXPERT_WEIGHTS, FakeQuantExperts, FakeQuantize
+from slimc.numerics.quant import dequantize_weight, quantize_weight
+from slimc.pass_base import Context, Pass, register_pass
 from slimc.report import LayerRecord
 from slimc.schemes import TensorScheme
 

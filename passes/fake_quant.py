@@ -10,10 +10,9 @@ from torch import nn
 from slimc.config import SlimcConfig
 from slimc.errors import ConfigError
 from slimc.ir import Block, Program, QuantSpec
-from slimc.modules import FakeQuantExperts, FakeQuantize
-from slimc.pass_base import Pass, register_pass
+from slimc.numerics.modules import FakeQuantExperts, FakeQuantize
+from slimc.pass_base import Context, Pass, register_pass
 from slimc.patterns import find_experts, find_linears, is_experts_module
-from slimc.pipeline import Context
 from slimc.schemes import QuantScheme
 
 

@@ -6,10 +6,9 @@ import torch
 from torch import nn
 
 from slimc.ir import Block, QuantSpec
-from slimc.modules import EXPERT_WEIGHTS, FakeQuantExperts, QuantizedExperts, QuantizedLinear
-from slimc.pass_base import Pass, register_pass
-from slimc.pipeline import Context
-from slimc.quant import expand_to_weight, quantize
+from slimc.numerics.modules import EXPERT_WEIGHTS, FakeQuantExperts, QuantizedExperts, QuantizedLinear
+from slimc.numerics.quant import expand_to_weight, quantize
+from slimc.pass_base import Context, Pass, register_pass
 
 
 @register_pass("lower")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from slimc.fold import fold_norm
 from slimc.ir import Block
-from slimc.pass_base import Pass, register_pass
+from slimc.pass_base import Context, Pass, register_pass
 from slimc.patterns import find_norm_linear_groups
-from slimc.pipeline import Context
+from slimc.patterns.fold import fold_norm
 
 
 @register_pass("norm_fusion")

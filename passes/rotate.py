@@ -18,13 +18,12 @@ from torch import nn
 
 from slimc.config import SlimcConfig
 from slimc.errors import ConfigError, PassError
-from slimc.fold import consumer_weight, norm_has_affine_weight
-from slimc.hadamard import OnlineHadamard, describe_hadamard, random_orthogonal
 from slimc.ir import Block, Program
-from slimc.modules import FakeQuantExperts
-from slimc.pass_base import Pass, register_pass
+from slimc.numerics.hadamard import OnlineHadamard, describe_hadamard, random_orthogonal
+from slimc.numerics.modules import FakeQuantExperts
+from slimc.pass_base import Context, Pass, register_pass
 from slimc.patterns import Consumer, find_experts, find_ov_pairs, find_residual_stream, find_up_down_pairs
-from slimc.pipeline import Context
+from slimc.patterns.fold import consumer_weight, norm_has_affine_weight
 
 STATISTICS_PASSES = {"smooth", "fake_quant", "calibrate", "lower"}
 

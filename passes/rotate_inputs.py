@@ -22,15 +22,15 @@ import torch
 from pydantic import Field, PrivateAttr
 from torch import fx
 
-from slimc.calib import simulated_quantization
 from slimc.config import SlimcConfig
 from slimc.errors import ConfigError
-from slimc.hadamard import OnlineHadamard, describe_hadamard
 from slimc.ir import Block, Program
-from slimc.pass_base import Pass, register_pass
+from slimc.numerics.calib import simulated_quantization
+from slimc.numerics.fidelity import relative_error
+from slimc.numerics.hadamard import OnlineHadamard, describe_hadamard
+from slimc.pass_base import Context, Pass, register_pass
 from slimc.passes.rotate import rotate_inputs as fuse_input_rotation
 from slimc.patterns import find_linears
-from slimc.pipeline import Context, relative_error
 from slimc.schemes import QuantScheme
 
 QUANTIZING_PASSES = {"fake_quant", "calibrate", "lower"}

@@ -10,19 +10,12 @@ import torch
 from pydantic import Field, PrivateAttr, field_validator
 from torch import fx
 
-from slimc.calib import channel_absmax, simulated_quantization
-from slimc.fold import (
-    consumer_weight,
-    input_channel_absmax,
-    norm_has_affine_weight,
-    scale_input_channels,
-    scale_modulation,
-    scale_norm,
-    scale_output_channels,
-)
 from slimc.ir import Block, Program
-from slimc.modules import ChannelScale
-from slimc.pass_base import Pass, register_pass
+from slimc.numerics.calib import channel_absmax, simulated_quantization
+from slimc.numerics.fidelity import relative_error
+from slimc.numerics.modules import ChannelScale
+from slimc.numerics.quant import smoothing_scales
+from slimc.pass_base import Context, Pass, register_pass
 from slimc.patterns import (
     Consumer,
     ModulationGroup,
@@ -32,8 +25,15 @@ from slimc.patterns import (
     find_ov_pairs,
     find_up_down_pairs,
 )
-from slimc.pipeline import Context, relative_error
-from slimc.quant import smoothing_scales
+from slimc.patterns.fold import (
+    consumer_weight,
+    input_channel_absmax,
+    norm_has_affine_weight,
+    scale_input_channels,
+    scale_modulation,
+    scale_norm,
+    scale_output_channels,
+)
 
 Subgraph = Literal["norm-linear", "v-o", "up-down", "modulation", "multiply"]
 

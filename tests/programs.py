@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from slimc.config import config_from_data
-from slimc.frontends.hf import ModelSource
 from slimc.frontends.llm import DecoderLLM
 from slimc.ir import Program
+from slimc.ir.source import ModelSource
 from slimc.pipeline import Context, Pipeline
 from slimc.report import RunReport
 

@@ -25,12 +25,12 @@ from slimc.backends.mindie_reader import (
     tensor_types,
 )
 from slimc.config import config_from_data
-from slimc.frontends.hf import ModelSource, resolve_model_source
 from slimc.ir import Program
-from slimc.modules import QuantizedLinear
+from slimc.ir.source import ModelSource, resolve_model_source
+from slimc.numerics.modules import QuantizedLinear
+from slimc.numerics.quant import quantize_weight
 from slimc.passes.lower import Lower
 from slimc.pipeline import Pipeline
-from slimc.quant import quantize_weight
 from slimc.report import RunReport
 from slimc.schemes import QuantScheme
 from tests.test_mindie import _lower_experts
@@ -41,7 +41,7 @@ SCHEME = QuantScheme.model_validate(W8A8_DYNAMIC)
 
 def export(program: Program, out: Path) -> Path:
     out.mkdir(parents=True)
-    MindieBackend().write(program, out)
+    MindieBackend().export(program, out)
     MindieBackend().verify(program, out)
     return out
 
@@ -155,7 +155,7 @@ def test_reader_rebuilds_a_multimodal_model_under_its_transformers_checkpoint_na
 def test_a_diffusers_model_built_in_bfloat16_keeps_the_modules_its_class_keeps_in_float32(tmp_path):
     """As diffusers' own from_pretrained(torch_dtype=bfloat16) does: Wan's norms, time embedder and
     modulation tables stay float32, the rest becomes bfloat16, and no cast warning is printed."""
-    from slimc.frontends.hf import model_from_config
+    from slimc.ir.source import model_from_config
 
     tiny_transformer("wan").save_pretrained(tmp_path / "model")
     source = resolve_model_source(tmp_path / "model")
@@ -167,7 +167,7 @@ def test_a_diffusers_model_built_in_bfloat16_keeps_the_modules_its_class_keeps_i
 def test_a_diffusers_model_built_in_bfloat16_computes_its_unsaved_buffers_as_from_pretrained_does(tmp_path):
     """Buffers no file holds keep the value the class computes: Wan's float32 rotary tables, rounded through
     bfloat16 on the way, moved a bfloat16 Wan read from its Ascend files 1-7% away from the compiled program."""
-    from slimc.frontends.hf import model_from_config
+    from slimc.ir.source import model_from_config
 
     tiny_transformer("wan").save_pretrained(tmp_path / "model")
     reference = type(tiny_transformer("wan")).from_pretrained(tmp_path / "model", torch_dtype=torch.bfloat16)

@@ -23,7 +23,9 @@ from tiny_multimodal import (
     tiny_multimodal_tokenizer,
 )
 
-from slimc.audio import (
+from slimc.config import CalibrationConfig
+from slimc.errors import DataError
+from slimc.frontends.audio import (
     OMNI_SPECS,
     audio_token_count,
     builtin_audio_clips,
@@ -33,11 +35,9 @@ from slimc.audio import (
     resample,
     write_wav,
 )
-from slimc.config import CalibrationConfig
-from slimc.errors import DataError
-from slimc.frontends.hf import resolve_model_source
 from slimc.frontends.multimodal import ComposedProcessor, MultimodalLLM
 from slimc.frontends.omni import ComposedOmniProcessor
+from slimc.ir.source import resolve_model_source
 
 RATE = 16000
 

@@ -1,4 +1,4 @@
-"""Bad inputs as users meet them through `slimc.cli.main`: exit 2, one `slimc: error:` message naming the
+"""Bad inputs as users meet them through `slimc.commands.cli.main`: exit 2, one `slimc: error:` message naming the
 problem and the fix, no traceback (`--debug` shows it), and nothing lost or half-written.
 
 Runs in process on tiny models; each case fails before or at loading where it can, so the file stays fast.
@@ -26,12 +26,13 @@ from tiny_multimodal import save_tiny_multimodal
 from tiny_omni import save_tiny_full_omni
 from tiny_tokenizer import tiny_tokenizer
 
-from slimc import cli, diffusion_data, export
 from slimc.backends.mindie import MindieBackend
-from slimc.data import MAX_LINE_CHARS, corpus_token_samples
+from slimc.commands import cli, export, record
+from slimc.commands.export import MARKER_FILE, REPORT_FILE
 from slimc.errors import SlimcError
-from slimc.export import MARKER_FILE, REPORT_FILE
-from slimc.frontends.hf import load_model, resolve_model_source
+from slimc.frontends import diffusion_data
+from slimc.frontends.data import MAX_LINE_CHARS, corpus_token_samples
+from slimc.ir.source import load_model, resolve_model_source
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -158,7 +159,7 @@ def fails_if_loaded(monkeypatch) -> None:
     def load_program(*args, **kwargs):
         raise AssertionError("the model was loaded before the check")
 
-    monkeypatch.setattr("slimc.compile.load_program", load_program)
+    monkeypatch.setattr("slimc.commands.compile.load_program", load_program)
 
 
 # --- 1. checkpoints that do not fill the model ----------------------------------------------------------
@@ -276,7 +277,7 @@ def test_record_overwrite_leaves_the_old_file_whole_when_the_write_fails(capsys,
     out = tmp_path / "inputs.safetensors"
     out.write_bytes(b"an earlier recording")
     calls = [diffusion_data.RecordedCall("transformer", {"hidden_states": torch.zeros(1, 4)})]
-    monkeypatch.setattr(diffusion_data, "record_pipeline_calls", lambda *args, **kwargs: calls)
+    monkeypatch.setattr(record, "record_pipeline_calls", lambda *args, **kwargs: calls)
 
     def full_disk(tensors, path, metadata=None):
         Path(path).write_bytes(b"half")
@@ -434,7 +435,7 @@ def test_a_permission_error_no_check_caught_is_still_a_user_error_naming_the_pat
     def compile_model(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", "/models/shared/tokenizer.json")
 
-    monkeypatch.setattr("slimc.compile.compile_model", compile_model)
+    monkeypatch.setattr("slimc.commands.compile.compile_model", compile_model)
     assert_user_error(capsys, compile_args(config, tmp_path, tmp_path / "out"), "/models/shared/tokenizer.json",
                       "Permission denied", error=PermissionError)
 
@@ -471,7 +472,7 @@ def test_a_config_path_that_is_a_directory_binary_or_a_yaml_alias_bomb_is_a_user
 
 def test_output_read_by_a_program_that_stops_reading_ends_quietly():
     """`slimc configs | head -1`: the reader has gone before slimc writes (here: before it starts)."""
-    process = subprocess.Popen([sys.executable, "-m", "slimc.cli", "configs"], stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "slimc.commands.cli", "configs"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     process.stdout.close()
     assert process.wait(timeout=120) == 0

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from slimc.capture import capture_stage
 from slimc.errors import TraceError
+from slimc.ir.capture import capture_stage
 
 
 class JointBlock(nn.Module):

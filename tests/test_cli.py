@@ -2,7 +2,7 @@
 
 A bad input exits 2 with one `slimc: error:` message naming the problem and no traceback
 (`--debug` shows it); a good compile publishes a complete output directory, or nothing.
-Commands run in this process through `slimc.cli.main` with stdout and stderr captured (a fresh
+Commands run in this process through `slimc.commands.cli.main` with stdout and stderr captured (a fresh
 process spends seconds importing torch each time); the traceback and the console script are
 checked in real processes.
 """
@@ -24,8 +24,8 @@ import torch
 from tiny_models import tiny_causal_lm
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
-from slimc.cli import main
-from slimc.compile import compile_model
+from slimc.commands.cli import main
+from slimc.commands.compile import compile_model
 from slimc.config import load_config
 from slimc.errors import ExportError
 from slimc.frontends import supported_architectures
@@ -76,8 +76,8 @@ def slimc(*args: str | Path) -> subprocess.CompletedProcess:
 
 
 def slimc_process(*args: str | Path) -> subprocess.CompletedProcess:
-    """`python -m slimc.cli ARGS` in a fresh process (HF_HUB_OFFLINE=1 is inherited from the fixture)."""
-    return subprocess.run([sys.executable, "-m", "slimc.cli", *map(str, args)], capture_output=True, text=True,
+    """`python -m slimc.commands.cli ARGS` in a fresh process (HF_HUB_OFFLINE=1 is inherited from the fixture)."""
+    return subprocess.run([sys.executable, "-m", "slimc.commands.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=300)
 
 

@@ -7,8 +7,8 @@ from programs import cosine, logits, relative, rounding_bound
 from tiny_models import FAMILIES
 
 from slimc.backends.mindie_reader import load_ascend_model
-from slimc.cli import resolve_config_path
-from slimc.compile import compile_model
+from slimc.commands.cli import resolve_config_path
+from slimc.commands.compile import compile_model
 from slimc.config import load_config
 
 SMALL_CALIBRATION = ["calibration.samples=4", "calibration.seq_len=32", "calibration.batch_size=2"]

@@ -5,10 +5,10 @@ import warnings
 
 import pytest
 
-from slimc.cli import main, shipped_configs
+from slimc.commands.cli import main, shipped_configs
+from slimc.commands.migrate import migrated_yaml
 from slimc.config import CONFIG_VERSION, load_config
 from slimc.errors import ConfigError
-from slimc.migrate import migrated_yaml
 from slimc.pipeline import Pipeline
 
 GOOD = """\
@@ -206,7 +206,7 @@ def test_every_shipped_config_validates(name):
 
 @pytest.mark.parametrize(("device", "message"), [("tpu", "not a device slimc knows"), ("npu", "torch_npu is not installed")])
 def test_unusable_devices_are_refused_with_the_fix(device, message):
-    from slimc.compile import check_device
+    from slimc.commands.compile import check_device
 
     with pytest.raises(ConfigError, match=message):
         check_device(device)

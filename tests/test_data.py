@@ -10,8 +10,9 @@ import pytest
 import torch
 from tiny_tokenizer import tiny_tokenizer
 
-from slimc import data
-from slimc.data import (
+from slimc.errors import DataError
+from slimc.frontends import data
+from slimc.frontends.data import (
     BUILTIN_SPECS,
     CALIBRATION_SOURCES,
     EVALUATION_SOURCES,
@@ -20,7 +21,6 @@ from slimc.data import (
     load_corpus,
     token_samples,
 )
-from slimc.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_the_recommended_calibration_set_does_not_warn(tokenizer):
 @pytest.mark.slow
 def test_with_the_smollm2_tokenizer_calibration_gives_128_by_512_and_evaluation_40_by_512(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    from slimc.frontends.hf import default_model_path, load_tokenizer, resolve_model_source
+    from slimc.ir.source import default_model_path, load_tokenizer, resolve_model_source
 
     smollm2 = load_tokenizer(resolve_model_source(default_model_path()))
     with warnings.catch_warnings():

@@ -20,9 +20,12 @@ from tiny_diffusion import (
 )
 from torch.utils import _pytree as pytree
 
-from slimc.cli import main
+from slimc.commands.cli import main
 from slimc.config import config_from_data
-from slimc.diffusion_data import (
+from slimc.errors import DataError
+from slimc.frontends import frontend_for
+from slimc.frontends.diffusion import EXPERT_KEY, DiffusionTransformer, PipelineTransformers
+from slimc.frontends.diffusion_data import (
     PROMPT_SPECS,
     RecordedCall,
     check_uniform,
@@ -30,11 +33,8 @@ from slimc.diffusion_data import (
     load_recorded_calls,
     save_recorded_calls,
 )
-from slimc.errors import DataError
-from slimc.frontends import frontend_for
-from slimc.frontends.diffusion import EXPERT_KEY, DiffusionTransformer, PipelineTransformers
-from slimc.frontends.hf import ModelSource, resolve_model_source
-from slimc.tracer import trace_block
+from slimc.ir.source import ModelSource, resolve_model_source
+from slimc.ir.tracer import trace_block
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -221,7 +221,7 @@ def test_builtin_prompt_sets_are_fixed_and_disjoint(tmp_path):
 
 
 def test_trace_of_a_two_expert_pipeline_traces_the_blocks_of_both_experts(pipelines):
-    from slimc.explain import trace_report
+    from slimc.commands.explain import trace_report
 
     report = trace_report(str(pipelines["wan2"]))
     assert "stages transformer.blocks (2), transformer_2.blocks (2)" in report

@@ -20,11 +20,11 @@ from programs import relative
 from tiny_diffusion import save_tiny_pipeline, tiny_transformer_inputs
 
 from slimc.backends.mindie_reader import load_ascend_model
-from slimc.cli import main, resolve_config_path
-from slimc.compile import compile_model
+from slimc.commands.cli import main, resolve_config_path
+from slimc.commands.compile import compile_model
 from slimc.config import load_config
-from slimc.diffusion_data import cast_floats, compute_dtype
 from slimc.frontends.diffusion import EXPERT_KEY
+from slimc.frontends.diffusion_data import cast_floats, compute_dtype
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

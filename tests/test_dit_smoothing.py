@@ -17,12 +17,16 @@ from torch import nn
 
 from slimc.backends.mindie import MindieBackend
 from slimc.backends.mindie_reader import load_ascend_model
+from slimc.commands.explain import describe_block
 from slimc.config import config_from_data
 from slimc.errors import ExportError
-from slimc.explain import describe_block
-from slimc.frontends.hf import resolve_model_source
 from slimc.ir import Block, Program, Stage
-from slimc.modules import ChannelScale
+from slimc.ir.calls import block_output
+from slimc.ir.source import resolve_model_source
+from slimc.ir.tracer import trace_block
+from slimc.numerics.fidelity import relative_error
+from slimc.numerics.modules import ChannelScale
+from slimc.pass_base import Context
 from slimc.passes.smooth import Smooth
 from slimc.patterns import (
     find_modulation_groups,
@@ -31,9 +35,8 @@ from slimc.patterns import (
     find_ov_pairs,
     propagate_shapes,
 )
-from slimc.pipeline import Context, Pipeline, block_output, relative_error
+from slimc.pipeline import Pipeline
 from slimc.report import RunReport
-from slimc.tracer import trace_block
 
 W8A8_DYNAMIC = {"weight": {"dtype": "int8", "granularity": "per_channel"},
                 "act": {"dtype": "int8", "granularity": "per_token", "dynamic": True}}
@@ -296,7 +299,7 @@ def test_explicit_multiplies_export_as_div_mul_scale_and_read_back(tmp_path: Pat
     out = tmp_path / "out"
     out.mkdir()
     backend = MindieBackend()
-    backend.write(program, out)
+    backend.export(program, out)
     backend.verify(program, out)
 
     types = json.loads((out / "quant_model_description.json").read_text())

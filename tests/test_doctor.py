@@ -10,11 +10,12 @@ import torch
 from conftest import save_tiny_model
 from safetensors import safe_open
 
-from slimc import doctor, environment
-from slimc.cli import main, resolve_config_path
-from slimc.compile import compile_model, resolve_source
+from slimc import environment
+from slimc.commands import doctor
+from slimc.commands.cli import main, resolve_config_path
+from slimc.commands.compile import compile_model, resolve_source
 from slimc.config import load_config
-from slimc.environment import TESTED_LIBRARIES, library_statuses, tested_ranges
+from slimc.environment import TESTED_LIBRARIES, library_statuses
 from slimc.frontends import frontend_for
 
 SMALL = ["--set", "calibration.samples=4", "--set", "calibration.seq_len=32"]
@@ -32,7 +33,7 @@ def transformers_reported_as(monkeypatch):
 
 
 def test_every_tested_library_has_a_range_with_both_bounds_in_the_installed_metadata():
-    ranges = tested_ranges()
+    ranges = environment.tested_ranges()
     assert set(ranges) == set(TESTED_LIBRARIES)
     for name, specifier in ranges.items():
         operators = {spec.operator for spec in specifier}
@@ -52,7 +53,7 @@ def test_a_library_outside_its_range_fails_doctor_naming_the_range(capsys, trans
     transformers_reported_as("9.0.0")
     assert main(["doctor"]) == 1
     out = capsys.readouterr().out
-    low, high = sorted(str(s) for s in tested_ranges()["transformers"])[::-1]
+    low, high = sorted(str(s) for s in environment.tested_ranges()["transformers"])[::-1]
     assert f"- transformers 9.0.0 (tested {low}, {high}): install a tested version" in out
 
 

@@ -15,15 +15,15 @@ from tiny_models import tiny_causal_lm
 from torch import nn
 
 from slimc.backends.mindie import MindieBackend
-from slimc.cli import build_parser
-from slimc.compile import compile_model
+from slimc.commands.cli import build_parser
+from slimc.commands.compile import compile_model
+from slimc.commands.evaluate import load_quantized_model, quantized_output_dir, residual_stream_rotated
 from slimc.config import load_config
 from slimc.errors import ConfigError, DataError
-from slimc.evaluate import load_quantized_model, quantized_output_dir, residual_stream_rotated
-from slimc.fidelity import compare_models
-from slimc.frontends.hf import ModelSource, resolve_model_source
 from slimc.frontends.llm import DecoderLLM
 from slimc.ir import Program
+from slimc.ir.source import ModelSource, resolve_model_source
+from slimc.numerics.fidelity import compare_models
 
 CONFIG = """\
 version: 2
@@ -146,7 +146,7 @@ def test_an_output_written_in_parts_is_read_back_as_a_container_of_the_same_name
         model.save_pretrained(tmp_path / "model" / name)
         program = Program(model=model, family="test", source=resolve_model_source(tmp_path / "model" / name), stages=[])
         (tmp_path / "out" / "mindie" / name).mkdir(parents=True)
-        MindieBackend().write(program, tmp_path / "out" / "mindie" / name)
+        MindieBackend().export(program, tmp_path / "out" / "mindie" / name)
     read = load_quantized_model(quantized_output_dir(tmp_path / "out"))
     assert [name for name, _ in read.named_children()] == ["transformer", "transformer_2"]
     batch = {"expert": "transformer_2", **tiny_transformer_inputs(experts.transformer_2, "wan")}

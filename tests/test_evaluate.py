@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from tiny_models import VOCAB_SIZE, tiny_causal_lm
 
+from slimc.commands.evaluate import perplexity
 from slimc.errors import DataError
-from slimc.evaluate import perplexity
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM
 
 from slimc.backends.mindie_reader import load_ascend_model
 from slimc.backends.vllm import VllmBackend
-from slimc.cli import resolve_config_path
-from slimc.compile import REPORT_FILE, compile_model
+from slimc.commands.cli import resolve_config_path
+from slimc.commands.compile import REPORT_FILE, compile_model
+from slimc.commands.export import MARKER_FILE
 from slimc.config import load_config
 from slimc.errors import ExportError
-from slimc.export import MARKER_FILE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from tiny_models import tiny_causal_lm
 
-import slimc.fidelity
+import slimc.numerics.fidelity
 from slimc.errors import DataError
-from slimc.fidelity import (
+from slimc.frontends.llm import call_without_cache
+from slimc.numerics.fidelity import (
     Metrics,
     compare_models,
     cosine_similarity,
@@ -26,7 +27,6 @@ from slimc.fidelity import (
     summarize,
     tensor_sums,
 )
-from slimc.frontends.llm import call_without_cache
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_bfloat16_tensors_are_compared_in_float64():
 def test_chunked_sums_equal_one_pass(pair, monkeypatch):
     q, f = pair
     whole = tensor_sums(q, f)
-    monkeypatch.setattr(slimc.fidelity, "CHUNK", 16)
+    monkeypatch.setattr(slimc.numerics.fidelity, "CHUNK", 16)
     chunked = tensor_sums(q, f)
     for key in ("ff", "qq", "qf", "dd"):
         assert getattr(chunked, key) == pytest.approx(getattr(whole, key), rel=1e-12)

@@ -6,8 +6,8 @@ from programs import run_pipeline
 from tiny_models import tiny_causal_lm
 
 from slimc.errors import PassError
-from slimc.gptq import HessianAccumulator, gptq_quantize
-from slimc.quant import dequantize_weight, quantize_weight
+from slimc.numerics.gptq import HessianAccumulator, gptq_quantize
+from slimc.numerics.quant import dequantize_weight, quantize_weight
 from slimc.schemes import TensorScheme
 
 INT4_CHANNEL = TensorScheme(dtype="int4")

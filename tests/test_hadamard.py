@@ -7,7 +7,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from slimc.errors import PassError
-from slimc.hadamard import (
+from slimc.numerics.hadamard import (
     OnlineHadamard,
     describe_hadamard,
     fast_hadamard_transform,

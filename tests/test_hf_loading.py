@@ -10,9 +10,9 @@ from tiny_models import tiny_causal_lm
 from tiny_tokenizer import tiny_tokenizer
 from transformers import AutoConfig, AutoTokenizer
 
-import slimc.frontends.hf as hf
+import slimc.ir.source as hf
 from slimc.errors import ModelLoadError, UnsupportedModelError
-from slimc.frontends.hf import (
+from slimc.ir.source import (
     default_model_path,
     load_model,
     load_tokenizer,

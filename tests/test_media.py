@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from slimc.errors import DataError
-from slimc.media import (
+from slimc.frontends.media import (
     COLOURS,
     IMAGE_TEXT_SPECS,
     PLACES,

@@ -15,10 +15,10 @@ from slimc.backends import backend_class
 from slimc.backends.mindie import MindieBackend, load_ascend_model
 from slimc.backends.mindie_reader import AscendExperts, AscendLinear, deq_scale_float
 from slimc.errors import ExportError
-from slimc.frontends.hf import ModelSource
 from slimc.ir import Program
-from slimc.modules import QuantizedExperts, QuantizedLinear
-from slimc.quant import act_range, qparams_from_range, quantize_weight, unpack_int4
+from slimc.ir.source import ModelSource
+from slimc.numerics.modules import QuantizedExperts, QuantizedLinear
+from slimc.numerics.quant import act_range, qparams_from_range, quantize_weight, unpack_int4
 from slimc.schemes import QuantScheme, TensorScheme
 from tests.tiny_models import tiny_causal_lm
 
@@ -125,7 +125,7 @@ def quantized_model(family: str, scheme_for, **kwargs) -> nn.Module:
 def export(program: Program, tmp_path: Path, **options) -> Path:
     out = tmp_path / "out"
     out.mkdir()
-    MindieBackend(**options).write(program, out)
+    MindieBackend(**options).export(program, out)
     return out
 
 

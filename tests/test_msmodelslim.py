@@ -6,10 +6,10 @@ import textwrap
 import pytest
 import yaml
 
-from slimc.compile import build_backends, compile_model
+from slimc.commands.compile import build_backends, compile_model
 from slimc.config import CONFIG_VERSION, config_from_data
+from slimc.config.msmodelslim import expand_braces, from_msmodelslim, read_msmodelslim
 from slimc.errors import ConfigError
-from slimc.msmodelslim import expand_braces, from_msmodelslim, read_msmodelslim
 from slimc.pipeline import Pipeline
 
 W8A8_DYNAMIC = """\

@@ -20,14 +20,14 @@ from tiny_multimodal import GRID, MERGE, media_tokens, processor_inputs, save_ti
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from slimc.backends.mindie_reader import load_ascend_model
-from slimc.cli import resolve_config_path
-from slimc.compile import Compiled, compile_model
+from slimc.commands.cli import resolve_config_path
+from slimc.commands.compile import Compiled, compile_model
+from slimc.commands.explain import trace_report
 from slimc.config import config_from_data, load_config
 from slimc.errors import DataError
-from slimc.explain import trace_report
-from slimc.frontends.hf import resolve_model_source, write_model_files
+from slimc.frontends.media import load_image_text
 from slimc.frontends.multimodal import ComposedProcessor, MultimodalLLM, chat_template
-from slimc.media import load_image_text
+from slimc.ir.source import resolve_model_source, write_model_files
 from slimc.pass_base import Pass
 from slimc.pipeline import Context, Pipeline
 from slimc.report import RunReport

@@ -16,13 +16,13 @@ from tiny_omni import SPEAKER_FILE, save_tiny_full_omni, speech_tensors
 
 from slimc.backends.mindie import MindieBackend
 from slimc.backends.mindie_reader import load_ascend_model, read_tensors, tensor_types
-from slimc.cli import resolve_config_path
-from slimc.compile import compile_model
+from slimc.commands.cli import resolve_config_path
+from slimc.commands.compile import compile_model
 from slimc.config import load_config
 from slimc.errors import ExportError
 from slimc.frontends import frontend_for
-from slimc.frontends.hf import resolve_model_source
 from slimc.frontends.omni import OmniThinker
+from slimc.ir.source import resolve_model_source
 
 KINDS = ("qwen2_5_omni", "qwen3_omni_moe")
 IMAGE_SIZE = {"qwen2_5_omni": 112, "qwen3_omni_moe": 128}  # 8 x 8 patches, as tiny_multimodal_inputs makes them
@@ -140,7 +140,7 @@ def test_a_thinker_config_without_vision_start_token_id_gets_the_tokenizers(tmp_
 
 
 def test_trace_of_a_thinker_reaches_its_audio_vision_projector_and_text_stages(tmp_path):
-    from slimc.explain import trace_report
+    from slimc.commands.explain import trace_report
 
     report = trace_report(str(save_tiny_multimodal("qwen2_5_omni", tmp_path / "model")))
     assert "stages audio (2), vision (4), projector (1), text (2)" in report

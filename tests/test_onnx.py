@@ -36,14 +36,14 @@ from torch import nn
 
 from slimc.backends.onnx import DESCRIPTION_FILE, EXACT_SESSION_CONFIG, MODEL_FILE, OnnxBackend
 from slimc.backends.onnx_ops import exporting_custom_ops, translation_table
-from slimc.cli import resolve_config_path
-from slimc.compile import compile_model
+from slimc.commands.cli import resolve_config_path
+from slimc.commands.compile import compile_model
 from slimc.config import load_config
 from slimc.errors import ExportError
 from slimc.frontends.diffusion import DiffusionTransformer
-from slimc.frontends.hf import ModelSource
 from slimc.ir import Program
-from slimc.modules import QuantizedExperts, QuantizedLinear
+from slimc.ir.source import ModelSource
+from slimc.numerics.modules import QuantizedExperts, QuantizedLinear
 from slimc.schemes import QuantScheme
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -204,7 +204,7 @@ def test_the_integer_matmul_is_exact_for_codes_at_the_ends_of_the_int8_range(tmp
 def test_without_integer_matmul_dynamic_activations_are_fake_quantized_before_dequantized_weights(compiled, tmp_path):
     row = compiled("llama", "llm/w8a8_dynamic.yaml")
     backend = OnnxBackend(integer_matmul=False)
-    backend.write(row.program, tmp_path)
+    backend.export(row.program, tmp_path)
     backend.verify(row.program, tmp_path)
     ops = Counter(node.op_type for node in onnx.load(tmp_path / MODEL_FILE).graph.node)
     assert ops["MatMulInteger"] == 0 and ops["DequantizeLinear"] == len(lowered(row.program))
@@ -228,7 +228,7 @@ def test_the_prefill_graph_takes_any_batch_and_sequence_length(compiled):
 def test_a_last_logits_graph_returns_the_last_positions_logits_only(compiled, tmp_path):
     row = compiled("qwen2", "llm/w8a8_static.yaml")
     backend = OnnxBackend(logits="last")
-    backend.write(row.program, tmp_path)
+    backend.export(row.program, tmp_path)
     backend.verify(row.program, tmp_path)
     ids = fresh_ids()
     actual = torch.from_numpy(session(tmp_path / MODEL_FILE).run(["logits"], {"input_ids": ids.numpy()})[0])
@@ -252,7 +252,7 @@ def test_the_output_holds_the_model_files_and_describes_its_inputs_outputs_and_l
 def test_external_data_keeps_the_weights_beside_the_graph(compiled, tmp_path):
     row = compiled("llama", "llm/w8a8_dynamic.yaml")
     backend = OnnxBackend(external_data=True)
-    backend.write(row.program, tmp_path)
+    backend.export(row.program, tmp_path)
     graph = onnx.load(tmp_path / MODEL_FILE, load_external_data=False)
     weights = [t for t in graph.graph.initializer if t.name.endswith("proj.weight")]
     assert weights and all(t.data_location == onnx.TensorProto.EXTERNAL for t in weights)
@@ -310,10 +310,10 @@ def test_programs_without_an_onnx_graph_raise_an_export_error_naming_the_alterna
     source = ModelSource(path=tmp_path, gguf_file=None, config=dict(hunyuan.config), library="diffusers",
                          architecture=type(hunyuan).__name__)
     with pytest.raises(ExportError, match="not HunyuanVideoTransformer3DModel; export it with mindie"):
-        OnnxBackend().write(DiffusionTransformer().build(source, hunyuan), tmp_path)
+        OnnxBackend().export(DiffusionTransformer().build(source, hunyuan), tmp_path)
     vision_language = dataclasses.replace(compiled("llama", "llm/w8a8_dynamic.yaml").program, family="multimodal")
     with pytest.raises(ExportError, match="not a 'multimodal' program .*; export it with mindie or vllm"):
-        OnnxBackend().write(vision_language, tmp_path)
+        OnnxBackend().export(vision_language, tmp_path)
 
 
 def test_the_onnxruntime_example_in_the_docs_runs_on_an_export(compiled, monkeypatch):

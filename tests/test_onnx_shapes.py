@@ -31,8 +31,8 @@ from tiny_tokenizer import tiny_tokenizer
 
 from slimc.backends.onnx import EXACT_SESSION_CONFIG, MODEL_FILE, OnnxBackend, noise_sensitivity
 from slimc.backends.onnx_dtype import exported_dtype
-from slimc.cli import resolve_config_path
-from slimc.compile import compile_model
+from slimc.commands.cli import resolve_config_path
+from slimc.commands.compile import compile_model
 from slimc.config import load_config
 from slimc.errors import ExportError
 from slimc.ir import Program
@@ -116,7 +116,7 @@ def test_a_half_precision_model_is_a_float32_graph_and_the_program_keeps_its_dty
     ids = fresh_ids(7)
     before = logits(row.program, ids)  # runs the blocks' graphs, which accept the model's dtype again
     (row.out.parent / "again").mkdir()
-    OnnxBackend().write(row.program, row.out.parent / "again")
+    OnnxBackend().export(row.program, row.out.parent / "again")
     assert before.dtype == dtype and torch.equal(logits(row.program, ids), before)
 
 

@@ -78,7 +78,7 @@ def test_the_wheel_declares_the_slimc_console_script(wheel):
         (entry_points,) = [n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt")]
         text = archive.read(entry_points).decode()
     console_scripts = text.split("[console_scripts]", 1)[1].split("\n[", 1)[0]
-    assert "slimc = slimc.cli:main" in console_scripts
+    assert "slimc = slimc.commands.cli:main" in console_scripts
 
 
 def test_the_installed_console_script_shows_its_help(fresh_venv, outside):

@@ -8,7 +8,7 @@ from torch import nn
 
 from slimc.errors import ConfigError, PassError
 from slimc.ir import Block
-from slimc.modules import FakeQuantize, QuantizedExperts, QuantizedLinear
+from slimc.numerics.modules import FakeQuantize, QuantizedExperts, QuantizedLinear
 from slimc.pass_base import Pass
 from slimc.passes.lower import Lower
 from slimc.pipeline import Context

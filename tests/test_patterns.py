@@ -6,6 +6,7 @@ from programs import run_pipeline
 from tiny_models import FAMILIES, tiny_causal_lm
 from torch import nn
 
+from slimc.ir.tracer import trace_block
 from slimc.patterns import (
     find_experts,
     find_linears,
@@ -14,7 +15,6 @@ from slimc.patterns import (
     find_up_down_pairs,
     propagate_shapes,
 )
-from slimc.tracer import trace_block
 
 
 def traced_blocks(family):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from slimc.modules import FakeQuantize
-from slimc.observers import Observer
-from slimc.quant import (
+from slimc.numerics.modules import FakeQuantize
+from slimc.numerics.observers import Observer
+from slimc.numerics.quant import (
     dequantize_weight,
     dynamic_fake_quantize,
     pack_int4,

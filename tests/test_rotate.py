@@ -11,9 +11,9 @@ from torch import nn
 from slimc.backends.mindie import MindieBackend
 from slimc.backends.mindie_reader import load_ascend_model
 from slimc.errors import ConfigError, ExportError, ModelLoadError, PassError
-from slimc.hadamard import OnlineHadamard
+from slimc.numerics.hadamard import OnlineHadamard
+from slimc.numerics.quant import dynamic_fake_quantize
 from slimc.passes.rotate import check_rotatable_norm
-from slimc.quant import dynamic_fake_quantize
 from slimc.schemes import TensorScheme
 
 # Sizes that are not powers of two, as in real models: 48 = 12·4 and 96 = 12·8 need a Paley Hadamard
@@ -133,7 +133,7 @@ def export_rotated_w4a4(tmp_path, model):
                                           architecture=program.source.architecture)
     out = tmp_path / "out"
     out.mkdir()
-    MindieBackend().write(program, out)
+    MindieBackend().export(program, out)
     return program, out
 
 

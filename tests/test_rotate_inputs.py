@@ -10,10 +10,10 @@ from tiny_diffusion import BLOCK_LISTS, tiny_transformer, tiny_transformer_input
 
 from slimc.config import config_from_data
 from slimc.errors import ConfigError
-from slimc.frontends.hf import ModelSource
-from slimc.hadamard import OnlineHadamard
 from slimc.ir import Block, Program, Stage
-from slimc.modules import FakeQuantize
+from slimc.ir.source import ModelSource
+from slimc.numerics.hadamard import OnlineHadamard
+from slimc.numerics.modules import FakeQuantize
 from slimc.pipeline import Pipeline
 from slimc.report import RunReport
 

@@ -18,13 +18,13 @@ from tiny_models import tiny_causal_lm
 from tiny_tokenizer import tiny_tokenizer
 
 from slimc.backends.mindie import MindieBackend, _check_scheme
-from slimc.cli import resolve_config_path
-from slimc.compile import compile_model
+from slimc.commands.cli import resolve_config_path
+from slimc.commands.compile import compile_model
+from slimc.commands.shape_rules import exclude_globs
 from slimc.config import load_config
 from slimc.errors import ConfigError, ExportError
 from slimc.frontends.llm import DecoderLLM
 from slimc.schemes import QuantScheme
-from slimc.shape_rules import exclude_globs
 
 W4A8 = "llm/w4a8_quarot_gptq.yaml"
 SMALL_CALIBRATION = ["calibration.samples=4", "calibration.seq_len=32", "calibration.batch_size=2"]
@@ -53,7 +53,7 @@ def nothing_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the model or its calibration data was loaded")
 
-    monkeypatch.setattr("slimc.compile.load_program", refuse)
+    monkeypatch.setattr("slimc.commands.compile.load_program", refuse)
     monkeypatch.setattr(DecoderLLM, "calibration_batches", refuse)
 
 

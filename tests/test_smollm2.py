@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from slimc.backends.mindie_reader import load_ascend_model
-from slimc.cli import resolve_config_path
-from slimc.compile import compile_model
+from slimc.commands.cli import resolve_config_path
+from slimc.commands.compile import compile_model
+from slimc.commands.evaluate import perplexity
 from slimc.config import load_config
-from slimc.data import load_corpus, token_samples
-from slimc.evaluate import perplexity
-from slimc.frontends.hf import default_model_path, load_model, load_tokenizer, resolve_model_source
+from slimc.frontends.data import load_corpus, token_samples
+from slimc.ir.source import default_model_path, load_model, load_tokenizer, resolve_model_source
 
 pytestmark = pytest.mark.slow
 

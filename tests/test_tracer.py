@@ -12,7 +12,7 @@ from torch import fx, nn
 from transformers import PreTrainedModel
 
 from slimc.errors import TraceError
-from slimc.tracer import AttentionKernel, TracedBlock, is_leaf_module, trace_block
+from slimc.ir.tracer import AttentionKernel, TracedBlock, is_leaf_module, trace_block
 
 
 @dataclass

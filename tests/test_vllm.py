@@ -18,8 +18,8 @@ from tiny_models import tiny_causal_lm
 from transformers import AutoModelForCausalLM
 
 from slimc.backends.vllm import VllmBackend
-from slimc.cli import resolve_config_path
-from slimc.compile import compile_model
+from slimc.commands.cli import resolve_config_path
+from slimc.commands.compile import compile_model
 from slimc.config import load_config
 from slimc.errors import ExportError
 
@@ -140,7 +140,7 @@ def test_weight_only_and_w4a4_schemes_are_expressed(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     backend = VllmBackend()
-    backend.write(program, out)
+    backend.export(program, out)
     backend.verify(program, out)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized"
@@ -156,7 +156,7 @@ def test_verify_fails_when_a_written_weight_changed(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     backend = VllmBackend()
-    backend.write(program, out)
+    backend.export(program, out)
     tensors = load_file(out / "model.safetensors")
     tensors["model.layers.1.mlp.up_proj.weight"][0, 0] += 1
     save_file(tensors, out / "model.safetensors")
@@ -196,7 +196,7 @@ def test_small_max_shard_size_writes_transformers_style_shards(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     backend = VllmBackend(max_shard_size="40KB")
-    backend.write(program, out)
+    backend.export(program, out)
     backend.verify(program, out)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))

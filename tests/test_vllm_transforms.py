@@ -27,13 +27,14 @@ from transformers import AutoModelForCausalLM
 from slimc.backends.checkpoint import checkpoint_linears
 from slimc.backends.vllm import VllmBackend
 from slimc.backends.vllm_transforms import Transform, expressible_rotations, transform_of
-from slimc.cli import resolve_config_path
-from slimc.compile import compile_model
+from slimc.commands.cli import resolve_config_path
+from slimc.commands.compile import compile_model
 from slimc.config import load_config
 from slimc.errors import ExportError
-from slimc.hadamard import OnlineHadamard
 from slimc.ir import Program
-from slimc.pipeline import PERTURBATION_SAMPLES, SENSITIVITY_FACTOR, perturbed
+from slimc.ir.calls import perturbed
+from slimc.numerics.hadamard import OnlineHadamard
+from slimc.pipeline import PERTURBATION_SAMPLES, SENSITIVITY_FACTOR
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -184,12 +185,12 @@ def lowered(tmp_path: Path, family: str, rotation: list[dict], scheme: dict):
 def test_a_rotated_linear_with_a_bias_is_refused_since_vllm_transforms_only_bias_free_ones(tmp_path):
     program, out = lowered(tmp_path, "qwen2", [{"pass": "rotate_inputs", "include": ["*self_attn.[qkv]_proj"]}], W8A8_DYNAMIC)
     with pytest.raises(ExportError, match=r"model\.layers\.0\.self_attn\.q_proj has an online rotation and a bias"):
-        VllmBackend().write(program, out)
+        VllmBackend().export(program, out)
 
 
 def test_rotated_inputs_of_q_k_v_are_one_transform_that_gives_the_programs_logits(tmp_path, vllm_per_token_scales):  # noqa: F811
     program, out = lowered(tmp_path, "llama", [{"pass": "rotate_inputs", "include": ["*self_attn.[qkv]_proj"]}], W8A8_DYNAMIC)
-    VllmBackend().write(program, out)
+    VllmBackend().export(program, out)
     VllmBackend().verify(program, out)
     targets = [rf"re:^model\.layers\.\d+\.self_attn\.{p}_proj$" for p in "qkv"]
     assert read_transform_config(out) == TransformConfig(config_groups={"hadamard": TransformScheme(
@@ -203,13 +204,13 @@ def test_a_rotation_of_only_some_linears_that_vllm_fuses_is_refused(tmp_path):
     program, out = lowered(tmp_path, "llama", [{"pass": "rotate_inputs", "include": ["*self_attn.q_proj"]}], W8A8_DYNAMIC)
     with pytest.raises(ExportError, match=r"layers\.0\.self_attn\.q_proj has an online rotation and "
                                           r"model\.layers\.0\.self_attn\.k_proj, which reads the same tensor, has none"):
-        VllmBackend().write(program, out)
+        VllmBackend().export(program, out)
 
 
 @pytest.fixture
 def rotated_export(tmp_path):
     program, out = lowered(tmp_path, "llama", [{"pass": "norm_fusion"}, {"pass": "rotate"}], W4A8)
-    VllmBackend().write(program, out)
+    VllmBackend().export(program, out)
     VllmBackend().verify(program, out)
     return program, out
 

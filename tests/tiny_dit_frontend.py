@@ -12,8 +12,8 @@ from tiny_diffusion import tiny_transformer_inputs
 import slimc.frontends
 from slimc.config import CalibrationConfig
 from slimc.frontends.diffusion import DiffusionTransformer
-from slimc.frontends.hf import ModelSource
 from slimc.ir import Program
+from slimc.ir.source import ModelSource
 
 KINDS = {"FluxTransformer2DModel": "flux", "HunyuanVideoTransformer3DModel": "hunyuan_video", "WanTransformer3DModel": "wan"}
 EVALUATION_SEED = 1000

@@ -11,7 +11,7 @@ import functools
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from slimc.data import load_corpus
+from slimc.frontends.data import load_corpus
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 TRAINING_CHARS = 200_000  # enough for 512 merges-worth of statistics; trains in well under a second

@@ -11,7 +11,7 @@ A sample is one image and the text of a chat turn about it (plus, optionally, th
   image paths relative to the file; PNG or JPEG (anything Pillow opens).
 
 Text-only datasets (`builtin:text`, `.txt`, a `.jsonl` without `image` fields) are not read here:
-`is_text_only` tells a frontend to use the text path (slimc.data). Every image is resized to one
+`is_text_only` tells a frontend to use the text path (slimc.frontends.data). Every image is resized to one
 square size, so every batch gives a vision tower the same number of patches.
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from slimc.data import BUILTIN_SPECS, jsonl_records
 from slimc.errors import DataError
+from slimc.frontends.data import BUILTIN_SPECS, jsonl_records
 
 IMAGE_TEXT_SPECS = ("builtin:image-text", "builtin:image-text-eval")
 IMAGE_TEXT_EXAMPLE = '{"image": "cat.png", "text": "Describe the image."}'

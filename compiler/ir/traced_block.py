@@ -1,6 +1,6 @@
 """A traced block: its fx graph, callable like the block for inputs that fit the traced specialisation.
 
-The tracer (slimc.tracer) records each Python-level decision it took on the example inputs as a
+The tracer (slimc.ir.tracer) records each Python-level decision it took on the example inputs as a
 Guard; a TracedBlock checks new inputs against the input structure, constants, ranks, dtypes,
 devices and those guards before running the graph, so it never silently computes something else.
 """

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimc.observers import Observer
-from slimc.quant import dequantize_weight, dynamic_fake_quantize, fake_quantize
+from slimc.numerics.observers import Observer
+from slimc.numerics.quant import dequantize_weight, dynamic_fake_quantize, fake_quantize
 from slimc.schemes import QuantScheme, TensorScheme
 
 

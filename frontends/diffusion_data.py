@@ -33,8 +33,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimc.config import CalibrationConfig, DiffusionSampling
-from slimc.data import jsonl_strings, text_lines
 from slimc.errors import DataError
+from slimc.frontends.data import jsonl_strings, text_lines
 
 PROMPT_SPECS = ("builtin:prompts", "builtin:prompts-eval")
 FORMAT = "slimc.transformer_inputs"
@@ -467,33 +467,3 @@ def _describe(entry: Any) -> str:
 def summary(calls: list[RecordedCall]) -> str:
     counts = Counter(c.expert for c in calls)
     return ", ".join(f"{n} calls of {expert}" for expert, n in counts.items())
-
-
-def record_to_file(config: Any, model_path: str | None, out: Path, *, overwrite: bool = False) -> tuple[Path, list[RecordedCall]]:
-    """`slimc record`: run the pipeline at `model_path` (or the config's model.path) with the config's
-    calibration settings and write every transformer call to `out` (see `save_recorded_calls`)."""
-    from slimc.compile import check_device, model_dtype, resolve_source
-    from slimc.export import staged_file
-    from slimc.frontends import check_builtin_dataset, frontend_for
-
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} exists; choose another file or pass --overwrite")
-    if out.suffix != ".safetensors":
-        raise DataError(f"recorded inputs are written as .safetensors; got {out.name}")
-    if is_recorded_inputs(config.calibration.dataset):
-        raise DataError(f"calibration.dataset {config.calibration.dataset!r} is already recorded inputs; `slimc record` "
-                        f"needs prompts: {', '.join(PROMPT_SPECS)}, a .txt or a .jsonl file")
-    source = resolve_source(config, model_path)
-    if not source.is_pipeline:
-        raise DataError(f"{source.path} is not a diffusers pipeline directory (no model_index.json with a transformer); "
-                        "`slimc record` runs the whole pipeline: pass the pipeline's directory")
-    check_builtin_dataset(frontend_for(source, config.model.family), config.calibration.dataset, source.architecture)
-    check_device(config.model.device)
-    prompts = load_prompts(config.calibration.dataset, config.calibration.samples)
-    calls = record_pipeline_calls(source.path, prompts, config.calibration.diffusion, dtype=model_dtype(config, source),
-                                  device=config.model.device, batch_size=config.calibration.batch_size)
-    check_uniform(calls)
-    with staged_file(out) as partial:  # a killed or failed write leaves no half-written file under `out`
-        save_recorded_calls(calls, partial)
-    return out, calls

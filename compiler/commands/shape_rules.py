@@ -73,8 +73,8 @@ def written_weights(layer: nn.Module) -> tuple[tuple[str, int, int], ...]:
 def plan_layers(program: Program, config: SlimcConfig, steps: Sequence[Pass]) -> Plan:
     """The scheme of every Linear and fused experts module in the program's blocks, as the pipeline will give them.
     Works on a meta-device skeleton: only names and shapes are read."""
+    from slimc.pass_base import Context
     from slimc.passes.fake_quant import quantizable_layer_names
-    from slimc.pipeline import Context
     from slimc.report import RunReport
 
     context = Context(program, config, steps, RunReport())

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from slimc.data import jsonl_records
 from slimc.errors import DataError
-from slimc.media import IMAGE_TEXT_SPECS, builtin_sample, load_image_text, resized
+from slimc.frontends.data import jsonl_records
+from slimc.frontends.media import IMAGE_TEXT_SPECS, builtin_sample, load_image_text, resized
 
 BUILTIN_AUDIO_SPECS = ("builtin:audio-text", "builtin:audio-text-eval")
 OMNI_SPECS = ("builtin:omni", "builtin:omni-eval")  # an image, a clip and a question about both, per sample

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from slimc.errors import TraceError
-from slimc.traced_block import normalise_inputs
+from slimc.ir.traced_block import normalise_inputs
 
 BlockInput = tuple[tuple, dict[str, Any]]
 HIDDEN_KEYS = ("hidden_states", "x")

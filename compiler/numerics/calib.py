@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from slimc.ir import Block
-from slimc.quant import (
+from slimc.numerics.quant import (
     dequantize_weight,
     dynamic_fake_quantize,
     fake_quantize,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from slimc.modules import FakeQuantExperts, FakeQuantize, QuantizedExperts, QuantizedLinear
+from slimc.numerics.modules import FakeQuantExperts, FakeQuantize, QuantizedExperts, QuantizedLinear
 
 CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as", "contiguous"}
 SHAPE_METHODS = {"view", "reshape", "transpose", "permute", "flatten", "unflatten", "expand", "contiguous", "unsqueeze", "squeeze"}

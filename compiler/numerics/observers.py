@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from slimc.quant import fake_quantize, qparams_from_range
+from slimc.numerics.quant import fake_quantize, qparams_from_range
 from slimc.schemes import TensorScheme
 
 SAMPLE_LIMIT = 1 << 20

@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimc.compile import REPORT_FILE, model_dtype
+from slimc.commands.compile import REPORT_FILE, model_dtype
 from slimc.config import CalibrationConfig, SlimcConfig
-from slimc.data import corpus_token_samples
 from slimc.errors import ConfigError, DataError
-from slimc.fidelity import compare_models
 from slimc.frontends import Frontend, check_builtin_dataset, frontend_for
-from slimc.frontends.hf import ModelSource, load_model, load_tokenizer
+from slimc.frontends.data import corpus_token_samples
 from slimc.ir import Program
+from slimc.ir.source import ModelSource, load_model, load_tokenizer
+from slimc.numerics.fidelity import compare_models
 
 ROTATION_TOLERANCE = 1e-2  # relative change of an embedding beyond any dtype rounding: the stream was rotated
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from slimc.quant import expand_to_weight, fake_quantize, quantize, weight_qparams
+from slimc.numerics.quant import expand_to_weight, fake_quantize, quantize, weight_qparams
 from slimc.schemes import TensorScheme
 
 

@@ -9,11 +9,19 @@ import torch
 from pydantic import ValidationError
 
 from slimc.backends import Backend, backend_class
+from slimc.commands.export import (
+    REPORT_FILE,
+    check_disk_space,
+    check_output_dir,
+    remove_dead_runs,
+    staged_output,
+)
+from slimc.commands.shape_rules import Plan, check_plan, plan_layers
 from slimc.config import SlimcConfig, format_validation_error
 from slimc.errors import ConfigError, ExportError
-from slimc.export import REPORT_FILE, check_disk_space, check_output_dir, remove_dead_runs, staged_output
 from slimc.frontends import Frontend, check_builtin_dataset, frontend_for
-from slimc.frontends.hf import (
+from slimc.ir import Program
+from slimc.ir.source import (
     ModelSource,
     check_finite_weights,
     checkpoint_dtype,
@@ -21,10 +29,8 @@ from slimc.frontends.hf import (
     resolve_model_source,
     weight_files,
 )
-from slimc.ir import Program
 from slimc.pipeline import Pipeline
 from slimc.report import RunReport, directory_size
-from slimc.shape_rules import Plan, check_plan, plan_layers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GGUF_EXPANSION = 4  # GGUF weights (about 4 bits) are written back as int8 weights and float embeddings
@@ -147,7 +153,7 @@ def export_format(program: Program, backend: Backend, staging: Path) -> Path:
     partial = staging / f".{backend.format_name}.partial"
     for subdirectory, part in program.export_parts().items():
         (partial / subdirectory).mkdir(parents=True)
-        backend.write(part, partial / subdirectory)
+        backend.export(part, partial / subdirectory)
         backend.verify(part, partial / subdirectory)
     return partial.rename(staging / backend.format_name)
 

@@ -24,9 +24,9 @@ EXIT_INTERNAL = 3
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from slimc.compile import compile_model, resolve_source
+    from slimc.commands.compile import compile_model, resolve_source
+    from slimc.commands.evaluate import check_held_out, evaluate
     from slimc.config import load_config
-    from slimc.evaluate import check_held_out, evaluate
 
     if args.out is None and not args.dry_run:
         raise SlimcError("compile needs --out DIR, the directory to write the outputs to (only --dry-run runs without one)")
@@ -46,8 +46,8 @@ def _compile(args: argparse.Namespace) -> int:
 
 def _dry_run(config: SlimcConfig, model_path: str | None) -> int:
     """Print the plan and every broken shape rule, from the model's skeleton; 1 if a rule is broken."""
-    from slimc.compile import check_does_something, check_inputs, quantization_plan
-    from slimc.shape_rules import broken_rules, render_plan
+    from slimc.commands.compile import check_does_something, check_inputs, quantization_plan
+    from slimc.commands.shape_rules import broken_rules, render_plan
 
     check_does_something(config)
     inputs = check_inputs(config, model_path)
@@ -63,7 +63,7 @@ def _dry_run(config: SlimcConfig, model_path: str | None) -> int:
 def format_results(results: dict) -> str:
     """Evaluation results for the terminal: perplexities, or the fidelity table."""
     if results["metric"] == "fidelity":
-        from slimc.fidelity import render
+        from slimc.numerics.fidelity import render
 
         return render(results)
     lines = [f"perplexity on {results['corpus']} ({results['tokens']} tokens):", f"  float      {results['float_ppl']:.4f}"]
@@ -73,10 +73,10 @@ def format_results(results: dict) -> str:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from slimc.compile import resolve_source
+    from slimc.commands.compile import resolve_source
+    from slimc.commands.evaluate import evaluate
     from slimc.config import load_config, settings_config, with_evaluation
-    from slimc.evaluate import evaluate
-    from slimc.fidelity import json_safe
+    from slimc.numerics.fidelity import json_safe
 
     config = load_config(resolve_config_path(args.config), args.set) if args.config else settings_config(args.set)
     config = with_evaluation(config, dataset=args.corpus, samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
@@ -86,8 +86,9 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _record(args: argparse.Namespace) -> None:
+    from slimc.commands.record import record_to_file
     from slimc.config import load_config
-    from slimc.diffusion_data import record_to_file, summary
+    from slimc.frontends.diffusion_data import summary
 
     config = load_config(resolve_config_path(args.config), args.set)
     path, calls = record_to_file(config, args.model, Path(args.out), overwrite=args.overwrite)
@@ -95,7 +96,7 @@ def _record(args: argparse.Namespace) -> None:
 
 
 def _trace(args: argparse.Namespace) -> None:
-    from slimc.explain import trace_report
+    from slimc.commands.explain import trace_report
 
     print(trace_report(args.model, seq_len=args.seq_len))
 
@@ -115,8 +116,8 @@ def _passes(args: argparse.Namespace) -> None:
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    from slimc.commands.doctor import diagnose
     from slimc.config import load_config
-    from slimc.doctor import diagnose
 
     config = load_config(resolve_config_path(args.config), args.set) if args.config else None
     diagnosis = diagnose(config, args.model, Path(args.out))
@@ -129,13 +130,13 @@ def _migrate(args: argparse.Namespace) -> None:
     if args.source == "msmodelslim":
         import yaml
 
-        from slimc.msmodelslim import from_msmodelslim, read_msmodelslim
+        from slimc.config.msmodelslim import from_msmodelslim, read_msmodelslim
 
         converted, notes = from_msmodelslim(read_msmodelslim(path), source=str(path))
         header = f"# Converted from the msModelSlim config {path.name} by slimc {__version__} (slimc migrate --from msmodelslim)\n"
         print(header + yaml.safe_dump(converted, sort_keys=False, default_flow_style=None, width=110), end="")
     else:
-        from slimc.migrate import migrated_yaml
+        from slimc.commands.migrate import migrated_yaml
 
         text, notes = migrated_yaml(path)
         print(text, end="")

@@ -87,8 +87,9 @@ def check_machine(diagnosis: Diagnosis, out: Path) -> None:
 
 def estimate(program: Program, config: SlimcConfig) -> Estimate:
     """Which layers the config quantizes and the sizes that follow, for a Program built on the meta device."""
+    from slimc.pass_base import Context
     from slimc.passes.fake_quant import quantizable_layer_names
-    from slimc.pipeline import Context, Pipeline
+    from slimc.pipeline import Pipeline
     from slimc.report import RunReport
 
     context = Context(program, config, Pipeline.from_config(config).steps, RunReport())
@@ -111,7 +112,7 @@ def estimate(program: Program, config: SlimcConfig) -> Estimate:
 
 def check_compile(diagnosis: Diagnosis, config: SlimcConfig, model_path: str | None, out: Path) -> None:
     """The model's family, the layers the config quantizes, and whether memory and disk suffice."""
-    from slimc.compile import build_backends, model_dtype, resolve_source
+    from slimc.commands.compile import build_backends, model_dtype, resolve_source
     from slimc.frontends import frontend_for
 
     source = resolve_source(config, model_path)

@@ -20,8 +20,8 @@ from torch import fx, nn
 from slimc.schemes import QuantScheme
 
 if TYPE_CHECKING:
-    from slimc.frontends.hf import ModelSource
-    from slimc.traced_block import TracedBlock
+    from slimc.ir.source import ModelSource
+    from slimc.ir.traced_block import TracedBlock
 
 @dataclass
 class QuantSpec:

@@ -27,7 +27,7 @@ from torch.fx.node import map_aggregate
 from torch.utils import _pytree as pytree
 
 from slimc.errors import TraceError
-from slimc.traced_block import Guard, TracedBlock, leaf_names, normalise_inputs, same_constant
+from slimc.ir.traced_block import Guard, TracedBlock, leaf_names, normalise_inputs, same_constant
 
 KERNEL_NAME = "attention_kernel"
 _KERNEL_GLOBALS = ("ALL_ATTENTION_FUNCTIONS", "eager_attention_forward")

@@ -9,8 +9,8 @@ import torch
 
 from slimc.config import config_from_data
 from slimc.frontends import frontend_for
-from slimc.frontends.hf import default_model_path, resolve_model_source
 from slimc.ir import Block, Program
+from slimc.ir.source import default_model_path, resolve_model_source
 from slimc.patterns import (
     ModulationGroup,
     find_experts,

@@ -8,10 +8,8 @@ messages with the keys, so an error in a migrated file still points at the line 
 
 from __future__ import annotations
 
-import io
 from collections.abc import MutableMapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from slimc.errors import ConfigError
@@ -91,28 +89,3 @@ def _lookup(data: Any, path: KeyPath) -> Any:
 def _move_lines(lines: dict[tuple, int], old: KeyPath, new: KeyPath) -> None:
     for path in [p for p in lines if p[:len(old)] == old]:
         lines[new + path[len(old):]] = lines.pop(path)
-
-
-def migrated_yaml(path: Path) -> tuple[str, list[str]]:
-    """The file at `path` upgraded to CONFIG_VERSION as YAML text, its comments kept, and what changed."""
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import YAMLError
-
-    from slimc.config import config_from_data, read_yaml
-
-    plain, _ = read_yaml(path)  # the same checks as loading (encoding, safe tags, size)
-    if not isinstance(plain, dict):
-        raise ConfigError(f"{path}: the config must be a mapping with keys such as version, model, pipeline")
-    yaml = YAML()  # round-trip: keeps comments, key order and flow style
-    yaml.preserve_quotes = True
-    yaml.indent(mapping=2, sequence=4, offset=2)  # the shipped configs' style
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"))
-    except YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    changes = upgrade(data, source=str(path))
-    upgrade(plain, source=str(path))
-    config_from_data(plain, source=str(path))  # the upgraded file must load
-    text = io.StringIO()
-    yaml.dump(data, text)
-    return text.getvalue(), changes

@@ -8,7 +8,7 @@
     export: [{format: mindie}]
 
 Pass and export parameters are validated by the pass/backend class itself (its typed fields).
-A file of an older `version` is upgraded in memory (slimc.migrate), with one warning saying so.
+A file of an older `version` is upgraded in memory (slimc.config.versions), with one warning saying so.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from slimc.config.versions import CONFIG_VERSION, upgrade
 from slimc.errors import ConfigError
-from slimc.migrate import CONFIG_VERSION, upgrade
 from slimc.schemes import QuantScheme
 
 MAX_CONFIG_BYTES = 1 << 20

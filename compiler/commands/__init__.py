@@ -1,0 +1,1 @@
+"""The command layer: the CLI and the drivers it runs (compile, evaluate, explain, doctor, export, record, migrate)."""

@@ -1,0 +1,1 @@
+"""Numerics: quantizers, GPTQ, Hadamard transforms, observers, lowered modules, block statistics, fidelity metrics."""

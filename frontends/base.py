@@ -1,0 +1,59 @@
+"""The frontend contract: what every model family's frontend provides (see slimc.frontends)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from slimc.config import CalibrationConfig
+    from slimc.ir import Program
+    from slimc.ir.source import ModelSource
+    from slimc.report import RunReport
+
+
+class Frontend:
+    """Base class: `architectures` lists the transformers/diffusers class names the frontend cuts.
+
+    A frontend loads a model, cuts it into a Program of stages and blocks, and turns the
+    calibration dataset into batches of the model's forward arguments (`Program.call` runs one).
+    """
+
+    name: ClassVar[str] = ""
+    architectures: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+    # `slimc eval`: the held-out dataset (never the calibration data) that `calibration_batches` turns into
+    # evaluation batches unless the user names another, and what is measured on it: "perplexity" (decoder
+    # LLMs) or "fidelity" (the quantized model's block and model outputs against the float model's).
+    evaluation_dataset: ClassVar[str] = "builtin:text-eval"
+    evaluation_metric: ClassVar[str] = "fidelity"
+    # The family's own calibration data: what its shipped configs use, and what `slimc trace` traces with.
+    calibration_dataset: ClassVar[str] = "builtin:text"
+    # Calibration settings for `slimc trace`: the smallest batches that still reach every stage.
+    trace_calibration: ClassVar[dict] = {"seq_len": 32}
+    # Every built-in dataset the family reads; another family's is refused before the model loads.
+    builtin_datasets: ClassVar[tuple[str, ...]] = ("builtin:text", "builtin:text-eval")
+
+    def load(self, source: ModelSource, *, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False) -> nn.Module:
+        from slimc.ir.source import load_model
+
+        return load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+    def skeleton(self, source: ModelSource, dtype: torch.dtype) -> nn.Module:
+        """The model `load` gives, on the meta device: every module, shape and dtype, and no weight read."""
+        import torch
+
+        from slimc.ir.source import model_from_config
+
+        with torch.device("meta"):
+            return model_from_config(source, dtype=dtype)
+
+    def build(self, source: ModelSource, model: nn.Module) -> Program:
+        raise NotImplementedError
+
+    def calibration_batches(self, calibration: CalibrationConfig, source: ModelSource, program: Program,
+                            report: RunReport | None = None) -> list[dict]:
+        """The calibration dataset as batches of forward arguments for `program.call`."""
+        raise NotImplementedError
