@@ -31,7 +31,7 @@ class Backend(BaseModel):
         the format's files. Return every written file."""
         out_dir = Path(out_dir)
         self.check(program)
-        copied = write_model_files(program.source, out_dir, program.metadata.get("config_updates"))
+        copied = write_model_files(program.source, out_dir, program.config_updates)
         return sorted(set(copied) | set(self.write(program, out_dir)))
 
     def check(self, program: Program) -> None:

@@ -156,12 +156,11 @@ def float_tensors(program: Program) -> dict[str, torch.Tensor]:
 
 # --- outputs that keep a whole checkpoint ------------------------------------------------------------------
 # A frontend that quantizes one part of a larger checkpoint (an Omni thinker beside its talker) sets
-# `program.metadata[SOURCE_TENSORS]`, {name: safetensors file} of the checkpoint's other tensors, which are
+# `Program.source_tensors`, {name: safetensors file} of the checkpoint's other tensors, which are
 # copied unchanged as FLOAT, so the output loads in place of the checkpoint. The part's own tensors already
 # carry their checkpoint names: transformers' save conversion restores the prefix (`thinker.`) that
 # `from_pretrained` removed when it loaded the part from the whole checkpoint.
 
-SOURCE_TENSORS = "source_tensors"
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
                       "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 
@@ -180,8 +179,8 @@ class SourceTensor:
 
 
 def source_tensors(program: Program, written: dict[str, torch.Tensor], fmt: str) -> dict[str, SourceTensor]:
-    """The checkpoint tensors the program copies (SOURCE_TENSORS), each file's header read once."""
-    declared = program.metadata.get(SOURCE_TENSORS, {})
+    """The checkpoint tensors the program copies (`Program.source_tensors`), each file's header read once."""
+    declared = program.source_tensors
     clashes = sorted(set(declared) & set(written))
     if clashes:
         raise ExportError(f"{fmt}: {clashes[0]} is both a tensor of the program and one copied from the source checkpoint")

@@ -1,4 +1,4 @@
-"""The `mindie` backend: the Ascend "ascendV1" layout that MindIE and vLLM-Ascend load (FORMATS.md).
+"""The `mindie` backend: the Ascend "ascendV1" layout that MindIE and vLLM-Ascend load (docs/formats/mindie.md).
 
     quant_model_weights.safetensors (or -0000i-of-0000N shards + .index.json)
     quant_model_description.json      every tensor -> quant type, plus version, model_quant_type, ...
@@ -215,7 +215,7 @@ def _rotation_tensors(program: Program, parts: list[CheckpointLinear]) -> dict[s
 def _metadata(program: Program, rotations: dict[str, torch.Tensor]) -> dict:
     """The description's metadata: `quarot` lists the Linears with an online rotation. max_tp_size 1: the
     rotation mixes the whole input, so a tensor-parallel runtime must gather it first."""
-    metadata = dict(program.metadata.get("ascend_metadata", {}))
+    metadata = dict(program.ascend_metadata)
     layers = sorted({n.rpartition(".")[0] for n in rotations}, key=natural_key)
     if layers:
         metadata["quarot"] = {"max_tp_size": 1, "kronecker_rotation": {"layers": layers}}
@@ -293,7 +293,7 @@ def _check_scheme(part: CheckpointLinear) -> None:
 
 
 def _part_tensors(part: CheckpointLinear, is_bf16: bool, row_parallel: bool) -> dict[str, tuple[torch.Tensor, str]]:
-    """The tensors of one checkpoint Linear in the ascendV1 layout (FORMATS.md), with their description types."""
+    """The tensors of one checkpoint Linear in the ascendV1 layout (docs/formats/mindie.md), with their description types."""
     p, label = part.prefix, part.scheme.label
     codes = part.codes.to(torch.int8)
     out: dict[str, tuple[torch.Tensor, str]] = {}
@@ -403,7 +403,7 @@ _SUFFIXES = {
 
 def _check_linear(prefix: str, quant_type: str, own: dict[str, torch.Tensor], types: dict[str, str], is_bf16: bool,
                   group_size: int) -> None:
-    """FORMATS.md's table for one quantized Linear: its tensor set, dtypes and shapes."""
+    """The table of docs/formats/mindie.md for one quantized Linear: its tensor set, dtypes and shapes."""
     required = _SUFFIXES.get(quant_type, {"weight", "weight_scale", "weight_offset"})
     if set(own) - {"bias"} != required:
         raise ExportError(f"mindie: {prefix} ({quant_type}) has tensors {sorted(own)}; expected {sorted(required)} (+ bias)")

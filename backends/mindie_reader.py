@@ -2,7 +2,7 @@
 
 `load_ascend_model` rebuilds the model (transformers or diffusers) from an output directory alone: float tensors are
 loaded by name, and every Linear the description marks as quantized becomes an `AscendLinear` that
-computes the Ascend runtime arithmetic from the written tensors (FORMATS.md). This is what
+computes the Ascend runtime arithmetic from the written tensors (docs/formats/mindie.md). This is what
 `slimc eval --quantized OUT` measures, so nothing here may use `QuantizedLinear` or `slimc.numerics.quant`.
 
 The file-format facts the writer (`slimc.backends.mindie`) shares live here too: file names, the

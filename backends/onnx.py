@@ -31,6 +31,7 @@ from slimc.backends.onnx_dtype import EXPORT_DTYPE, exported_dtype
 from slimc.backends.onnx_inputs import GraphSpec, graph_spec
 from slimc.errors import ExportError, SlimcError
 from slimc.ir import Program
+from slimc.ir.hooks import temporary_hooks
 from slimc.numerics.modules import QuantizedExperts, QuantizedLinear
 
 if TYPE_CHECKING:
@@ -221,12 +222,10 @@ def _perturbed_layer_inputs(program: Program, seed: int) -> Iterator[None]:
         signs = torch.randint(0, 2, x.shape, generator=generator).to(x.device) * 2 - 1
         return (x * (1 + PERTURBATION_ULPS * torch.finfo(x.dtype).eps * signs), *rest), kwargs
 
-    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in _lowered(program).values()]
-    try:
+    with temporary_hooks() as hooks:
+        for module in _lowered(program).values():
+            hooks.before(module, hook, with_kwargs=True)
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _lowered(program: Program) -> dict[str, QuantizedLinear | QuantizedExperts]:

@@ -1,4 +1,4 @@
-"""The `vllm` backend: a compressed-tensors checkpoint (FORMATS.md), the layout llm-compressor writes and
+"""The `vllm` backend: a compressed-tensors checkpoint (docs/formats/vllm.md), the layout llm-compressor writes and
 vLLM and transformers load.
 
     model.safetensors (or model-0000i-of-0000N.safetensors + model.safetensors.index.json)

@@ -13,19 +13,17 @@ import functools
 from typing import Any
 
 import torch
-from pydantic import ValidationError
-from torch import nn
 from tqdm.auto import tqdm
 
-from slimc.config import SlimcConfig, format_validation_error
+from slimc.config import SlimcConfig
 from slimc.errors import ConfigError, DataError, PassError
 from slimc.ir import Block, Program, Stage
 from slimc.ir.calls import hidden_of, perturbed, rebind_hidden, rotate_hidden, to_device
 from slimc.ir.capture import StageNotReached, capture_stage
 from slimc.ir.tracer import trace_block
 from slimc.numerics.fidelity import relative_error
-from slimc.pass_base import Context, Pass, pass_class
-from slimc.patterns import is_experts_module, propagate_shapes
+from slimc.pass_base import Context, Pass
+from slimc.patterns import propagate_shapes
 from slimc.report import RunReport
 
 # The equivalence check's tolerance: the larger of a floor for the model's dtype and SENSITIVITY_FACTOR times the
@@ -57,27 +55,13 @@ class Pipeline:
 
     @classmethod
     def from_config(cls, config: SlimcConfig) -> Pipeline:
+        """The config's steps (typed and checked when it loaded), each a fresh copy: a pass keeps state while it runs."""
         steps: list[Pass] = []
-        for index, raw in enumerate(config.pipeline):
-            params = {key: value for key, value in raw.items() if key != "pass"}
-            try:
-                step_class = pass_class(str(raw["pass"]))
-            except ConfigError as error:
-                raise ConfigError(f"{config.where('pipeline', index, 'pass')}: pipeline.{index}.pass: {error}") from None
-            try:
-                step = step_class(**params)
-            except ValidationError as error:
-                raise ConfigError(
-                    format_validation_error(error, step_class, config.source_file, config.lines, prefix=("pipeline", index))
-                ) from None
-            missing = [name for name in step.requires if name not in {s.name for s in steps}]
-            if missing:
-                raise ConfigError(
-                    f"{config.where('pipeline', index)}: pipeline.{index}: pass {step.name!r} needs "
-                    f"{', '.join(repr(m) for m in missing)} earlier in the pipeline"
-                )
-            step.check(config, index)
-            steps.append(step)
+        for index, step in enumerate(config.pipeline):
+            if not isinstance(step, Pass):
+                raise ConfigError(f"{config.where('pipeline', index, 'pass')}: pipeline.{index}.pass: {step.name!r} is a "
+                                  "PassStep that does no work on blocks; derive it from slimc.passes.Pass")
+            steps.append(step.model_copy(deep=True))
         return cls(steps)
 
     def run(self, program: Program, config: SlimcConfig, batches: list[dict[str, Any]], report: RunReport) -> Context:
@@ -88,7 +72,7 @@ class Pipeline:
         prepared = False
         for stage in program.stages:
             try:
-                with report.timed("capture"), program.executing_graphs():
+                with report.timed("capture"), program.executing_graphs(), program.streamed():
                     stage_inputs = capture_stage(
                         [block.module for block in stage.blocks],
                         [functools.partial(program.call, program.model, batch) for batch in batches],
@@ -118,9 +102,8 @@ class Pipeline:
     def _leave_unreached(stage: Stage, ctx: Context, error: StageNotReached) -> None:
         """A stage no calibration batch runs (text-only data and a vision tower) stays float if the config
         quantizes none of its layers; if it quantizes some, the data cannot calibrate them."""
-        selected = [block.qualified(name) for block in stage.blocks for name, module in block.module.named_modules()
-                    if (isinstance(module, nn.Linear) or is_experts_module(module))
-                    and ctx.planned_scheme(block.qualified(name)) is not None]
+        selected = [block.qualified(name) for block in stage.blocks for name, _ in block.module.named_modules()
+                    if ctx.plan.scheme(block.qualified(name)) is not None]
         if selected:
             raise DataError(
                 f"calibration.dataset {ctx.config.calibration.dataset!r} gives no input to stage {stage.name!r}, but the "
@@ -128,11 +111,14 @@ class Pipeline:
                 "it (images for a vision tower: builtin:image-text or a .jsonl of {\"image\": ..., \"text\": ...} lines; "
                 "see docs/calibration.md), or exclude those layers from the fake_quant rules"
             ) from error
+        for block in stage.blocks:
+            ctx.program.materialize(block)
         ctx.report.note(f"stage {stage.name!r}: no calibration batch runs it and the config quantizes none of its "
                         "layers, so it stays as loaded")
 
     def _run_block(self, block: Block, ctx: Context) -> list[Any]:
         """Trace the block if needed, run every pass on it, and return its outputs on every batch."""
+        ctx.program.materialize(block)
         moved = ctx.device.type != "cpu"
         if moved:
             block.module.to(ctx.device)

@@ -14,7 +14,8 @@ attention chunks (its traced layers are specialised to that count).
   beeps, tremolo, two-tone alternations and band-limited noise bursts, each with a caption that describes it
   truthfully. The two sets share no clip (calibration uses even MIDI notes, evaluation odd ones).
 - Placeholder tokens: an omni prompt holds one audio token per audio-encoder output frame;
-  `audio_token_count` computes that number as the processors do.
+  `qwen2_5_omni_audio_tokens` and `qwen3_omni_audio_tokens` compute that number as the processors
+  do (`slimc.frontends.omni.OMNI_FAMILIES` says which family takes which).
 - Omni samples (`load_media_samples`): an image and/or a clip with text, from `builtin:omni`
   (`-eval`: every sample one built-in scene and one built-in clip), the built-in audio or image
   sets, or a .jsonl of {"audio": path, "image": path, "text": ..., "response": ...} lines.
@@ -121,20 +122,19 @@ def _halve(frames: int) -> int:
     return (frames - 1) // 2 + 1
 
 
-def audio_token_count(model_type: str, frames: int, n_window: int) -> int:
-    """Audio placeholder tokens for `frames` valid mel frames: the length the audio encoder outputs.
+def qwen2_5_omni_audio_tokens(frames: int, n_window: int) -> int:
+    """Audio placeholder tokens for `frames` valid mel frames, the length Qwen2.5-Omni's audio encoder
+    outputs: a stride-2 convolution, then average pooling by 2 (`n_window` plays no part)."""
+    return (_halve(frames) - 2) // 2 + 1
 
-    Qwen2.5-Omni: a stride-2 convolution, then average pooling by 2. Qwen3-Omni: three stride-2
-    convolutions per chunk of 2·n_window frames (100 frames give 13 tokens), the rest likewise.
-    """
-    if model_type.startswith("qwen2_5_omni"):
-        return (_halve(frames) - 2) // 2 + 1
-    if model_type.startswith("qwen3_omni"):
-        chunk = 2 * n_window
-        rest = _halve(frames % chunk)
-        return (_halve(rest) - 1) // 2 + 1 + (frames // chunk) * _halve(_halve(_halve(chunk)))
-    raise DataError(f"no audio placeholder rule for model type {model_type!r}; audio calibration supports "
-                    "Qwen2.5-Omni and Qwen3-Omni thinkers")
+
+def qwen3_omni_audio_tokens(frames: int, n_window: int) -> int:
+    """Audio placeholder tokens for `frames` valid mel frames, the length Qwen3-Omni's audio encoder
+    outputs: three stride-2 convolutions per chunk of 2·n_window frames (100 frames give 13 tokens),
+    the rest likewise."""
+    chunk = 2 * n_window
+    rest = _halve(frames % chunk)
+    return (_halve(rest) - 1) // 2 + 1 + (frames // chunk) * _halve(_halve(_halve(chunk)))
 
 
 # --- the built-in sets ----------------------------------------------------------------------------

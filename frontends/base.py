@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ class Frontend:
     """
 
     name: ClassVar[str] = ""
+    streams: ClassVar[bool] = True  # `load` takes a device map offloading the blocks (slimc.ir.streaming)
     architectures: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
     # `slimc eval`: the held-out dataset (never the calibration data) that `calibration_batches` turns into
@@ -36,10 +38,14 @@ class Frontend:
     # Every built-in dataset the family reads; another family's is refused before the model loads.
     builtin_datasets: ClassVar[tuple[str, ...]] = ("builtin:text", "builtin:text-eval")
 
-    def load(self, source: ModelSource, *, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False) -> nn.Module:
+    def load(self, source: ModelSource, *, dtype: torch.dtype, device: str | dict[str, str] = "cpu",
+             trust_remote_code: bool = False, offload_folder: Path | None = None) -> nn.Module:
+        """The model, loaded on `device`: a device, or a device map that may offload modules to disk (into
+        `offload_folder`, see slimc.ir.streaming) where the frontend `streams`."""
         from slimc.ir.source import load_model
 
-        return load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        return load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                          **({"offload_folder": str(offload_folder)} if offload_folder is not None else {}))
 
     def skeleton(self, source: ModelSource, dtype: torch.dtype) -> nn.Module:
         """The model `load` gives, on the meta device: every module, shape and dtype, and no weight read."""

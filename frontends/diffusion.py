@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,7 +95,8 @@ def expert_program(program: Program, component: str) -> Program:
         model=program.model.get_submodule(component), family=program.family,
         source=component_source(program.source, component), stages=stages, call=call_transformer,
         quant_specs={strip(k): v for k, v in program.quant_specs.items() if k.startswith(prefix)},
-        metadata=dict(program.metadata),
+        rotations=program.rotations, config_updates=program.config_updates, tied_embeddings=program.tied_embeddings,
+        device=program.device, source_tensors=program.source_tensors, ascend_metadata=program.ascend_metadata,
     )
 
 
@@ -102,13 +104,15 @@ class DiffusionTransformer(Frontend):
     name = "diffusion"
     architectures = ("FluxTransformer2DModel", "HunyuanVideoTransformer3DModel", "WanTransformer3DModel")
     description = "diffusion transformers (diffusers): FLUX.1, HunyuanVideo, Wan 2.1/2.2"
+    streams = False  # loaded whole: a diffusers transformer is a few GB to a few tens of GB, its blocks small
     calibration_dataset = "builtin:prompts"
     builtin_datasets = PROMPT_SPECS
     trace_calibration = {"diffusion": {"steps": 2}}  # two steps reach both Wan2.2 experts (boundary at 0.875)
     evaluation_dataset = "builtin:prompts-eval"
     evaluation_metric = "fidelity"
 
-    def load(self, source: ModelSource, *, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False) -> nn.Module:
+    def load(self, source: ModelSource, *, dtype: torch.dtype, device: str | dict[str, str] = "cpu",
+             trust_remote_code: bool = False, offload_folder: Path | None = None) -> nn.Module:
         if not source.is_pipeline:
             return _load_transformer(source, dtype, device)
         loaded = {name: _load_transformer(component_source(source, name), dtype, device) for name in source.components}
@@ -143,7 +147,7 @@ class DiffusionTransformer(Frontend):
         calls = calibration_calls(
             calibration, source.path if source.is_pipeline else None, experts,
             transformers=transformers if source.is_pipeline else None, dtype=compute_dtype(next(iter(transformers.values()))),
-            device=program.metadata.get("device", "cpu"), transformer_dir=None if source.is_pipeline else source.path,
+            device=program.device, transformer_dir=None if source.is_pipeline else source.path,
         )
         if report is not None:
             report.metrics["calibration_calls"] = float(len(calls))

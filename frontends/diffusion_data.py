@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from slimc.config import CalibrationConfig, DiffusionSampling
 from slimc.errors import DataError
 from slimc.frontends.data import jsonl_strings, text_lines
+from slimc.ir.hooks import Hooks, temporary_hooks
 
 PROMPT_SPECS = ("builtin:prompts", "builtin:prompts-eval")
 FORMAT = "slimc.transformer_inputs"
@@ -197,15 +198,14 @@ class _Recorder:
     the transformer computes in one. A tensor the pipeline passes again (the prompt embeddings at every
     step) is kept once."""
 
-    def __init__(self, transformers: dict[str, nn.Module]) -> None:
+    def __init__(self, transformers: dict[str, nn.Module], hooks: Hooks) -> None:
         self.calls: list[RecordedCall] = []
         self._kept: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._handles = []
         for name, module in transformers.items():
             parameters = [p.name for p in inspect.signature(module.forward).parameters.values()]
             dtype = compute_dtype(module)
-            self._handles.append(module.register_forward_pre_hook(
-                lambda m, args, kwargs, n=name, p=parameters, d=dtype: self._record(n, p, d, args, kwargs), with_kwargs=True))
+            hooks.before(module, lambda m, args, kwargs, n=name, p=parameters, d=dtype: self._record(n, p, d, args, kwargs),
+                         with_kwargs=True)
 
     def _record(self, expert: str, parameters: list[str], dtype: torch.dtype, args: tuple, kwargs: dict) -> None:
         named = {**dict(zip(parameters, args)), **kwargs}
@@ -219,11 +219,6 @@ class _Recorder:
             kept = value.detach().to("cpu", copy=value.device.type != "cpu")
             self._kept[key] = (value, kept.to(dtype) if kept.is_floating_point() else kept)
         return self._kept[key][1]
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._kept.clear()
 
 
 def load_pipeline(pipeline_dir: str | Path, dtype: torch.dtype, transformers: dict[str, nn.Module]) -> Any:
@@ -270,16 +265,16 @@ def record_pipeline_calls(pipeline_dir: str | Path, prompts: list[str], sampling
                   if isinstance(getattr(pipeline, name, None), nn.Module)}
     pipeline.set_progress_bar_config(disable=True)
     call_kwargs = pipeline_call_kwargs(pipeline, sampling)
-    recorder = _Recorder(components)
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     try:
-        if device != "cpu":
-            pipeline.to(device)
-        for index, batch in enumerate(tqdm(batches, desc="recording transformer inputs", unit="batch", disable=not progress)):
-            generator = torch.Generator().manual_seed(sampling.seed + index)
-            pipeline(prompt=batch, generator=generator, **call_kwargs)
+        with temporary_hooks() as hooks:
+            recorder = _Recorder(components, hooks)
+            if device != "cpu":
+                pipeline.to(device)
+            for index, batch in enumerate(tqdm(batches, desc="recording transformer inputs", unit="batch", disable=not progress)):
+                generator = torch.Generator().manual_seed(sampling.seed + index)
+                pipeline(prompt=batch, generator=generator, **call_kwargs)
     finally:
-        recorder.remove()
         if device != "cpu":
             pipeline.to("cpu")
         for module in transformers.values():

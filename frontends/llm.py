@@ -17,6 +17,7 @@ from slimc.errors import ModelLoadError
 from slimc.frontends.base import Frontend
 from slimc.frontends.data import corpus_token_samples
 from slimc.ir import Block, Program, Stage
+from slimc.ir.hooks import temporary_hooks
 from slimc.ir.source import ModelSource, load_tokenizer
 from slimc.report import RunReport
 
@@ -35,17 +36,12 @@ def module_feeding(model: nn.Module, head: nn.Module, layers: nn.ModuleList) -> 
     inside = {id(m) for m in layers.modules()} | {id(head), id(model.get_input_embeddings())}
     outputs: dict[str, torch.Tensor] = {}
     head_input: list[torch.Tensor] = []
-    handles = [
-        module.register_forward_hook(lambda m, args, out, n=name: outputs.__setitem__(n, out))
-        for name, module in model.named_modules()
-        if id(module) not in inside and not list(module.children())
-    ]
-    handles.append(head.register_forward_pre_hook(lambda m, args: head_input.append(args[0])))
-    try:
+    with temporary_hooks() as hooks:
+        for name, module in model.named_modules():
+            if id(module) not in inside and not list(module.children()):
+                hooks.after(module, lambda m, args, out, n=name: outputs.__setitem__(n, out))
+        hooks.before(head, lambda m, args: head_input.append(args[0]))
         model(input_ids=torch.tensor([[1, 2]], device=head.weight.device), use_cache=False)  # 0 is often padding
-    finally:
-        for handle in handles:
-            handle.remove()
     x = head_input[0]
     for name, out in outputs.items():
         if isinstance(out, torch.Tensor) and out.shape[-1] == x.shape[-1] and out.shape[-2] >= x.shape[-2] \
@@ -72,7 +68,7 @@ class DecoderLLM(Frontend):
         prefix, layers = decoder_layers(model, config.num_hidden_layers)
         blocks = [Block(f"{prefix}.{i}", layer, layers, i, role="text") for i, layer in enumerate(layers)]
         program = Program(model=model, family=self.name, source=source, stages=[Stage("text", blocks)], call=call_without_cache)
-        program.metadata["tied_embeddings"] = bool(getattr(config, "tie_word_embeddings", False))
+        program.tied_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         names = {id(module): name for name, module in model.named_modules()}
         program.embeddings = [names[id(model.get_input_embeddings())]]
         program.head = names[id(model.get_output_embeddings())]

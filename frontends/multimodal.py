@@ -65,10 +65,12 @@ class MultimodalLLM(Frontend):
     builtin_datasets = (*BUILTIN_SPECS, *IMAGE_TEXT_SPECS)  # text-only data calibrates the decoder alone
     trace_calibration = {"seq_len": 32, "image_size": 64}  # 64 px: the fewest image tokens processors allow
 
-    def load(self, source: ModelSource, *, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False) -> nn.Module:
+    def load(self, source: ModelSource, *, dtype: torch.dtype, device: str | dict[str, str] = "cpu",
+             trust_remote_code: bool = False, offload_folder: Path | None = None) -> nn.Module:
         # batched_mm: fused MoE experts that fx can trace (the default grouped_mm cannot); dense models ignore it.
         return load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                          experts_implementation="batched_mm")
+                          experts_implementation="batched_mm",
+                          **({"offload_folder": str(offload_folder)} if offload_folder is not None else {}))
 
     def build(self, source: ModelSource, model: nn.Module) -> Program:
         stages = [stage for stage in (*self.encoder_stages(model), text_stage(model)) if stage.blocks]

@@ -8,9 +8,8 @@ stages and the text decoder of `MultimodalLLM`. The audio convolutions, the enco
 projections and the vision mergers' Linears of Qwen3-Omni's audio tower sit outside the layers and
 stay float.
 
-From a whole checkpoint the program records the checkpoint's other tensors (`source_tensors` in
-`program.metadata`), which an export copies unchanged; the thinker's own tensors keep their
-checkpoint names (`thinker.*`: transformers' save conversion restores the prefix its loading took
+From a whole checkpoint the program records the checkpoint's other tensors (`Program.source_tensors`), which
+an export copies unchanged; the thinker's own tensors keep their checkpoint names (`thinker.*`: transformers' save conversion restores the prefix its loading took
 off), so the output loads in place of the original.
 
 Calibration samples hold an image and/or a clip with text (slimc.frontends.audio): the default `builtin:omni`
@@ -22,6 +21,8 @@ inputs' structure); batches with images come first.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,10 @@ from slimc.frontends.audio import (
     BUILTIN_AUDIO_SPECS,
     OMNI_SPECS,
     MediaSample,
-    audio_token_count,
     holds_media,
     load_media_samples,
+    qwen2_5_omni_audio_tokens,
+    qwen3_omni_audio_tokens,
 )
 from slimc.frontends.llm import text_batches
 from slimc.frontends.multimodal import (
@@ -62,8 +64,30 @@ from slimc.report import RunReport
 
 THINKERS = ("Qwen2_5OmniThinkerForConditionalGeneration", "Qwen3OmniMoeThinkerForConditionalGeneration")
 WHOLE_MODELS = ("Qwen2_5OmniModel", "Qwen2_5OmniForConditionalGeneration", "Qwen3OmniMoeForConditionalGeneration")
-# The vision-start token of each thinker's prompts, for configs that leave out `vision_start_token_id`.
-_VISION_START = {"qwen2_5_omni": "<|vision_bos|>", "qwen3_omni_moe": "<|vision_start|>"}
+
+
+@dataclass(frozen=True)
+class OmniFamily:
+    """Per omni family, what the model's config does not say and the calibration data needs before the
+    model runs: how its processor lays out audio, and the vision-start token of its prompts."""
+
+    audio_tokens: Callable[[int, int], int]  # (valid mel frames, n_window) -> the audio encoder's output length
+    cuts_clips_to_window: bool  # the processor pads and cuts every clip to the feature extractor's window
+    vision_start_token: str  # for configs that leave out `vision_start_token_id`
+
+
+OMNI_FAMILIES = {
+    "qwen2_5_omni": OmniFamily(qwen2_5_omni_audio_tokens, cuts_clips_to_window=True, vision_start_token="<|vision_bos|>"),
+    "qwen3_omni_moe": OmniFamily(qwen3_omni_audio_tokens, cuts_clips_to_window=False, vision_start_token="<|vision_start|>"),
+}
+
+
+def omni_family(config: PretrainedConfig) -> OmniFamily:
+    """The rules of the family of a thinker's (or a whole omni model's) config."""
+    family = OMNI_FAMILIES.get(config.model_type.removesuffix("_thinker"))
+    if family is None:
+        raise DataError(f"no omni rules for model type {config.model_type!r}; slimc reads Qwen2.5-Omni and Qwen3-Omni thinkers")
+    return family
 
 
 class OmniThinker(MultimodalLLM):
@@ -75,10 +99,12 @@ class OmniThinker(MultimodalLLM):
     trace_calibration = {"seq_len": 256, "image_size": 64, "audio_seconds": 1.0}  # room for one image's and one second's tokens
     evaluation_dataset = "builtin:omni-eval"
 
-    def load(self, source: ModelSource, *, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False) -> nn.Module:
+    def load(self, source: ModelSource, *, dtype: torch.dtype, device: str | dict[str, str] = "cpu",
+             trust_remote_code: bool = False, offload_folder: Path | None = None) -> nn.Module:
         thinker, _ = component_source(source)
         _ensure_vision_start(source, thinker.config)
-        return super().load(thinker, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        return super().load(thinker, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                            offload_folder=offload_folder)
 
     def skeleton(self, source: ModelSource, dtype: torch.dtype) -> nn.Module:
         return super().skeleton(component_source(source)[0], dtype)
@@ -87,8 +113,8 @@ class OmniThinker(MultimodalLLM):
         program = super().build(source, model)
         _, prefix = component_source(source)
         if prefix:  # a whole checkpoint: the exports copy its talker and vocoder unchanged
-            program.metadata["source_tensors"] = {name: file for name, file in checkpoint_files(source.path).items()
-                                                  if not name.startswith(prefix)}
+            program.source_tensors = {name: file for name, file in checkpoint_files(source.path).items()
+                                      if not name.startswith(prefix)}
         return program
 
     def encoder_stages(self, model: nn.Module) -> list[Stage]:
@@ -199,7 +225,7 @@ class ComposedOmniProcessor:
         self.vision, self.feature_extractor = vision, feature_extractor
         self.tokenizer = vision.tokenizer
         self.audio_token = vision.tokenizer.convert_ids_to_tokens(config.audio_token_id)
-        self.model_type, self.n_window = config.model_type, config.audio_config.n_window
+        self.family, self.n_window = omni_family(config), config.audio_config.n_window
 
     def apply_chat_template(self, messages: list[dict], **kwargs: Any) -> str:
         return self.vision.apply_chat_template(messages, **kwargs)
@@ -208,10 +234,10 @@ class ComposedOmniProcessor:
                  return_tensors: str = "pt") -> dict[str, torch.Tensor]:
         features = None
         if audio:
-            padding = {"padding": "max_length"} if self.model_type.startswith("qwen2_5") else {"padding": True, "truncation": False}
+            padding = {"padding": "max_length"} if self.family.cuts_clips_to_window else {"padding": True, "truncation": False}
             features = self.feature_extractor(audio, sampling_rate=self.feature_extractor.sampling_rate, return_attention_mask=True,
                                               return_tensors=return_tensors, **padding)
-            counts = iter([audio_token_count(self.model_type, int(n), self.n_window) for n in features["attention_mask"].sum(-1)])
+            counts = iter([self.family.audio_tokens(int(n), self.n_window) for n in features["attention_mask"].sum(-1)])
             text = [_repeat_each(t, self.audio_token, counts) for t in text]
         if images:
             out = self.vision(text=text, images=images, return_tensors=return_tensors)
@@ -238,7 +264,7 @@ def _media_words(media: tuple[bool, bool]) -> str:
 def _check_duration(seconds: float, extractor: Any, config: PretrainedConfig) -> None:
     """Qwen2.5-Omni's processor cuts every clip to the extractor's window: a longer setting would be cut silently."""
     window = getattr(extractor, "chunk_length", None)
-    if config.model_type.startswith("qwen2_5") and window is not None and seconds > window:
+    if omni_family(config).cuts_clips_to_window and window is not None and seconds > window:
         raise DataError(f"calibration.audio_seconds={seconds:g} is longer than the {window} s the feature extractor "
                         f"pads and cuts clips to; set calibration.audio_seconds to {window} or less")
 
@@ -249,7 +275,7 @@ def _ensure_vision_start(source: ModelSource, thinker_config: PretrainedConfig) 
     if getattr(thinker_config, "vision_start_token_id", None) is not None:
         return
     found = None
-    token = _VISION_START.get(thinker_config.model_type.removesuffix("_thinker"))
+    token = omni_family(thinker_config).vision_start_token
     try:
         tokenizer = load_tokenizer(source)
     except ModelLoadError:

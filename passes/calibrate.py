@@ -12,6 +12,7 @@ from torch import nn
 
 from slimc.errors import PassError
 from slimc.ir import Block
+from slimc.ir.hooks import temporary_hooks
 from slimc.numerics.fidelity import relative_error
 from slimc.numerics.gptq import HessianAccumulator, gptq_quantize
 from slimc.numerics.modules import EXPERT_WEIGHTS, FakeQuantExperts, FakeQuantize
@@ -82,28 +83,17 @@ class Calibrate(Pass):
     def _observe(self, block: Block, ctx: Context, layers: dict, quantizers: list[FakeQuantize]) -> tuple[dict[str, list], dict]:
         """Keep the layers' float inputs of the first batches, then observe static quantizers (and
         accumulate GPTQ Hessians) on every batch once."""
-        modes = {id(q): q.mode for q in quantizers}
-        for q in quantizers:
-            q.mode = "off"
         samples: dict[str, list] = {target: [] for target in layers}
-        hooks = [
-            module.register_forward_pre_hook(lambda m, args, t=target: samples[t].append(tuple(a.detach() for a in args)))
-            for target, module in layers.items()
-        ]
-        try:
-            ctx.run(block, ctx.inputs[: self.error_batches])
-        finally:
-            for hook in hooks:
-                hook.remove()
         static = [q for q in quantizers if not q.scheme.dynamic]
-        for q in static:
-            q.mode = "observe"
         hessians: dict = {}
-        if static or self.weight_algorithm == "gptq":
-            with self._hessians(layers) as hessians:
-                self._run_all(block, ctx, layers)
-        for q in quantizers:
-            q.mode = modes[id(q)]
+        with _quantizer_modes(quantizers, "off"):
+            with temporary_hooks() as hooks:
+                for target, module in layers.items():
+                    hooks.before(module, lambda m, args, t=target: samples[t].append(tuple(a.detach() for a in args)))
+                ctx.run(block, ctx.inputs[: self.error_batches])
+            if static or self.weight_algorithm == "gptq":
+                with _quantizer_modes(static, "observe"), self._hessians(layers) as hessians:
+                    self._run_all(block, ctx, layers)
         self._freeze(block, ctx, quantizers, layers)
         return samples, hessians
 
@@ -114,22 +104,20 @@ class Calibrate(Pass):
         if self.weight_algorithm != "gptq":
             yield hessians
             return
-        handles = []
-        for target, module in layers.items():
-            if isinstance(module, FakeQuantExperts):
-                per_expert = hessians[target] = {}
-                module.capture = lambda e, name, x, d=per_expert: d.setdefault((name, e), HessianAccumulator()).add(x)
-            else:
-                accumulator = hessians[target] = HessianAccumulator()
-                handles.append(module.register_forward_pre_hook(lambda m, args, a=accumulator: a.add(args[0])))
-        try:
-            yield hessians
-        finally:
-            for handle in handles:
-                handle.remove()
-            for module in layers.values():
+        with temporary_hooks() as hooks:
+            for target, module in layers.items():
                 if isinstance(module, FakeQuantExperts):
-                    module.capture = None
+                    per_expert = hessians[target] = {}
+                    module.capture = lambda e, name, x, d=per_expert: d.setdefault((name, e), HessianAccumulator()).add(x)
+                else:
+                    accumulator = hessians[target] = HessianAccumulator()
+                    hooks.before(module, lambda m, args, a=accumulator: a.add(args[0]))
+            try:
+                yield hessians
+            finally:
+                for module in layers.values():
+                    if isinstance(module, FakeQuantExperts):
+                        module.capture = None
 
     def _run_all(self, block: Block, ctx: Context, layers: dict) -> None:
         """All calibration batches through the block, so static observers see the whole set."""
@@ -187,19 +175,13 @@ class Calibrate(Pass):
         """The layer's outputs on its recorded inputs, with or without its input quantization."""
         quantizers = [m for m in module.modules() if isinstance(m, FakeQuantize)]
         node_quantizer = block.input_quantizer(target)
-        modes = {id(q): q.mode for q in quantizers}
-        for q in quantizers:
-            q.mode = "quantize" if quantize_inputs else "off"
-        try:
+        with _quantizer_modes(quantizers, "quantize" if quantize_inputs else "off"):
             outputs = []
             for args in samples:
                 if node_quantizer is not None and quantize_inputs:
                     args = (node_quantizer(args[0]), *args[1:])
                 outputs.append(module(*args))
             return outputs
-        finally:
-            for q in quantizers:
-                q.mode = modes[id(q)]
 
 
 @torch.no_grad()
@@ -212,6 +194,19 @@ def quantize_experts_weight(weight: torch.Tensor, scheme: TensorScheme, quantize
         scales.append(scale)
         offsets.append(offset)
     return torch.stack(scales), torch.stack(offsets)
+
+
+@contextlib.contextmanager
+def _quantizer_modes(quantizers: list[FakeQuantize], mode: str) -> Iterator[None]:
+    """The quantizers in `mode` while open; each gets its own mode back on exit."""
+    saved = [q.mode for q in quantizers]
+    for q in quantizers:
+        q.mode = mode
+    try:
+        yield
+    finally:
+        for q, previous in zip(quantizers, saved, strict=True):
+            q.mode = previous
 
 
 def _borrow_unobserved(group: nn.ModuleList) -> bool:

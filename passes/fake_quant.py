@@ -5,15 +5,15 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
-from torch import nn
 
 from slimc.config import SlimcConfig
+from slimc.config.steps import AssignedScheme
 from slimc.errors import ConfigError
 from slimc.ir import Block, Program, QuantSpec
 from slimc.numerics.modules import FakeQuantExperts, FakeQuantize
 from slimc.pass_base import Context, Pass, register_pass
-from slimc.patterns import find_experts, find_linears, is_experts_module
-from slimc.schemes import QuantScheme
+from slimc.patterns import find_experts, find_linears
+from slimc.plan import quantizable_layer_names
 
 
 class Rule(BaseModel):
@@ -64,12 +64,12 @@ class FakeQuant(Pass):
                     if problem := glob_problem(pattern):
                         raise ConfigError(f"{where}: pipeline.{step_index}.rules.{i}.{key}: glob {pattern!r} {problem}")
 
-    def scheme_for(self, name: str, config: SlimcConfig) -> tuple[str, QuantScheme] | None:
+    def scheme_for(self, layer: str, config: SlimcConfig) -> AssignedScheme | None:
         chosen = None
         for rule in self.rules:
-            if rule.selects(name):
+            if rule.selects(layer):
                 chosen = rule.scheme
-        return None if chosen is None else (chosen, config.schemes[chosen])
+        return None if chosen is None else AssignedScheme(chosen, config.schemes[chosen])
 
     def prepare(self, program: Program, ctx: Context) -> None:
         """Every include glob of a rule that is not `optional` must select some layer: else it is a typo."""
@@ -82,26 +82,18 @@ class FakeQuant(Pass):
                     raise ConfigError(f"{where}.include: glob {pattern!r} matches no quantizable layer; names look like {example}")
 
     def run_block(self, block: Block, ctx: Context) -> None:
+        """Give the block's layers the schemes the plan gives them (resolved from the rules before any block ran)."""
         gm = block.graph_module
         experts = set(find_experts(gm))
         layers = set(find_linears(gm)) | experts
         for target in sorted(layers):
-            found = self.scheme_for(block.qualified(target), ctx.config)
-            if found is None:
+            planned = ctx.plan.scheme(block.qualified(target))
+            if planned is None:
                 continue
-            scheme_name, scheme = found
+            scheme_name, scheme = planned
             ctx.program.quant_specs[block.qualified(target)] = QuantSpec(scheme_name, scheme)
             if target in experts:
                 block.replace_leaf(target, FakeQuantExperts(block.leaf(target), scheme))
             elif scheme.act is not None:
                 block.insert_input_quantizer(target, FakeQuantize(scheme.act))
 
-
-def quantizable_layer_names(program: Program) -> list[str]:
-    """Qualified names of the Linears and fused experts inside the program's blocks."""
-    return [
-        block.qualified(name)
-        for block in program.blocks
-        for name, module in block.module.named_modules()
-        if isinstance(module, nn.Linear) or is_experts_module(module)
-    ]

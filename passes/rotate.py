@@ -16,16 +16,13 @@ import torch
 from pydantic import PrivateAttr
 from torch import nn
 
-from slimc.config import SlimcConfig
-from slimc.errors import ConfigError, PassError
+from slimc.errors import PassError
 from slimc.ir import Block, Program
 from slimc.numerics.hadamard import OnlineHadamard, describe_hadamard, random_orthogonal
 from slimc.numerics.modules import FakeQuantExperts
 from slimc.pass_base import Context, Pass, register_pass
 from slimc.patterns import Consumer, find_experts, find_ov_pairs, find_residual_stream, find_up_down_pairs
 from slimc.patterns.fold import consumer_weight, norm_has_affine_weight
-
-STATISTICS_PASSES = {"smooth", "fake_quant", "calibrate", "lower"}
 
 
 def _precise(device: torch.device) -> torch.dtype:
@@ -72,6 +69,8 @@ class Rotate(Pass):
     `norm_fusion` before it; passes that gather statistics (smooth, fake_quant, calibrate) come after."""
 
     requires = ("norm_fusion",)
+    runs_before = ("smooth", "fake_quant", "calibrate", "lower")
+    runs_before_reason = "they measure activations that the rotation changes"
     preserves_function = True
 
     seed: int = 0
@@ -79,13 +78,6 @@ class Rotate(Pass):
     online_down: bool = True
     _rotation: torch.Tensor | None = PrivateAttr(None)
     _head_rotations: dict[int, torch.Tensor] = PrivateAttr(default_factory=dict)
-
-    def check(self, config: SlimcConfig, step_index: int) -> None:
-        earlier = [str(step.get("pass")) for step in config.pipeline[:step_index]]
-        misplaced = [name for name in earlier if name in STATISTICS_PASSES]
-        if misplaced:
-            raise ConfigError(f"{config.where('pipeline', step_index)}: pipeline.{step_index}: rotate must come before "
-                              f"{', '.join(misplaced)}: they measure activations that the rotation changes")
 
     def stream_rotation(self) -> torch.Tensor | None:
         return self._rotation
@@ -103,7 +95,7 @@ class Rotate(Pass):
         for name in program.embeddings:
             rotate_inputs(model.get_submodule(name).weight, self._rotation)
         ctx.rotate_stream(self._rotation)
-        program.metadata.setdefault("rotations", {})["residual"] = description
+        program.rotations.residual = description
 
     def _untie_head(self, program: Program, ctx: Context) -> None:
         """The head will be (E∘g)·R and the embedding E·R: two different tensors from now on."""
@@ -111,8 +103,8 @@ class Rotate(Pass):
         if any(head.weight is program.model.get_submodule(name).weight for name in program.embeddings):
             head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
             program.model.config.tie_word_embeddings = False
-            program.metadata["tied_embeddings"] = False
-            program.metadata.setdefault("config_updates", {})["tie_word_embeddings"] = False
+            program.tied_embeddings = False
+            program.config_updates["tie_word_embeddings"] = False
             ctx.report.note("rotate: the tied embedding and head were untied (they now differ by the final norm's scale)")
 
     @torch.no_grad()
@@ -189,4 +181,4 @@ class Rotate(Pass):
     def _record(block: Block, ctx: Context, target: str, transform: OnlineHadamard) -> None:
         description = describe_hadamard(transform.order)
         ctx.report.note(f"rotate: online rotation before down projections of width {transform.order}: {description}")
-        ctx.program.metadata.setdefault("rotations", {}).setdefault("online", {})[block.qualified(target)] = description
+        ctx.program.rotations.online[block.qualified(target)] = description

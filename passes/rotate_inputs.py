@@ -22,8 +22,6 @@ import torch
 from pydantic import Field, PrivateAttr
 from torch import fx
 
-from slimc.config import SlimcConfig
-from slimc.errors import ConfigError
 from slimc.ir import Block, Program
 from slimc.numerics.calib import simulated_quantization
 from slimc.numerics.fidelity import relative_error
@@ -32,8 +30,6 @@ from slimc.pass_base import Context, Pass, register_pass
 from slimc.passes.rotate import rotate_inputs as fuse_input_rotation
 from slimc.patterns import find_linears
 from slimc.schemes import QuantScheme
-
-QUANTIZING_PASSES = {"fake_quant", "calibrate", "lower"}
 
 
 @register_pass("rotate_inputs")
@@ -45,19 +41,14 @@ class RotateInputs(Pass):
     error (on `search_batches` calibration batches) rotated than not."""
 
     preserves_function = True
+    runs_before = ("fake_quant", "calibrate", "lower")
+    runs_before_reason = "the rotation changes the activations they quantize"
 
     include: list[str] = ["*"]
     exclude: list[str] = []
     search: bool = False
     search_batches: int = Field(1, ge=1)
     _kept: dict[str, bool] = PrivateAttr(default_factory=dict)
-
-    def check(self, config: SlimcConfig, step_index: int) -> None:
-        earlier = [str(step.get("pass")) for step in config.pipeline[:step_index]]
-        misplaced = [name for name in earlier if name in QUANTIZING_PASSES]
-        if misplaced:
-            raise ConfigError(f"{config.where('pipeline', step_index)}: pipeline.{step_index}: rotate_inputs must come before "
-                              f"{', '.join(misplaced)}: the rotation changes the activations they quantize")
 
     def selects(self, name: str) -> bool:
         return any(fnmatchcase(name, p) for p in self.include) and not any(fnmatchcase(name, p) for p in self.exclude)
@@ -82,8 +73,7 @@ class RotateInputs(Pass):
                     self._unrotate(block, rotated, source, group, saved)
                     continue
             description = describe_hadamard(gm.get_submodule(rotated.target).order)
-            ctx.program.metadata.setdefault("rotations", {}).setdefault("online", {}).update(
-                {block.qualified(linear.target): description for linear in group})
+            ctx.program.rotations.online.update({block.qualified(linear.target): description for linear in group})
 
     @staticmethod
     def _rotate(block: Block, source: fx.Node, group: list[fx.Node]) -> fx.Node:
@@ -116,12 +106,12 @@ class RotateInputs(Pass):
 
     @staticmethod
     def _planned(block: Block, ctx: Context, group: list[fx.Node]) -> dict[str, QuantScheme]:
-        """The schemes a later step gives the group's Linears (only those with quantized activations)."""
+        """The schemes the plan gives the group's Linears (only those with quantized activations)."""
         planned = {}
         for linear in group:
-            found = ctx.planned_scheme(block.qualified(linear.target))
-            if found is not None and found[1].act is not None:
-                planned[linear.target] = found[1]
+            found = ctx.plan.scheme(block.qualified(linear.target))
+            if found is not None and found.scheme.act is not None:
+                planned[linear.target] = found.scheme
         return planned
 
     def _quantized_error(self, block: Block, ctx: Context, planned: dict[str, QuantScheme], reference: list) -> float:
@@ -130,7 +120,7 @@ class RotateInputs(Pass):
         return max(relative_error(o, r) for o, r in zip(outputs, reference))
 
     def finish(self, program: Program, ctx: Context) -> None:
-        online = program.metadata.get("rotations", {}).get("online", {})
+        online = program.rotations.online
         if online:
             sizes = sorted({description for description in online.values()})
             ctx.report.note(f"rotate_inputs: online Hadamard before {len(online)} Linears ({'; '.join(sizes)})")

@@ -102,9 +102,9 @@ class Smooth(Pass):
         """The grid alpha with the lowest quantized block error, or None where no migration is better."""
         planned = {}
         for reader in migration.readers:
-            found = ctx.planned_scheme(block.qualified(reader.target)) if reader.kind == "linear" else None
+            found = ctx.plan.scheme(block.qualified(reader.target)) if reader.kind == "linear" else None
             if found is not None:
-                planned[reader.target] = found[1]
+                planned[reader.target] = found.scheme
         if not planned:
             return self.alpha
         saved = [t.detach().clone() for t in migration.tensors()]
@@ -144,7 +144,7 @@ class Smooth(Pass):
 
     def migrations(self, block: Block, ctx: Context | None = None) -> list[Migration]:
         """The block's migrations of the enabled subgraphs. An explicit multiply goes only before the
-        readers a later step of `ctx`'s pipeline quantizes (before all of them when no step quantizes)."""
+        readers `ctx`'s plan quantizes (before all of them when the plan quantizes no layer)."""
         gm = block.graph_module
         found: list[Migration] = []
         if "norm-linear" in self.subgraphs:
@@ -164,10 +164,10 @@ class Smooth(Pass):
 
 
 def _quantized(block: Block, ctx: Context | None, readers: list[Consumer]) -> list[Consumer]:
-    """The readers a later step quantizes; all of them when no step of the pipeline quantizes."""
-    if ctx is None or not any(hasattr(step, "scheme_for") for step in ctx.steps):
+    """The readers the plan quantizes; all of them when it quantizes no layer."""
+    if ctx is None or not ctx.plan.schemes:
         return readers
-    return [r for r in readers if ctx.planned_scheme(block.qualified(r.target)) is not None]
+    return [r for r in readers if ctx.plan.scheme(block.qualified(r.target)) is not None]
 
 
 def _norm_migration(block: Block, norm_target: str, readers: list[Consumer]) -> Migration:

@@ -59,6 +59,20 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def vllm_per_token_scales(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-token dynamic scales as vLLM's int8 kernel computes them, amax / 127 (transformers' compressed-tensors
+    simulation divides by 127.5 instead, half a code wider than the int8 range)."""
+    from compressed_tensors.quantization.lifecycle import forward
+
+    def amax_over_qmax(value, args, module, global_scale=None):
+        qmax = 2 ** (args.num_bits - 1) - 1
+        scale = value.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / qmax
+        return scale.to(value.dtype), torch.zeros_like(scale, dtype=torch.int8)
+
+    monkeypatch.setattr(forward, "compute_dynamic_scales_and_zp", amax_over_qmax)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny LlamaForCausalLM directory (model.safetensors, config.json, tokenizer); treat as read-only."""

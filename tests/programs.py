@@ -1,17 +1,24 @@
-"""Building and compiling Programs in memory, for tests of passes and patterns."""
+"""Building and compiling Programs in memory, for tests of passes and patterns; lowered Programs built without the
+passes, for tests of backends and readers."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from module_calls import module_calls
+from tiny_models import tiny_causal_lm
+from torch import nn
 
 from slimc.config import config_from_data
 from slimc.frontends.llm import DecoderLLM
 from slimc.ir import Program
 from slimc.ir.source import ModelSource
+from slimc.numerics.modules import QuantizedExperts, QuantizedLinear
+from slimc.numerics.quant import act_range, qparams_from_range, quantize_weight
 from slimc.pipeline import Context, Pipeline
 from slimc.report import RunReport
+from slimc.schemes import QuantScheme, TensorScheme
 
 W8A8_DYNAMIC = {
     "weight": {"dtype": "int8", "granularity": "per_channel"},
@@ -21,9 +28,12 @@ W8A8_STATIC = {
     "weight": {"dtype": "int8", "granularity": "per_channel"},
     "act": {"dtype": "int8", "granularity": "per_tensor", "symmetric": False},
 }
+# Token ids on which the export tests compare a written checkpoint's logits with its program's.
+CHECK_IDS = torch.randint(4, 512, (2, 20), generator=torch.Generator().manual_seed(3))
 
 
-def program_of(model) -> Program:
+def llm_program(model) -> Program:
+    """The Program of a tiny LLM as the LLM frontend cuts it: its decoder layers are the blocks."""
     source = ModelSource(path=Path("."), gguf_file=None, config=model.config, architecture=type(model).__name__)
     return DecoderLLM().build(source, model)
 
@@ -35,7 +45,7 @@ def calibration_ids(vocab_size: int, *, batches: int = 2, batch_size: int = 2, s
 
 def run_pipeline(model, pipeline: list[dict], schemes: dict | None = None, batches: list[torch.Tensor] | None = None, **config):
     """Trace and run `pipeline` on the model's blocks; returns (program, report)."""
-    program = program_of(model)
+    program = llm_program(model)
     cfg = config_from_data({"schemes": schemes or {}, "pipeline": pipeline, **config})
     batches = batches if batches is not None else calibration_ids(model.config.vocab_size)
     report = RunReport()
@@ -78,3 +88,86 @@ def rounding_bound(program: Program, inputs: dict, floor: float) -> float:
         moved = program.model(**inputs, use_cache=False).logits
         table.copy_(original)
     return max(floor, 2 * relative(moved, expected))
+
+
+# --- lowered Programs without the passes ------------------------------------------------------------------
+
+
+def token_ids(seed: int = 0) -> torch.Tensor:
+    """(2, 12) token ids of the tiny models' vocabulary."""
+    return torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def _static_qparams(x: torch.Tensor, scheme: TensorScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    return qparams_from_range(*act_range(x, scheme), scheme)
+
+
+def _first_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The first positional input of every Linear and fused-experts module at its first call, on token_ids(seed=99)."""
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) or hasattr(m, "gate_up_proj")]
+    seen: dict[str, torch.Tensor] = {}
+    for name, args, _, _ in module_calls(modules, lambda: model(token_ids(seed=99))):
+        seen.setdefault(name, args[0].detach())
+    return seen
+
+
+@torch.no_grad()
+def lower(model: nn.Module, scheme_for) -> nn.Module:
+    """Replace Linears (and fused experts) for which scheme_for(name) gives a scheme by their lowered modules."""
+    inputs = _first_inputs(model)
+    for name, module in list(model.named_modules()):
+        scheme = scheme_for(name)
+        if scheme is None:
+            continue
+        static = scheme.act is not None and not scheme.act.dynamic
+        if isinstance(module, nn.Linear):
+            codes, scale, offset = quantize_weight(module.weight, scheme.weight)
+            qparams = _static_qparams(inputs[name], scheme.act) if static else None
+            new = QuantizedLinear(scheme, codes, scale, offset, module.bias, qparams, module.weight.dtype)
+        elif hasattr(module, "gate_up_proj"):
+            new = lower_experts(module, scheme, inputs[name] if static else None)
+        else:
+            continue
+        model.set_submodule(name, new)
+    return model
+
+
+def lower_experts(experts: nn.Module, scheme: QuantScheme, hidden: torch.Tensor | None) -> QuantizedExperts:
+    """Fused experts lowered by round-to-nearest; static input scales from `hidden`, their input, when given."""
+    tensors = {}
+    for which in ("gate_up_proj", "down_proj"):
+        weight = getattr(experts, which)
+        quantized = [quantize_weight(weight[e], scheme.weight) for e in range(weight.shape[0])]
+        for i, suffix in enumerate(("", "_scale", "_offset")):
+            tensors[which + suffix] = torch.stack([q[i] for q in quantized])
+    if hidden is not None:
+        gate_up_q, down_q = [], []
+        for e in range(experts.gate_up_proj.shape[0]):
+            gate, up = (hidden.float() @ experts.gate_up_proj[e].float().T).chunk(2, dim=-1)
+            gate_up_q.append(_static_qparams(hidden, scheme.act))
+            down_q.append(_static_qparams(experts.act_fn(gate) * up, scheme.act))
+        for stem, qs in (("gate_up", gate_up_q), ("down", down_q)):
+            tensors[f"{stem}_input_scale"] = torch.cat([q[0].reshape(1) for q in qs])
+            tensors[f"{stem}_input_offset"] = torch.cat([q[1].reshape(1) for q in qs])
+    return QuantizedExperts(scheme, experts.act_fn, experts.gate_up_proj.dtype, tensors)
+
+
+def program_of(model: nn.Module, tmp_path: Path, **fields) -> Program:
+    """A Program of an already lowered `model` as a backend takes it: no stages; its config.json saved under
+    tmp_path/source, where the exports read it."""
+    source_dir = tmp_path / "source"
+    source_dir.mkdir(exist_ok=True)
+    model.config.save_pretrained(source_dir)
+    source = ModelSource(path=source_dir, gguf_file=None, config=model.config, architecture=model.config.architectures[0])
+    return Program(model=model, family="llm", source=source, stages=[], **fields)
+
+
+def everything_but_head(scheme: QuantScheme):
+    return lambda name: scheme if name.startswith("model.layers.") else None
+
+
+def quantized_model(family: str, scheme_for, **kwargs) -> nn.Module:
+    """A tiny `family` model with the layers `scheme_for` names lowered (without the passes)."""
+    model = tiny_causal_lm(family, **kwargs)
+    model.config.architectures = [type(model).__name__]
+    return lower(model, scheme_for)

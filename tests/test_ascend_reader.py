@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from programs import W8A8_DYNAMIC, calibration_ids, context_of, logits, relative, run_pipeline
+from programs import W8A8_DYNAMIC, calibration_ids, context_of, logits, lower_experts, relative, run_pipeline
 from safetensors import safe_open
 from tiny_diffusion import tiny_transformer, tiny_transformer_inputs
 from tiny_dit_frontend import TinyDiT
@@ -33,7 +33,6 @@ from slimc.passes.lower import Lower
 from slimc.pipeline import Pipeline
 from slimc.report import RunReport
 from slimc.schemes import QuantScheme
-from tests.test_mindie import _lower_experts
 
 FAKE_QUANT = [{"pass": "fake_quant", "rules": [{"scheme": "w8"}]}, {"pass": "calibrate"}]
 SCHEME = QuantScheme.model_validate(W8A8_DYNAMIC)
@@ -129,7 +128,7 @@ def lower_every_linear(model: nn.Module, keep: tuple[str, ...] = ("lm_head",)) -
                 codes, scale, offset = quantize_weight(module.weight, SCHEME.weight)
                 model.set_submodule(name, QuantizedLinear(SCHEME, codes, scale, offset, module.bias, None, module.weight.dtype))
             elif getattr(module, "gate_up_proj", None) is not None and module.gate_up_proj.ndim == 3:
-                model.set_submodule(name, _lower_experts(module, SCHEME, None))
+                model.set_submodule(name, lower_experts(module, SCHEME, None))
     return model
 
 

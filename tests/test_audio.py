@@ -27,7 +27,6 @@ from slimc.config import CalibrationConfig
 from slimc.errors import DataError
 from slimc.frontends.audio import (
     OMNI_SPECS,
-    audio_token_count,
     builtin_audio_clips,
     fit_duration,
     load_media_samples,
@@ -36,7 +35,7 @@ from slimc.frontends.audio import (
     write_wav,
 )
 from slimc.frontends.multimodal import ComposedProcessor, MultimodalLLM
-from slimc.frontends.omni import ComposedOmniProcessor
+from slimc.frontends.omni import ComposedOmniProcessor, omni_family
 from slimc.ir.source import resolve_model_source
 
 RATE = 16000
@@ -84,7 +83,7 @@ def test_audio_token_count_is_the_audio_encoder_output_length(kind):
         features = torch.randn(1, AUDIO_MEL_BINS, frames, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             encoded = model.get_audio_features(features, feature_attention_mask=torch.ones(1, frames, dtype=torch.long))
-        assert audio_token_count(model.config.model_type, frames, n_window) == encoded.last_hidden_state.shape[0], frames
+        assert omni_family(model.config).audio_tokens(frames, n_window) == encoded.last_hidden_state.shape[0], frames
 
 
 def test_builtin_audio_sets_are_reproducible_disjoint_and_captioned_truthfully():

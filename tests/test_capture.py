@@ -8,6 +8,7 @@ from torch import nn
 
 from slimc.errors import TraceError
 from slimc.ir.capture import capture_stage
+from slimc.ir.hooks import temporary_hooks
 
 
 class JointBlock(nn.Module):
@@ -113,3 +114,16 @@ def test_batches_that_never_reach_a_stage_are_left_out_of_it():
     assert len(stage.first) == 1 and torch.equal(stage.first[0][0][0], batches[1]["x"])
     with pytest.raises(TraceError, match="no calibration batch reaches stage 'vision'"):
         capture_stage(list(model.blocks), [lambda: None], stage="stage 'vision'")
+
+
+@torch.no_grad()
+def test_temporary_hooks_run_while_open_and_are_removed_on_exit_even_after_an_error():
+    layer, seen = nn.Linear(2, 2), []
+    with pytest.raises(RuntimeError, match="the run failed"), temporary_hooks() as hooks:
+        hooks.before(layer, lambda m, args: seen.append("before"))
+        hooks.after(layer, lambda m, args, kwargs, output: seen.append("after"), with_kwargs=True)
+        layer(torch.ones(2))
+        raise RuntimeError("the run failed")
+    layer(torch.ones(2))
+    assert seen == ["before", "after"]
+    assert not layer._forward_pre_hooks and not layer._forward_hooks

@@ -9,28 +9,24 @@ checked in real processes.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import stat
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import assert_user_error, slimc
 from tiny_models import tiny_causal_lm
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
-from slimc.commands.cli import main
 from slimc.commands.compile import compile_model
 from slimc.config import load_config
 from slimc.errors import ExportError
 from slimc.frontends import supported_architectures
 
-EXIT_USER_ERROR = 2
 BUILTIN_PASSES = ("norm_fusion", "rotate", "smooth", "fake_quant", "calibrate", "lower")
 
 CONFIG = """\
@@ -63,18 +59,6 @@ export:
 # --- helpers ------------------------------------------------------------------------------------------
 
 
-def slimc(*args: str | Path) -> subprocess.CompletedProcess:
-    """`slimc ARGS` through `main` in this process: its exit code and what it printed."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    format_warning = warnings.formatwarning  # main sets how warnings print
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
-            code = main([str(a) for a in args])
-    finally:
-        warnings.formatwarning = format_warning
-    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
-
-
 def slimc_process(*args: str | Path) -> subprocess.CompletedProcess:
     """`python -m slimc.commands.cli ARGS` in a fresh process (HF_HUB_OFFLINE=1 is inherited from the fixture)."""
     return subprocess.run([sys.executable, "-m", "slimc.commands.cli", *map(str, args)], capture_output=True, text=True,
@@ -90,16 +74,6 @@ def write_config(directory: Path, text: str = CONFIG) -> Path:
 def line_of(text: str, fragment: str) -> int:
     """1-based number of the first line of `text` containing `fragment`."""
     return next(i for i, line in enumerate(text.splitlines(), start=1) if fragment in line)
-
-
-def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> None:
-    """Exit 2, exactly one `slimc: error:` message on stderr containing every word, and no traceback."""
-    assert result.returncode == EXIT_USER_ERROR, f"exit {result.returncode}\n{result.stderr}"
-    assert "Traceback" not in result.stderr, result.stderr
-    assert [line.startswith("slimc: error:") for line in result.stderr.splitlines()].count(True) == 1, result.stderr
-    message = result.stderr[result.stderr.index("slimc: error:"):]
-    for word in words:
-        assert word in message, f"{word!r} not in:\n{message}"
 
 
 def compile_with(tmp_path: Path, model: Path, config_text: str = CONFIG, *extra: str) -> subprocess.CompletedProcess:

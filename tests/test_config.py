@@ -66,39 +66,33 @@ def test_bad_enum_lists_allowed_values(tmp_path):
 
 
 def test_unknown_pass_lists_registered_passes(tmp_path):
-    config = load_config(write(tmp_path, GOOD.replace("pass: smooth", "pass: smoothe")))
     with pytest.raises(ConfigError, match=r"c.yaml:9: pipeline.0.pass: unknown pass 'smoothe'; registered passes: .*smooth"):
-        Pipeline.from_config(config)
+        load_config(write(tmp_path, GOOD.replace("pass: smooth", "pass: smoothe")))
 
 
 def test_unknown_pass_parameter_is_an_error_at_its_line(tmp_path):
-    config = load_config(write(tmp_path, GOOD.replace("alpha: 0.8", "alpah: 0.8")))
     with pytest.raises(ConfigError, match=r"c.yaml:10: pipeline.0.alpah: unknown key 'alpah'; allowed keys: alpha"):
-        Pipeline.from_config(config)
+        load_config(write(tmp_path, GOOD.replace("alpha: 0.8", "alpah: 0.8")))
 
 
 def test_pass_parameter_out_of_range_is_an_error(tmp_path):
-    config = load_config(write(tmp_path, GOOD.replace("alpha: 0.8", "alpha: 1.5")))
     with pytest.raises(ConfigError, match=r"pipeline.0.alpha: Input should be less than or equal to 1"):
-        Pipeline.from_config(config)
+        load_config(write(tmp_path, GOOD.replace("alpha: 0.8", "alpha: 1.5")))
 
 
 def test_rule_with_unknown_scheme_names_the_defined_schemes(tmp_path):
-    config = load_config(write(tmp_path, GOOD.replace("{scheme: w8a8,", "{scheme: w4a4,")))
     with pytest.raises(ConfigError, match=r"unknown scheme 'w4a4'; schemes: w8a8"):
-        Pipeline.from_config(config)
+        load_config(write(tmp_path, GOOD.replace("{scheme: w8a8,", "{scheme: w4a4,")))
 
 
 def test_bad_glob_is_rejected(tmp_path):
-    config = load_config(write(tmp_path, GOOD.replace('exclude: ["*mlp.gate"]', 'exclude: ["*mlp.[gate"]')))
     with pytest.raises(ConfigError, match=r"glob '\*mlp.\[gate' has an unclosed \["):
-        Pipeline.from_config(config)
+        load_config(write(tmp_path, GOOD.replace('exclude: ["*mlp.gate"]', 'exclude: ["*mlp.[gate"]')))
 
 
 def test_pass_order_requirements_are_checked(tmp_path):
-    config = load_config(write(tmp_path, GOOD.replace("  - pass: calibrate\n", "")))
     with pytest.raises(ConfigError, match=r"pass 'lower' needs 'calibrate' earlier"):
-        Pipeline.from_config(config)
+        load_config(write(tmp_path, GOOD.replace("  - pass: calibrate\n", "")))
 
 
 def test_set_overrides_parse_values_as_yaml_and_reach_list_items(tmp_path):
@@ -146,6 +140,20 @@ def test_an_error_in_a_migrated_key_points_at_the_line_the_user_wrote(tmp_path):
     path = write(tmp_path, V1.replace("equivalence_tolerance: 0.05", "equivalence_tolerance: -1"))
     with pytest.warns(UserWarning), pytest.raises(ConfigError, match=r"c.yaml:18: checks.equivalence_tolerance: .*greater than 0"):
         load_config(path)
+
+
+def test_slimc_migrate_refuses_a_file_whose_pass_parameters_are_wrong(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.yaml:10: pipeline.0.alpah: unknown key 'alpah'; allowed keys: alpha"):
+        migrated_yaml(write(tmp_path, V1.replace("alpha: 0.8", "alpah: 0.8")))
+
+
+def test_a_pass_that_must_run_before_another_names_where_that_one_is(tmp_path):
+    text = GOOD.replace("  - pass: smooth\n    alpha: 0.8\n", "  - pass: norm_fusion\n  - pass: smooth\n    alpha: 0.8\n"
+                        ).replace("  - pass: lower\n", "  - pass: lower\n  - pass: rotate\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:\d+: pipeline.5: rotate must come before smooth \(pipeline.1\), "
+                                          r"fake_quant \(pipeline.2\), calibrate \(pipeline.3\), lower \(pipeline.4\): "
+                                          "they measure activations that the rotation changes"):
+        load_config(write(tmp_path, text))
 
 
 def test_a_version_1_config_setting_both_the_old_and_the_new_key_is_refused(tmp_path):

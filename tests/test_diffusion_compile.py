@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from compile_settings import DIFFUSION_SIZES, DIFFUSION_SMALL
 from diffusers import ModelMixin
 from programs import relative
 from tiny_diffusion import save_tiny_pipeline, tiny_transformer_inputs
@@ -35,15 +36,6 @@ ROWS = [
     ("wan2_2/w8a8.yaml", "wan", True), ("wan2_2/w4a4.yaml", "wan", True),
 ]
 DTYPES = [torch.float32, torch.bfloat16]
-# Tiny pipelines: 32x32 images (64 image tokens) / 64x64 5-frame videos (32 tokens), 4 prompts, 16 text
-# tokens, 2 steps (Wan2.2: one per expert), one smoothing alpha instead of the searched grid. Fewer image
-# tokens than the Linears' input sizes (128 in the MLPs) would leave GPTQ's Hessians and the rotation
-# search fitted to a few tokens, unlike any real calibration.
-SMALL = ["calibration.samples=4", "calibration.diffusion.steps=2", "calibration.diffusion.max_sequence_length=16",
-         "pipeline.0.search_grid=[0.5]"]
-SIZES = {"flux": ["calibration.diffusion.height=32", "calibration.diffusion.width=32"],
-         "hunyuan_video": ["calibration.diffusion.height=64", "calibration.diffusion.width=64", "calibration.diffusion.frames=5"],
-         "wan": ["calibration.diffusion.height=64", "calibration.diffusion.width=64", "calibration.diffusion.frames=5"]}
 MODULATION = ("norm1.linear.weight", "norm1_context.linear.weight", "norm.linear.weight", "norm_out.linear.weight")
 # Cosine similarity of the quantized transformer's output with the float one's (same dtype), on the tiny models.
 FIDELITY = {"w8a8": 0.99, "w4a4": 0.98}
@@ -90,7 +82,7 @@ def fresh_inputs(model: ModelMixin, kind: str) -> dict:
 def test_shipped_diffusion_config_compiles_and_the_ascend_files_reproduce_the_quantized_model(
         tmp_path, pipelines, config_name, kind, two_experts, dtype):
     pipeline_dir = pipelines(kind, two_experts, dtype)
-    config = load_config(resolve_config_path(config_name), SMALL + SIZES[kind])
+    config = load_config(resolve_config_path(config_name), DIFFUSION_SMALL + DIFFUSION_SIZES[kind])
     compiled = compile_model(config, model_path=str(pipeline_dir), out_dir=tmp_path / "out")
     program = compiled.program
     experts = ["transformer", "transformer_2"] if two_experts else [""]
@@ -124,7 +116,7 @@ def test_shipped_diffusion_config_compiles_and_the_ascend_files_reproduce_the_qu
 
 def test_a_transformer_directory_compiles_from_inputs_recorded_from_its_pipeline(tmp_path, pipelines):
     pipeline_dir, recorded = pipelines("flux", False, torch.float32), tmp_path / "inputs.safetensors"
-    config_file, overrides = resolve_config_path("flux/w8a8.yaml"), SMALL + SIZES["flux"]
+    config_file, overrides = resolve_config_path("flux/w8a8.yaml"), DIFFUSION_SMALL + DIFFUSION_SIZES["flux"]
     assert main(["record", str(config_file), "--model", str(pipeline_dir), "--out", str(recorded),
                  *(arg for override in overrides for arg in ("--set", override))]) == 0
     config = load_config(config_file, [*overrides, f"calibration.dataset={recorded}"])
@@ -141,7 +133,7 @@ def test_a_transformer_directory_compiles_from_inputs_recorded_from_its_pipeline
 def test_eval_of_a_bfloat16_pipeline_compares_the_written_model_with_the_float_one(tmp_path, pipelines, capsys):
     """Both models compute in bfloat16, as compiled; the evaluation calls are recorded from the float pipeline."""
     pipeline_dir = pipelines("flux", False, torch.bfloat16)
-    overrides = [*SMALL, *SIZES["flux"], "evaluation.samples=2"]
+    overrides = [*DIFFUSION_SMALL, *DIFFUSION_SIZES["flux"], "evaluation.samples=2"]
     compile_model(load_config(resolve_config_path("flux/w8a8.yaml"), overrides), model_path=str(pipeline_dir),
                   out_dir=tmp_path / "out")
     assert main(["eval", "--model", str(pipeline_dir), "--quantized", str(tmp_path / "out"), "--json",

@@ -1,4 +1,4 @@
-"""The mindie backend writes the Ascend ascendV1 layout of FORMATS.md, and its reader recomputes the model from it."""
+"""The mindie backend writes the Ascend ascendV1 layout of docs/formats/mindie.md, and its reader recomputes the model from it."""
 
 from __future__ import annotations
 
@@ -7,20 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from programs import everything_but_head, lower, program_of, quantized_model, token_ids
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
+from tiny_models import tiny_causal_lm
 
 from slimc.backends import backend_class
 from slimc.backends.mindie import MindieBackend, load_ascend_model
 from slimc.backends.mindie_reader import AscendExperts, AscendLinear, deq_scale_float
 from slimc.errors import ExportError
 from slimc.ir import Program
-from slimc.ir.source import ModelSource
-from slimc.numerics.modules import QuantizedExperts, QuantizedLinear
-from slimc.numerics.quant import act_range, qparams_from_range, quantize_weight, unpack_int4
+from slimc.numerics.modules import QuantizedLinear
+from slimc.numerics.quant import unpack_int4
 from slimc.schemes import QuantScheme, TensorScheme
-from tests.tiny_models import tiny_causal_lm
 
 W8A8_DYNAMIC = QuantScheme(weight=TensorScheme(), act=TensorScheme(granularity="per_token", dynamic=True))
 W8A8 = QuantScheme(weight=TensorScheme(), act=TensorScheme(granularity="per_tensor", symmetric=False))
@@ -33,93 +32,6 @@ W4A16_G16 = QuantScheme(weight=TensorScheme(dtype="int4", granularity="per_group
 ALL = {"W8A8_DYNAMIC": W8A8_DYNAMIC, "W8A8": W8A8, "W8A16": W8A16, "W8A16_G32": W8A16_G32,
        "W4A4_DYNAMIC": W4A4_DYNAMIC, "W4A8_DYNAMIC": W4A8_DYNAMIC, "W4A16": W4A16, "W4A16_G16": W4A16_G16}
 Q_PROJ = "model.layers.0.self_attn.q_proj"
-
-
-# --- helpers: a lowered Program without the passes ------------------------------------------------------
-
-
-def input_ids(seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(seed))
-
-
-def _static_qparams(x: torch.Tensor, scheme: TensorScheme) -> tuple[torch.Tensor, torch.Tensor]:
-    return qparams_from_range(*act_range(x, scheme), scheme)
-
-
-def _capture_inputs(model: nn.Module, module_types: tuple[type, ...]) -> dict[str, torch.Tensor]:
-    seen, handles = {}, []
-
-    def hook(name):
-        def record(module, args):
-            seen.setdefault(name, args[0].detach())
-        return record
-
-    for name, module in model.named_modules():
-        if isinstance(module, module_types) or hasattr(module, "gate_up_proj"):
-            handles.append(module.register_forward_pre_hook(hook(name)))
-    with torch.no_grad():
-        model(input_ids(seed=99))
-    for handle in handles:
-        handle.remove()
-    return seen
-
-
-@torch.no_grad()
-def lower(model: nn.Module, scheme_for) -> nn.Module:
-    """Replace Linears (and fused experts) for which scheme_for(name) gives a scheme by their lowered modules."""
-    inputs = _capture_inputs(model, (nn.Linear,))
-    for name, module in list(model.named_modules()):
-        scheme = scheme_for(name)
-        if scheme is None:
-            continue
-        static = scheme.act is not None and not scheme.act.dynamic
-        if isinstance(module, nn.Linear):
-            codes, scale, offset = quantize_weight(module.weight, scheme.weight)
-            qparams = _static_qparams(inputs[name], scheme.act) if static else None
-            new = QuantizedLinear(scheme, codes, scale, offset, module.bias, qparams, module.weight.dtype)
-        elif hasattr(module, "gate_up_proj"):
-            new = _lower_experts(module, scheme, inputs[name] if static else None)
-        else:
-            continue
-        model.set_submodule(name, new)
-    return model
-
-
-def _lower_experts(experts: nn.Module, scheme: QuantScheme, hidden: torch.Tensor | None) -> QuantizedExperts:
-    tensors = {}
-    for which in ("gate_up_proj", "down_proj"):
-        weight = getattr(experts, which)
-        quantized = [quantize_weight(weight[e], scheme.weight) for e in range(weight.shape[0])]
-        for i, suffix in enumerate(("", "_scale", "_offset")):
-            tensors[which + suffix] = torch.stack([q[i] for q in quantized])
-    if hidden is not None:
-        gate_up_q, down_q = [], []
-        for e in range(experts.gate_up_proj.shape[0]):
-            gate, up = (hidden.float() @ experts.gate_up_proj[e].float().T).chunk(2, dim=-1)
-            gate_up_q.append(_static_qparams(hidden, scheme.act))
-            down_q.append(_static_qparams(experts.act_fn(gate) * up, scheme.act))
-        for stem, qs in (("gate_up", gate_up_q), ("down", down_q)):
-            tensors[f"{stem}_input_scale"] = torch.cat([q[0].reshape(1) for q in qs])
-            tensors[f"{stem}_input_offset"] = torch.cat([q[1].reshape(1) for q in qs])
-    return QuantizedExperts(scheme, experts.act_fn, experts.gate_up_proj.dtype, tensors)
-
-
-def program_of(model: nn.Module, tmp_path: Path, **metadata) -> Program:
-    source_dir = tmp_path / "source"
-    source_dir.mkdir(exist_ok=True)
-    model.config.save_pretrained(source_dir)
-    source = ModelSource(path=source_dir, gguf_file=None, config=model.config, architecture=model.config.architectures[0])
-    return Program(model=model, family="llm", source=source, stages=[], metadata=metadata)
-
-
-def everything_but_head(scheme: QuantScheme):
-    return lambda name: scheme if name.startswith("model.layers.") else None
-
-
-def quantized_model(family: str, scheme_for, **kwargs) -> nn.Module:
-    model = tiny_causal_lm(family, **kwargs)
-    model.config.architectures = [type(model).__name__]
-    return lower(model, scheme_for)
 
 
 def export(program: Program, tmp_path: Path, **options) -> Path:
@@ -429,7 +341,7 @@ def test_reader_whole_model_logits_match_the_lowered_model(tmp_path, family, lab
     program = program_of(quantized_model(family, everything_but_head(ALL[label]), tie_word_embeddings=True), tmp_path)
     model = load_ascend_model(export(program, tmp_path))
     with torch.no_grad():
-        expected, actual = program.model(input_ids()).logits, model(input_ids()).logits
+        expected, actual = program.model(token_ids()).logits, model(token_ids()).logits
     assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
     assert not model.training
 
@@ -441,7 +353,7 @@ def test_reader_static_model_differs_from_the_lowered_model_far_less_than_the_qu
     program = program_of(quantized_model(family, everything_but_head(W8A8)), tmp_path)
     model = load_ascend_model(export(program, tmp_path))
     with torch.no_grad():
-        reference, expected, actual = (m(input_ids()).logits for m in (float_model, program.model, model))
+        reference, expected, actual = (m(token_ids()).logits for m in (float_model, program.model, model))
     assert (actual - expected).abs().max() <= 0.2 * (expected - reference).abs().max()
 
 
@@ -458,7 +370,7 @@ def test_reader_rebuilds_moe_experts_from_per_expert_tensors(tmp_path, family, l
     model = load_ascend_model(export(program, tmp_path))
     assert any(isinstance(m, AscendExperts) for m in model.modules())
     with torch.no_grad():
-        expected, actual = program.model(input_ids()).logits, model(input_ids()).logits
+        expected, actual = program.model(token_ids()).logits, model(token_ids()).logits
     assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from compile_settings import MULTIMODAL_CONFIGS, MULTIMODAL_SMALL
+from module_calls import module_calls
 from programs import cosine, relative, rounding_bound
 from safetensors import safe_open
 from tiny_multimodal import GRID, MERGE, media_tokens, processor_inputs, save_tiny_multimodal
@@ -29,16 +31,12 @@ from slimc.frontends.media import load_image_text
 from slimc.frontends.multimodal import ComposedProcessor, MultimodalLLM, chat_template
 from slimc.ir.source import resolve_model_source, write_model_files
 from slimc.pass_base import Pass
+from slimc.passes.fake_quant import Rule
 from slimc.pipeline import Context, Pipeline
 from slimc.report import RunReport
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CONFIGS = {"qwen2_5_vl": "qwen2_5_vl/w8a8.yaml", "qwen3_vl": "qwen3_vl/w8a8.yaml",
-           "qwen3_vl_moe": "qwen3_vl_moe/w8a8.yaml", "glm4v_moe": "glm4v_moe/w8a8.yaml"}
-# Small calibration: 8 samples of the built-in image–text set, 2 to a batch, 56-pixel images (the tiny
-# processors turn any image into 8 x 8 patches, 16 image tokens).
-SMALL = ["calibration.samples=8", "calibration.batch_size=2", "calibration.image_size=56", "calibration.seq_len=64"]
 
 
 @dataclass
@@ -49,14 +47,14 @@ class Output:
     compiled: Compiled
 
 
-@pytest.fixture(scope="module", params=[(kind, dtype) for kind in sorted(CONFIGS) for dtype in ("float32", "bfloat16")],
+@pytest.fixture(scope="module", params=[(kind, dtype) for kind in sorted(MULTIMODAL_CONFIGS) for dtype in ("float32", "bfloat16")],
                 ids="-".join)
 def output(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Output:
     """A tiny model of one class, saved in float32 or bfloat16, compiled with its shipped config; treat as read-only."""
     kind, dtype = request.param
     root = tmp_path_factory.mktemp(f"{kind}-{dtype}")
     model_dir = save_tiny_multimodal(kind, root / "model", dtype=getattr(torch, dtype))
-    config = load_config(resolve_config_path(CONFIGS[kind]), SMALL)
+    config = load_config(resolve_config_path(MULTIMODAL_CONFIGS[kind]), MULTIMODAL_SMALL)
     compiled = compile_model(config, model_path=str(model_dir), out_dir=root / "out")
     assert compiled.program.dtype == getattr(torch, dtype)
     return Output(kind, model_dir, root / "out" / "mindie", compiled)
@@ -64,7 +62,7 @@ def output(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 def fresh_batches(output: Output) -> list[dict]:
     """Held-out image–text batches (builtin:image-text-eval) shaped like the calibration batches."""
-    calibration = load_config(resolve_config_path(CONFIGS[output.kind]), SMALL).calibration
+    calibration = load_config(resolve_config_path(MULTIMODAL_CONFIGS[output.kind]), MULTIMODAL_SMALL).calibration
     held_out = calibration.model_copy(update={"dataset": "builtin:image-text-eval", "samples": 4})
     program = output.compiled.program
     return MultimodalLLM().calibration_batches(held_out, program.source, program)
@@ -154,9 +152,8 @@ def test_every_checkpoint_file_but_weights_and_config_is_copied(tmp_path: Path) 
 
 def test_a_rule_can_quantize_the_mergers(tmp_path: Path) -> None:
     model_dir = save_tiny_multimodal("qwen3_vl", tmp_path / "model")
-    config = load_config(resolve_config_path(CONFIGS["qwen3_vl"]), SMALL)
-    config.pipeline[1]["rules"].append(
-        {"scheme": "w8a8_dynamic", "include": ["*visual.merger.*", "*visual.deepstack_merger_list.*"]})
+    config = load_config(resolve_config_path(MULTIMODAL_CONFIGS["qwen3_vl"]), MULTIMODAL_SMALL)
+    config.pipeline[1].rules.append(Rule(scheme="w8a8_dynamic", include=["*visual.merger.*", "*visual.deepstack_merger_list.*"]))
     compiled = compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
     mergers = sorted(name for name in compiled.program.quant_specs if "merger" in name)
     assert mergers == [f"model.visual.{m}.linear_fc{i}" for m in ("deepstack_merger_list.0", "deepstack_merger_list.1",
@@ -201,17 +198,12 @@ def test_blocks_are_calibrated_on_the_inputs_the_quantized_model_gives_them(tmp_
     batches = frontend.calibration_batches(config.calibration, source, program)
     recorder = RecordInputs(seen={})
     Pipeline([*Pipeline.from_config(config).steps, recorder]).run(program, config, batches, RunReport())
+    with program.executing_graphs():  # the blocks' rewritten graphs run in the model
+        calls = module_calls([(block.name, block.container[block.index]) for block in program.blocks],
+                             lambda: [program.call(program.model, batch) for batch in batches])
     given: dict[str, list[torch.Tensor]] = {}
-    with torch.no_grad(), program.executing_graphs():  # the blocks' rewritten graphs run in the model
-        handles = [block.container[block.index].register_forward_pre_hook(
-            lambda m, args, kwargs, name=block.name: given.setdefault(name, []).append(
-                args[0] if args else kwargs["hidden_states"]), with_kwargs=True) for block in program.blocks]
-        try:
-            for batch in batches:
-                program.call(program.model, batch)
-        finally:
-            for handle in handles:
-                handle.remove()
+    for name, args, kwargs, _ in calls:
+        given.setdefault(name, []).append(args[0] if args else kwargs["hidden_states"])
     assert set(recorder.seen) == {block.name for block in program.blocks}
     for name, calibrated in recorder.seen.items():
         assert len(calibrated) == len(given[name]) == len(batches), name
@@ -227,7 +219,7 @@ def test_batches_hold_one_image_per_sample_in_equal_unpadded_rows(tmp_path: Path
     source = resolve_model_source(model_dir)
     frontend = MultimodalLLM()
     program = frontend.build(source, frontend.load(source, dtype=torch.float32))
-    calibration = load_config(resolve_config_path(CONFIGS["glm4v_moe"]), [*SMALL, "calibration.samples=5",
+    calibration = load_config(resolve_config_path(MULTIMODAL_CONFIGS["glm4v_moe"]), [*MULTIMODAL_SMALL, "calibration.samples=5",
                                                                          "calibration.seq_len=40"]).calibration
     report = RunReport()
     batches = frontend.calibration_batches(calibration, source, program, report)
@@ -257,7 +249,7 @@ def _prompt_and_image(kind: str) -> tuple[list[dict], object]:
     return MultimodalLLM().messages(sample), sample.image
 
 
-@pytest.mark.parametrize("kind", sorted(CONFIGS))
+@pytest.mark.parametrize("kind", sorted(MULTIMODAL_CONFIGS))
 def test_composed_processor_gives_what_the_processor_gives(tmp_path: Path, kind: str) -> None:
     """`processor_inputs` is the test suite's reference, checked bit-equal to the real processors where
     torchvision is installed (tests/test_tiny_multimodal.py)."""
@@ -281,7 +273,7 @@ def test_composed_processor_gives_what_the_processor_gives(tmp_path: Path, kind:
 
 def test_text_only_data_for_a_config_that_quantizes_the_vision_tower_is_an_error(tmp_path: Path) -> None:
     model_dir = save_tiny_multimodal("qwen2_5_vl", tmp_path / "model")
-    config = load_config(resolve_config_path(CONFIGS["qwen2_5_vl"]),
+    config = load_config(resolve_config_path(MULTIMODAL_CONFIGS["qwen2_5_vl"]),
                          ["calibration.dataset=builtin:text", "calibration.samples=2", "calibration.seq_len=16",
                           "calibration.batch_size=2"])
     with pytest.warns(UserWarning, match="below the recommended"), \
@@ -292,7 +284,7 @@ def test_text_only_data_for_a_config_that_quantizes_the_vision_tower_is_an_error
 
 def test_text_only_data_calibrates_the_decoder_when_the_vision_tower_stays_float(tmp_path: Path) -> None:
     model_dir = save_tiny_multimodal("qwen2_5_vl", tmp_path / "model")
-    config = load_config(resolve_config_path(CONFIGS["qwen2_5_vl"]),
+    config = load_config(resolve_config_path(MULTIMODAL_CONFIGS["qwen2_5_vl"]),
                          ["calibration.dataset=builtin:text", "calibration.samples=2", "calibration.seq_len=16",
                           "calibration.batch_size=2", "pipeline.1.rules.0.exclude=['*']"])
     with pytest.warns(UserWarning, match="below the recommended"):
@@ -320,8 +312,8 @@ def test_online_rotations_are_written_under_checkpoint_names(tmp_path: Path) -> 
     """Qwen2.5-VL's checkpoint names its text layers `model.layers.*` (the runtime says
     `model.language_model.layers.*`): rotation tensors must follow the checkpoint, and read back."""
     model_dir = save_tiny_multimodal("qwen2_5_vl", tmp_path / "model")
-    config = load_config(resolve_config_path(CONFIGS["qwen2_5_vl"]), [
-        *SMALL, "calibration.samples=4",
+    config = load_config(resolve_config_path(MULTIMODAL_CONFIGS["qwen2_5_vl"]), [
+        *MULTIMODAL_SMALL, "calibration.samples=4",
         'pipeline=[{pass: rotate_inputs, include: ["*language_model.layers.*.mlp.down_proj"]},'
         ' {pass: fake_quant, rules: [{scheme: w8a8_dynamic, include: ["*language_model.layers.*"]}]},'
         ' {pass: calibrate}, {pass: lower}]',
@@ -344,14 +336,14 @@ def test_model_ready_batches_from_safetensors_calibrate_the_vision_tower(tmp_pat
     from safetensors.torch import save_file
 
     model_dir = save_tiny_multimodal("qwen2_5_vl", tmp_path / "model")
-    config = load_config(resolve_config_path(CONFIGS["qwen2_5_vl"]), SMALL)
+    config = load_config(resolve_config_path(MULTIMODAL_CONFIGS["qwen2_5_vl"]), MULTIMODAL_SMALL)
     source = resolve_model_source(model_dir)
     frontend = MultimodalLLM()
     program = frontend.build(source, frontend.load(source, dtype=torch.float32))
     batches = frontend.calibration_batches(config.calibration, source, program)
     save_file({f"{i}.{key}": value.contiguous() for i, batch in enumerate(batches) for key, value in batch.items()},
               tmp_path / "batches.safetensors")
-    ready = load_config(resolve_config_path(CONFIGS["qwen2_5_vl"]), [*SMALL, f"calibration.dataset={tmp_path / 'batches.safetensors'}"])
+    ready = load_config(resolve_config_path(MULTIMODAL_CONFIGS["qwen2_5_vl"]), [*MULTIMODAL_SMALL, f"calibration.dataset={tmp_path / 'batches.safetensors'}"])
     assert [sorted(b) for b in frontend.calibration_batches(ready.calibration, source, program)] == [sorted(b) for b in batches]
     compiled = compile_model(ready, model_path=str(model_dir), out_dir=tmp_path / "out")
     assert any(name.startswith("model.visual.blocks.") for name in compiled.program.quant_specs)
@@ -360,6 +352,6 @@ def test_model_ready_batches_from_safetensors_calibrate_the_vision_tower(tmp_pat
 
 def test_a_missing_model_ready_batches_file_names_the_layout(tmp_path: Path) -> None:
     model_dir = save_tiny_multimodal("qwen2_5_vl", tmp_path / "model")
-    config = load_config(resolve_config_path(CONFIGS["qwen2_5_vl"]), [*SMALL, f"calibration.dataset={tmp_path / 'none.safetensors'}"])
+    config = load_config(resolve_config_path(MULTIMODAL_CONFIGS["qwen2_5_vl"]), [*MULTIMODAL_SMALL, f"calibration.dataset={tmp_path / 'none.safetensors'}"])
     with pytest.raises(DataError, match="model-ready batches .tensors named '<batch>.<argument>'"):
         compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from compile_settings import OMNI_IMAGE_SIZE, OMNI_SMALL
 from programs import cosine, relative, rounding_bound
 from safetensors.torch import load_file, save_file
 from tiny_multimodal import TOKEN_ID, model_class, save_tiny_multimodal, tiny_multimodal_inputs
@@ -25,10 +26,6 @@ from slimc.frontends.omni import OmniThinker
 from slimc.ir.source import resolve_model_source
 
 KINDS = ("qwen2_5_omni", "qwen3_omni_moe")
-IMAGE_SIZE = {"qwen2_5_omni": 112, "qwen3_omni_moe": 128}  # 8 x 8 patches, as tiny_multimodal_inputs makes them
-# Small calibration: 2 batches of 2 samples, each an image, a 1-second clip and text; a 2-point smoothing search.
-SMALL = ["calibration.samples=4", "calibration.batch_size=2", "calibration.seq_len=256", "calibration.audio_seconds=1",
-         "pipeline.0.search_grid=[0.5, 0.8]"]
 
 
 @pytest.fixture(scope="module", params=[(kind, dtype) for kind in KINDS for dtype in ("float32", "bfloat16")], ids="-".join)
@@ -37,7 +34,7 @@ def compiled(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     kind, dtype = request.param
     root = tmp_path_factory.mktemp(f"{kind}-{dtype}")
     model_dir = save_tiny_full_omni(kind, root / "model", dtype=getattr(torch, dtype))
-    config = load_config(resolve_config_path(f"{kind}/w8a8.yaml"), [*SMALL, f"calibration.image_size={IMAGE_SIZE[kind]}"])
+    config = load_config(resolve_config_path(f"{kind}/w8a8.yaml"), [*OMNI_SMALL, f"calibration.image_size={OMNI_IMAGE_SIZE[kind]}"])
     result = compile_model(config, model_path=str(model_dir), out_dir=root / "out")
     assert result.program.dtype == getattr(torch, dtype)
     return {"kind": kind, "model": model_dir, "out": root / "out" / "mindie", "program": result.program,
@@ -121,7 +118,7 @@ def test_thinker_only_and_whole_checkpoints_load_as_the_thinker_cut_into_four_st
     assert [stage.name for stage in program.stages] == ["audio", "vision", "projector", "text"]
     assert [block.name for block in program.stages[0].blocks] == ["model.audio_tower.layers.0", "model.audio_tower.layers.1"]
     assert {block.role for block in program.stages[0].blocks} == {"audio"}
-    copied = program.metadata.get("source_tensors", {})
+    copied = program.source_tensors
     assert set(copied) == (set(speech_tensors(kind)) if layout == "instruct" else set())
     assert all(Path(path).parent == model_dir for path in copied.values())
 

@@ -2,16 +2,27 @@
 
 import pytest
 import torch
-from programs import W8A8_DYNAMIC, W8A8_STATIC, calibration_ids, context_of, logits, relative, run_pipeline
+from programs import (
+    W8A8_DYNAMIC,
+    W8A8_STATIC,
+    calibration_ids,
+    context_of,
+    llm_program,
+    logits,
+    relative,
+    run_pipeline,
+)
 from tiny_models import FAMILIES, tiny_causal_lm
 from torch import nn
 
+from slimc.config import config_from_data
 from slimc.errors import ConfigError, PassError
 from slimc.ir import Block
 from slimc.numerics.modules import FakeQuantize, QuantizedExperts, QuantizedLinear
 from slimc.pass_base import Pass
 from slimc.passes.lower import Lower
 from slimc.pipeline import Context
+from slimc.plan import QuantPlan
 
 QUANTIZE_ALL = [
     {"pass": "fake_quant", "rules": [{"scheme": "w8", "include": ["*"], "exclude": ["*mlp.gate"]}]},
@@ -222,3 +233,16 @@ def test_an_optional_rule_may_select_nothing_but_a_required_one_may_not():
     rules[1]["optional"] = False
     with pytest.raises(ConfigError, match=r"glob '\*no_such_layer' matches no quantizable layer"):
         run_pipeline(tiny_causal_lm("llama"), [{"pass": "fake_quant", "rules": rules}], {"w8": W8A8_DYNAMIC})
+
+
+def test_the_plan_gives_each_layer_in_the_blocks_the_scheme_of_the_first_step_that_assigns_one():
+    config = config_from_data({"schemes": {"dynamic": W8A8_DYNAMIC, "static": W8A8_STATIC}, "pipeline": [
+        {"pass": "norm_fusion"},
+        {"pass": "fake_quant", "rules": [{"scheme": "static", "include": ["*mlp.*"]}]},
+        {"pass": "fake_quant", "rules": [{"scheme": "dynamic", "include": ["*"], "exclude": ["*k_proj"]}]},
+    ]})
+    plan = QuantPlan.resolve(llm_program(tiny_causal_lm("llama")), config, config.pipeline)
+    assert plan.scheme("model.layers.0.mlp.down_proj").name == "static"
+    assert plan.scheme("model.layers.0.self_attn.q_proj") == ("dynamic", config.schemes["dynamic"])
+    assert plan.scheme("model.layers.0.self_attn.k_proj") is None and "model.layers.0.self_attn.k_proj" in plan.float_layers
+    assert plan.scheme("lm_head") is None and "lm_head" not in plan.layers  # outside the blocks

@@ -6,15 +6,24 @@ from programs import run_pipeline
 from tiny_models import FAMILIES, tiny_causal_lm
 from torch import nn
 
-from slimc.ir.tracer import trace_block
+from slimc.ir import Block
+from slimc.ir.leaves import leaf_kind
+from slimc.ir.tracer import is_leaf_module, trace_block
+from slimc.numerics.modules import ChannelScale, FakeQuantize
 from slimc.patterns import (
+    block_graph,
     find_experts,
     find_linears,
+    find_modulation_groups,
+    find_multiply_groups,
     find_norm_linear_groups,
     find_ov_pairs,
+    find_residual_stream,
     find_up_down_pairs,
     propagate_shapes,
 )
+from slimc.patterns import graph as block_graphs
+from slimc.schemes import TensorScheme
 
 
 def traced_blocks(family):
@@ -123,3 +132,80 @@ def test_every_linear_of_every_block_is_in_the_graph(family):
     for block in traced_blocks(family):
         in_module = {n for n, m in block.module.named_modules() if isinstance(m, nn.Linear)}
         assert set(find_linears(block.graph_module)) == in_module
+
+
+def structure(gm):
+    """What every LLM finder reports on a block graph."""
+    ov, ud, stream = find_ov_pairs(gm), find_up_down_pairs(gm), find_residual_stream(gm)
+    return (groups_by_norm(gm), [(p.v, p.o, p.head_dim) for p in ov], [(p.gate, p.up, p.down) for p in ud],
+            find_linears(gm), find_experts(gm), sorted(g.norm for g in stream.norms),
+            [(c.kind, c.target) for c in stream.writers], stream.problem)
+
+
+def count_graph_builds(monkeypatch) -> list:
+    builds = []
+
+    class CountedBlockGraph(block_graphs.BlockGraph):
+        def __init__(self, gm):
+            builds.append(gm)
+            super().__init__(gm)
+
+    monkeypatch.setattr(block_graphs, "BlockGraph", CountedBlockGraph)
+    return builds
+
+
+def test_the_block_graph_is_built_once_for_every_finder(monkeypatch):
+    gm = traced_blocks("llama")[0].graph_module
+    builds = count_graph_builds(monkeypatch)
+    structure(gm)
+    find_modulation_groups(gm)
+    find_multiply_groups(gm)
+    assert builds == [gm]
+    assert block_graph(gm) is block_graph(gm)
+
+
+def test_the_block_graph_is_built_again_when_the_graph_changes(monkeypatch):
+    block = traced_blocks("llama")[0]
+    before = block_graph(block.graph_module)
+    builds = count_graph_builds(monkeypatch)
+    block.insert_input_quantizer("mlp.down_proj", FakeQuantize(TensorScheme()))
+    find_up_down_pairs(block.graph_module)
+    find_linears(block.graph_module)
+    assert builds == [block.graph_module] and block_graph(block.graph_module) is not before
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_quantizers_between_layers_are_seen_through(family):
+    block = traced_blocks(family)[0]
+    gm = block.graph_module
+    expected = structure(gm)
+    for target in find_linears(gm):
+        block.insert_input_quantizer(target, FakeQuantize(TensorScheme()))
+    quantizers = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), FakeQuantize)]
+    assert len(quantizers) == len(expected[3])
+    assert structure(gm) == expected
+
+
+def test_a_quantizer_before_a_linear_reading_a_block_input_is_seen_through():
+    module = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).eval()
+    x = torch.randn(2, 8)
+    traced = trace_block(module, (x,), {}, name="b")
+    propagate_shapes(traced.graph_module, traced.flatten_inputs((x,), {}))
+    block = Block("b", module, nn.ModuleList([module]), 0, traced=traced)
+    block.insert_input_quantizer("0", FakeQuantize(TensorScheme()))
+    assert [[c.target for c in g.readers] for g in find_multiply_groups(block.graph_module)] == [["0"]]
+
+
+def test_slimc_modules_put_into_graphs_declare_their_leaf_kind():
+    assert leaf_kind(FakeQuantize(TensorScheme())) == "quantizer"
+    assert leaf_kind(ChannelScale(torch.ones(4))) == "module"
+    assert is_leaf_module(ChannelScale(torch.ones(4)))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_every_call_module_node_is_a_leaf_of_the_tracers_table(family):
+    gm = traced_blocks(family)[0].graph_module
+    kinds = {n.target: leaf_kind(gm.get_submodule(n.target)) for n in gm.graph.nodes if n.op == "call_module"}
+    assert None not in kinds.values()
+    assert [t for t, k in kinds.items() if k == "linear"] == find_linears(gm)
+    assert [t for t, k in kinds.items() if k == "experts"] == find_experts(gm)

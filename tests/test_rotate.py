@@ -54,7 +54,7 @@ def test_run_summary_names_the_hadamard_construction_of_each_size():
     notes = "\n".join(report.notes)
     assert "residual stream (48) rotated by a randomized Hadamard 12⊗4 (Paley I, q=11), seed 3" in notes
     assert "online rotation before down projections of width 96: Hadamard 12⊗8 (Paley I, q=11)" in notes
-    assert program.metadata["rotations"]["online"]["model.layers.0.mlp.down_proj"] == "Hadamard 12⊗8 (Paley I, q=11)"
+    assert program.rotations.online["model.layers.0.mlp.down_proj"] == "Hadamard 12⊗8 (Paley I, q=11)"
 
 
 def test_a_size_without_hadamard_matrix_falls_back_and_says_so():

@@ -116,7 +116,7 @@ def test_the_search_keeps_a_rotation_that_helps_drops_one_that_hurts_and_keeps_t
     kept = report.details["rotate_inputs_kept"]
     blocks = range(len(program.model.blocks))
     assert kept == {**{f"blocks.{i}.attn2.to_k": True for i in blocks}, **{f"blocks.{i}.ffn.net.2": False for i in blocks}}
-    rotated = set(program.metadata["rotations"]["online"])
+    rotated = set(program.rotations.online)
     assert rotated == {f"blocks.{i}.attn2.{p}" for i in blocks for p in ("to_k", "to_v")}
     for block in program.blocks:  # the function alone: the planned activation quantizers pass through
         for module in block.graph_module.modules():

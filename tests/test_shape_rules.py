@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_cli import assert_user_error, slimc
+from cli_runs import assert_user_error, slimc
+from compile_settings import SMALL_CALIBRATION
 from tiny_models import tiny_causal_lm
 from tiny_tokenizer import tiny_tokenizer
 
@@ -27,7 +28,6 @@ from slimc.frontends.llm import DecoderLLM
 from slimc.schemes import QuantScheme
 
 W4A8 = "llm/w4a8_quarot_gptq.yaml"
-SMALL_CALIBRATION = ["calibration.samples=4", "calibration.seq_len=32", "calibration.batch_size=2"]
 BROKEN_LAYERS = ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.experts (each expert's down_proj)")
 # The fixes the error names: the dense down_proj kept float, the experts given int8 weights (float experts could not
 # carry the rotate pass's online rotation into the mindie format).

@@ -9,9 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from compile_settings import (
+    DIFFUSION_SIZES,
+    DIFFUSION_SMALL,
+    MULTIMODAL_CONFIGS,
+    MULTIMODAL_SMALL,
+    OMNI_IMAGE_SIZE,
+    OMNI_SMALL,
+    SMALL_CALIBRATION,
+    VLLM_ONLY,
+)
 from compressed_tensors.quantization import QuantizationConfig
 from conftest import save_tiny_model
-from programs import W8A8_DYNAMIC, logits, relative, run_pipeline
+from programs import CHECK_IDS, W8A8_DYNAMIC, logits, relative, run_pipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_causal_lm
@@ -24,11 +34,6 @@ from slimc.config import load_config
 from slimc.errors import ExportError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-SMALL_CALIBRATION = ["calibration.samples=4", "calibration.seq_len=32", "calibration.batch_size=2"]
-VLLM_ONLY = ["export=[{format: vllm}]"]
-IDS = torch.randint(4, 512, (2, 20), generator=torch.Generator().manual_seed(3))
-
 
 def compile_tiny(tmp_path: Path, family: str, config_name: str, overrides: tuple[str, ...] = ()):
     model_dir = save_tiny_model(tmp_path / "model", family)
@@ -50,33 +55,19 @@ def load_with_transformers(out_dir: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(out_dir / "vllm").eval()
 
 
-@pytest.fixture
-def vllm_per_token_scales(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Per-token dynamic scales as vLLM's int8 kernel computes them, amax / 127 (transformers' compressed-tensors
-    simulation divides by 127.5 instead, half a code wider than the int8 range)."""
-    from compressed_tensors.quantization.lifecycle import forward
-
-    def amax_over_qmax(value, args, module, global_scale=None):
-        qmax = 2 ** (args.num_bits - 1) - 1
-        scale = value.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / qmax
-        return scale.to(value.dtype), torch.zeros_like(scale, dtype=torch.int8)
-
-    monkeypatch.setattr(forward, "compute_dynamic_scales_and_zp", amax_over_qmax)
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_dynamic_w8a8_checkpoint_runs_in_transformers_as_the_lowered_model(tmp_path, family, vllm_per_token_scales):
     compiled = compile_tiny(tmp_path, family, "llm/w8a8_dynamic.yaml")
     with torch.no_grad():
-        loaded = load_with_transformers(tmp_path / "out")(input_ids=IDS, use_cache=False).logits
-    assert relative(loaded, logits(compiled.program, IDS)) < 1e-5
+        loaded = load_with_transformers(tmp_path / "out")(input_ids=CHECK_IDS, use_cache=False).logits
+    assert relative(loaded, logits(compiled.program, CHECK_IDS)) < 1e-5
 
 
 def test_transformers_own_per_token_scales_stay_within_a_quantization_step_of_vllms(tmp_path):
     compiled = compile_tiny(tmp_path, "llama", "llm/w8a8_dynamic.yaml")
     with torch.no_grad():
-        loaded = load_with_transformers(tmp_path / "out")(input_ids=IDS, use_cache=False).logits
-    assert 1e-5 < relative(loaded, logits(compiled.program, IDS)) < 2e-2
+        loaded = load_with_transformers(tmp_path / "out")(input_ids=CHECK_IDS, use_cache=False).logits
+    assert 1e-5 < relative(loaded, logits(compiled.program, CHECK_IDS)) < 2e-2
 
 
 def test_static_w8a8_checkpoint_keeps_input_scales_and_zero_points(tmp_path, vllm_per_token_scales):
@@ -92,8 +83,8 @@ def test_static_w8a8_checkpoint_keeps_input_scales_and_zero_points(tmp_path, vll
     config = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
     assert config.format == "int-quantized" and len(config.config_groups) == 2  # static, and dynamic down_proj
     with torch.no_grad():
-        loaded = load_with_transformers(tmp_path / "out")(input_ids=IDS, use_cache=False).logits
-    assert relative(loaded, logits(compiled.program, IDS)) < 1e-5
+        loaded = load_with_transformers(tmp_path / "out")(input_ids=CHECK_IDS, use_cache=False).logits
+    assert relative(loaded, logits(compiled.program, CHECK_IDS)) < 1e-5
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
@@ -105,8 +96,8 @@ def test_w4a16_groups_are_pack_quantized_and_load_exactly(tmp_path, family):
     assert group["weights"].items() >= {"num_bits": 4, "strategy": "group", "group_size": 16, "symmetric": True}.items()
     assert group["input_activations"] is None and "lm_head" in config["ignore"]
     with torch.no_grad():
-        loaded = load_with_transformers(tmp_path / "out")(input_ids=IDS, use_cache=False).logits
-    assert relative(loaded, logits(compiled.program, IDS)) < 1e-6
+        loaded = load_with_transformers(tmp_path / "out")(input_ids=CHECK_IDS, use_cache=False).logits
+    assert relative(loaded, logits(compiled.program, CHECK_IDS)) < 1e-6
 
 
 def test_moe_experts_are_written_per_expert_under_the_names_vllm_loads(tmp_path):
@@ -147,8 +138,8 @@ def test_weight_only_and_w4a4_schemes_are_expressed(tmp_path):
     schemes = {(g["weights"]["num_bits"], (g["input_activations"] or {}).get("num_bits")) for g in config["config_groups"].values()}
     assert schemes == {(4, 4), (8, None)}
     with torch.no_grad():
-        loaded = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=IDS, use_cache=False).logits
-    assert torch.nn.functional.cosine_similarity(loaded.flatten(), logits(program, IDS).flatten(), dim=0) > 0.99
+        loaded = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=CHECK_IDS, use_cache=False).logits
+    assert torch.nn.functional.cosine_similarity(loaded.flatten(), logits(program, CHECK_IDS).flatten(), dim=0) > 0.99
 
 
 def test_verify_fails_when_a_written_weight_changed(tmp_path):
@@ -168,13 +159,12 @@ def test_verify_fails_when_a_written_weight_changed(tmp_path):
 def test_vision_language_checkpoint_loads_under_its_own_names(tmp_path, kind, vllm_per_token_scales):
     """Multimodal checkpoints keep their tensor names (Qwen2.5-VL's legacy `model.layers.*`); config groups and
     the ignore list name each Linear under both its runtime and its checkpoint name, so both loaders find it."""
-    from test_multimodal import CONFIGS, SMALL
     from tiny_multimodal import save_tiny_multimodal
 
     from slimc.frontends.multimodal import MultimodalLLM
 
     model_dir = save_tiny_multimodal(kind, tmp_path / "model")
-    config = load_config(resolve_config_path(CONFIGS[kind]), [*SMALL, *VLLM_ONLY])
+    config = load_config(resolve_config_path(MULTIMODAL_CONFIGS[kind]), [*MULTIMODAL_SMALL, *VLLM_ONLY])
     compiled = compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
     program = compiled.program
     with safe_open(tmp_path / "out" / "vllm" / "model.safetensors", "pt") as f:
@@ -202,8 +192,8 @@ def test_small_max_shard_size_writes_transformers_style_shards(tmp_path):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     with torch.no_grad():
-        loaded = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=IDS, use_cache=False).logits
-    assert torch.nn.functional.cosine_similarity(loaded.flatten(), logits(program, IDS).flatten(), dim=0) > 0.999
+        loaded = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=CHECK_IDS, use_cache=False).logits
+    assert torch.nn.functional.cosine_similarity(loaded.flatten(), logits(program, CHECK_IDS).flatten(), dim=0) > 0.999
     with pytest.raises(ValueError, match="is not a size"):
         VllmBackend(max_shard_size="five gigs")
 
@@ -211,12 +201,11 @@ def test_small_max_shard_size_writes_transformers_style_shards(tmp_path):
 def test_whole_omni_checkpoint_keeps_the_talker_float_and_targets_the_thinker_by_its_checkpoint_names(tmp_path):
     """The thinker is quantized under `thinker.*`; talker and vocoder are copied bit for bit and ignored. (The tiny
     whole checkpoint's talker config is not a loadable whole model, so this reads the files, not transformers.)"""
-    from test_omni import IMAGE_SIZE, SMALL
     from tiny_omni import save_tiny_full_omni
 
     model_dir = save_tiny_full_omni("qwen2_5_omni", tmp_path / "model")
     config = load_config(resolve_config_path("qwen2_5_omni/w8a8.yaml"),
-                         [*SMALL, f"calibration.image_size={IMAGE_SIZE['qwen2_5_omni']}", *VLLM_ONLY])
+                         [*OMNI_SMALL, f"calibration.image_size={OMNI_IMAGE_SIZE['qwen2_5_omni']}", *VLLM_ONLY])
     compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
     out = tmp_path / "out" / "vllm"
     quantization = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
@@ -234,11 +223,10 @@ def test_whole_omni_checkpoint_keeps_the_talker_float_and_targets_the_thinker_by
 
 
 def test_a_diffusion_transformer_is_refused_with_the_formats_that_take_it(tmp_path):
-    from test_diffusion_compile import SIZES, SMALL
     from tiny_diffusion import save_tiny_pipeline
 
     pipeline_dir = save_tiny_pipeline("flux", tmp_path / "flux", two_experts=False, weight_std=0.3)
-    config = load_config(resolve_config_path("flux/w8a8.yaml"), [*SMALL, *SIZES["flux"], *VLLM_ONLY])
+    config = load_config(resolve_config_path("flux/w8a8.yaml"), [*DIFFUSION_SMALL, *DIFFUSION_SIZES["flux"], *VLLM_ONLY])
     with pytest.raises(ExportError, match="vllm: .*language models.*format mindie or onnx"):
         compile_model(config, model_path=str(pipeline_dir), out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()

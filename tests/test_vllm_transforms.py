@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from compile_settings import SMALL_CALIBRATION, VLLM_ONLY
 from compressed_tensors.transform import (
     TransformArgs,
     TransformConfig,
@@ -17,9 +18,8 @@ from compressed_tensors.transform import (
     apply_transform_config,
 )
 from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix, random_hadamard_matrix
-from programs import W8A8_DYNAMIC, logits, relative, run_pipeline
+from programs import CHECK_IDS, W8A8_DYNAMIC, logits, relative, run_pipeline
 from safetensors.torch import load_file, save_file
-from test_vllm import IDS, SMALL_CALIBRATION, VLLM_ONLY, vllm_per_token_scales  # noqa: F401 (a fixture)
 from tiny_models import tiny_causal_lm
 from tiny_tokenizer import tiny_tokenizer
 from transformers import AutoModelForCausalLM
@@ -142,12 +142,12 @@ def test_compressed_tensors_applies_each_down_projections_rotation_as_the_progra
             assert bool(((rotation(x).double() - exact).abs() <= bound).all())
 
 
-def test_checkpoint_with_transforms_gives_the_programs_logits_within_its_rounding_noise(rotated, vllm_per_token_scales):  # noqa: F811
-    program_logits = logits(rotated.program, IDS)
-    tolerance = SENSITIVITY_FACTOR * logit_sensitivity(rotated.program, IDS)
+def test_checkpoint_with_transforms_gives_the_programs_logits_within_its_rounding_noise(rotated, vllm_per_token_scales):
+    program_logits = logits(rotated.program, CHECK_IDS)
+    tolerance = SENSITIVITY_FACTOR * logit_sensitivity(rotated.program, CHECK_IDS)
     with torch.no_grad():
-        plain = AutoModelForCausalLM.from_pretrained(rotated.out).eval()(input_ids=IDS, use_cache=False).logits
-        transformed = load_with_transforms(rotated.out)(input_ids=IDS, use_cache=False).logits
+        plain = AutoModelForCausalLM.from_pretrained(rotated.out).eval()(input_ids=CHECK_IDS, use_cache=False).logits
+        transformed = load_with_transforms(rotated.out)(input_ids=CHECK_IDS, use_cache=False).logits
     assert relative(transformed, program_logits) <= tolerance
     # without the transforms it is another model (by little more than the noise for W4A4 in bfloat16, whose int4
     # activations turn an ulp into a step; the test above tells each transform from the program's exactly)
@@ -188,7 +188,7 @@ def test_a_rotated_linear_with_a_bias_is_refused_since_vllm_transforms_only_bias
         VllmBackend().export(program, out)
 
 
-def test_rotated_inputs_of_q_k_v_are_one_transform_that_gives_the_programs_logits(tmp_path, vllm_per_token_scales):  # noqa: F811
+def test_rotated_inputs_of_q_k_v_are_one_transform_that_gives_the_programs_logits(tmp_path, vllm_per_token_scales):
     program, out = lowered(tmp_path, "llama", [{"pass": "rotate_inputs", "include": ["*self_attn.[qkv]_proj"]}], W8A8_DYNAMIC)
     VllmBackend().export(program, out)
     VllmBackend().verify(program, out)
@@ -196,8 +196,8 @@ def test_rotated_inputs_of_q_k_v_are_one_transform_that_gives_the_programs_logit
     assert read_transform_config(out) == TransformConfig(config_groups={"hadamard": TransformScheme(
         type="hadamard", apply=[TransformArgs(targets=targets, location="input")])})
     with torch.no_grad():
-        transformed = load_with_transforms(out)(input_ids=IDS, use_cache=False).logits
-    assert relative(transformed, logits(program, IDS)) <= SENSITIVITY_FACTOR * logit_sensitivity(program, IDS)
+        transformed = load_with_transforms(out)(input_ids=CHECK_IDS, use_cache=False).logits
+    assert relative(transformed, logits(program, CHECK_IDS)) <= SENSITIVITY_FACTOR * logit_sensitivity(program, CHECK_IDS)
 
 
 def test_a_rotation_of_only_some_linears_that_vllm_fuses_is_refused(tmp_path):

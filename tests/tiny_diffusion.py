@@ -34,6 +34,7 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
+from module_calls import Call, module_calls
 from tokenizers import pre_tokenizers
 from torch import nn
 from transformers import (
@@ -167,32 +168,9 @@ def iter_blocks(model: nn.Module, kind: str) -> Iterator[tuple[str, nn.Module]]:
             yield f"{list_name}.{index}", block
 
 
-def capture_block_calls(model: nn.Module, kind: str, inputs: dict) -> list[tuple[str, tuple, dict, object]]:
+def capture_block_calls(model: nn.Module, kind: str, inputs: dict) -> list[Call]:
     """`(name, args, kwargs, output)` of every block call during one forward of `model` on `inputs`."""
-    calls: list[tuple[str, tuple, dict, object]] = []
-    pending: dict[str, tuple[tuple, dict]] = {}
-
-    def hooks(name: str):
-        def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            pending[name] = (args, dict(kwargs))
-
-        def after(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-            calls.append((name, *pending.pop(name), output))
-
-        return before, after
-
-    handles = []
-    for name, block in iter_blocks(model, kind):
-        before, after = hooks(name)
-        handles.append(block.register_forward_pre_hook(before, with_kwargs=True))
-        handles.append(block.register_forward_hook(after, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
+    return module_calls(iter_blocks(model, kind), lambda: model(**inputs))
 
 
 @contextlib.contextmanager

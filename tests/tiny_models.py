@@ -9,6 +9,7 @@ the numbers a test can see.
 from __future__ import annotations
 
 import torch
+from module_calls import module_calls
 from torch import nn
 from transformers import (
     Glm4MoeConfig,
@@ -105,20 +106,6 @@ def capture_layer_inputs(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> list[tuple[tuple, dict]]:
     """The `(args, kwargs)` each decoder layer is called with during one forward (no cache)."""
-    layers = model.model.layers
-    captured: list[tuple[tuple, dict]] = [((), {})] * len(layers)
-
-    def hook(index: int):
-        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured[index] = (args, dict(kwargs))
-
-        return record
-
-    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
+    layers = [(f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers)]
+    calls = module_calls(layers, lambda: model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
+    return [(args, kwargs) for _, args, kwargs, _ in calls]

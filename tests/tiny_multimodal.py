@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import transformers
 from PIL import Image
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tiny_tokenizer import train_byte_level_bpe
+from tokenizers import AddedToken, Tokenizer
 from torch import nn
 from transformers import (
     PreTrainedModel,
@@ -190,7 +191,7 @@ def tiny_multimodal_config(kind: str) -> Any:
     _check_kind(kind)
     config = getattr(transformers, _KINDS[kind][0])(**_KINDS[kind][4])
     config._attn_implementation = "sdpa"  # both setters recurse into the sub-configs
-    config._experts_implementation = "batched_mm"  # TRACING.md: the default grouped_mm does not fx-trace
+    config._experts_implementation = "batched_mm"  # the default grouped_mm does not fx-trace
     return config
 
 
@@ -314,16 +315,7 @@ def chat_template(kind: str) -> str:
 @functools.lru_cache(maxsize=1)
 def _trained_bpe() -> str:
     """A byte-level BPE over a few sentences, as JSON: SPECIAL_TOKENS (ids 0..), 256 bytes, then merges."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(_TRAINING_TEXT, trainer=trainer)
-    return tokenizer.to_str()
+    return train_byte_level_bpe(_TRAINING_TEXT, vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, split_pattern=_SPLIT)
 
 
 def tiny_multimodal_tokenizer(kind: str) -> TokenizersBackend:

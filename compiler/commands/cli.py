@@ -102,12 +102,13 @@ def _trace(args: argparse.Namespace) -> None:
 
 
 def _passes(args: argparse.Namespace) -> None:
-    from slimc.pass_base import PASSES, load_builtin_passes
+    from slimc.config.steps import PASSES, load_builtin_passes
 
     load_builtin_passes()
     for name, cls in sorted(PASSES.items()):
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        flags = [f for f, on in (("function-preserving", cls.preserves_function), (f"needs {', '.join(cls.requires)}", bool(cls.requires))) if on]
+        flags = [f for f, on in (("function-preserving", cls.preserves_function), (f"needs {', '.join(cls.requires)}", bool(cls.requires)),
+                                 (f"before {', '.join(cls.runs_before)}", bool(cls.runs_before))) if on]
         print(f"{name}: {doc}" + (f"  [{'; '.join(flags)}]" if flags else ""))
         for field_name, field in cls.model_fields.items():
             annotation = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")

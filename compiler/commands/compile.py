@@ -14,6 +14,7 @@ from slimc.commands.export import (
     check_disk_space,
     check_output_dir,
     remove_dead_runs,
+    scratch_directory,
     staged_output,
 )
 from slimc.commands.shape_rules import Plan, check_plan, plan_layers
@@ -29,6 +30,7 @@ from slimc.ir.source import (
     resolve_model_source,
     weight_files,
 )
+from slimc.ir.streaming import BlockWeights, offload_device_map
 from slimc.pipeline import Pipeline
 from slimc.report import RunReport, directory_size
 
@@ -128,7 +130,7 @@ def check_inputs(config: SlimcConfig, model_path: str | None) -> Inputs:
 def quantization_plan(config: SlimcConfig, inputs: Inputs) -> Plan:
     """Which layers get which scheme, planned on the model's meta-device skeleton: no weight is read."""
     skeleton = inputs.frontend.skeleton(inputs.source, model_dtype(config, inputs.source))
-    return plan_layers(inputs.frontend.build(inputs.source, skeleton), config, inputs.pipeline.steps)
+    return plan_layers(inputs.frontend.build(inputs.source, skeleton), config, config.pipeline)
 
 
 def output_size(source: ModelSource, backends: list[Backend]) -> int:
@@ -138,13 +140,30 @@ def output_size(source: ModelSource, backends: list[Backend]) -> int:
     return on_disk * (GGUF_EXPANSION if source.is_gguf else 1) * len(backends)
 
 
-def load_program(config: SlimcConfig, source: ModelSource, frontend: Frontend, report: RunReport) -> Program:
-    """Load the model (every frontend loads through here) and cut it into a Program."""
+def streams(config: SlimcConfig, source: ModelSource, frontend: Frontend) -> bool:
+    """Whether the blocks' weights are read block by block (slimc.ir.streaming) rather than loaded whole."""
+    return config.memory.stream_blocks and frontend.streams and not source.is_gguf
+
+
+def load_program(config: SlimcConfig, source: ModelSource, frontend: Frontend, report: RunReport,
+                 scratch: Path | None = None) -> Program:
+    """Load the model (every frontend loads through here) and cut it into a Program. With a `scratch` directory
+    and a config that streams, the blocks stay on the meta device, read when the pipeline reaches each."""
+    dtype = model_dtype(config, source)
+    weights = None
     with report.timed("load"):
-        model = frontend.load(source, dtype=model_dtype(config, source), trust_remote_code=config.model.trust_remote_code)
-        check_finite_weights(model, source.path)
+        if scratch is not None and streams(config, source, frontend):
+            blocks = [block.name for block in frontend.build(source, frontend.skeleton(source, dtype)).blocks]
+            device_map = offload_device_map(frontend.skeleton(source, dtype), blocks)
+            model = frontend.load(source, dtype=dtype, device=device_map, trust_remote_code=config.model.trust_remote_code,
+                                  offload_folder=scratch / "offload")
+            weights = BlockWeights.detach_from(model)
+        else:
+            model = frontend.load(source, dtype=dtype, trust_remote_code=config.model.trust_remote_code)
+        check_finite_weights(model, source.path, weights.loader if weights is not None else None)
     program = frontend.build(source, model)
-    program.metadata["device"] = config.model.device  # where a frontend may run the model to make calibration data
+    program.weights = weights
+    program.device = config.model.device
     return program
 
 
@@ -176,15 +195,16 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
     needed = output_size(source, backends)
     check_disk_space(out_dir, needed)  # before loading: a full disk should not cost a whole compile
     check_plan(quantization_plan(config, inputs), backends, config)  # nor should a layer that no format can hold
-    program = load_program(config, source, frontend, report)
-    batches = frontend.calibration_batches(config.calibration, source, program, report)
-    report.details["calibration"] = {"dataset": config.calibration.dataset}  # `slimc eval` refuses to evaluate on it
-    pipeline.run(program, config, batches, report)
-    if backends:
-        with report.timed("export"), staged_output(out_dir, overwrite, needed) as staging:
-            for backend in backends:
-                report.outputs[backend.format_name] = directory_size(export_format(program, backend, staging))
-            report.finish()
-            (staging / REPORT_FILE).write_text(report.to_json())
+    with scratch_directory(out_dir) as scratch:
+        program = load_program(config, source, frontend, report, scratch)
+        batches = frontend.calibration_batches(config.calibration, source, program, report)
+        report.details["calibration"] = {"dataset": config.calibration.dataset}  # `slimc eval` refuses to evaluate on it
+        pipeline.run(program, config, batches, report)
+        if backends:
+            with report.timed("export"), staged_output(out_dir, overwrite, needed) as staging:
+                for backend in backends:
+                    report.outputs[backend.format_name] = directory_size(export_format(program, backend, staging))
+                report.finish()
+                (staging / REPORT_FILE).write_text(report.to_json())
     report.finish()
     return Compiled(program, report)

@@ -87,20 +87,12 @@ def check_machine(diagnosis: Diagnosis, out: Path) -> None:
 
 def estimate(program: Program, config: SlimcConfig) -> Estimate:
     """Which layers the config quantizes and the sizes that follow, for a Program built on the meta device."""
-    from slimc.pass_base import Context
-    from slimc.passes.fake_quant import quantizable_layer_names
-    from slimc.pipeline import Pipeline
-    from slimc.report import RunReport
+    from slimc.plan import QuantPlan
 
-    context = Context(program, config, Pipeline.from_config(config).steps, RunReport())
-    result = Estimate(model_bytes=in_memory_bytes(program.model))
+    plan = QuantPlan.resolve(program, config, config.pipeline)
+    result = Estimate(model_bytes=in_memory_bytes(program.model), float_layers=len(plan.float_layers))
     replaced_bytes = quantized_bytes = 0  # the quantized layers' weights: as loaded, and as written
-    for name in quantizable_layer_names(program):
-        planned = context.planned_scheme(name)
-        if planned is None:
-            result.float_layers += 1
-            continue
-        scheme = planned[1]
+    for name, (_, scheme) in plan.schemes.items():
         result.layers[scheme.label] += 1
         for weight in (p for p in program.model.get_submodule(name).parameters(recurse=False) if p.dim() >= 2):
             replaced_bytes += weight.numel() * weight.element_size()

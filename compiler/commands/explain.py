@@ -110,7 +110,7 @@ def trace_report(model_path: str | None, *, seq_len: int | None = None) -> str:
     stages = ", ".join(f"{stage.name} ({len(stage.blocks)})" for stage in program.stages)
     lines = [
         f"model: {program.source.architecture} ({program.family} frontend), {len(program.blocks)} blocks "
-        f"in stages {stages}; tied embeddings: {program.metadata.get('tied_embeddings', False)}",
+        f"in stages {stages}; tied embeddings: {program.tied_embeddings}",
     ]
     if program.embeddings:
         lines.append(f"residual stream outside the blocks: written by {', '.join(program.embeddings)}, "

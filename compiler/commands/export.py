@@ -23,7 +23,8 @@ from slimc.errors import SPACE_ERRNOS, ExportError, describe_os_error
 
 MARKER_FILE = ".slimc-output"
 REPORT_FILE = "slimc_report.json"  # also proves an output of a slimc that wrote no marker yet
-STAGING, ASIDE = "tmp", "old"  # private directories beside the output: being written, replaced output
+# Private directories beside the output: being written, replaced output, scratch space of a running compile.
+STAGING, ASIDE, SCRATCH = "tmp", "old", "work"
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
@@ -115,6 +116,19 @@ def staged_output(out_dir: Path, overwrite: bool, needed_bytes: int = 0) -> Iter
 
 
 @contextlib.contextmanager
+def scratch_directory(out_dir: Path) -> Iterator[Path]:
+    """A private directory beside `out_dir` for the compile's own files (offloaded weights), removed when the
+    compile ends, or by the next run if this process dies (`remove_dead_runs`)."""
+    out_dir = out_dir.resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=_private_prefix(out_dir, SCRATCH), dir=out_dir.parent))
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def staged_file(path: Path) -> Iterator[Path]:
     """Yield a temporary name beside `path` (same suffix) to write; on success it replaces `path` in one rename,
     so an interrupted write never leaves a half-written file under the real name."""
@@ -178,7 +192,7 @@ def _private_dir_owner(path: Path, name: str) -> tuple[str, tuple[str, int] | No
     """(kind, (host, pid)) of a private directory named by `_private_prefix`; owner None for other names."""
     kind, _, rest = path.name.removeprefix(f".{name}.").partition("-")
     parts = rest.rsplit("-", 2)  # host-pid-random: the host has no '-', the random part has none either
-    if kind not in (STAGING, ASIDE) or len(parts) != 3 or not parts[1].isdigit():
+    if kind not in (STAGING, ASIDE, SCRATCH) or len(parts) != 3 or not parts[1].isdigit():
         return kind, None
     return kind, (parts[0], int(parts[1]))
 

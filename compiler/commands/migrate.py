@@ -15,7 +15,7 @@ from slimc.errors import ConfigError
 
 def migrated_yaml(path: Path) -> tuple[str, list[str]]:
     """The file at `path` upgraded to CONFIG_VERSION as YAML text, its comments kept, and what changed."""
-    plain, _ = read_yaml(path)  # the same checks as loading (encoding, safe tags, size)
+    plain, lines = read_yaml(path)  # the same checks as loading (encoding, safe tags, size)
     if not isinstance(plain, dict):
         raise ConfigError(f"{path}: the config must be a mapping with keys such as version, model, pipeline")
     yaml = YAML()  # round-trip: keeps comments, key order and flow style
@@ -26,8 +26,8 @@ def migrated_yaml(path: Path) -> tuple[str, list[str]]:
     except YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     changes = upgrade(data, source=str(path))
-    upgrade(plain, source=str(path))
-    config_from_data(plain, source=str(path))  # the upgraded file must load
+    upgrade(plain, lines, source=str(path))
+    config_from_data(plain, source=str(path), lines=lines)  # the upgraded file must load, its passes typed
     text = io.StringIO()
     yaml.dump(data, text)
     return text.getvalue(), changes

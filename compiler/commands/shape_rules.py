@@ -19,14 +19,16 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from slimc.errors import ConfigError
-from slimc.patterns import is_experts_module
+from slimc.ir.leaves import is_experts_module
+from slimc.passes.rotate import Rotate
+from slimc.plan import QuantPlan
 from slimc.schemes import SHAPE_RULES, QuantScheme, ShapeRule
 
 if TYPE_CHECKING:
     from slimc.backends import Backend
     from slimc.config import SlimcConfig
+    from slimc.config.steps import PassStep
     from slimc.ir import Program
-    from slimc.pass_base import Pass
 
 SHOWN_PER_RULE = 5  # layers a compile error lists for each broken rule; --dry-run lists every one
 LAYER_NUMBER = re.compile(r"(?<=\.)\d+(?=\.|$)")
@@ -70,27 +72,20 @@ def written_weights(layer: nn.Module) -> tuple[tuple[str, int, int], ...]:
             ("each expert's down_proj", down_rows, intermediate))
 
 
-def plan_layers(program: Program, config: SlimcConfig, steps: Sequence[Pass]) -> Plan:
-    """The scheme of every Linear and fused experts module in the program's blocks, as the pipeline will give them.
-    Works on a meta-device skeleton: only names and shapes are read."""
-    from slimc.pass_base import Context
-    from slimc.passes.fake_quant import quantizable_layer_names
-    from slimc.report import RunReport
-
-    context = Context(program, config, steps, RunReport())
+def plan_layers(program: Program, config: SlimcConfig, steps: Sequence[PassStep]) -> Plan:
+    """The scheme of every Linear and fused experts module in the program's blocks, as the pipeline will give them
+    (the quantization plan it resolves), with the weights the formats write for each. Works on a meta-device
+    skeleton: only names and shapes are read."""
+    resolved = QuantPlan.resolve(program, config, steps)
     # The checkpoint formats record an online rotation of experts' down projections only on quantized experts
     # (`slimc.backends.checkpoint.online_rotations`), so the error must not offer to keep those float.
-    online_down = any(getattr(step, "online_down", False) for step in steps)
-    plan = Plan([], 0)
-    for name in quantizable_layer_names(program):
-        planned = context.planned_scheme(name)
-        if planned is None:
-            plan.float_layers += 1
-            continue
+    online_down = any(isinstance(step, Rotate) and step.online_down for step in steps)
+    layers = []
+    for name, assigned in resolved.schemes.items():
         layer = program.model.get_submodule(name)
         may_stay_float = not (online_down and is_experts_module(layer))
-        plan.layers.append(PlannedLayer(name, *planned, written_weights(layer), may_stay_float))
-    return plan
+        layers.append(PlannedLayer(name, *assigned, written_weights(layer), may_stay_float))
+    return Plan(layers, len(resolved.float_layers))
 
 
 def broken_rules(plan: Plan, backends: Sequence[Backend]) -> list[Violation]:

@@ -7,7 +7,9 @@
     pipeline: [{pass: norm_fusion}, {pass: smooth, alpha: 0.8}, ...]
     export: [{format: mindie}]
 
-Pass and export parameters are validated by the pass/backend class itself (its typed fields).
+Each pipeline step is typed when the config loads: its `pass:` names the class (slimc.config.steps),
+whose fields validate the step's other keys, and every step's ordering declarations are checked.
+Export parameters are validated by the backend class when the exports are built.
 A file of an older `version` is upgraded in memory (slimc.config.versions), with one warning saying so.
 """
 
@@ -21,6 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from slimc.config.steps import PassStep, check_order, pass_class
 from slimc.config.versions import CONFIG_VERSION, upgrade
 from slimc.errors import ConfigError
 from slimc.schemes import QuantScheme
@@ -85,15 +88,24 @@ class ChecksConfig(_Strict):
     equivalence_tolerance: float | None = Field(None, gt=0)  # relative; None: by the model's dtype
 
 
+class MemoryConfig(_Strict):
+    """How much of the model host memory holds at once."""
+
+    # Read each block's weights from the checkpoint when the pipeline reaches it (transformers checkpoints in
+    # safetensors; GGUF files and diffusers transformers load whole), instead of the whole model at load.
+    stream_blocks: bool = True
+
+
 class SlimcConfig(_Strict):
     version: int = CONFIG_VERSION  # older versions are upgraded before validation
     model: ModelConfig = ModelConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     schemes: dict[str, QuantScheme] = {}
-    pipeline: list[dict[str, Any]] = []
+    pipeline: list[PassStep] = []
     export: list[dict[str, Any]] = []
     checks: ChecksConfig = ChecksConfig()
+    memory: MemoryConfig = MemoryConfig()
 
     source_file: str = Field("<config>", exclude=True)
     lines: dict[tuple, int] = Field(default_factory=dict, exclude=True)
@@ -101,6 +113,12 @@ class SlimcConfig(_Strict):
     def where(self, *loc: Any) -> str:
         """'file:line' of the deepest known key of a location, for messages."""
         return _where(self.source_file, self.lines, loc)
+
+
+class _WrittenConfig(SlimcConfig):
+    """The config as written: its pipeline steps are mappings until the rest of the config is valid."""
+
+    pipeline: list[dict[str, Any]] = []
 
 
 def _where(source: str, lines: dict[tuple, int], loc: tuple) -> str:
@@ -281,15 +299,36 @@ def config_from_data(data: dict, *, source: str = "<config>", lines: dict[tuple,
         warnings.warn(f"{source}: a version {written_for} config, upgraded in memory ({'; '.join(changes)}); "
                       f"`slimc migrate {source}` prints the upgraded file", UserWarning, stacklevel=2)
     try:
-        config = SlimcConfig.model_validate(data)
+        written = _WrittenConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(format_validation_error(error, SlimcConfig, source, lines)) from None
+    config = SlimcConfig(**{**dict(written), "pipeline": []})
     config.source_file = source
     config.lines = lines
-    for index, step in enumerate(config.pipeline):
+    for index, step in enumerate(written.pipeline):
         if "pass" not in step:
             raise ConfigError(f"{config.where('pipeline', index)}: pipeline.{index}: each step needs `pass: NAME`")
     for index, step in enumerate(config.export):
         if "format" not in step:
             raise ConfigError(f"{config.where('export', index)}: export.{index}: each entry needs `format: NAME`")
+    config.pipeline = typed_pipeline(written.pipeline, config)
     return config
+
+
+def typed_pipeline(written: list[dict[str, Any]], config: SlimcConfig) -> list[PassStep]:
+    """Each step as its pass class, its parameters validated, in an order every step's declarations allow."""
+    steps: list[PassStep] = []
+    for index, raw in enumerate(written):
+        try:
+            step_class = pass_class(str(raw["pass"]))
+        except ConfigError as error:
+            raise ConfigError(f"{config.where('pipeline', index, 'pass')}: pipeline.{index}.pass: {error}") from None
+        try:
+            steps.append(step_class(**{key: value for key, value in raw.items() if key != "pass"}))
+        except ValidationError as error:
+            raise ConfigError(
+                format_validation_error(error, step_class, config.source_file, config.lines, prefix=("pipeline", index))
+            ) from None
+        check_order(steps, index, config)
+        steps[index].check(config, index)
+    return steps

@@ -20,8 +20,7 @@ decoder LLM), later batches stop at the first block and its inputs are all that 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from slimc.errors import TraceError
+from slimc.ir.hooks import temporary_hooks
 from slimc.ir.traced_block import normalise_inputs
 
 BlockInput = tuple[tuple, dict[str, Any]]
@@ -135,19 +135,6 @@ class StageInputs:
         return template.fill(flat_leaves(outputs), first)
 
 
-@contextlib.contextmanager
-def _hooks(blocks: list[nn.Module], on_input: Callable, on_output: Callable) -> Iterator[None]:
-    handles = []
-    for index, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(lambda m, a, k, i=index: on_input(i, a, k), with_kwargs=True))
-        handles.append(block.register_forward_hook(lambda m, a, o, i=index: on_output(i, o)))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _record(blocks: list[nn.Module], run: Callable[[], Any], full: bool) -> tuple[BlockInput, list[Template]] | None:
     """One forward: the first block's inputs and, if `full`, the templates of the later blocks;
     None if the batch never reaches the stage (a text-only batch and a vision tower)."""
@@ -175,7 +162,10 @@ def _record(blocks: list[nn.Module], run: Callable[[], Any], full: bool) -> tupl
         if index == len(blocks) - 1:
             raise _StopForward
 
-    with _hooks(blocks, on_input, on_output), torch.no_grad():
+    with temporary_hooks() as hooks, torch.no_grad():
+        for index, block in enumerate(blocks):
+            hooks.before(block, lambda m, a, k, i=index: on_input(i, a, k), with_kwargs=True)
+            hooks.after(block, lambda m, a, o, i=index: on_output(i, o))
         try:
             run()
         except _StopForward:

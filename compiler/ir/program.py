@@ -12,15 +12,18 @@ import functools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
 
+from slimc.ir.streaming import is_on_meta
 from slimc.schemes import QuantScheme
 
 if TYPE_CHECKING:
     from slimc.ir.source import ModelSource
+    from slimc.ir.streaming import BlockWeights
     from slimc.ir.traced_block import TracedBlock
 
 @dataclass
@@ -131,6 +134,15 @@ class Block:
 
 
 @dataclass
+class Rotations:
+    """The rotations passes applied, described for the report (e.g. "Hadamard 12⊗8 (Paley I, q=11)"): the residual
+    stream's, and each online rotation by the qualified name of the Linear (or experts' down projection) it feeds."""
+
+    residual: str | None = None
+    online: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class Stage:
     """Blocks the model calls one after another (a vision tower, a text decoder, DiT double blocks).
 
@@ -159,7 +171,15 @@ class Program:
     stages: list[Stage]
     call: Callable[[nn.Module, dict[str, Any]], Any] = field(default=call_with_kwargs, repr=False)
     quant_specs: dict[str, QuantSpec] = field(default_factory=dict)
-    metadata: dict[str, Any] = field(default_factory=dict)
+    rotations: Rotations = field(default_factory=Rotations)
+    # Keys the exported config.json sets (a pass that unties the embedding and the head sets tie_word_embeddings).
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    tied_embeddings: bool = False  # the head's weight is the embedding's (set by frontends that have both)
+    device: str = "cpu"  # where a frontend may run the model to make calibration data
+    # The checkpoint's other tensors, {name: safetensors file}, that exports copy unchanged beside the program's own
+    # (a frontend that quantizes one part of a larger checkpoint, an Omni thinker beside its talker, sets them).
+    source_tensors: dict[str, Path] = field(default_factory=dict)
+    ascend_metadata: dict[str, Any] = field(default_factory=dict)  # the MindIE description's `metadata`, as a pass gives it
     # The residual stream outside the blocks (set by frontends that have one): the modules that
     # write it before the first block, the head reading it after the last, and how to find the norm
     # between them (a forward pass, so only when a pass asks for `head_norm`).
@@ -169,6 +189,9 @@ class Program:
     # Models inside the program that are exported separately (Wan2.2's two experts): set by the frontend,
     # it gives a Program of each, by output subdirectory.
     parts: Callable[[], dict[str, Program]] | None = field(default=None, repr=False)
+    # The blocks' weights when they are read from the checkpoint block by block (slimc.ir.streaming): blocks
+    # not yet worked on are on the meta device.
+    weights: BlockWeights | None = field(default=None, repr=False)
 
     def export_parts(self) -> dict[str, Program]:
         """What backends write, by subdirectory of their output: {"": self}, or one Program per part."""
@@ -182,11 +205,25 @@ class Program:
     @functools.cached_property
     def head_norm(self) -> str | None:
         """The norm between the last block and the head, found on first use; None if there is none."""
-        return None if self.find_head_norm is None else self.find_head_norm()
+        if self.find_head_norm is None:
+            return None
+        with self.streamed():
+            return self.find_head_norm()
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def streamed(self) -> contextlib.AbstractContextManager:
+        """Forwards of the model read the blocks still on the meta device as they run (a no-op unless streamed)."""
+        if self.weights is None:
+            return contextlib.nullcontext()
+        return self.weights.streamed([(block.name, block.module) for block in self.blocks])
+
+    def materialize(self, block: Block) -> None:
+        """Read the block's weights if they are still on the meta device."""
+        if self.weights is not None and is_on_meta(block.module):
+            self.weights.materialize(block.module, block.name)
 
     @contextlib.contextmanager
     def executing_graphs(self) -> Iterator[None]:

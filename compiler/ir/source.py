@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,6 +40,8 @@ DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 PIPELINE_INDEX = "model_index.json"
 DIFFUSION_TRANSFORMERS = ("transformer", "transformer_2")  # Wan2.2 A14B: a high-noise and a low-noise expert
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+MISMATCH_FIX = ("The checkpoint is incomplete (copy its weight files again) or config.json is not its own (restore "
+                "the original config.json)")
 TRUST_REMOTE_CODE_FIX = "set `model.trust_remote_code: true` in the config if you trust the code shipped with the model"
 
 # Files written next to quantized weights so that runtimes load them like the original model.
@@ -418,15 +420,15 @@ def load_checked(cls: type, directory: Path, where: Path, **kwargs) -> torch.nn.
     problems = _loading_problems(info, model)
     if problems:
         raise ModelLoadError(f"{where}: the checkpoint does not match the model its config.json describes: "
-                             f"{'; '.join(problems)}. The checkpoint is incomplete (copy its weight files again) or "
-                             "config.json is not its own (restore the original config.json)")
+                             f"{'; '.join(problems)}. {MISMATCH_FIX}")
     return model
 
 
 @contextlib.contextmanager
 def _quiet_loading_reports() -> Iterator[None]:
-    """The libraries' own reports of missing or mismatched tensors: slimc's error says it once, with the fix."""
-    loggers = [logging.getLogger(name) for name in ("transformers", "diffusers")]
+    """The libraries' own reports of missing or mismatched tensors (and accelerate's that blocks were offloaded, as a
+    streamed load asks): slimc's error says it once, with the fix."""
+    loggers = [logging.getLogger(name) for name in ("transformers", "diffusers", "accelerate")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
@@ -446,10 +448,16 @@ def _loading_problems(info: dict, model: torch.nn.Module) -> list[str]:
         problems.append(f"{_count(missing, 'tensor')} of the model missing from the checkpoint ({_first(missing)})")
     if unexpected := sorted(info.get("unexpected_keys") or (), key=_natural):
         problems.append(f"{_count(unexpected, 'tensor')} in the checkpoint that the model does not have ({_first(unexpected)})")
-    if mismatched := sorted(info.get("mismatched_keys") or (), key=lambda m: _natural(m[0])):
-        shapes = [f"{name} (checkpoint {_shape(stored)}, config.json {_shape(expected)})" for name, stored, expected in mismatched]
-        problems.append(f"{_count(mismatched, 'tensor')} of another shape ({_first(shapes, 3)}){_width_hint(model, mismatched)}")
+    if mismatched := info.get("mismatched_keys"):
+        problems.append(_mismatch_problem(model, list(mismatched)))
     return problems
+
+
+def _mismatch_problem(model: torch.nn.Module, mismatched: list[tuple[str, tuple, tuple]]) -> str:
+    """(name, checkpoint shape, model shape) of each tensor of another shape, as one clause."""
+    mismatched = sorted(mismatched, key=lambda m: _natural(m[0]))
+    shapes = [f"{name} (checkpoint {_shape(stored)}, config.json {_shape(expected)})" for name, stored, expected in mismatched]
+    return f"{_count(mismatched, 'tensor')} of another shape ({_first(shapes, 3)}){_width_hint(model, mismatched)}"
 
 
 def _width_hint(model: torch.nn.Module, mismatched: list[tuple]) -> str:
@@ -478,16 +486,36 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "×".join(map(str, shape)) if len(shape) else "a scalar"
 
 
-def check_finite_weights(model: torch.nn.Module, where: Path, chunk: int = 1 << 24) -> None:
+def check_finite_weights(model: torch.nn.Module, where: Path, offloaded: Mapping[str, torch.Tensor] | None = None,
+                         chunk: int = 1 << 24) -> None:
     """Refuse weights holding NaN or Inf: every later step (smoothing, scales) would fail on them, far from the
-    cause. Checked in slices of `chunk` elements, so the check needs little memory beside the model."""
-    bad = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
-           if tensor.is_floating_point() and tensor.device.type != "meta"
-           and not all(torch.isfinite(part).all() for part in tensor.detach().reshape(-1).split(chunk))]
+    cause. Checked in slices of `chunk` elements, so the check needs little memory beside the model. The tensors
+    of a streamed model's blocks (on the meta device, `offloaded` holds them) are read one at a time, and their
+    shapes checked too: the loader compares the shapes of the tensors it loads only."""
+    loaded = [(name, tensor) for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+              if not tensor.is_meta]
+    unread = [(name, tensor) for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+              if tensor.is_meta and offloaded is not None and name in offloaded]
+    bad = [name for name, tensor in loaded if not _finite(tensor, chunk)]
+    mismatched = []
+    for name, expected in unread:
+        stored = offloaded[name]
+        if stored.shape != expected.shape:
+            mismatched.append((name, tuple(stored.shape), tuple(expected.shape)))
+        elif not _finite(stored, chunk):
+            bad.append(name)
+    if mismatched:
+        raise ModelLoadError(f"{where}: the checkpoint does not match the model its config.json describes: "
+                             f"{_mismatch_problem(model, mismatched)}. {MISMATCH_FIX}")
     if bad:
+        bad.sort(key=_natural)
         raise ModelLoadError(f"the weights of {where} hold NaN or Inf values in {_count(bad, 'tensor')} "
                              f"({_first(bad)}); the checkpoint is corrupt or its training diverged, which "
                              "quantization cannot repair: download it again or use another checkpoint")
+
+
+def _finite(tensor: torch.Tensor, chunk: int) -> bool:
+    return not tensor.is_floating_point() or all(torch.isfinite(part).all() for part in tensor.detach().reshape(-1).split(chunk))
 
 
 def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> transformers.PreTrainedTokenizerBase:

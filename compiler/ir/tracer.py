@@ -27,15 +27,13 @@ from torch.fx.node import map_aggregate
 from torch.utils import _pytree as pytree
 
 from slimc.errors import TraceError
+from slimc.ir.leaves import leaf_kind, register_leaf
 from slimc.ir.traced_block import Guard, TracedBlock, leaf_names, normalise_inputs, same_constant
 
 KERNEL_NAME = "attention_kernel"
 _KERNEL_GLOBALS = ("ALL_ATTENTION_FUNCTIONS", "eager_attention_forward")
 # Fixed for a given input rank/dtype/device (all checked by `matches`), so folded to constants.
 _FOLDED_ATTRS = frozenset({"dtype", "device", "ndim", "dim", "is_floating_point", "is_cuda"})
-_LEAF_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-               nn.ConvTranspose3d, nn.Embedding)
-_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
 _INTERNAL_FILES = (os.path.join("torch", "fx", ""), os.path.join("torch", "nn", "modules", "module.py"),
                    os.path.join("torch", "utils", "_pytree.py"), os.path.join("torch", "overrides.py"),
                    os.path.join("torch", "_tensor.py"), os.path.abspath(__file__))
@@ -45,22 +43,12 @@ def is_leaf_module(module: nn.Module) -> bool:
     """Whether the tracer keeps `module` as one `call_module` node instead of tracing into it.
 
     Leaves are what passes act on (Linear/Conv/Embedding weights, norms to fold scales into, fused
-    MoE experts, attention) plus rotary modules, whose index arithmetic is noise in the graph.
-    A norm holding a Linear (diffusers' AdaLayerNormZero) is traced through so its Linear shows.
-    Modules defined by slimc (quantized replacements) stay leaves so a lowered block re-traces.
+    MoE experts, attention) plus rotary modules and slimc's own modules: the table is `slimc.ir.leaves`.
     """
-    cls = type(module)
-    if isinstance(module, _LEAF_TYPES) or cls.__module__.startswith("slimc."):
-        return True
-    if cls.__name__.endswith("Experts") and not isinstance(module, nn.ModuleList):
-        return True
-    if "Rotary" in cls.__name__:
-        return True
-    if isinstance(module, _NORM_TYPES) or "Norm" in cls.__name__:
-        return not any(isinstance(m, nn.Linear) for m in module.modules())
-    return False
+    return leaf_kind(module) is not None
 
 
+@register_leaf("attention")
 class AttentionKernel(nn.Module):
     """The attention kernel of one transformers attention module, as a leaf.
 

@@ -10,9 +10,9 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch import nn
 
 from slimc.ir import Block
+from slimc.ir.hooks import temporary_hooks
 from slimc.numerics.quant import (
     dequantize_weight,
     dynamic_fake_quantize,
@@ -39,34 +39,15 @@ def channel_absmax(block: Block, batches: Sequence, targets: dict[str, str], run
         current = _channel_absmax(x)
         stats[target] = current if target not in stats else torch.maximum(stats[target], current)
 
-    handles = []
-    for target, where in targets.items():
-        module = block.leaf(target)
-        if where == "input":
-            handles.append(module.register_forward_pre_hook(lambda m, args, t=target: record(t, args[0])))
-        else:
-            handles.append(module.register_forward_hook(lambda m, args, out, t=target: record(t, out)))
-    try:
+    with temporary_hooks() as hooks:
+        for target, where in targets.items():
+            module = block.leaf(target)
+            if where == "input":
+                hooks.before(module, lambda m, args, t=target: record(t, args[0]))
+            else:
+                hooks.after(module, lambda m, args, out, t=target: record(t, out))
         run(block, batches)
-    finally:
-        for handle in handles:
-            handle.remove()
     return stats
-
-
-@contextlib.contextmanager
-def captured_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Collect the first positional input of each module while the context is open."""
-    captured: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
-    handles = [
-        module.register_forward_pre_hook(lambda m, args, n=name: captured[n].append(args[0].detach()))
-        for name, module in modules.items()
-    ]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def simulate_act(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
@@ -83,20 +64,19 @@ def simulate_act(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
 @contextlib.contextmanager
 def simulated_quantization(block: Block, linears: dict[str, QuantScheme]) -> Iterator[None]:
     """Temporarily quantize the given Linears (round-to-nearest weights, activations as planned)."""
-    saved, handles = {}, []
-    with torch.no_grad():
-        for target, scheme in linears.items():
-            linear = block.leaf(target)
-            saved[target] = linear.weight.detach().clone()
-            codes, scale, offset = quantize_weight(linear.weight, scheme.weight)
-            linear.weight.copy_(dequantize_weight(codes, scale, offset, scheme.weight).to(linear.weight.dtype))
-            if scheme.act is not None:
-                handles.append(linear.register_forward_pre_hook(lambda m, args, s=scheme: (simulate_act(args[0], s),)))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        with torch.no_grad():
-            for target, weight in saved.items():
-                block.leaf(target).weight.copy_(weight)
+    saved = {}
+    with temporary_hooks() as hooks:
+        try:
+            with torch.no_grad():
+                for target, scheme in linears.items():
+                    linear = block.leaf(target)
+                    saved[target] = linear.weight.detach().clone()
+                    codes, scale, offset = quantize_weight(linear.weight, scheme.weight)
+                    linear.weight.copy_(dequantize_weight(codes, scale, offset, scheme.weight).to(linear.weight.dtype))
+                    if scheme.act is not None:
+                        hooks.before(linear, lambda m, args, s=scheme: (simulate_act(args[0], s),))
+            yield
+        finally:
+            with torch.no_grad():
+                for target, weight in saved.items():
+                    block.leaf(target).weight.copy_(weight)

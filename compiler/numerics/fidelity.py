@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimc.errors import DataError
+from slimc.ir.hooks import temporary_hooks
 
 CHUNK = 1 << 22  # elements per float64 partial sum
 
@@ -161,18 +162,14 @@ class FidelityReport:
 def recording_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, list[dict[str, torch.Tensor]]]]:
     """While open, every output of the named submodules, as float leaves, one entry per call."""
     seen: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in names}
-    handles = []
-    for name in names:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise DataError(f"{type(model).__name__} has no block {name}; compare a quantized model with its own float model") from None
-        handles.append(module.register_forward_hook(lambda m, a, out, n=name: seen[n].append(float_leaves(out))))
-    try:
+    with temporary_hooks() as hooks:
+        for name in names:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise DataError(f"{type(model).__name__} has no block {name}; compare a quantized model with its own float model") from None
+            hooks.after(module, lambda m, a, out, n=name: seen[n].append(float_leaves(out)))
         yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _calls_sums(quantized: list[dict], reference: list[dict], what: str) -> Sums:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from slimc.numerics.quant import expand_to_weight, fake_quantize, quantize, weight_qparams
+from slimc.numerics.quant import expand_to_weight, fake_quantize, group_count, quantize, weight_qparams
 from slimc.schemes import TensorScheme
 
 
@@ -78,9 +78,7 @@ def gptq_quantize(
 
     grouped = scheme.granularity == "per_group"
     if grouped:
-        if in_features % scheme.group_size:
-            raise ValueError(f"group_size {scheme.group_size} does not divide the input size {in_features}")
-        groups = in_features // scheme.group_size
+        groups = group_count(in_features, scheme.group_size)
         scale = torch.empty(out_features, groups, device=w.device)
         offset = torch.empty(out_features, groups, device=w.device)
         column_scale, column_offset = torch.empty_like(w), torch.empty_like(w)

@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimc.ir.leaves import register_leaf
 from slimc.numerics.observers import Observer
 from slimc.numerics.quant import dequantize_weight, dynamic_fake_quantize, fake_quantize
 from slimc.schemes import QuantScheme, TensorScheme
 
 
+@register_leaf("quantizer")
 class FakeQuantize(nn.Module):
     """Quantize-dequantize of an activation: a node in the block graph.
 
@@ -53,6 +55,7 @@ class FakeQuantize(nn.Module):
         return f"{s.dtype}, {s.granularity}, {'sym' if s.symmetric else 'asym'}, {'dynamic' if s.dynamic else 'static'}, mode={self.mode}"
 
 
+@register_leaf("linear")
 class QuantizedLinear(nn.Module):
     """A Linear lowered to integer weights and scales; computes what the quantized runtime computes.
 
@@ -133,6 +136,7 @@ def combine_experts(expert_forward, hidden_states: torch.Tensor, top_k_index: to
     return out
 
 
+@register_leaf("experts")
 class FakeQuantExperts(nn.Module):
     """A fused MoE experts module with a quantizer on each expert's inputs.
 
@@ -191,6 +195,7 @@ class FakeQuantExperts(nn.Module):
         return combine_experts(self.expert_forward, hidden_states, top_k_index, top_k_weights, self.num_experts)
 
 
+@register_leaf("experts")
 class QuantizedExperts(nn.Module):
     """Fused MoE experts lowered to integer weights: per expert, per output row scales.
 

@@ -1,6 +1,6 @@
 """Quantization numerics: pure functions on tensors.
 
-Conventions (the ones Ascend runtimes use, see FORMATS.md):
+Conventions (the ones Ascend runtimes use, see docs/formats/mindie.md):
 - symmetric: ``scale = amax / qmax``, ``offset = 0``;
 - asymmetric: ``scale = (max - min) / (qmax - qmin)``, ``offset = round(-min / scale) + qmin``;
 - ``q = clamp(round(x / scale + offset), qmin, qmax)``, ``x ≈ (q - offset) * scale``.
@@ -56,12 +56,17 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, sc
     return dequantize(quantize(x, scale, offset, scheme), scale, offset).to(x.dtype)
 
 
+def group_count(in_features: int, group_size: int) -> int:
+    """How many groups of ``group_size`` input channels there are; raises ValueError if it does not divide."""
+    if in_features % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the input size {in_features}")
+    return in_features // group_size
+
+
 def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """(out, in) -> (out, in / group_size, group_size); raises ValueError if it does not divide."""
     out_features, in_features = w.shape
-    if in_features % group_size:
-        raise ValueError(f"group_size {group_size} does not divide the input size {in_features}")
-    return w.reshape(out_features, in_features // group_size, group_size)
+    return w.reshape(out_features, group_count(in_features, group_size), group_size)
 
 
 def weight_range(w: torch.Tensor, scheme: TensorScheme) -> tuple[torch.Tensor, torch.Tensor]:

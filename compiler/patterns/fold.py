@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from slimc.ir import Block
-from slimc.patterns import Consumer
+from slimc.patterns.graph import Consumer
 
 
 def consumer_weight(block: Block, consumer: Consumer) -> torch.Tensor:
