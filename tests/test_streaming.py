@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import slimc
 from compile_settings import MULTIMODAL_SMALL, OMNI_IMAGE_SIZE, OMNI_SMALL, SMALL_CALIBRATION
 from tiny_models import tiny_causal_lm
 from tiny_multimodal import save_tiny_multimodal
@@ -16,6 +17,7 @@ from tiny_tokenizer import tiny_tokenizer
 
 from slimc.commands.cli import resolve_config_path
 from slimc.commands.compile import compile_model, load_program
+from slimc.commands.doctor import estimate
 from slimc.commands.export import REPORT_FILE
 from slimc.config import load_config
 from slimc.frontends import frontend_for
@@ -106,3 +108,32 @@ def test_a_config_that_says_so_loads_the_whole_model(tmp_path):
     source = resolve_model_source(model_dir)
     program = load_program(config, source, frontend_for(source), RunReport(), tmp_path)
     assert program.weights is None and not any(is_on_meta(block.module) for block in program.blocks)
+
+
+def test_dry_run_estimates_a_streamed_compile_and_checks_the_output_can_be_written(tmp_path):
+    model = save_llm("qwen3_moe", tmp_path / "model")
+    result = slimc("compile", "llm/w8a8_dynamic.yaml", "--model", model, "--out", tmp_path / "out", "--dry-run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "blocks read one at a time" in result.stdout and "estimated output" in result.stdout
+    assert "quantized layers: W8A8_DYNAMIC" in result.stdout
+    a_file = tmp_path / "a-file"  # a directory cannot be made inside a file, even by root
+    a_file.write_text("")
+    result = slimc("compile", "llm/w8a8_dynamic.yaml", "--model", model, "--out", a_file / "out", "--dry-run")
+    assert result.returncode == 1 and f"cannot write the output {a_file / 'out'}" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_streamed_estimate_grows_with_depth_by_the_lowered_blocks_only(tmp_path):
+    config = load_config(resolve_config_path("llm/w8a8_dynamic.yaml"), SMALL)
+    estimates = {}
+    for layers in (2, 8):
+        model = tiny_causal_lm("llama", dtype=torch.bfloat16, sizes={"num_hidden_layers": layers})
+        model.save_pretrained(tmp_path / f"{layers}")
+        source = resolve_model_source(tmp_path / f"{layers}")
+        frontend = frontend_for(source)
+        program = frontend.build(source, frontend.skeleton(source, torch.bfloat16))
+        estimates[layers] = (estimate(program, config, streamed=True), estimate(program, config, streamed=False))
+    (streamed_2, whole_2), (streamed_8, whole_8) = estimates[2], estimates[8]
+    per_layer = (streamed_8.peak_memory_bytes - streamed_2.peak_memory_bytes) / 6
+    assert per_layer == pytest.approx((streamed_8.lowered_blocks_bytes - streamed_2.lowered_blocks_bytes) / 6)
+    assert per_layer < (whole_8.peak_memory_bytes - whole_2.peak_memory_bytes) / 6 / 3

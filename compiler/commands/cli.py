@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from slimc import __version__
 from slimc.configs import shipped_configs
 from slimc.environment import untested_versions_warning
-from slimc.errors import SlimcError, describe_os_error
+from slimc.errors import ExportError, SlimcError, describe_os_error
 
 if TYPE_CHECKING:
     from slimc.config import SlimcConfig
@@ -32,7 +32,7 @@ def _compile(args: argparse.Namespace) -> int:
         raise SlimcError("compile needs --out DIR, the directory to write the outputs to (only --dry-run runs without one)")
     config = load_config(resolve_config_path(args.config), args.set)
     if args.dry_run:
-        return _dry_run(config, args.model)
+        return _dry_run(config, args.model, args.out)
     if args.eval and config.evaluation.dataset:
         check_held_out(config.evaluation.dataset, config.calibration.dataset)  # before the compile, not after
     report = compile_model(config, model_path=args.model, out_dir=Path(args.out), overwrite=args.overwrite).report
@@ -44,20 +44,33 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dry_run(config: SlimcConfig, model_path: str | None) -> int:
-    """Print the plan and every broken shape rule, from the model's skeleton; 1 if a rule is broken."""
+def _dry_run(config: SlimcConfig, model_path: str | None, out: str | None) -> int:
+    """Print the plan, every broken shape rule, and the estimated peak memory, disk and output, from the model's
+    skeleton, and check that `out` can be written; 1 if a rule is broken or the machine falls short."""
     from slimc.commands.compile import check_does_something, check_inputs, quantization_plan
+    from slimc.commands.doctor import Diagnosis, check_compile
+    from slimc.commands.export import check_writable
     from slimc.commands.shape_rules import broken_rules, render_plan
+    from slimc.environment import existing_ancestor
 
     check_does_something(config)
     inputs = check_inputs(config, model_path)
     plan = quantization_plan(config, inputs)
     broken = broken_rules(plan, inputs.backends)
-    print(f"model: {inputs.source.path / (inputs.source.gguf_file or '')} ({inputs.source.architecture}, frontend "
-          f"{inputs.frontend.name})\nconfig: {config.source_file}")
+    target = Path(out) if out is not None else Path.cwd()
+    diagnosis = Diagnosis()
+    check_compile(diagnosis, config, model_path, existing_ancestor(target))
+    if out is not None:
+        try:
+            check_writable(existing_ancestor(target), target)
+        except ExportError as error:
+            diagnosis.problems.append(str(error))
+    print("\n".join(diagnosis.lines))
     print(render_plan(plan, broken, inputs.backends))
+    if diagnosis.problems:
+        print("problems:\n" + "\n".join(f"  - {problem}" for problem in diagnosis.problems))
     print("dry run: nothing was loaded, calibrated or written")
-    return 1 if broken else 0
+    return 1 if broken or diagnosis.problems else 0
 
 
 def format_results(results: dict) -> str:
@@ -178,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value (parsed as YAML)")
     p.add_argument("--eval", action="store_true", help="afterwards, evaluate the output as `slimc eval` does (config's evaluation section)")
-    p.add_argument("--dry-run", action="store_true", help="print which layers get which scheme and every layer whose shape "
-                   "its scheme or an export format cannot hold, then exit (1 if any) without loading weights or calibrating")
+    p.add_argument("--dry-run", action="store_true", help="print which layers get which scheme, every layer whose shape "
+                   "its scheme or an export format cannot hold, the estimated peak memory, disk and output size, and "
+                   "whether --out can be written, then exit (1 if anything falls short) without loading weights or calibrating")
     p.set_defaults(run=_compile)
 
     p = sub.add_parser("record", help="run a diffusers pipeline on the calibration prompts and save its transformer inputs")

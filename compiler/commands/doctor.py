@@ -23,10 +23,16 @@ if TYPE_CHECKING:
     from slimc.config import SlimcConfig
     from slimc.ir import Program
 
-# Peak host memory of a compile, measured on bf16 checkpoints of Qwen2.5-7B widths (2 and 4 layers, 4 x 128
-# calibration tokens): about 2.1 times the model's size in memory plus 1.2 GiB. The whole model is loaded today.
+# Peak host memory of a compile that loads the whole model (GGUF, diffusers, memory.stream_blocks false),
+# measured on bf16 checkpoints of Qwen2.5-7B widths (2 and 4 layers, 4 x 128 calibration tokens): about 2.1
+# times the model's size in memory plus 1.2 GiB.
 PEAK_PER_MODEL_BYTE = 2.1
 PEAK_BASE_BYTES = int(1.2 * 2**30)
+# A streamed compile holds what is outside the blocks, the blocks already lowered, and the block being worked
+# on with its working copies (PEAK_PER_BLOCK_BYTE times its size, measured as above) and its calibration
+# activations (inputs and outputs of every sample, ACTIVATION_COPIES of them).
+PEAK_PER_BLOCK_BYTE = 3.0
+ACTIVATION_COPIES = 2
 SCALE_BYTES_PER_ROW = 8  # a float32 scale and offset per output channel
 
 
@@ -36,10 +42,18 @@ class Estimate:
     layers: Counter = field(default_factory=Counter)  # scheme label -> quantized layers
     float_layers: int = 0  # Linears and experts inside blocks that stay float
     output_bytes: int = 0  # one export format
+    streamed: bool = False  # blocks read one at a time (slimc.ir.streaming)
+    resident_bytes: int = 0  # outside the blocks: in memory throughout
+    largest_block_bytes: int = 0
+    lowered_blocks_bytes: int = 0  # every block as lowered, kept until the formats are written
+    activation_bytes: int = 0  # one stage's calibration inputs and outputs
 
     @property
     def peak_memory_bytes(self) -> int:
-        return int(self.model_bytes * PEAK_PER_MODEL_BYTE) + PEAK_BASE_BYTES
+        if not self.streamed:
+            return int(self.model_bytes * PEAK_PER_MODEL_BYTE) + PEAK_BASE_BYTES
+        return (self.resident_bytes + self.lowered_blocks_bytes + int(self.largest_block_bytes * PEAK_PER_BLOCK_BYTE)
+                + self.activation_bytes + PEAK_BASE_BYTES)
 
 
 @dataclass
@@ -85,26 +99,39 @@ def check_machine(diagnosis: Diagnosis, out: Path) -> None:
                         f"disk free under {out}: {human_size(free_disk_bytes(out))}"]
 
 
-def estimate(program: Program, config: SlimcConfig) -> Estimate:
+def estimate(program: Program, config: SlimcConfig, *, streamed: bool = False) -> Estimate:
     """Which layers the config quantizes and the sizes that follow, for a Program built on the meta device."""
     from slimc.plan import QuantPlan
 
     plan = QuantPlan.resolve(program, config, config.pipeline)
-    result = Estimate(model_bytes=in_memory_bytes(program.model), float_layers=len(plan.float_layers))
-    replaced_bytes = quantized_bytes = 0  # the quantized layers' weights: as loaded, and as written
-    for name, (_, scheme) in plan.schemes.items():
-        result.layers[scheme.label] += 1
-        for weight in (p for p in program.model.get_submodule(name).parameters(recurse=False) if p.dim() >= 2):
-            replaced_bytes += weight.numel() * weight.element_size()
-            rows = weight.numel() // weight.shape[-1]
-            quantized_bytes += weight.numel() * scheme.weight.bits // 8 + rows * SCALE_BYTES_PER_ROW
-    result.output_bytes = result.model_bytes - replaced_bytes + quantized_bytes
+    result = Estimate(model_bytes=in_memory_bytes(program.model), float_layers=len(plan.float_layers), streamed=streamed)
+    for block in program.blocks:
+        float_bytes = in_memory_bytes(block.module)
+        lowered = float_bytes
+        for name, module in block.module.named_modules():
+            assigned = plan.scheme(block.qualified(name))
+            if assigned is None:
+                continue
+            result.layers[assigned.scheme.label] += 1
+            for weight in (p for p in module.parameters(recurse=False) if p.dim() >= 2):
+                rows = weight.numel() // weight.shape[-1]
+                lowered += (weight.numel() * assigned.scheme.weight.bits // 8 + rows * SCALE_BYTES_PER_ROW
+                            - weight.numel() * weight.element_size())
+        result.largest_block_bytes = max(result.largest_block_bytes, float_bytes)
+        result.lowered_blocks_bytes += lowered
+    blocks_bytes = sum(in_memory_bytes(block.module) for block in program.blocks)
+    result.resident_bytes = result.model_bytes - blocks_bytes
+    result.output_bytes = result.resident_bytes + result.lowered_blocks_bytes
+    model_config = getattr(program.model, "config", None)
+    hidden = getattr(model_config.get_text_config(), "hidden_size", 0) if hasattr(model_config, "get_text_config") else 0
+    result.activation_bytes = (ACTIVATION_COPIES * config.calibration.samples * config.calibration.seq_len * hidden
+                               * program.dtype.itemsize)
     return result
 
 
 def check_compile(diagnosis: Diagnosis, config: SlimcConfig, model_path: str | None, out: Path) -> None:
     """The model's family, the layers the config quantizes, and whether memory and disk suffice."""
-    from slimc.commands.compile import build_backends, model_dtype, resolve_source
+    from slimc.commands.compile import build_backends, model_dtype, resolve_source, streams
     from slimc.frontends import frontend_for
 
     source = resolve_source(config, model_path)
@@ -117,7 +144,7 @@ def check_compile(diagnosis: Diagnosis, config: SlimcConfig, model_path: str | N
         diagnosis.lines.append(f"  {len(program.blocks)} blocks, {human_size(in_memory_bytes(program.model))} in "
                                "memory; give a config to see what it would quantize and need")
         return
-    found = estimate(program, config)
+    found = estimate(program, config, streamed=streams(config, source, frontend))
     formats = [b.format_name for b in build_backends(config)]
     disk_needed = found.output_bytes * len(formats)
     layers = ", ".join(f"{label} {count}" for label, count in sorted(found.layers.items())) or "none"
@@ -125,7 +152,9 @@ def check_compile(diagnosis: Diagnosis, config: SlimcConfig, model_path: str | N
         f"config: {config.source_file}",
         f"  quantized layers: {layers}; float layers in blocks: {found.float_layers}",
         f"  estimated peak memory: {human_size(found.peak_memory_bytes)} (the model is "
-        f"{human_size(found.model_bytes)} in memory)",
+        f"{human_size(found.model_bytes)} in memory; "
+        + (f"blocks read one at a time, the largest {human_size(found.largest_block_bytes)}, lowered ones kept: "
+           f"{human_size(found.lowered_blocks_bytes)})" if found.streamed else "loaded whole)"),
         f"  estimated output: {human_size(found.output_bytes)} per format, {human_size(disk_needed)} for "
         f"{', '.join(formats) or 'no format'}",
     ]
