@@ -7,6 +7,7 @@ registered by format name.
 from __future__ import annotations
 
 from slimc.backends.base import BACKENDS, Backend, register_backend
+from slimc.environment import require_extra
 from slimc.errors import ConfigError
 
 __all__ = ["Backend", "backend_class", "register_backend"]
@@ -16,7 +17,10 @@ def backend_class(name: str) -> type[Backend]:
     _load_builtin_backends()
     if name not in BACKENDS:
         raise ConfigError(f"unknown export format {name!r}; available: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name]
+    cls = BACKENDS[name]
+    if cls.extra is not None:
+        require_extra(cls.extra, f"export format {name!r}")
+    return cls
 
 
 def _load_builtin_backends() -> None:

@@ -21,6 +21,7 @@ class Backend(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     format_name: ClassVar[str] = ""
+    extra: ClassVar[str | None] = None  # the slimc extra installing the libraries the format needs (`slimc[onnx]`)
     # The weight shapes the format's layouts can hold, beyond what the schemes need (`slimc.schemes.SHAPE_RULES`);
     # `compile` checks them on the plan before calibrating.
     shape_rules: ClassVar[tuple[ShapeRule, ...]] = ()

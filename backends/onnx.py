@@ -81,6 +81,7 @@ class OnnxBackend(Backend):
       move a code by one step, which later layers carry.
     """
 
+    extra = "onnx"
     opset: int = Field(21, ge=21)
     integer_matmul: bool = True
     logits: Literal["all", "last"] = "all"
@@ -140,7 +141,6 @@ class OnnxBackend(Backend):
         return model
 
     def verify(self, program: Program, out_dir: Path) -> None:
-        import onnxruntime
         from onnxscript import ir
 
         from slimc.backends.onnx_graph import check_integer_weights
@@ -149,14 +149,7 @@ class OnnxBackend(Backend):
         if not path.is_file():
             raise ExportError(f"onnx: {path} was not written")
         check_integer_weights(ir.load(path), program, self.integer_matmul)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        for key, value in EXACT_SESSION_CONFIG.items():
-            options.add_session_config_entry(key, value)
-        try:
-            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as error:
-            raise ExportError(f"onnx: onnxruntime cannot load {path.name}: {_cause(error)}") from error
+        session = inference_session(path)
         with exported_dtype(program):
             for spec in self._verification_specs(program):
                 self._compare(program, session, spec)
@@ -194,6 +187,20 @@ class OnnxBackend(Backend):
                               f"{self.tolerance:g}, or {SENSITIVITY_FACTOR}x the {sensitivity:.3g} that the program's "
                               f"{spec.output} itself moves by when its quantized layers' inputs move by "
                               f"{PERTURBATION_ULPS} float32 epsilons")
+
+
+def inference_session(path: Path):
+    """An onnxruntime CPU session of the graph at `path` that computes as the program does (EXACT_SESSION_CONFIG)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    for key, value in EXACT_SESSION_CONFIG.items():
+        options.add_session_config_entry(key, value)
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:
+        raise ExportError(f"onnx: onnxruntime cannot load {path.name}: {_cause(error)}") from error
 
 
 def noise_sensitivity(program: Program, run: Callable[[], torch.Tensor], expected: np.ndarray) -> float:

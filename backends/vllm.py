@@ -87,6 +87,7 @@ class VllmBackend(Backend):
       None writes one file.
     """
 
+    extra = "vllm"
     max_shard_size: ShardSize = "5GB"
     # No shape rules of its own: compressed-tensors packs int4 codes into int32 words and pads the last one.
     shape_rules = ()

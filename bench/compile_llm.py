@@ -49,7 +49,8 @@ peak = peak_memory_bytes()["host"]
 ppl = evaluate_perplexity(resolve_source(config, model), out, corpus=config.evaluation.dataset, samples=eval_samples, seq_len=config.evaluation.seq_len)
 print(json.dumps({"config": name, "compile_seconds": seconds, "peak_memory_bytes": peak,
                   "output_bytes": compiled.report.outputs.get("mindie"), "float_ppl": ppl["float_ppl"],
-                  "quantized_ppl": ppl["quantized_ppl"], "relative_change": ppl["relative_change"]}))
+                  "quantized_ppl": ppl["quantized"]["mindie"]["quantized_ppl"],
+                  "relative_change": ppl["quantized"]["mindie"]["relative_change"]}))
 """
 
 

@@ -19,7 +19,8 @@ compile's report (capture, trace and passes) over the layers; "other" is the res
 start, calibration data, export and its check). The per-layer growth of peak memory and time
 between the fewest and most `qwen2-7b` layers gives a linear extrapolation to full models: per parameter of
 a layer, so a Qwen2.5-72B, Qwen3-235B or GLM-4.7 layer counts by its size against a 7B-width one. It is an
-extrapolation, not a measurement, and assumes the whole model is in memory, as the compile loads it today.
+extrapolation, not a measurement: it assumes memory grows with depth as measured (the float blocks stream from
+the checkpoint; the lowered ones stay until the formats are written).
 """
 
 from __future__ import annotations
@@ -249,8 +250,8 @@ def main() -> None:
     print("s/block: capture, trace and passes in slimc_report.json over the layers; other s: the rest of the "
           "wall time (start, calibration data, export and its check)")
     if extrapolations:
-        print("EXTRAPOLATION, not measured: linear in the layers' parameters from the growth above, whole model "
-              "in memory as the compile loads it today; embeddings and head at vocab 49152"
+        print("EXTRAPOLATION, not measured: linear in the layers' parameters from the growth above (float blocks "
+              "streamed, lowered blocks kept until export); embeddings and head at vocab 49152"
               + ("; from quick widths, so it only checks the script" if args.quick else ""))
         print(f"{'config':28s} {'model':16s} {'layers':>6s} {'layer params':>13s} {'peak GiB':>9s} {'passes h':>9s}")
         for e in extrapolations:

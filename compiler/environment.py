@@ -5,12 +5,18 @@ conversion), diffusers, compressed-tensors and onnx/onnxscript/onnxruntime. The 
 with is its requirement in pyproject.toml (lower bound: the oldest version tested; upper bound: below
 the next untested minor), read back here from the installed package's metadata, so there is one list.
 A version outside its range is allowed (a new model may need a newer transformers) but warned about.
+
+diffusers, compressed-tensors and onnx/onnxscript/onnxruntime come with slimc's extras (`slimc[diffusion]`,
+`slimc[vllm]`, `slimc[onnx]`): what needs one checks for it with `require_extra`, whose error names the
+`pip install` to run, and one that is not installed is no problem until then.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
+import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +25,35 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from slimc.errors import MissingExtraError
+
 TESTED_LIBRARIES = ("torch", "transformers", "diffusers", "compressed-tensors", "onnx", "onnxscript", "onnxruntime")
+# Recorded in each compile's report beside the tested ones: the other libraries whose code computes the output.
+RECORDED_LIBRARIES = (*TESTED_LIBRARIES, "torch_npu", "accelerate", "safetensors", "gguf", "numpy", "huggingface_hub")
 COMPATIBILITY_DOC = "docs/compatibility.md"
+# slimc's extras ([project.optional-dependencies] in pyproject.toml) and the modules each installs, by import name.
+EXTRA_MODULES = {
+    "vllm": ("compressed_tensors",),
+    "onnx": ("onnx", "onnxscript", "onnxruntime"),
+    "diffusion": ("diffusers",),
+    "npu": ("torch_npu",),
+}
+
+
+def missing_extra(extra: str, needed_for: str) -> str | None:
+    """The message for what `needed_for` names (a format, a model family, a device) when a module of the extra
+    `extra` is not installed, else None. Only looks for the modules: importing onnxscript alone takes seconds."""
+    missing = [module for module in EXTRA_MODULES[extra] if importlib.util.find_spec(module) is None]
+    if not missing:
+        return None
+    verb, pronoun = ("is", "it") if len(missing) == 1 else ("are", "them")
+    return f'{", ".join(missing)} {verb} not installed, and {needed_for} needs {pronoun}: pip install "slimc[{extra}]"'
+
+
+def require_extra(extra: str, needed_for: str) -> None:
+    """Raise MissingExtraError naming the `pip install` to run when the extra `extra` is not installed."""
+    if (message := missing_extra(extra, needed_for)) is not None:
+        raise MissingExtraError(message)
 
 
 @dataclass(frozen=True)
@@ -28,6 +61,12 @@ class LibraryStatus:
     name: str
     installed: str | None  # None: not installed
     tested: SpecifierSet | None  # None: slimc's metadata names no range (not installed as a package)
+    extra: str | None = None  # the extra that installs it; None: every install has it
+
+    @property
+    def optional_and_absent(self) -> bool:
+        """An extra's library that is not installed: nothing is wrong until something needs it."""
+        return self.installed is None and self.extra is not None
 
     @property
     def in_range(self) -> bool:
@@ -48,21 +87,33 @@ def range_text(specifier: SpecifierSet) -> str:
     return ", ".join(sorted((str(s) for s in specifier), key=lambda s: (not s.startswith(">"), s)))
 
 
-def tested_ranges() -> dict[str, SpecifierSet]:
-    """The tested range of each library slimc reaches into, from slimc's installed requirements."""
+def tested_requirements() -> dict[str, Requirement]:
+    """slimc's installed requirement on each library it reaches into (its tested range, and its extra if any)."""
     try:
-        requirements = importlib.metadata.requires("slimc") or []
+        lines = importlib.metadata.requires("slimc") or []
     except importlib.metadata.PackageNotFoundError:
         return {}
-    ranges = {}
-    for line in requirements:
+    requirements = {}
+    for line in lines:
         try:
             requirement = Requirement(line)
         except InvalidRequirement:
             continue
-        if requirement.name in TESTED_LIBRARIES and requirement.name not in ranges:
-            ranges[requirement.name] = requirement.specifier
-    return ranges
+        if requirement.name in TESTED_LIBRARIES and requirement.name not in requirements:
+            requirements[requirement.name] = requirement
+    return requirements
+
+
+def tested_ranges() -> dict[str, SpecifierSet]:
+    """The tested range of each library slimc reaches into, from slimc's installed requirements."""
+    return {name: requirement.specifier for name, requirement in tested_requirements().items()}
+
+
+def extra_of(requirement: Requirement) -> str | None:
+    """The extra a requirement comes with (its marker is `extra == "onnx"`), None for a core requirement."""
+    if requirement.marker is None:
+        return None
+    return next((extra for extra in EXTRA_MODULES if requirement.marker.evaluate({"extra": extra})), None)
 
 
 def installed_version(name: str) -> str | None:
@@ -73,8 +124,18 @@ def installed_version(name: str) -> str | None:
 
 
 def library_statuses() -> list[LibraryStatus]:
-    ranges = tested_ranges()
-    return [LibraryStatus(name, installed_version(name), ranges.get(name)) for name in TESTED_LIBRARIES]
+    requirements = tested_requirements()
+    statuses = []
+    for name in TESTED_LIBRARIES:
+        requirement = requirements.get(name)
+        statuses.append(LibraryStatus(name, installed_version(name), requirement.specifier if requirement else None,
+                                      extra_of(requirement) if requirement else None))
+    return statuses
+
+
+def library_versions() -> dict[str, str | None]:
+    """Python's and each recorded library's installed version (None: not installed), for a run's report."""
+    return {"python": platform.python_version(), **{name: installed_version(name) for name in RECORDED_LIBRARIES}}
 
 
 def untested_versions_warning() -> str | None:

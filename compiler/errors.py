@@ -39,6 +39,10 @@ class DataError(SlimcError):
     """Calibration or evaluation data is missing or unusable."""
 
 
+class MissingExtraError(SlimcError):
+    """What was asked for needs an optional part of slimc (an extra such as `slimc[onnx]`) that is not installed."""
+
+
 # OSErrors a user fixes (space, permissions), not a bug in slimc.
 SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 PERMISSION_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})

@@ -14,8 +14,8 @@ MOVED_MODULES = {
     **{f"slimc.{name}": f"slimc.numerics.{name}"
        for name in ("quant", "gptq", "hadamard", "observers", "modules", "calib", "fidelity")},
     **{f"slimc.{name}": f"slimc.ir.{name}" for name in ("tracer", "traced_block", "capture")},
-    **{f"slimc.{name}": f"slimc.commands.{name}"
-       for name in ("cli", "compile", "evaluate", "explain", "doctor", "export", "shape_rules")},
+    # slimc.compile and slimc.evaluate are the Python API's functions now: import slimc.commands.compile, .evaluate
+    **{f"slimc.{name}": f"slimc.commands.{name}" for name in ("cli", "explain", "doctor", "export", "shape_rules")},
     **{f"slimc.{name}": f"slimc.frontends.{name}" for name in ("data", "media", "audio", "diffusion_data")},
     "slimc.fold": "slimc.patterns.fold",
     "slimc.msmodelslim": "slimc.config.msmodelslim",

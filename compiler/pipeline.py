@@ -13,7 +13,6 @@ import functools
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from slimc.config import SlimcConfig
 from slimc.errors import ConfigError, DataError, PassError
@@ -24,6 +23,7 @@ from slimc.ir.tracer import trace_block
 from slimc.numerics.fidelity import relative_error
 from slimc.pass_base import Context, Pass
 from slimc.patterns import propagate_shapes
+from slimc.progress import Progress
 from slimc.report import RunReport
 
 # The equivalence check's tolerance: the larger of a floor for the model's dtype and SENSITIVITY_FACTOR times the
@@ -70,16 +70,19 @@ class Pipeline:
         the already rewritten stages before it) on every batch."""
         ctx = Context(program, config, self.steps, report)
         prepared = False
+        blocks_done = Progress("blocks", sum(len(stage.blocks) for stage in program.stages), "block")
         for stage in program.stages:
             try:
-                with report.timed("capture"), program.executing_graphs(), program.streamed():
+                with (report.timed("capture"), program.executing_graphs(), program.streamed(),
+                      Progress(f"capture {stage.name}", len(batches), "batch", leave=False) as capturing):
                     stage_inputs = capture_stage(
                         [block.module for block in stage.blocks],
-                        [functools.partial(program.call, program.model, batch) for batch in batches],
+                        [capturing.counted(functools.partial(program.call, program.model, batch)) for batch in batches],
                         stage=f"stage {stage.name!r}",
                     )
             except StageNotReached as error:
                 self._leave_unreached(stage, ctx, error)
+                blocks_done.skip(len(stage.blocks))
                 continue
             ctx.inputs = [to_device(batch, ctx.device) for batch in stage_inputs.first]
             if not prepared:
@@ -87,8 +90,9 @@ class Pipeline:
                 for step in self.steps:
                     with report.timed(step.name):
                         step.prepare(program, ctx)
-            for position, block in enumerate(tqdm(stage.blocks, desc=stage.name, unit="block")):
-                outputs = self._run_block(block, ctx)
+            for position, block in enumerate(stage.blocks):
+                outputs = self._run_block(block, ctx, blocks_done)
+                blocks_done.advance()
                 if position + 1 < len(stage.blocks):
                     ctx.inputs = [to_device(stage_inputs.next_inputs(position + 1, b, out), ctx.device)
                                   for b, out in enumerate(outputs)]
@@ -116,8 +120,9 @@ class Pipeline:
         ctx.report.note(f"stage {stage.name!r}: no calibration batch runs it and the config quantizes none of its "
                         "layers, so it stays as loaded")
 
-    def _run_block(self, block: Block, ctx: Context) -> list[Any]:
-        """Trace the block if needed, run every pass on it, and return its outputs on every batch."""
+    def _run_block(self, block: Block, ctx: Context, progress: Progress) -> list[Any]:
+        """Trace the block if needed, run every pass on it (saying which to `progress`), and return its outputs
+        on every batch."""
         ctx.program.materialize(block)
         moved = ctx.device.type != "cpu"
         if moved:
@@ -128,6 +133,7 @@ class Pipeline:
                 block.traced = trace_block(block.module, args, kwargs, name=block.name)
                 propagate_shapes(block.traced.graph_module, block.traced.flatten_inputs(args, kwargs))
         for step in self.steps:
+            progress.doing(f"{block.name}: {step.name}")
             checked = step.preserves_function and ctx.config.checks.equivalence
             reference = self._reference(step, block, ctx) if checked else None
             with ctx.report.timed(step.name):

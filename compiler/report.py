@@ -1,4 +1,5 @@
-"""What a run measured: time per step, peak memory, per-layer quantization error, output size."""
+"""What a run measured: time per step, peak memory, per-layer quantization error, output size; what it was made
+from (`provenance`: versions, resolved config, model and data hashes, device); the evaluation when one ran."""
 
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ class RunReport:
     metrics: dict[str, float] = field(default_factory=dict)
     details: dict[str, dict] = field(default_factory=dict)
     peak_memory: dict[str, int] = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)  # slimc.commands.provenance
+    evaluation: dict | None = None  # `compile --eval`'s results, as `slimc eval --json` prints them
+    location: Path | None = field(default=None, repr=False)  # where the report was published, if it was
 
     @contextlib.contextmanager
     def timed(self, step: str) -> Iterator[None]:
@@ -66,6 +70,7 @@ class RunReport:
     def to_json(self) -> str:
         fields = asdict(self)
         fields.pop("started")
+        fields.pop("location")
         return json.dumps(fields, indent=2)
 
     def render(self, worst: int = 10) -> str:
@@ -90,4 +95,6 @@ class RunReport:
             for layer in sorted(self.layers, key=lambda r: -r.relative_error)[:worst]:
                 lines.append(f"  {layer.relative_error:8.4f}  {layer.scheme:14s} {layer.name}")
         lines.extend(f"note: {note}" for note in self.notes)
+        if self.location is not None:
+            lines.append(f"report: {self.location} (versions, resolved config, model and calibration hashes, per-layer errors)")
         return "\n".join(lines)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from slimc.environment import require_extra
 from slimc.errors import ConfigError, UnsupportedModelError
 from slimc.frontends.base import Frontend
 
@@ -31,7 +32,14 @@ def supported_architectures() -> list[str]:
 
 
 def frontend_for(source: ModelSource, family: str = "auto") -> Frontend:
-    """The frontend for a model: by the config's `family`, or from its architecture."""
+    """The frontend for a model: by the config's `family`, or from its architecture; its extra installed."""
+    frontend = _choose_frontend(source, family)
+    if frontend.extra is not None:
+        require_extra(frontend.extra, f"{source.architecture} ({frontend.description})")
+    return frontend
+
+
+def _choose_frontend(source: ModelSource, family: str) -> Frontend:
     frontends = all_frontends()
     if family != "auto":
         chosen = next((f for f in frontends if f.name == family), None)

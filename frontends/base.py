@@ -26,6 +26,7 @@ class Frontend:
     streams: ClassVar[bool] = True  # `load` takes a device map offloading the blocks (slimc.ir.streaming)
     architectures: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
+    extra: ClassVar[str | None] = None  # the slimc extra installing the libraries the family needs (`slimc[diffusion]`)
     # `slimc eval`: the held-out dataset (never the calibration data) that `calibration_batches` turns into
     # evaluation batches unless the user names another, and what is measured on it: "perplexity" (decoder
     # LLMs) or "fidelity" (the quantized model's block and model outputs against the float model's).

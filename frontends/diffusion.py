@@ -104,6 +104,7 @@ class DiffusionTransformer(Frontend):
     name = "diffusion"
     architectures = ("FluxTransformer2DModel", "HunyuanVideoTransformer3DModel", "WanTransformer3DModel")
     description = "diffusion transformers (diffusers): FLUX.1, HunyuanVideo, Wan 2.1/2.2"
+    extra = "diffusion"
     streams = False  # loaded whole: a diffusers transformer is a few GB to a few tens of GB, its blocks small
     calibration_dataset = "builtin:prompts"
     builtin_datasets = PROMPT_SPECS

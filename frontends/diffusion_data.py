@@ -30,12 +30,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from slimc.config import CalibrationConfig, DiffusionSampling
 from slimc.errors import DataError
 from slimc.frontends.data import jsonl_strings, text_lines
 from slimc.ir.hooks import Hooks, temporary_hooks
+from slimc.progress import tracked
 
 PROMPT_SPECS = ("builtin:prompts", "builtin:prompts-eval")
 FORMAT = "slimc.transformer_inputs"
@@ -271,7 +271,7 @@ def record_pipeline_calls(pipeline_dir: str | Path, prompts: list[str], sampling
             recorder = _Recorder(components, hooks)
             if device != "cpu":
                 pipeline.to(device)
-            for index, batch in enumerate(tqdm(batches, desc="recording transformer inputs", unit="batch", disable=not progress)):
+            for index, batch in enumerate(tracked(batches, "recording transformer inputs", "batch", shown=progress)):
                 generator = torch.Generator().manual_seed(sampling.seed + index)
                 pipeline(prompt=batch, generator=generator, **call_kwargs)
     finally:

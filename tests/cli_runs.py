@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,13 @@ def slimc(*args: str | Path) -> subprocess.CompletedProcess:
     finally:
         warnings.formatwarning = format_warning
     return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
+
+
+def slimc_process(*args: str | Path) -> subprocess.CompletedProcess:
+    """`python -m slimc.commands.cli ARGS` in a fresh process (HF_HUB_OFFLINE=1 is inherited from the fixture), its
+    stdout and stderr pipes (not terminals)."""
+    return subprocess.run([sys.executable, "-m", "slimc.commands.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> None:

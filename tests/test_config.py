@@ -5,10 +5,11 @@ import warnings
 
 import pytest
 
-from slimc.commands.cli import main, shipped_configs
+from slimc.commands.cli import main
 from slimc.commands.migrate import migrated_yaml
 from slimc.config import CONFIG_VERSION, load_config
-from slimc.errors import ConfigError
+from slimc.configs import shipped_configs
+from slimc.errors import ConfigError, MissingExtraError
 from slimc.pipeline import Pipeline
 
 GOOD = """\
@@ -212,11 +213,14 @@ def test_every_shipped_config_validates(name):
     Pipeline.from_config(load_config(shipped_configs()[name]))
 
 
-@pytest.mark.parametrize(("device", "message"), [("tpu", "not a device slimc knows"), ("npu", "torch_npu is not installed")])
-def test_unusable_devices_are_refused_with_the_fix(device, message):
+@pytest.mark.parametrize(("device", "error", "message"), [
+    ("tpu", ConfigError, "not a device slimc knows"),
+    ("npu", MissingExtraError, r"torch_npu is not installed, and model.device npu needs it: pip install \"slimc\[npu\]\""),
+])
+def test_unusable_devices_are_refused_with_the_fix(device, error, message):
     from slimc.commands.compile import check_device
 
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(error, match=message):
         check_device(device)
 
 

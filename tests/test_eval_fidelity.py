@@ -17,8 +17,9 @@ from torch import nn
 from slimc.backends.mindie import MindieBackend
 from slimc.commands.cli import build_parser
 from slimc.commands.compile import compile_model
-from slimc.commands.evaluate import load_quantized_model, quantized_output_dir, residual_stream_rotated
-from slimc.config import load_config
+from slimc.commands.evaluate import residual_stream_rotated
+from slimc.commands.quantized import load_quantized_model, written_formats
+from slimc.config import SlimcConfig, load_config
 from slimc.errors import ConfigError, DataError
 from slimc.frontends.llm import DecoderLLM
 from slimc.ir import Program
@@ -72,9 +73,10 @@ def test_eval_of_a_diffusers_transformer_gives_fidelity_per_block_and_output_as_
     run("eval", "--model", model, "--quantized", out, "--samples", "4", "--batch-size", "2", "--json")
     results = json.loads(capsys.readouterr().out)
     assert results["metric"] == "fidelity" and results["batches"] == 2
-    assert [row["name"] for row in results["blocks"]] == BLOCKS
-    assert [row["name"] for row in results["outputs"]] == ["0"]
-    for row in [*results["blocks"], *results["outputs"]]:
+    mindie = results["quantized"]["mindie"]
+    assert [row["name"] for row in mindie["blocks"]] == BLOCKS
+    assert [row["name"] for row in mindie["outputs"]] == ["0"]
+    for row in [*mindie["blocks"], *mindie["outputs"]]:
         assert 0.99 < row["worst"]["cosine"] <= 1.0 and 0 < row["worst"]["relative_error"] < 0.1
         assert row["mean"]["psnr"] >= row["worst"]["psnr"] > 20
 
@@ -147,7 +149,7 @@ def test_an_output_written_in_parts_is_read_back_as_a_container_of_the_same_name
         program = Program(model=model, family="test", source=resolve_model_source(tmp_path / "model" / name), stages=[])
         (tmp_path / "out" / "mindie" / name).mkdir(parents=True)
         MindieBackend().export(program, tmp_path / "out" / "mindie" / name)
-    read = load_quantized_model(quantized_output_dir(tmp_path / "out"))
+    read = load_quantized_model("mindie", written_formats(tmp_path / "out")["mindie"], SlimcConfig())
     assert [name for name, _ in read.named_children()] == ["transformer", "transformer_2"]
     batch = {"expert": "transformer_2", **tiny_transformer_inputs(experts.transformer_2, "wan")}
 

@@ -40,12 +40,18 @@ def run(command: list, *, cwd: Path | None = None, env: dict | None = None) -> s
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """`python -m build --wheel` of the working tree: the wheel and what the build printed."""
     work = tmp_path_factory.mktemp("wheel")
     shutil.copytree(REPO_ROOT, work / "source", ignore=NOT_COPIED)
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", work / "dist", work / "source"])
+    result = run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", work / "dist", work / "source"])
     (built,) = (work / "dist").glob("slimc-*.whl")
-    return built
+    return built, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(build: tuple[Path, str]) -> Path:
+    return build[0]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +77,13 @@ def outside(tmp_path: Path) -> dict:
 def test_the_wheel_contains_the_modules_and_the_shipped_configs(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert set(SHIPPED_FILES) <= names
+    shipped = {f"slimc/configs/{path.relative_to(REPO_ROOT / 'configs')}" for path in (REPO_ROOT / "configs").glob("*/*.yaml")}
+    assert shipped and shipped <= names
+
+
+def test_the_build_prints_no_packaging_warning(build):
+    _, output = build
+    assert "would be ignored" not in output and "absent from the `packages` configuration" not in output
 
 
 def test_the_wheel_declares_the_slimc_console_script(wheel):

@@ -6,15 +6,17 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slimc import __version__
-from slimc.configs import shipped_configs
+from slimc.configs import resolve_config_path
 from slimc.environment import untested_versions_warning
 from slimc.errors import ExportError, SlimcError, describe_os_error
+from slimc.progress import MESSAGES, Verbosity, logging_to
 
 if TYPE_CHECKING:
     from slimc.config import SlimcConfig
@@ -24,8 +26,8 @@ EXIT_INTERNAL = 3
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from slimc.commands.compile import compile_model, resolve_source
-    from slimc.commands.evaluate import check_held_out, evaluate
+    from slimc.commands.compile import compile_model, record_evaluation, resolve_source
+    from slimc.commands.evaluate import check_held_out, evaluate, render_results
     from slimc.config import load_config
 
     if args.out is None and not args.dry_run:
@@ -40,7 +42,8 @@ def _compile(args: argparse.Namespace) -> int:
     print(f"\nwrote {args.out}")
     if args.eval:
         results = evaluate(resolve_source(config, args.model), Path(args.out), config, calibrated_on=config.calibration.dataset)
-        print(format_results(results))
+        record_evaluation(report, results)
+        print(render_results(results))
     return 0
 
 
@@ -73,21 +76,9 @@ def _dry_run(config: SlimcConfig, model_path: str | None, out: str | None) -> in
     return 1 if broken or diagnosis.problems else 0
 
 
-def format_results(results: dict) -> str:
-    """Evaluation results for the terminal: perplexities, or the fidelity table."""
-    if results["metric"] == "fidelity":
-        from slimc.numerics.fidelity import render
-
-        return render(results)
-    lines = [f"perplexity on {results['corpus']} ({results['tokens']} tokens):", f"  float      {results['float_ppl']:.4f}"]
-    if "quantized_ppl" in results:
-        lines.append(f"  quantized  {results['quantized_ppl']:.4f}  ({results['relative_change'] * 100:+.2f}%, from {results['quantized_dir']})")
-    return "\n".join(lines)
-
-
 def _eval(args: argparse.Namespace) -> None:
     from slimc.commands.compile import resolve_source
-    from slimc.commands.evaluate import evaluate
+    from slimc.commands.evaluate import evaluate, render_results
     from slimc.config import load_config, settings_config, with_evaluation
     from slimc.numerics.fidelity import json_safe
 
@@ -95,7 +86,7 @@ def _eval(args: argparse.Namespace) -> None:
     config = with_evaluation(config, dataset=args.corpus, samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
     results = evaluate(resolve_source(config, args.model), Path(args.quantized) if args.quantized else None, config,
                        fidelity=args.fidelity)
-    print(json.dumps(json_safe(results)) if args.json else format_results(results))
+    print(json.dumps(json_safe(results)) if args.json else render_results(results))
 
 
 def _record(args: argparse.Namespace) -> None:
@@ -115,18 +106,10 @@ def _trace(args: argparse.Namespace) -> None:
 
 
 def _passes(args: argparse.Namespace) -> None:
-    from slimc.config.steps import PASSES, load_builtin_passes
+    from slimc.commands.listing import pass_listing, render_passes
 
-    load_builtin_passes()
-    for name, cls in sorted(PASSES.items()):
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        flags = [f for f, on in (("function-preserving", cls.preserves_function), (f"needs {', '.join(cls.requires)}", bool(cls.requires)),
-                                 (f"before {', '.join(cls.runs_before)}", bool(cls.runs_before))) if on]
-        print(f"{name}: {doc}" + (f"  [{'; '.join(flags)}]" if flags else ""))
-        for field_name, field in cls.model_fields.items():
-            annotation = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
-            default = "required" if field.is_required() else f"default {field.default!r}"
-            print(f"    {field_name}: {annotation} ({default})")
+    listing = pass_listing()
+    print(json.dumps(listing, indent=2) if args.json else render_passes(listing))
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -157,36 +140,40 @@ def _migrate(args: argparse.Namespace) -> None:
         if not notes:
             notes = [f"{path} is already the current config version; printed unchanged"]
     for note in notes:
-        print(f"slimc: note: {note}", file=sys.stderr)
-
-
-def resolve_config_path(name: str) -> Path:
-    """A config path as given, else a shipped config by name (`llm/w8a8_dynamic.yaml`)."""
-    path = Path(name)
-    if path.exists():
-        return path
-    shipped = shipped_configs()
-    for key in (name, name.removeprefix("configs/"), f"{name.removeprefix('configs/')}.yaml"):
-        if key in shipped:
-            return shipped[key]
-    raise SlimcError(f"config {name!r} not found; give a path, or one of the shipped configs (slimc configs): {', '.join(shipped)}")
+        MESSAGES.info("note: %s", note)
 
 
 def _configs(args: argparse.Namespace) -> None:
-    for name, path in shipped_configs().items():
-        summary = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
-        print(f"{name:32s} {summary}")
+    from slimc.commands.listing import config_listing, render_configs
+
+    listing = config_listing()
+    print(json.dumps(listing, indent=2) if args.json else render_configs(listing))
+
+
+def add_global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options every command takes, before or after its name. A subcommand's copy sets no default
+    (`defaults=False`), so that it does not undo the same option given before the subcommand."""
+    default = {} if defaults else {"default": argparse.SUPPRESS}
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs", **default)
+    parser.add_argument("-q", "--quiet", action="store_true", help="print no progress (warnings and errors still)", **default)
+    parser.add_argument("-v", "--verbose", action="store_true", help="print every progress step as a line, and info logs",
+                        **default)
+    parser.add_argument("--log-file", type=Path, metavar="PATH", help="append a plain-text log of the run to PATH: messages, "
+                        "warnings, what is printed, and every progress step as a line, each with its time", **default)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimc", description="Post-training quantization compiler for transformer models.")
     parser.add_argument("--version", action="version", version=f"slimc {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    add_global_options(parser, defaults=True)
+    options = argparse.ArgumentParser(add_help=False)
+    add_global_options(options, defaults=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("compile", help="quantize a model as a YAML config says and write its outputs")
+    p = sub.add_parser("compile", help="quantize a model as a YAML config says and write its outputs", parents=[options])
     p.add_argument("config", help="YAML config path, or a shipped config name such as llm/w8a8_dynamic.yaml")
-    p.add_argument("--model", help="model directory or .gguf file (default: the config's model.path, else SmolLM2-135M)")
+    p.add_argument("--model", help="model directory, .gguf file, or Hugging Face Hub id org/name (from the cache unless HF_HUB_OFFLINE=0) "
+                   "(default: the config's model.path, else SmolLM2-135M)")
     p.add_argument("--out", help="output directory (one subdirectory per export format); required unless --dry-run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value (parsed as YAML)")
@@ -196,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "whether --out can be written, then exit (1 if anything falls short) without loading weights or calibrating")
     p.set_defaults(run=_compile)
 
-    p = sub.add_parser("record", help="run a diffusers pipeline on the calibration prompts and save its transformer inputs")
+    p = sub.add_parser("record", help="run a diffusers pipeline on the calibration prompts and save its transformer inputs",
+                       parents=[options])
     p.add_argument("config", help="YAML config whose calibration section (prompts, samples, diffusion sampling) to use")
     p.add_argument("--model", help="the diffusers pipeline directory (with model_index.json); default: the config's model.path")
     p.add_argument("--out", required=True, help="the .safetensors file to write (then: --set calibration.dataset=FILE)")
@@ -204,14 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value (parsed as YAML)")
     p.set_defaults(run=_record)
 
-    p = sub.add_parser("trace", help="print the blocks, leaves and patterns found in a model")
-    p.add_argument("model", nargs="?", help="model directory or .gguf file (default: SmolLM2-135M)")
+    p = sub.add_parser("trace", help="print the blocks, leaves and patterns found in a model", parents=[options])
+    p.add_argument("model", nargs="?", help="model directory, .gguf file or Hugging Face Hub id (default: SmolLM2-135M)")
     p.add_argument("--seq-len", type=int, help="tokens of the traced text sample (default: what the model family needs)")
     p.set_defaults(run=_trace)
 
-    p = sub.add_parser("eval", help="what quantization lost: perplexity (LLMs) or fidelity to the float model (other families)")
-    p.add_argument("--model", help="the float model (default: the config's model.path, else SmolLM2-135M)")
-    p.add_argument("--quantized", help="a `slimc compile` output directory (or its mindie/ subdirectory)")
+    p = sub.add_parser("eval", help="what quantization lost: perplexity (LLMs) or fidelity to the float model (other families)",
+                       parents=[options])
+    p.add_argument("--model", help="the float model: directory, .gguf file or Hub id (default: the config's model.path, "
+                   "else SmolLM2-135M)")
+    p.add_argument("--quantized", help="a `slimc compile` output directory: every format in it (mindie, vllm, onnx) is "
+                   "evaluated; or one format's subdirectory")
     p.add_argument("--config", help="a compile config whose model, calibration (image size, sampling) and evaluation settings to use")
     p.add_argument("--corpus", help="held-out dataset (default: the config's evaluation.dataset, else the model family's: "
                    "builtin:text-eval for LLMs); for text, a .txt file or a .jsonl of {\"text\": ...}")
@@ -225,44 +216,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_eval)
 
     p = sub.add_parser("doctor", help="check library versions, accelerators, memory and disk; with a model and config, "
-                       "what the compile would quantize and need")
+                       "what the compile would quantize and need", parents=[options])
     p.add_argument("config", nargs="?", help="a compile config (path or shipped name): estimate its compile")
-    p.add_argument("--model", help="model directory or .gguf file (default: the config's model.path, else SmolLM2-135M)")
+    p.add_argument("--model", help="model directory, .gguf file, or Hugging Face Hub id org/name (from the cache unless HF_HUB_OFFLINE=0) "
+                   "(default: the config's model.path, else SmolLM2-135M)")
     p.add_argument("--out", default=".", help="where the output would go, for the disk check (default: here)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value")
     p.set_defaults(run=_doctor)
 
-    p = sub.add_parser("migrate", help="print a config upgraded to the current version, or converted from msModelSlim")
+    p = sub.add_parser("migrate", help="print a config upgraded to the current version, or converted from msModelSlim",
+                       parents=[options])
     p.add_argument("config", help="the config file: an older slimc config, or with --from msmodelslim a msModelSlim V1 "
                    "quantization config (apiversion: modelslim_v1 ...)")
     p.add_argument("--from", dest="source", choices=["slimc", "msmodelslim"], default="slimc",
                    help="what the file is (default: an older slimc config); notes on what changed go to stderr")
     p.set_defaults(run=_migrate)
 
-    sub.add_parser("passes", help="list registered passes and their parameters").set_defaults(run=_passes)
-    sub.add_parser("configs", help="list shipped configs and the models they target").set_defaults(run=_configs)
+    p = sub.add_parser("passes", help="list registered passes, what they do, and their parameters: types, allowed "
+                       "values, defaults", parents=[options])
+    p.add_argument("--json", action="store_true", help="print one JSON object: pass name -> description, parameters")
+    p.set_defaults(run=_passes)
+
+    p = sub.add_parser("configs", help="list shipped configs, the models they target, their passes and formats",
+                       parents=[options])
+    p.add_argument("--json", action="store_true", help="print one JSON object: config name -> path, description, passes")
+    p.set_defaults(run=_configs)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quiet and args.verbose:
+        parser.error("-q/--quiet and -v/--verbose exclude each other")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not args.debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.formatwarning = lambda message, category, *rest: f"slimc: warning: {message}\n"
+    if args.log_file is not None:
+        try:
+            args.log_file.open("a").close()
+        except OSError as error:
+            print(f"slimc: error: cannot write the log file {args.log_file} ({error.strerror}); choose another --log-file",
+                  file=sys.stderr)
+            return EXIT_ERROR
+    with logging_to(Verbosity(quiet=args.quiet, verbose=args.verbose, debug=args.debug), args.log_file):
+        logging.getLogger("slimc").info("slimc %s: %s", __version__, shlex.join(sys.argv[1:] if argv is None else argv))
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's exit status; a problem is one message (with --debug, the traceback)."""
     if args.run is not _doctor and (untested := untested_versions_warning()) is not None:
-        print(f"slimc: warning: {untested}", file=sys.stderr)
+        MESSAGES.warning("warning: %s", untested)
     try:
         status = args.run(args)
     except SlimcError as error:
         if args.debug:
             raise
-        print(f"slimc: error: {error}", file=sys.stderr)
+        MESSAGES.error("error: %s", error)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("slimc: interrupted; no output was published", file=sys.stderr)
+        MESSAGES.error("interrupted; no output was published")
         return 130
     except BrokenPipeError:  # whoever read the output stopped reading (`slimc configs | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
@@ -272,12 +288,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # Last resort: a full disk or a permission problem that no check above caught is still the user's to fix.
         if isinstance(error, OSError) and (message := describe_os_error(error)):
-            print(f"slimc: error: {message}", file=sys.stderr)
+            MESSAGES.error("error: %s", message)
             return EXIT_ERROR
-        print(f"slimc: internal error: {type(error).__name__}: {error}\n(run again with --debug for the traceback, and report it)", file=sys.stderr)
+        MESSAGES.error("internal error: %s: %s\n(run again with --debug for the traceback, and report it)",
+                       type(error).__name__, error, exc_info=True)  # the traceback goes to the log file only
         return EXIT_INTERNAL
     return status or 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

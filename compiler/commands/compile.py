@@ -15,10 +15,13 @@ from slimc.commands.export import (
     check_output_dir,
     remove_dead_runs,
     scratch_directory,
+    staged_file,
     staged_output,
 )
+from slimc.commands.provenance import provenance
 from slimc.commands.shape_rules import Plan, check_plan, plan_layers
 from slimc.config import SlimcConfig, format_validation_error
+from slimc.environment import require_extra
 from slimc.errors import ConfigError, ExportError
 from slimc.frontends import Frontend, check_builtin_dataset, frontend_for
 from slimc.ir import Program
@@ -31,7 +34,9 @@ from slimc.ir.source import (
     weight_files,
 )
 from slimc.ir.streaming import BlockWeights, offload_device_map
+from slimc.numerics.fidelity import json_safe
 from slimc.pipeline import Pipeline
+from slimc.progress import Progress
 from slimc.report import RunReport, directory_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,7 +49,7 @@ def model_dtype(config: SlimcConfig, source: ModelSource) -> torch.dtype:
         return DTYPES[config.model.dtype]
     if source.library == "diffusers":  # diffusers configs record no dtype: the checkpoint's own
         return checkpoint_dtype(source) or torch.float32
-    declared = getattr(source.config, "dtype", None) or getattr(source.config, "torch_dtype", None)
+    declared = getattr(source.config, "dtype", None)  # transformers reads a config.json's `torch_dtype` into it
     if source.gguf_file is None and isinstance(declared, torch.dtype):
         return declared
     if source.gguf_file is None and isinstance(declared, str) and declared in DTYPES:
@@ -56,10 +61,8 @@ def check_device(device: str) -> None:
     """Fail early, with the fix, for a device this machine cannot use; import torch_npu only for npu."""
     kind = device.split(":", 1)[0]
     if kind == "npu":
-        try:
-            import torch_npu  # noqa: F401
-        except ImportError:
-            raise ConfigError("model.device is npu, but torch_npu is not installed; pip install 'slimc[npu]' on an Ascend host") from None
+        require_extra("npu", "model.device npu")
+        import torch_npu  # noqa: F401  (registers torch.npu)
     elif kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"model.device is {device}, but no CUDA device is available; use model.device: cpu")
     elif kind not in ("cpu", "cuda", "npu"):
@@ -167,12 +170,15 @@ def load_program(config: SlimcConfig, source: ModelSource, frontend: Frontend, r
     return program
 
 
-def export_format(program: Program, backend: Backend, staging: Path) -> Path:
+def export_format(program: Program, backend: Backend, staging: Path, progress: Progress) -> Path:
     """Write and verify one format in `staging/.<format>.partial`, renamed to `staging/<format>` once complete."""
     partial = staging / f".{backend.format_name}.partial"
     for subdirectory, part in program.export_parts().items():
+        where = f"{backend.format_name}/{subdirectory}".rstrip("/")
         (partial / subdirectory).mkdir(parents=True)
+        progress.doing(f"writing {where}")
         backend.export(part, partial / subdirectory)
+        progress.doing(f"verifying {where}")
         backend.verify(part, partial / subdirectory)
     return partial.rename(staging / backend.format_name)
 
@@ -199,12 +205,24 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
         program = load_program(config, source, frontend, report, scratch)
         batches = frontend.calibration_batches(config.calibration, source, program, report)
         report.details["calibration"] = {"dataset": config.calibration.dataset}  # `slimc eval` refuses to evaluate on it
+        report.provenance = provenance(config, source, batches)
         pipeline.run(program, config, batches, report)
         if backends:
-            with report.timed("export"), staged_output(out_dir, overwrite, needed) as staging:
+            with (report.timed("export"), staged_output(out_dir, overwrite, needed) as staging,
+                  Progress("export", len(backends), "format") as exporting):
                 for backend in backends:
-                    report.outputs[backend.format_name] = directory_size(export_format(program, backend, staging))
+                    report.outputs[backend.format_name] = directory_size(export_format(program, backend, staging, exporting))
+                    exporting.advance()
                 report.finish()
                 (staging / REPORT_FILE).write_text(report.to_json())
+            report.location = out_dir / REPORT_FILE
     report.finish()
     return Compiled(program, report)
+
+
+def record_evaluation(report: RunReport, results: dict) -> None:
+    """Add the evaluation of a compile's output (`--eval`) to its published report, replaced in one rename."""
+    report.evaluation = json_safe(results)
+    if report.location is not None:
+        with staged_file(report.location) as temporary:
+            temporary.write_text(report.to_json())

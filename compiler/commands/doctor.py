@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from slimc import __version__
-from slimc.environment import free_disk_bytes, free_memory_bytes, human_size, library_statuses
+from slimc.environment import free_disk_bytes, free_memory_bytes, human_size, library_statuses, missing_extra
 
 if TYPE_CHECKING:
     from slimc.config import SlimcConfig
@@ -28,11 +28,14 @@ if TYPE_CHECKING:
 # times the model's size in memory plus 1.2 GiB.
 PEAK_PER_MODEL_BYTE = 2.1
 PEAK_BASE_BYTES = int(1.2 * 2**30)
-# A streamed compile holds what is outside the blocks, the blocks already lowered, and the block being worked
-# on with its working copies (PEAK_PER_BLOCK_BYTE times its size, measured as above) and its calibration
-# activations (inputs and outputs of every sample, ACTIVATION_COPIES of them).
+# A streamed compile holds what is outside the blocks and the blocks already lowered, and while it works on a
+# block that block with its working copies (PEAK_PER_BLOCK_BYTE times its size) and its calibration activations
+# (ACTIVATION_COPIES of every sample's inputs); writing and verifying the formats then holds every lowered block
+# and what is computed from it: EXPORT_PER_LOWERED_BYTE times their size, which is the peak of a deep model.
+# Measured with bench/scale.py on Qwen2.5-7B widths (2 and 8 layers, W8A8 dynamic): 4.39 and 9.87 GiB.
 PEAK_PER_BLOCK_BYTE = 3.0
 ACTIVATION_COPIES = 2
+EXPORT_PER_LOWERED_BYTE = 4.2
 SCALE_BYTES_PER_ROW = 8  # a float32 scale and offset per output channel
 
 
@@ -52,8 +55,9 @@ class Estimate:
     def peak_memory_bytes(self) -> int:
         if not self.streamed:
             return int(self.model_bytes * PEAK_PER_MODEL_BYTE) + PEAK_BASE_BYTES
-        return (self.resident_bytes + self.lowered_blocks_bytes + int(self.largest_block_bytes * PEAK_PER_BLOCK_BYTE)
-                + self.activation_bytes + PEAK_BASE_BYTES)
+        blocks = self.lowered_blocks_bytes + int(self.largest_block_bytes * PEAK_PER_BLOCK_BYTE) + self.activation_bytes
+        export = int(self.lowered_blocks_bytes * EXPORT_PER_LOWERED_BYTE)
+        return self.resident_bytes + max(blocks, export) + PEAK_BASE_BYTES
 
 
 @dataclass
@@ -77,9 +81,12 @@ def in_memory_bytes(model) -> int:
 def check_libraries(diagnosis: Diagnosis) -> None:
     diagnosis.lines.append(f"slimc {__version__}, python {platform.python_version()} ({platform.machine()})")
     for status in library_statuses():
-        verdict = "ok" if status.in_range else "OUTSIDE the tested range" if status.installed else "MISSING"
+        if status.optional_and_absent:
+            verdict = f'optional: pip install "slimc[{status.extra}]"'
+        else:
+            verdict = "ok" if status.in_range else "OUTSIDE the tested range" if status.installed else "MISSING"
         diagnosis.lines.append(f"  {status.describe():70s} {verdict}")
-        if not status.in_range:
+        if not status.in_range and not status.optional_and_absent:
             diagnosis.problems.append(f"{status.describe()}: install a tested version (pip install -c constraints.txt "
                                       "slimc, or see docs/compatibility.md)")
     npu = "installed" if importlib.util.find_spec("torch_npu") else "not installed (needed only for model.device: npu)"
@@ -175,8 +182,8 @@ def check_resources(diagnosis: Diagnosis, config: SlimcConfig, found: Estimate, 
     device = config.model.device.split(":", 1)[0]
     if device == "cuda" and not torch.cuda.is_available():
         diagnosis.problems.append("model.device is cuda, but torch sees no CUDA device")
-    if device == "npu" and not importlib.util.find_spec("torch_npu"):
-        diagnosis.problems.append("model.device is npu, but torch_npu is not installed: pip install 'slimc[npu]'")
+    if device == "npu" and (message := missing_extra("npu", "model.device npu")):
+        diagnosis.problems.append(message)
 
 
 def diagnose(config: SlimcConfig | None = None, model_path: str | None = None, out: Path = Path(".")) -> Diagnosis:

@@ -2,7 +2,9 @@
 
 `evaluate` picks the measure from the model's frontend (`Frontend.evaluation_metric`; `fidelity=True`
 forces fidelity, on a language model's logits) and the held-out dataset from the evaluation settings,
-else the frontend's `evaluation_dataset`; it refuses the dataset the output was calibrated on.
+else the frontend's `evaluation_dataset`; it refuses the dataset the output was calibrated on. Every format
+in the output is measured (slimc.commands.quantized reads each back with the format's own reader), each
+under `quantized` in the results, by format name.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from slimc.commands.compile import REPORT_FILE, model_dtype
+from slimc.commands.quantized import load_quantized_model, written_formats
 from slimc.config import CalibrationConfig, SlimcConfig
 from slimc.errors import ConfigError, DataError
 from slimc.frontends import Frontend, check_builtin_dataset, frontend_for
@@ -24,6 +26,7 @@ from slimc.frontends.data import corpus_token_samples
 from slimc.ir import Program
 from slimc.ir.source import ModelSource, load_model, load_tokenizer
 from slimc.numerics.fidelity import compare_models
+from slimc.progress import tracked
 
 ROTATION_TOLERANCE = 1e-2  # relative change of an embedding beyond any dtype rounding: the stream was rotated
 
@@ -41,13 +44,13 @@ def perplexity(model: nn.Module, input_ids: torch.LongTensor, *, batch_size: int
         )
     if batch_size < 1:
         raise DataError(f"batch_size must be positive, got {batch_size}")
-    device = next(model.parameters()).device
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))  # an onnxruntime session has none
     was_training = model.training
     model.eval()
     total_nll = 0.0
     total_tokens = 0
     try:
-        for batch in tqdm(input_ids.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
+        for batch in tracked(input_ids.split(batch_size), "perplexity", "batch", shown=progress):
             batch = batch.to(device)
             output = model(input_ids=batch, use_cache=False)
             logits = getattr(output, "logits", output)[:, :-1].float()
@@ -60,33 +63,26 @@ def perplexity(model: nn.Module, input_ids: torch.LongTensor, *, batch_size: int
     return math.exp(total_nll / total_tokens)
 
 
-def quantized_output_dir(path: Path) -> Path:
-    """The Ascend files of a compile output: OUT/mindie, or OUT itself if it is that directory (the files, or one
-    subdirectory of them per exported part)."""
-    from slimc.backends.mindie_reader import DESCRIPTION_FILE
-
-    for candidate in (path / "mindie", path):
-        if (candidate / DESCRIPTION_FILE).is_file() or any((d / DESCRIPTION_FILE).is_file() for d in candidate.glob("*/")):
-            return candidate
-    raise DataError(f"{path} holds no Ascend output ({DESCRIPTION_FILE}); pass the --out directory of `slimc compile`")
-
-
 def evaluate_perplexity(
-    source: ModelSource, quantized: Path | None, *, corpus: str, samples: int, seq_len: int, batch_size: int = 4
+    source: ModelSource, quantized: Path | None, *, corpus: str, samples: int, seq_len: int, batch_size: int = 4,
+    config: SlimcConfig | None = None,
 ) -> dict:
-    """Perplexity of the float model and, if given, of the quantized model rebuilt from its written files."""
-    from slimc.backends.mindie_reader import load_ascend_model
-
-    directory = quantized_output_dir(quantized) if quantized is not None else None
+    """Perplexity of the float model and, if given, of each format of the quantized model rebuilt from its files
+    (`config`: the model settings a format's reader uses, such as its dtype)."""
+    formats = written_formats(quantized) if quantized is not None else {}
     ids, _ = corpus_token_samples(load_tokenizer(source), corpus, samples=samples, seq_len=seq_len, recommended=None)
     results: dict = {"corpus": corpus, "tokens": int(ids.numel()), "samples": int(ids.shape[0]), "seq_len": seq_len}
     float_model = load_model(source, dtype=torch.float32)
     results["float_ppl"] = perplexity(float_model, ids, batch_size=batch_size, progress=True)
     del float_model
-    if directory is not None:
-        results["quantized_dir"] = str(directory)
-        results["quantized_ppl"] = perplexity(load_ascend_model(directory), ids, batch_size=batch_size, progress=True)
-        results["relative_change"] = results["quantized_ppl"] / results["float_ppl"] - 1.0
+    if formats:
+        results["quantized"] = {}
+    for name, directory in formats.items():
+        model = load_quantized_model(name, directory, config or SlimcConfig())
+        ppl = perplexity(model, ids, batch_size=batch_size, progress=True)
+        results["quantized"][name] = {"quantized_dir": str(directory), "quantized_ppl": ppl,
+                                      "relative_change": ppl / results["float_ppl"] - 1.0}
+        del model
     return results
 
 
@@ -106,7 +102,7 @@ def evaluate(source: ModelSource, quantized: Path | None, config: SlimcConfig, *
     if frontend.evaluation_metric == "perplexity" and not fidelity:
         ev = config.evaluation
         results = evaluate_perplexity(source, quantized, corpus=dataset, samples=ev.samples, seq_len=ev.seq_len,
-                                      batch_size=ev.batch_size)
+                                      batch_size=ev.batch_size, config=config)
         return {"metric": "perplexity", **results}
     if quantized is None:
         raise DataError(f"{source.architecture} is evaluated by fidelity to the float model, which needs the quantized "
@@ -123,41 +119,49 @@ def evaluation_settings(config: SlimcConfig, dataset: str) -> CalibrationConfig:
 
 
 def evaluate_fidelity(source: ModelSource, quantized: Path, config: SlimcConfig, frontend: Frontend, dataset: str) -> dict:
-    """Block and model outputs of the quantized model rebuilt from its written files against the float model.
+    """Block and model outputs of each format of the quantized model rebuilt from its files against the float model.
 
     The float model computes in the dtype the compile used (`model.dtype`, `auto`: the checkpoint's), as the
     quantized one does: a bfloat16 model against a float32 reference would count bfloat16's rounding as
     quantization loss."""
-    directory = quantized_output_dir(quantized)
+    formats = written_formats(quantized)
     float_model = frontend.load(source, dtype=model_dtype(config, source), trust_remote_code=config.model.trust_remote_code)
     program = frontend.build(source, float_model)
     batches = frontend.calibration_batches(evaluation_settings(config, dataset), source, program)
     if not batches:
         raise DataError(f"{dataset} gave no evaluation batch; give more data or smaller evaluation sizes")
-    quantized_model = load_quantized_model(directory)
-    blocks = [block.name for block in program.blocks]
-    notes = []
-    if residual_stream_rotated(program, quantized_model):
-        blocks = []
-        notes.append("the quantized model's residual stream is rotated (rotate pass), so its block outputs are in "
-                     "another basis: only the model outputs are compared")
-    report = compare_models(float_model, quantized_model, batches, program.call, blocks, progress=True)
-    report.notes[:0] = notes
-    return {"dataset": dataset, "batches": len(batches), "quantized_dir": str(directory), **report.to_dict()}
+    results: dict = {"dataset": dataset, "batches": len(batches), "quantized": {}}
+    for name, directory in formats.items():
+        quantized_model = load_quantized_model(name, directory, config)
+        blocks = [block.name for block in program.blocks]
+        notes = []
+        if name == "onnx":
+            blocks = []
+            notes.append("the ONNX graph runs as one onnxruntime session: only the model outputs are compared")
+        elif residual_stream_rotated(program, quantized_model):
+            blocks = []
+            notes.append("the quantized model's residual stream is rotated (rotate pass), so its block outputs are in "
+                         "another basis: only the model outputs are compared")
+        report = compare_models(float_model, quantized_model, batches, program.call, blocks, progress=True)
+        report.notes[:0] = notes
+        results["quantized"][name] = {"quantized_dir": str(directory), **report.to_dict()}
+        del quantized_model
+    return results
 
 
-def load_quantized_model(directory: Path) -> nn.Module:
-    """The model the Ascend files compute. An output written in parts (one subdirectory per model of the
-    program, named as the program's model names its child: Wan2.2's `transformer/`, `transformer_2/`) gives
-    a container holding each part's model under that name, so block names and `program.call` apply to it."""
-    from slimc.backends.mindie_reader import DESCRIPTION_FILE, load_ascend_model
+def render_results(results: dict) -> str:
+    """Evaluation results for the terminal: perplexities, or a fidelity table per format."""
+    quantized = results.get("quantized", {})
+    if results["metric"] == "fidelity":
+        from slimc.numerics.fidelity import render
 
-    if (directory / DESCRIPTION_FILE).is_file():
-        return load_ascend_model(directory)
-    container = nn.Module()
-    for part in sorted(d for d in directory.iterdir() if (d / DESCRIPTION_FILE).is_file()):
-        container.add_module(part.name, load_ascend_model(part))
-    return container.eval()
+        common = {key: value for key, value in results.items() if key != "quantized"}
+        return "\n\n".join(render({**common, **entry}) for entry in quantized.values())
+    lines = [f"perplexity on {results['corpus']} ({results['tokens']} tokens):", f"  float      {results['float_ppl']:.4f}"]
+    for name, entry in quantized.items():
+        lines.append(f"  {name:10s} {entry['quantized_ppl']:.4f}  ({entry['relative_change'] * 100:+.2f}%, "
+                     f"from {entry['quantized_dir']})")
+    return "\n".join(lines)
 
 
 @torch.no_grad()

@@ -114,6 +114,13 @@ class SlimcConfig(_Strict):
         """'file:line' of the deepest known key of a location, for messages."""
         return _where(self.source_file, self.lines, loc)
 
+    def resolved(self) -> dict[str, Any]:
+        """The config as plain data with every default filled in, as a run used it (after version upgrades and
+        `--set`); `config_from_data` reads it back. Each pipeline step is its `pass:` and its own fields."""
+        data = self.model_dump(mode="json")
+        data["pipeline"] = [{"pass": step.name, **step.model_dump(mode="json")} for step in self.pipeline]
+        return data
+
 
 class _WrittenConfig(SlimcConfig):
     """The config as written: its pipeline steps are mappings until the rest of the config is valid."""

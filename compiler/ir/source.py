@@ -1,6 +1,7 @@
 """Finding, checking and loading Hugging Face models; shared by every frontend.
 
-A model is a directory with config.json and safetensors weights, or a GGUF file. The files are
+A model is a directory with config.json and safetensors weights, a GGUF file, or a Hugging Face Hub id
+(`org/name`) whose snapshot is taken from the local cache, or downloaded where the Hub may be reached. The files are
 checked before transformers sees them, so a wrong path or a half-copied checkpoint gives one
 message naming the problem and the fix rather than a traceback from deep inside transformers.
 Weights are read from safetensors or GGUF only: pickle files can run code when loaded.
@@ -40,6 +41,10 @@ DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 PIPELINE_INDEX = "model_index.json"
 DIFFUSION_TRANSFORMERS = ("transformer", "transformer_2")  # Wan2.2 A14B: a high-noise and a low-noise expert
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # `org/name`, as the Hub spells a repository id
+# What a Hub snapshot leaves out: weights slimc never reads (pickles, other frameworks' formats) and GGUF files, of
+# which a repository often holds a dozen quantizations (download the one to use and pass its path).
+HUB_SKIPPED = [f"*{suffix}" for suffix in (*PICKLE_SUFFIXES, ".h5", ".msgpack", ".onnx", ".onnx_data", ".ot", ".gguf")]
 MISMATCH_FIX = ("The checkpoint is incomplete (copy its weight files again) or config.json is not its own (restore "
                 "the original config.json)")
 TRUST_REMOTE_CODE_FIX = "set `model.trust_remote_code: true` in the config if you trust the code shipped with the model"
@@ -108,10 +113,14 @@ def default_model_path() -> Path:
 
 
 def resolve_model_source(path: str | Path, *, trust_remote_code: bool = False) -> ModelSource:
-    """Check a model path (directory or .gguf file) and read its config."""
+    """Check a model (directory, .gguf file, or Hub id of a model in the cache) and read its config."""
+    given = str(path)
     path = Path(path).expanduser()
+    if not path.exists() and HUB_ID.fullmatch(given):
+        path = hub_snapshot(given)
     if not path.exists():
-        raise ModelLoadError(f"model path {path} does not exist; pass a model directory or a .gguf file")
+        raise ModelLoadError(f"model path {path} does not exist; pass a model directory, a .gguf file, "
+                             "or a Hugging Face Hub id (org/name)")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             hint = f" (pass its directory {path.parent})" if path.name == CONFIG_FILE else ""
@@ -145,6 +154,34 @@ def resolve_model_source(path: str | Path, *, trust_remote_code: bool = False) -
     raise ModelLoadError(
         f"{path} is not a model directory: expected config.json and *.safetensors, or a .gguf file"
     )
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of the Hub model `repo_id`: the cached one (HF_HOME / HF_HUB_CACHE), which is all there is
+    offline (HF_HUB_OFFLINE=1, the default of the `slimc` command), else downloaded, without pickle or GGUF files."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id, ignore_patterns=HUB_SKIPPED))
+    except GatedRepoError:
+        raise ModelLoadError(f"{repo_id} is a gated model on the Hugging Face Hub: accept its terms on its page, "
+                             "then log in with `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"{repo_id} is neither a local path nor a model on the Hugging Face Hub (for a private "
+                             "model, log in with `hf auth login`)") from None
+    except LocalEntryNotFoundError:
+        why, fix = (("the Hub is off (HF_HUB_OFFLINE=1, the slimc command's default)", ", or run with HF_HUB_OFFLINE=0 "
+                     "to let slimc download it") if constants.HF_HUB_OFFLINE else ("the Hub cannot be reached", ""))
+        raise ModelLoadError(f"{repo_id} is not a local path, and no Hugging Face Hub model {repo_id} is in the cache "
+                             f"({constants.HF_HUB_CACHE}) while {why}: download it with `hf download {repo_id}`{fix}") from None
+    except HfHubHTTPError as error:
+        raise ModelLoadError(f"could not download {repo_id} from the Hugging Face Hub: {str(error).splitlines()[0]}") from None
 
 
 def _read_model_file(file: Path) -> str:

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from slimc.errors import DataError
 from slimc.ir.hooks import temporary_hooks
+from slimc.progress import tracked
 
 CHUNK = 1 << 22  # elements per float64 partial sum
 
@@ -188,7 +188,7 @@ def compare_models(float_model: nn.Module, quantized_model: nn.Module, batches: 
     each floating-point model output; a block the batch never reaches is left out of that batch."""
     per_block: dict[str, list[Metrics]] = {name: [] for name in blocks}
     per_output: dict[str, list[Metrics]] = {}
-    for batch in tqdm(batches, desc="fidelity", unit="batch", disable=not progress):
+    for batch in tracked(batches, "fidelity", "batch", shown=progress):
         with recording_outputs(float_model, blocks) as float_blocks:
             reference = float_leaves(call(float_model, batch))
         with recording_outputs(quantized_model, blocks) as quantized_blocks:

@@ -16,6 +16,7 @@ has changed the graph or swapped a leaf since.
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -175,8 +176,11 @@ class BlockGraph:
 
 
 def _built_from(gm: fx.GraphModule) -> list[tuple]:
-    """What a BlockGraph is built from: each node in order, its target, its inputs and the module it calls."""
-    return [(node, node.target, node.all_input_nodes, gm.get_submodule(node.target) if node.op == "call_module" else None)
+    """What a BlockGraph is built from: each node in order, its target, its inputs and the module it calls. The
+    module by weak reference: a cache must not keep a leaf alive after a pass replaced it (lowering swaps every
+    float Linear for its integer one, and the float weights would stay in memory until the compile ends)."""
+    return [(node, node.target, node.all_input_nodes,
+             weakref.ref(gm.get_submodule(node.target)) if node.op == "call_module" else None)
             for node in gm.graph.nodes]
 
 
