@@ -3,11 +3,13 @@
 import pytest
 import torch
 
+from slimc.numerics import quant
 from slimc.numerics.modules import FakeQuantize
 from slimc.numerics.observers import Observer
 from slimc.numerics.quant import (
     dequantize_weight,
     dynamic_fake_quantize,
+    fake_quantize_weight,
     pack_int4,
     qparams_from_range,
     quantize_weight,
@@ -124,3 +126,33 @@ def test_scheme_labels_use_ascend_names():
     assert QuantScheme(weight=w8, act={"granularity": "per_tensor"}).label == "W8A8"
     assert QuantScheme(weight=w8).label == "W8A16"
     assert QuantScheme(weight={"dtype": "int4"}, act={"dtype": "int4", "granularity": "per_token", "dynamic": True}).label == "W4A4_DYNAMIC"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scheme", [
+    TensorScheme(dtype="int8", granularity="per_channel"),
+    TensorScheme(dtype="int8", granularity="per_channel", symmetric=False, observer="mse"),
+    TensorScheme(dtype="int4", granularity="per_group", group_size=16, symmetric=False),
+    TensorScheme(dtype="int4", granularity="per_group", group_size=16, observer="percentile", percentile=99.0),
+    TensorScheme(dtype="int8", granularity="per_tensor"),
+], ids=lambda s: f"{s.dtype}-{s.granularity}-{'sym' if s.symmetric else 'asym'}-{s.observer}")
+def test_fake_quantized_weight_is_the_dequantized_codes_row_chunk_by_row_chunk(scheme, dtype, monkeypatch):
+    monkeypatch.setattr(quant, "FAKE_QUANT_CHUNK", 3 * 64 + 5)  # chunks of 3 rows: the last one short
+    w = (torch.randn(20, 64) * torch.rand(64) * 3).to(dtype)
+    expected = dequantize_weight(*quantize_weight(w, scheme), scheme).to(dtype)
+    got = fake_quantize_weight(w, scheme)
+    assert got.dtype == dtype and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dynamic_fake_quantize_is_the_textbook_round_trip(symmetric):
+    x = torch.randn(2, 5, 32) * 4 + (0 if symmetric else 1)
+    scheme = TensorScheme(dtype="int8", granularity="per_token", symmetric=symmetric, dynamic=True)
+    low, high = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    if symmetric:
+        scale, offset = torch.maximum(-low, high) / 127, torch.zeros(())
+    else:
+        scale = (high - low) / 255
+        offset = torch.round(-low / scale) - 128
+    codes = torch.clamp(torch.round(x / scale + offset), -128, 127)
+    assert torch.equal(dynamic_fake_quantize(x, scheme), (codes - offset) * scale)

@@ -14,11 +14,10 @@ import torch
 from slimc.ir import Block
 from slimc.ir.hooks import temporary_hooks
 from slimc.numerics.quant import (
-    dequantize_weight,
     dynamic_fake_quantize,
     fake_quantize,
+    fake_quantize_weight,
     qparams_from_range,
-    quantize_weight,
 )
 from slimc.schemes import QuantScheme
 
@@ -71,8 +70,7 @@ def simulated_quantization(block: Block, linears: dict[str, QuantScheme]) -> Ite
                 for target, scheme in linears.items():
                     linear = block.leaf(target)
                     saved[target] = linear.weight.detach().clone()
-                    codes, scale, offset = quantize_weight(linear.weight, scheme.weight)
-                    linear.weight.copy_(dequantize_weight(codes, scale, offset, scheme.weight).to(linear.weight.dtype))
+                    linear.weight.copy_(fake_quantize_weight(linear.weight, scheme.weight))
                     if scheme.act is not None:
                         hooks.before(linear, lambda m, args, s=scheme: (simulate_act(args[0], s),))
             yield

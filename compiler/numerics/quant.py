@@ -48,12 +48,15 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, scheme:
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """Float32 values of integer codes."""
-    return (q.float() - offset) * scale
+    return (q.float() - offset).mul_(scale)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, scheme: TensorScheme) -> torch.Tensor:
-    """Quantize then dequantize, in the dtype of ``x``."""
-    return dequantize(quantize(x, scale, offset, scheme), scale, offset).to(x.dtype)
+    """Quantize then dequantize, in the dtype of ``x``: the values of `dequantize(quantize(...))`, each step
+    done in place on one float32 buffer (lowered layers and searches run this on every activation)."""
+    values = x.float() / scale
+    values.add_(offset).round_().clamp_(scheme.qmin, scheme.qmax).sub_(offset).mul_(scale)
+    return values.to(x.dtype)
 
 
 def group_count(in_features: int, group_size: int) -> int:
@@ -93,12 +96,14 @@ def expand_to_weight(param: torch.Tensor, w_shape: torch.Size, scheme: TensorSch
 
 
 def act_range(x: torch.Tensor, scheme: TensorScheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max of an activation (..., in): per_tensor () or per_token (..., 1)."""
-    x = x.float()
+    """Min and max of an activation (..., in), float32: per_tensor () or per_token (..., 1)."""
     if scheme.granularity == "per_tensor":
-        return x.min(), x.max()
-    if scheme.granularity == "per_token":
-        return x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+        low, high = torch.aminmax(x)
+    elif scheme.granularity == "per_token":
+        low, high = torch.aminmax(x, dim=-1, keepdim=True)
+    else:
+        raise ValueError(f"activations cannot be quantized {scheme.granularity}")
+    return low.float(), high.float()
     raise ValueError(f"activations cannot be quantized {scheme.granularity}")
 
 
@@ -177,6 +182,30 @@ def quantize_weight(w: torch.Tensor, scheme: TensorScheme) -> tuple[torch.Tensor
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, scheme: TensorScheme) -> torch.Tensor:
     """Float32 weight (out, in) from codes and stored scale/offset."""
     return dequantize(q, expand_to_weight(scale, q.shape, scheme), expand_to_weight(offset, q.shape, scheme))
+
+
+FAKE_QUANT_CHUNK = 1 << 20  # weight elements per float32 working chunk of fake_quantize_weight
+
+
+def fake_quantize_weight(w: torch.Tensor, scheme: TensorScheme) -> torch.Tensor:
+    """Round-to-nearest quantize-dequantize of a weight (out, in), in its dtype: the values of
+    `dequantize_weight(*quantize_weight(w, scheme), scheme).to(w.dtype)`.
+
+    A search tries many weights of a large layer; this takes a few rows at a time into float32,
+    instead of the whole weight's float32 copies, codes and scales expanded to its shape.
+    """
+    out = torch.empty_like(w)
+    whole = weight_qparams(w, scheme) if scheme.granularity == "per_tensor" else None  # the one not row by row
+    rows = max(1, FAKE_QUANT_CHUNK // w.shape[1])
+    for start in range(0, w.shape[0], rows):
+        part = w[start:start + rows]
+        scale, offset = whole if whole is not None else weight_qparams(part, scheme)
+        if scheme.granularity == "per_group":
+            values = fake_quantize(grouped(part, scheme.group_size), scale[..., None], offset[..., None], scheme)
+            out[start:start + rows] = values.reshape(part.shape)
+        else:
+            out[start:start + rows] = fake_quantize(part, scale, offset, scheme)
+    return out
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
