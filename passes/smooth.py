@@ -11,6 +11,8 @@ from pydantic import Field, PrivateAttr, field_validator
 from torch import fx
 
 from slimc.ir import Block, Program
+from slimc.ir.calls import row_count, take_rows, tokens_per_row
+from slimc.ir.capture import BlockInput
 from slimc.numerics.calib import channel_absmax, simulated_quantization
 from slimc.numerics.fidelity import relative_error
 from slimc.numerics.modules import ChannelScale
@@ -65,7 +67,10 @@ class Smooth(Pass):
 
     With `search: true`, alpha is chosen per group from `search_grid` to minimise the block's output
     error when the group's Linears are quantized with the schemes the pipeline will give them; a
-    group where every alpha is worse than no migration is left as it is.
+    group where every alpha is worse than no migration is left as it is. The search runs on the first
+    `search_batches` calibration batches, and of them on at most `search_tokens` tokens (whole rows,
+    evenly spread over each batch, at least one row of each; null: every token); the channel maxima that
+    the scales come from are measured on all calibration tokens.
     """
 
     preserves_function = True
@@ -74,6 +79,7 @@ class Smooth(Pass):
     search: bool = False
     search_grid: list[float] = [round(0.1 * i, 1) for i in range(11)]
     search_batches: int = Field(1, ge=1)
+    search_tokens: int | None = Field(512, ge=1)
     subgraphs: list[Subgraph] = ["norm-linear", "v-o", "up-down", "modulation", "multiply"]
     _chosen: dict[str, float | None] = PrivateAttr(default_factory=dict)
     _multiplied: int = PrivateAttr(0)
@@ -89,16 +95,45 @@ class Smooth(Pass):
         migrations = self.migrations(block, ctx)
         if not migrations:
             return
-        stats = channel_absmax(block, ctx.inputs, dict(m.observe for m in migrations), ctx.run)
-        reference = ctx.run(block, ctx.inputs[: self.search_batches]) if self.search else None
+        outputs: list[torch.Tensor] = []
+
+        def run_keeping_search_outputs(block: Block, batches: list[BlockInput]) -> None:
+            outputs.extend(ctx.run(block, batches)[: self.search_batches if self.search else 0])
+
+        stats = channel_absmax(block, ctx.inputs, dict(m.observe for m in migrations), run_keeping_search_outputs)
+        search = self._search_calls(block, ctx, outputs) if self.search else None
         for migration in migrations:
             act_absmax = migration.reduce(stats[migration.observe[0]])
-            alpha = self._best_alpha(block, ctx, migration, act_absmax, reference) if self.search else self.alpha
+            alpha = self._best_alpha(block, ctx, migration, act_absmax, *search) if search else self.alpha
             if alpha is not None:
                 migration.apply(smoothing_scales(act_absmax, migration.weight_absmax(), alpha))
                 self._multiplied += len(migration.readers) if migration.kind == "multiply" else 0
 
-    def _best_alpha(self, block: Block, ctx: Context, migration: Migration, act_absmax, reference) -> float | None:
+    def _search_calls(self, block: Block, ctx: Context, outputs: list[torch.Tensor]) -> tuple[list[BlockInput], list[torch.Tensor]]:
+        """The calls the search runs, and the float block's outputs on them: the `search_rows` of each of the first
+        `search_batches` batches (whose outputs on all their rows are `outputs`); the whole batch where that is all
+        its rows or they cannot be run apart."""
+        batches = ctx.inputs[: self.search_batches]
+        share = None if self.search_tokens is None else self.search_tokens // len(batches)
+        calls, reference = [], []
+        for batch, output in zip(batches, outputs, strict=True):
+            rows = row_count(batch)
+            chosen = search_rows(rows, tokens_per_row(batch), share)
+            if len(chosen) < rows:
+                subset = take_rows(batch, chosen)
+                subset_output = ctx.run(block, [subset])[0] if block.traced.matches(*subset) else None
+                if subset_output is not None and _same_rows(subset_output, output, chosen, rows):
+                    calls.append(subset)
+                    reference.append(subset_output)
+                    continue
+                ctx.report.note(f"smooth: the calibration rows of {block.name} cannot be run apart; its search ran on "
+                                "whole batches (search_tokens could not apply)")
+            calls.append(batch)
+            reference.append(output)
+        return calls, reference
+
+    def _best_alpha(self, block: Block, ctx: Context, migration: Migration, act_absmax: torch.Tensor,
+                    calls: list[BlockInput], reference: list[torch.Tensor]) -> float | None:
         """The grid alpha with the lowest quantized block error, or None where no migration is better."""
         planned = {}
         for reader in migration.readers:
@@ -108,15 +143,16 @@ class Smooth(Pass):
         if not planned:
             return self.alpha
         saved = [t.detach().clone() for t in migration.tensors()]
+        weight_absmax = migration.weight_absmax()  # each trial is undone, so the readers' weights are these again
 
         def quantized_error() -> float:
             with simulated_quantization(block, planned):
-                outputs = ctx.run(block, ctx.inputs[: self.search_batches])
+                outputs = ctx.run(block, calls)
             return max(relative_error(o, r) for o, r in zip(outputs, reference))
 
         best_alpha, best_error = None, quantized_error()
         for alpha in self.search_grid:
-            migration.apply(smoothing_scales(act_absmax, migration.weight_absmax(), alpha))
+            migration.apply(smoothing_scales(act_absmax, weight_absmax, alpha))
             error = quantized_error()
             if error < best_error:
                 best_alpha, best_error = alpha, error
@@ -161,6 +197,23 @@ class Smooth(Pass):
                 if readers:
                     found.append(_multiply_migration(block, readers))
         return found
+
+
+def search_rows(rows: int, tokens_per_row: int, tokens: int | None) -> list[int]:
+    """Which of a batch's `rows` the search runs: as many whole rows as `tokens` tokens fill (at least one; all of
+    them for None), evenly spread over the batch, the same every time."""
+    keep = rows if tokens is None else min(rows, max(1, tokens // tokens_per_row))
+    return [i * rows // keep for i in range(keep)]
+
+
+def _same_rows(subset_output: torch.Tensor, output: torch.Tensor, chosen: list[int], rows: int) -> bool:
+    """Whether a call on the `chosen` rows computed what the whole call (of `rows` rows) computed on them, within
+    one epsilon of the dtype (differently shaped matmuls may round differently); a tensor cut wrongly along the
+    rows moves positions or masks, and the outputs by far more."""
+    if output.shape[0] != rows:
+        return False
+    whole = output.index_select(0, torch.tensor(chosen, device=output.device))
+    return whole.shape == subset_output.shape and relative_error(subset_output, whole) <= torch.finfo(output.dtype).eps
 
 
 def _quantized(block: Block, ctx: Context | None, readers: list[Consumer]) -> list[Consumer]:

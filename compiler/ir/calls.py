@@ -52,3 +52,27 @@ def perturbed(inputs: BlockInput, seed: int) -> BlockInput:
         return inputs
     signs = torch.randint(0, 2, hidden.shape, generator=torch.Generator().manual_seed(seed)).to(hidden.device) * 2 - 1
     return rebind_hidden(inputs, (hidden.float() * (1 + torch.finfo(hidden.dtype).eps * signs)).to(hidden.dtype))
+
+
+def row_count(inputs: BlockInput) -> int:
+    """How many rows (sequences, samples) the call's hidden states hold: their first dimension, when they also
+    have positions and channels; 1 when they are one sequence of tokens (a vision tower's patches)."""
+    hidden = hidden_of(inputs)
+    return hidden.shape[0] if hidden.dim() >= 3 else 1
+
+
+def tokens_per_row(inputs: BlockInput) -> int:
+    """The positions in one row of the call: the hidden states' elements over their channels and rows."""
+    hidden = hidden_of(inputs)
+    return hidden.numel() // hidden.shape[-1] // row_count(inputs)
+
+
+def take_rows(inputs: BlockInput, rows: list[int]) -> BlockInput:
+    """The call on some rows of its batch: every tensor whose first dimension is the row count taken at `rows`,
+    the others (rotary tables and position ids shared by the rows) kept. A tensor that holds something else
+    along a first dimension of the same size would be cut too: callers check the result (`TracedBlock.matches`,
+    and the rows' outputs against the whole call's)."""
+    size = row_count(inputs)
+    index = torch.tensor(rows, device=hidden_of(inputs).device)
+    return tree_map(lambda x: x.index_select(0, index) if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == size else x,
+                    inputs)

@@ -1,0 +1,79 @@
+"""The smoothing search on a token subset: which rows it runs, that the scales still come from every token, and
+that a subset as informative as the whole batch chooses what the whole batch chooses."""
+
+import pytest
+import torch
+from programs import W8A8_DYNAMIC, calibration_ids, run_pipeline
+from tiny_models import tiny_causal_lm
+
+import slimc.passes.smooth as smooth
+from slimc.ir.calls import take_rows
+
+SCHEMES = {"w8": W8A8_DYNAMIC}
+QUANTIZE = {"pass": "fake_quant", "rules": [{"scheme": "w8", "exclude": ["*mlp.gate"]}]}
+
+
+def search(model, batches, **fields):
+    """Run the smoothing search (grid 0.3-0.9) before W8A8 fake quantization; returns the report."""
+    step = {"pass": "smooth", "search": True, "search_grid": [0.3, 0.5, 0.7, 0.9], **fields}
+    return run_pipeline(model, [step, QUANTIZE], SCHEMES, batches=batches)[1]
+
+
+@pytest.mark.parametrize(("rows", "per_row", "tokens", "expected"), [
+    (4, 24, 48, [0, 2]),       # two rows' worth, spread over the batch
+    (4, 24, 60, [0, 2]),       # whole rows only: 60 tokens fill two
+    (4, 24, 10, [0]),          # at least one row
+    (4, 24, 1000, [0, 1, 2, 3]),
+    (8, 16, 48, [0, 2, 5]),
+    (4, 24, None, [0, 1, 2, 3]),
+])
+def test_search_rows_are_whole_rows_evenly_spread(rows, per_row, tokens, expected):
+    assert smooth.search_rows(rows, per_row, tokens) == expected
+
+
+def test_the_search_runs_search_tokens_worth_of_rows_the_same_every_time(monkeypatch):
+    batches = calibration_ids(512, batches=2, batch_size=4, seq_len=24)
+    ran = []
+    original = smooth.Smooth._search_calls
+
+    def recorded(self, block, ctx, outputs):
+        calls, reference = original(self, block, ctx, outputs)
+        ran.append([tuple(args[0].shape) if args else tuple(kwargs["hidden_states"].shape) for args, kwargs in calls])
+        return calls, reference
+
+    monkeypatch.setattr(smooth.Smooth, "_search_calls", recorded)
+    first = search(tiny_causal_lm("qwen2"), batches, search_tokens=48)
+    second = search(tiny_causal_lm("qwen2"), batches, search_tokens=48)
+    assert ran[0] == [(2, 24, 64)]  # of the one search batch (search_batches 1), rows 0 and 2
+    assert first.details["smooth_alpha"] == second.details["smooth_alpha"]
+    search(tiny_causal_lm("qwen2"), batches, search_tokens=48, search_batches=2)
+    assert ran[-1] == [(1, 24, 64), (1, 24, 64)]  # 24 tokens of each batch: one row
+
+
+def test_the_scales_come_from_every_calibration_token(monkeypatch):
+    """The channel maxima the scales are made of are the same whatever the search runs on."""
+    batches = calibration_ids(512, batches=2, batch_size=4, seq_len=24)
+    seen: dict[str | None, list[torch.Tensor]] = {}
+    original = smooth.smoothing_scales
+    for tokens in (24, None):
+        seen[tokens] = []
+        monkeypatch.setattr(smooth, "smoothing_scales", lambda act, weight, alpha, t=tokens: seen[t].append(act) or original(act, weight, alpha))
+        search(tiny_causal_lm("llama"), batches, search_tokens=tokens, search_grid=[0.5])
+    assert len(seen[24]) == len(seen[None]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(seen[24], seen[None]))
+
+
+def test_a_subset_of_repeated_rows_chooses_what_all_rows_choose():
+    """Where every row is the same sequence, one row measures the same errors as four: the same alphas."""
+    row = calibration_ids(512, batches=1, batch_size=1, seq_len=32)[0]
+    batches = [row.repeat(4, 1)]
+    subset = search(tiny_causal_lm("qwen2"), batches, search_tokens=32).details["smooth_alpha"]
+    whole = search(tiny_causal_lm("qwen2"), batches, search_tokens=None).details["smooth_alpha"]
+    assert subset == whole and any(alpha is not None for alpha in whole.values())
+
+
+def test_take_rows_cuts_per_row_tensors_and_keeps_shared_ones():
+    hidden, mask, rotary = torch.randn(4, 6, 8), torch.randn(4, 1, 6, 6), torch.randn(1, 6, 2)
+    args, kwargs = take_rows(((hidden,), {"attention_mask": mask, "position_embeddings": (rotary, rotary), "use_cache": False}), [1, 3])
+    assert torch.equal(args[0], hidden[[1, 3]]) and torch.equal(kwargs["attention_mask"], mask[[1, 3]])
+    assert kwargs["position_embeddings"][0] is rotary and kwargs["use_cache"] is False
