@@ -5,7 +5,9 @@
 - the float tensors outside lowered modules, and tensors a frontend copies unchanged from the source
   checkpoint (an Omni talker beside its quantized thinker);
 - the online rotations in front of Linears, which a format records or refuses;
-- sharded safetensors writing.
+- the export scopes: what lies outside the blocks, then each block with its weights read (`export_scopes`), so a
+  streamed program is written and verified one block at a time;
+- sharded safetensors writing, scope by scope (`ShardWriter`).
 
 Nothing here knows a quantized format's tensor layout.
 """
@@ -13,8 +15,9 @@ Nothing here knows a quantized format's tensor layout.
 from __future__ import annotations
 
 import json
-import math
 import re
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -26,7 +29,7 @@ from safetensors.torch import save_file
 
 from slimc.backends.mindie_reader import checkpoint_row_layout
 from slimc.errors import ExportError
-from slimc.ir import Program
+from slimc.ir import Block, Program
 from slimc.numerics.modules import EXPERT_WEIGHTS, FakeQuantize, QuantizedExperts, QuantizedLinear
 from slimc.schemes import QuantScheme
 
@@ -51,10 +54,32 @@ class CheckpointLinear:
     def reference(self) -> QuantizedLinear:
         return QuantizedLinear(self.scheme, self.codes, self.scale, self.offset, self.bias, self.input_qparams, self.dtype)
 
-def checkpoint_linears(program: Program, fmt: str) -> list[CheckpointLinear]:
-    """The checkpoint Linears of every lowered module, named by transformers' save-time conversion."""
+@dataclass(frozen=True)
+class Scope:
+    """One step of an export: the tensors outside every block (`block` None), or one block's."""
+
+    program: Program
+    block: Block | None
+
+    def holds(self, name: str) -> bool:
+        """Whether the qualified module or tensor name is in this scope."""
+        return self.program.block_of(name) is self.block
+
+
+def export_scopes(program: Program) -> Iterator[Scope]:
+    """What lies outside the blocks, then each block with its weights read (a streamed program's blocks are on
+    the meta device between scopes): a format written scope by scope holds one block at a time."""
+    yield Scope(program, None)
+    for block in program.blocks:
+        with program.reading(block):
+            yield Scope(program, block)
+
+
+def checkpoint_linears(program: Program, fmt: str, scope: Scope | None = None) -> list[CheckpointLinear]:
+    """The checkpoint Linears of every lowered module (in `scope`), named by transformers' save-time conversion."""
     model = program.model
-    lowered = {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedExperts))}
+    lowered = {n: m for n, m in model.named_modules()
+               if isinstance(m, (QuantizedLinear, QuantizedExperts)) and (scope is None or scope.holds(n))}
     weights = {}
     for name, module in lowered.items():
         for which in ("weight",) if isinstance(module, QuantizedLinear) else EXPERT_WEIGHTS:
@@ -89,15 +114,16 @@ def checkpoint_linears(program: Program, fmt: str) -> list[CheckpointLinear]:
         ))
     return parts
 
-def online_rotations(program: Program, parts: list[CheckpointLinear], fmt: str) -> dict[str, torch.nn.Module]:
-    """Checkpoint Linear name -> the online rotation applied to its input at run time.
+def online_rotations(program: Program, parts: list[CheckpointLinear], fmt: str,
+                     scope: Scope | None = None) -> dict[str, torch.nn.Module]:
+    """Checkpoint Linear name -> the online rotation applied to its input at run time (in `scope`).
 
     Rotations are graph nodes in front of a Linear, or the `down_transform` of fused experts (one
     per expert's down projection). Only their Kronecker factors matter here.
     """
     found: dict[str, torch.nn.Module] = {}
     for block in program.blocks:
-        if block.traced is None:
+        if block.traced is None or (scope is not None and scope.block is not block):
             continue
         gm = block.graph_module
         for node in gm.graph.nodes:
@@ -136,8 +162,9 @@ def _take(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return t[int(rows[0]):int(rows[0]) + len(rows)]
     return t.index_select(0, rows)
 
-def float_tensors(program: Program) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers outside lowered modules, under their checkpoint names and in their dtypes.
+def float_tensors(program: Program, scope: Scope | None = None) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers outside lowered modules (in `scope`), under their checkpoint names and in
+    their dtypes.
 
     Tied weights are written under each of their names.
     """
@@ -150,7 +177,8 @@ def float_tensors(program: Program) -> dict[str, torch.Tensor]:
         parts = name.split(".")
         return any(".".join(parts[:i]) in lowered for i in range(1, len(parts)))
 
-    state = {n: t.detach() for n, t in model.state_dict(keep_vars=True).items() if not inside_lowered(n)}
+    state = {n: t.detach() for n, t in model.state_dict(keep_vars=True).items()
+             if not inside_lowered(n) and (scope is None or scope.holds(n))}
     return {n: t[0] if isinstance(t, list) else t for n, t in revert_weight_conversion(model, state).items()}
 
 
@@ -171,39 +199,27 @@ class SourceTensor:
 
     name: str
     path: Path
-    nbytes: int
 
     def load(self) -> torch.Tensor:
         with safe_open(self.path, "pt") as f:
             return f.get_tensor(self.name)
 
 
-def source_tensors(program: Program, written: dict[str, torch.Tensor], fmt: str) -> dict[str, SourceTensor]:
+def source_tensors(program: Program, fmt: str) -> dict[str, SourceTensor]:
     """The checkpoint tensors the program copies (`Program.source_tensors`), each file's header read once."""
-    declared = program.source_tensors
-    clashes = sorted(set(declared) & set(written))
-    if clashes:
-        raise ExportError(f"{fmt}: {clashes[0]} is both a tensor of the program and one copied from the source checkpoint")
     by_file: dict[Path, list[str]] = {}
-    for name, path in declared.items():
+    for name, path in program.source_tensors.items():
         by_file.setdefault(Path(path), []).append(name)
     found = {}
     for path, names in by_file.items():
         if not path.is_file():
             raise ExportError(f"{fmt}: {path} of the source checkpoint is gone; the tensors it holds must be copied from it")
         with safe_open(path, "pt") as f:
-            for name in names:
-                tensor = f.get_slice(name)
-                found[name] = SourceTensor(name, path, math.prod(tensor.get_shape()) * _SAFETENSORS_BYTES[tensor.get_dtype()])
+            missing = sorted(set(names) - set(f.keys()))
+        if missing:
+            raise ExportError(f"{fmt}: {missing[0]} is not in {path} of the source checkpoint, which should hold it")
+        found.update({name: SourceTensor(name, path) for name in names})
     return found
-
-
-def _nbytes(tensor: torch.Tensor | SourceTensor) -> int:
-    return tensor.nbytes if isinstance(tensor, SourceTensor) else tensor.numel() * tensor.element_size()
-
-
-def _loaded(tensor: torch.Tensor | SourceTensor) -> torch.Tensor:
-    return tensor.load() if isinstance(tensor, SourceTensor) else tensor
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -217,34 +233,113 @@ def natural_key(name: str) -> list:
     return [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in name.split(".")]
 
 
-def save_sharded(tensors: dict[str, torch.Tensor | SourceTensor], out_dir: Path, weights_file: str,
-                 max_bytes: int | None) -> list[Path]:
-    """`weights_file`, or shards `<stem>-0000i-of-0000N.safetensors` of at most `max_bytes` each plus
-    `<weights_file>.index.json` ({"metadata": {"total_size"}, "weight_map"}), as transformers writes them."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = _nbytes(tensor)
-        if max_bytes is not None and shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    if len(shards) == 1:
-        save_file(_storable({n: _loaded(tensors[n]) for n in shards[0]}), out_dir / weights_file, metadata={"format": "pt"})
-        return [out_dir / weights_file]
-    stem = weights_file.removesuffix(".safetensors")
-    written, weight_map = [], {}
-    for i, names in enumerate(shards, start=1):
-        file = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(_storable({n: _loaded(tensors[n]) for n in names}), out_dir / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, file))
-        written.append(out_dir / file)
-    total = sum(_nbytes(t) for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    index_file = out_dir / f"{weights_file}.index.json"
-    index_file.write_text(json.dumps(index, indent=2) + "\n")
-    return [*written, index_file]
+class ShardWriter:
+    """Writes a checkpoint's tensors given scope by scope, as `weights_file` or as shards
+    `<stem>-0000i-of-0000N.safetensors` of at most `max_bytes` each plus `<weights_file>.index.json`
+    ({"metadata": {"total_size"}, "weight_map"}), as transformers writes them.
+
+    Each scope's tensors go to a file of their own in a private folder as they come (`add`), so no more than one
+    scope is held in memory; `finish` then lays every tensor out in name order and packs the shards, copying
+    each tensor's bytes from where it lies (a scope's file, or the source checkpoint for copied tensors). The
+    safetensors library writes only whole files from tensors in memory, hence the copy of raw bytes: its layout
+    (a little-endian u64 header length, a JSON header of dtypes, shapes and data offsets, then the data) is
+    fixed by the format, and `verify` reads every file back with the library."""
+
+    def __init__(self, out_dir: Path, weights_file: str, max_bytes: int | None, fmt: str) -> None:
+        self.out_dir, self.weights_file, self.max_bytes, self.fmt = out_dir, weights_file, max_bytes, fmt
+        self.scopes_dir = out_dir / ".scopes"
+        self.scopes_dir.mkdir()
+        self.located: dict[str, tuple[Path, str]] = {}  # tensor name -> (safetensors file, name in it)
+        self.scope_files = 0
+
+    def add(self, tensors: dict[str, torch.Tensor | SourceTensor]) -> None:
+        """One scope's tensors: written to a file of its own now (copied tensors stay where they are)."""
+        clashes = sorted(set(tensors) & set(self.located), key=natural_key)
+        if clashes:
+            raise ExportError(f"{self.fmt}: {clashes[0]} is written twice (by two scopes of the program, or as the "
+                              "program's tensor and one copied from the source checkpoint)")
+        own = {n: t for n, t in tensors.items() if not isinstance(t, SourceTensor)}
+        if own:
+            path = self.scopes_dir / f"{self.scope_files}.safetensors"
+            self.scope_files += 1
+            save_file(_storable(own), path)
+            self.located.update({name: (path, name) for name in own})
+        self.located.update({n: (t.path, t.name) for n, t in tensors.items() if isinstance(t, SourceTensor)})
+
+    def finish(self) -> list[Path]:
+        """Write the files (the shards in name order); return them."""
+        headers = {path: _header(path) for path in {path for path, _ in self.located.values()}}
+        entries = {name: headers[path][stored] for name, (path, stored) in self.located.items()}
+        shards: list[list[str]] = [[]]
+        size = 0
+        for name in sorted(self.located, key=natural_key):
+            nbytes = _span(entries[name])
+            if self.max_bytes is not None and shards[-1] and size + nbytes > self.max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        if len(shards) == 1:
+            files = [self.weights_file]
+        else:
+            stem = self.weights_file.removesuffix(".safetensors")
+            files = [f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        written, weight_map = [], {}
+        for file, names in zip(files, shards):
+            self._write_shard(self.out_dir / file, names, entries)
+            weight_map.update(dict.fromkeys(names, file))
+            written.append(self.out_dir / file)
+        shutil.rmtree(self.scopes_dir)
+        if len(shards) > 1:
+            total = sum(_span(entry) for entry in entries.values())
+            index_file = self.out_dir / f"{self.weights_file}.index.json"
+            index_file.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+            written.append(index_file)
+        return written
+
+    def _write_shard(self, path: Path, names: list[str], entries: dict[str, dict]) -> None:
+        # widest elements first, as the library orders them, so every tensor starts aligned to its element size
+        ordered = sorted(names, key=lambda n: (-_SAFETENSORS_BYTES.get(entries[n]["dtype"], 1), natural_key(n)))
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name in ordered:
+            nbytes = _span(entries[name])
+            header[name] = {"dtype": entries[name]["dtype"], "shape": entries[name]["shape"],
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+        with path.open("wb") as out:
+            out.write(len(encoded).to_bytes(8, "little"))
+            out.write(encoded)
+            for name in ordered:
+                source, stored = self.located[name]
+                _copy_bytes(source, entries[name]["data_start"], _span(entries[name]), out)
+
+
+def _header(path: Path) -> dict[str, dict]:
+    """A safetensors file's tensor entries, each with `data_start`: where its bytes begin in the file."""
+    with path.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    for entry in header.values():
+        entry["data_start"] = 8 + length + entry["data_offsets"][0]
+    return header
+
+
+def _span(entry: dict) -> int:
+    return entry["data_offsets"][1] - entry["data_offsets"][0]
+
+
+def _copy_bytes(path: Path, start: int, length: int, out) -> None:
+    with path.open("rb") as f:
+        f.seek(start)
+        while length:
+            chunk = f.read(min(length, 64 * 2**20))
+            if not chunk:
+                raise ExportError(f"{path} ended before a tensor it declares")
+            out.write(chunk)
+            length -= len(chunk)
 
 
 def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

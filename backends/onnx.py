@@ -103,7 +103,7 @@ class OnnxBackend(Backend):
 
         out_dir = Path(out_dir)
         before = set(out_dir.iterdir())
-        with exported_dtype(program):  # saved inside: the graph's initializers read the widened tensors lazily
+        with program.reading(*program.blocks), exported_dtype(program):  # one graph: the whole model is read; saved inside: the graph's initializers read the widened tensors lazily
             model = self._export(program, self._spec(program))
             external = self.external_data if self.external_data is not None else initializer_bytes(model) > EXTERNAL_DATA_BYTES
             ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE if external else None)
@@ -148,11 +148,12 @@ class OnnxBackend(Backend):
         path = Path(out_dir) / MODEL_FILE
         if not path.is_file():
             raise ExportError(f"onnx: {path} was not written")
-        check_integer_weights(ir.load(path), program, self.integer_matmul)
         session = inference_session(path)
-        with exported_dtype(program):
-            for spec in self._verification_specs(program):
-                self._compare(program, session, spec)
+        with program.reading(*program.blocks):
+            check_integer_weights(ir.load(path), program, self.integer_matmul)
+            with exported_dtype(program):
+                for spec in self._verification_specs(program):
+                    self._compare(program, session, spec)
 
     def _spec(self, program: Program, batch: int | None = None, seq_len: int | None = None, seed: int = 0) -> GraphSpec:
         return graph_spec(program, batch=batch or self.sample_batch, seq_len=seq_len or self.sample_seq_len,

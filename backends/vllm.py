@@ -25,13 +25,15 @@ from safetensors import safe_open
 from slimc.backends.base import Backend, register_backend
 from slimc.backends.checkpoint import (
     CheckpointLinear,
+    Scope,
     ShardSize,
+    ShardWriter,
     checkpoint_linears,
     checkpoint_prefixes,
+    export_scopes,
     float_tensors,
     natural_key,
     same_bits,
-    save_sharded,
     shard_bytes,
     source_tensors,
 )
@@ -83,8 +85,8 @@ class VllmBackend(Backend):
     """compressed-tensors checkpoint for vLLM.
 
     Options:
-    - `max_shard_size`: split the weights into files of at most this size (bytes, or "5GB", "500MiB");
-      None writes one file.
+    - `max_shard_size`: split the weights into files of at most this size (bytes, or "5GB", "500MiB"; default
+      5GB); None writes one file. Either way a streamed program is written one block at a time.
     """
 
     extra = "vllm"
@@ -97,18 +99,20 @@ class VllmBackend(Backend):
 
         out_dir = Path(out_dir)
         before = set(out_dir.iterdir())
-        parts = _exportable_linears(program)
+        parts = _exportable_linears(program)  # every block's, on the meta device where streamed: names and schemes
         rotations = expressible_rotations(program, parts)
-        tensors = transform_tensors(program, rotations)
-        for part in parts:
-            tensors.update(_compressed_tensors(part))
-        for name, tensor in float_tensors(program).items():
-            if name in tensors:
-                raise ExportError(f"vllm: {name} is both a float tensor and a quantized Linear's tensor")
-            tensors[name] = tensor
-        copied = source_tensors(program, tensors, "vllm")
-        everything = dict(sorted({**tensors, **copied}.items(), key=lambda item: natural_key(item[0])))
-        save_sharded(everything, out_dir, WEIGHTS_FILE, shard_bytes(self.max_shard_size))
+        writer = ShardWriter(out_dir, WEIGHTS_FILE, shard_bytes(self.max_shard_size), "vllm")
+        copied = source_tensors(program, "vllm")
+        for scope in export_scopes(program):
+            tensors = transform_tensors(program, rotations) if scope.block is None else {}
+            for part in _scope_linears(program, scope):
+                tensors.update(_compressed_tensors(part))
+            for name, tensor in float_tensors(program, scope).items():
+                if name in tensors:
+                    raise ExportError(f"vllm: {name} is both a float tensor and a quantized Linear's tensor")
+                tensors[name] = tensor
+            writer.add({**tensors, **(copied if scope.block is None else {})})
+        writer.finish()
         ModelCompressor(quantization_config=quantization_config(program, parts, set(copied)),
                         transform_config=transform_config(program, parts, rotations)).update_config(str(out_dir))
         for path in out_dir.iterdir():
@@ -129,34 +133,36 @@ class VllmBackend(Backend):
         if raw.get("quant_method") != "compressed-tensors" or config.quantization_status != "compressed":
             raise ExportError(f"vllm: quantization_config must say quant_method compressed-tensors and status compressed, "
                               f"got {raw.get('quant_method')!r} / {config.quantization_status!r}")
-        parts = _exportable_linears(program)
-        expected = check_transforms(program, parts, raw.get("transform_config"), stored)
-        for part in parts:
-            group = _group_of(config, part.prefix)
-            wanted = compressed_scheme(part.scheme, group.targets)
-            if group.weights != wanted.weights or group.input_activations != wanted.input_activations:
-                raise ExportError(f"vllm: {part.prefix} falls in a config group whose scheme is not its {part.scheme.label}")
-            compressor = BaseCompressor.get_value_from_registry(group.format or config.format)
-            names = _stored_names(part, group, compressor)
-            expected.update(f"{part.prefix}.{n}" for n in names)
-            own = {n: stored[f"{part.prefix}.{n}"] for n in names}
-            weight = compressor.decompress({k: v for k, v in own.items() if k.startswith("weight")}, group)["weight"]
-            if not torch.equal(weight.float(), _dequantized(part)):
-                error = (weight.float() - _dequantized(part)).abs().max()
-                raise ExportError(f"vllm: {part.prefix} decompressed by compressed-tensors differs from the lowered weight by {error:.3g}")
-            for name, tensor in _activation_tensors(part).items():
-                if not torch.equal(own[name], tensor):
-                    raise ExportError(f"vllm: {part.prefix}.{name} differs from the lowered Linear's")
-        floats = float_tensors(program)
-        for name, tensor in floats.items():
-            if not same_bits(tensor.detach().cpu().contiguous(), stored[name]):
-                raise ExportError(f"vllm: {name} differs from the program's float tensor")
-        copied = source_tensors(program, floats, "vllm")
+        expected = check_transforms(program, _exportable_linears(program), raw.get("transform_config"), stored)
+        floats: set[str] = set()
+        for scope in export_scopes(program):  # one block's tensors at a time
+            for part in _scope_linears(program, scope):
+                group = _group_of(config, part.prefix)
+                wanted = compressed_scheme(part.scheme, group.targets)
+                if group.weights != wanted.weights or group.input_activations != wanted.input_activations:
+                    raise ExportError(f"vllm: {part.prefix} falls in a config group whose scheme is not its {part.scheme.label}")
+                compressor = BaseCompressor.get_value_from_registry(group.format or config.format)
+                names = _stored_names(part, group, compressor)
+                expected.update(f"{part.prefix}.{n}" for n in names)
+                own = {n: stored[f"{part.prefix}.{n}"] for n in names}
+                weight = compressor.decompress({k: v for k, v in own.items() if k.startswith("weight")}, group)["weight"]
+                if not torch.equal(weight.float(), _dequantized(part)):
+                    error = (weight.float() - _dequantized(part)).abs().max()
+                    raise ExportError(f"vllm: {part.prefix} decompressed by compressed-tensors differs from the lowered "
+                                      f"weight by {error:.3g}")
+                for name, tensor in _activation_tensors(part).items():
+                    if not torch.equal(own[name], tensor):
+                        raise ExportError(f"vllm: {part.prefix}.{name} differs from the lowered Linear's")
+            for name, tensor in float_tensors(program, scope).items():
+                if not same_bits(tensor.detach().cpu().contiguous(), stored[name]):
+                    raise ExportError(f"vllm: {name} differs from the program's float tensor")
+                floats.add(name)
+        copied = source_tensors(program, "vllm")
         for name, source in copied.items():
             if not same_bits(source.load(), stored[name]):
                 raise ExportError(f"vllm: {name} differs from {source.path.name} of the source checkpoint, which it should copy")
-        extra = set(stored.files) - expected - set(floats) - set(copied)
-        missing = (expected | set(floats) | set(copied)) - set(stored.files)
+        extra = set(stored.files) - expected - floats - set(copied)
+        missing = (expected | floats | set(copied)) - set(stored.files)
         if extra or missing:
             raise ExportError(f"vllm: the written tensors do not match the program: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(extra)[:5]}")
@@ -166,8 +172,9 @@ class VllmBackend(Backend):
 
 
 def _exportable_linears(program: Program) -> list[CheckpointLinear]:
-    """The checkpoint Linears, once the program is known to hold no multiply that compressed-tensors cannot carry
-    (online rotations are checked by `expressible_rotations`)."""
+    """The checkpoint Linears (of blocks on the meta device too: their names and schemes), once the program is
+    known to hold no multiply that compressed-tensors cannot carry (online rotations are checked by
+    `expressible_rotations`)."""
     if program.source.library == "diffusers":
         raise ExportError("vllm: compressed-tensors checkpoints are for language models that vLLM serves; "
                           "export a diffusion transformer with format mindie or onnx")
@@ -178,6 +185,12 @@ def _exportable_linears(program: Program) -> list[CheckpointLinear]:
                               "express; export it with format mindie, or smooth only where the scale folds")
     if not parts:
         raise ExportError("vllm: the program has no quantized Linear; a compressed-tensors checkpoint needs at least one")
+    return parts
+
+
+def _scope_linears(program: Program, scope: Scope) -> list[CheckpointLinear]:
+    """The checkpoint Linears of one scope, with their codes and scales read."""
+    parts = checkpoint_linears(program, "vllm", scope)
     for part in parts:
         if part.scheme.weight.granularity == "per_tensor" and not torch.all(part.scale == part.scale[:1]):
             raise ExportError(f"vllm: {part.prefix} has per-tensor weights with more than one scale")

@@ -20,7 +20,7 @@ start, calibration data, export and its check). The per-layer growth of peak mem
 between the fewest and most `qwen2-7b` layers gives a linear extrapolation to full models: per parameter of
 a layer, so a Qwen2.5-72B, Qwen3-235B or GLM-4.7 layer counts by its size against a 7B-width one. It is an
 extrapolation, not a measurement: it assumes memory grows with depth as measured (the float blocks stream from
-the checkpoint; the lowered ones stay until the formats are written).
+the checkpoint, the lowered ones are spilled and written block by block, yet the peak still grows).
 """
 
 from __future__ import annotations

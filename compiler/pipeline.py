@@ -4,7 +4,8 @@ Calibration data enters each stage (vision tower, text decoder, DiT blocks) thro
 the model, which runs the stages before it as already rewritten; each later block's inputs are
 the previous block's outputs, computed after that block's passes (so quantization error
 propagates as it will at run time). Only one block's calibration activations are held at a
-time: outputs replace inputs batch by batch.
+time: outputs replace inputs batch by batch; and, when the program streams its weights, only
+one block's weights: a finished block is spilled to disk (`Program.finish_block`).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Pipeline:
         blocks_done = Progress("blocks", sum(len(stage.blocks) for stage in program.stages), "block")
         for stage in program.stages:
             try:
-                with (report.timed("capture"), program.executing_graphs(), program.streamed(),
+                with (report.timed("capture"), program.executing_graphs(),
                       Progress(f"capture {stage.name}", len(batches), "batch", leave=False) as capturing):
                     stage_inputs = capture_stage(
                         [block.module for block in stage.blocks],
@@ -92,6 +93,7 @@ class Pipeline:
                         step.prepare(program, ctx)
             for position, block in enumerate(stage.blocks):
                 outputs = self._run_block(block, ctx, blocks_done)
+                program.finish_block(block)
                 blocks_done.advance()
                 if position + 1 < len(stage.blocks):
                     ctx.inputs = [to_device(stage_inputs.next_inputs(position + 1, b, out), ctx.device)
@@ -117,6 +119,7 @@ class Pipeline:
             ) from error
         for block in stage.blocks:
             ctx.program.materialize(block)
+            ctx.program.finish_block(block)
         ctx.report.note(f"stage {stage.name!r}: no calibration batch runs it and the config quantizes none of its "
                         "layers, so it stays as loaded")
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from cli_runs import slimc
 from compile_settings import MULTIMODAL_SMALL, OMNI_IMAGE_SIZE, OMNI_SMALL, SMALL_CALIBRATION
+from programs import logits
 from tiny_models import tiny_causal_lm
 from tiny_multimodal import save_tiny_multimodal
 from tiny_omni import save_tiny_full_omni
@@ -24,7 +25,7 @@ from slimc.config import load_config
 from slimc.frontends import frontend_for
 from slimc.ir.hooks import temporary_hooks
 from slimc.ir.source import resolve_model_source
-from slimc.ir.streaming import is_on_meta
+from slimc.ir.streaming import BlockWeights, is_on_meta
 from slimc.pipeline import Pipeline
 from slimc.report import RunReport
 
@@ -142,3 +143,35 @@ def test_no_float_layer_outlives_its_lowering(tmp_path):
                                      report)
     gc.collect()
     assert replaced and [ref for ref in replaced if ref() is not None] == []
+
+
+def test_a_streamed_compile_holds_one_block_at_a_time_from_calibration_to_verify(tmp_path, monkeypatch):
+    """Finished blocks are spilled and read back one at a time by later forwards, export and verify, so memory does
+    not grow with depth; the program returned still computes the compiled model, and its spill goes with it."""
+    model_dir = save_llm("llama", tmp_path / "model")
+    config = load_config(resolve_config_path("llm/w8a8_dynamic.yaml"),
+                         [*SMALL, "export=[{format: mindie}, {format: vllm}]"])
+    whole = compile_model(load_config(resolve_config_path("llm/w8a8_dynamic.yaml"),
+                                      [*SMALL, "memory.stream_blocks=false"]), model_path=str(model_dir), out_dir=tmp_path / "whole")
+    held: list[int] = []  # blocks holding weights, each time one is read
+    read: list[torch.nn.Module] = []
+    materialize = BlockWeights.materialize
+
+    def counting(self, module, prefix):
+        materialize(self, module, prefix)
+        read.append(module)
+        held.append(sum(not is_on_meta(block) for block in set(read)))
+
+    monkeypatch.setattr(BlockWeights, "materialize", counting)
+    compiled = compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
+    program = compiled.program
+    assert len(held) > 3 * len(program.blocks) and max(held) == 1  # read for the pipeline, each format's write and verify
+    assert all(is_on_meta(block.module) for block in program.blocks)
+    ids = torch.tensor([[5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        assert torch.equal(logits(program, ids), logits(whole.program, ids))
+    spill = program.weights.spill_directory
+    assert spill.is_dir() and len(list(spill.iterdir())) == len(program.blocks)
+    del compiled, program
+    gc.collect()
+    assert not spill.exists()

@@ -15,6 +15,7 @@ from slimc.commands.export import (
     check_output_dir,
     remove_dead_runs,
     scratch_directory,
+    spill_directory,
     staged_file,
     staged_output,
 )
@@ -203,19 +204,26 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
     check_plan(quantization_plan(config, inputs), backends, config)  # nor should a layer that no format can hold
     with scratch_directory(out_dir) as scratch:
         program = load_program(config, source, frontend, report, scratch)
-        batches = frontend.calibration_batches(config.calibration, source, program, report)
-        report.details["calibration"] = {"dataset": config.calibration.dataset}  # `slimc eval` refuses to evaluate on it
-        report.provenance = provenance(config, source, batches)
-        pipeline.run(program, config, batches, report)
-        if backends:
-            with (report.timed("export"), staged_output(out_dir, overwrite, needed) as staging,
-                  Progress("export", len(backends), "format") as exporting):
-                for backend in backends:
-                    report.outputs[backend.format_name] = directory_size(export_format(program, backend, staging, exporting))
-                    exporting.advance()
-                report.finish()
-                (staging / REPORT_FILE).write_text(report.to_json())
-            report.location = out_dir / REPORT_FILE
+        if program.weights is not None:
+            program.weights.spill_into(spill_directory(out_dir))
+        try:
+            batches = frontend.calibration_batches(config.calibration, source, program, report)
+            report.details["calibration"] = {"dataset": config.calibration.dataset}  # `slimc eval` refuses to evaluate on it
+            report.provenance = provenance(config, source, batches)
+            pipeline.run(program, config, batches, report)
+            if backends:
+                with (report.timed("export"), staged_output(out_dir, overwrite, needed) as staging,
+                      Progress("export", len(backends), "format") as exporting):
+                    for backend in backends:
+                        report.outputs[backend.format_name] = directory_size(export_format(program, backend, staging, exporting))
+                        exporting.advance()
+                    report.finish()
+                    (staging / REPORT_FILE).write_text(report.to_json())
+                report.location = out_dir / REPORT_FILE
+        except BaseException:
+            if program.weights is not None:  # a failed compile returns no program that could read its spilled blocks
+                program.weights.discard_spill()
+            raise
     report.finish()
     return Compiled(program, report)
 

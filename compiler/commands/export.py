@@ -23,8 +23,9 @@ from slimc.errors import SPACE_ERRNOS, ExportError, describe_os_error
 
 MARKER_FILE = ".slimc-output"
 REPORT_FILE = "slimc_report.json"  # also proves an output of a slimc that wrote no marker yet
-# Private directories beside the output: being written, replaced output, scratch space of a running compile.
-STAGING, ASIDE, SCRATCH = "tmp", "old", "work"
+# Private directories beside the output: being written, replaced output, scratch space of a running compile,
+# the blocks a streamed compile finished (kept while its Program lives).
+STAGING, ASIDE, SCRATCH, SPILL = "tmp", "old", "work", "spill"
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
@@ -128,6 +129,14 @@ def scratch_directory(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def spill_directory(out_dir: Path) -> Path:
+    """A private directory beside `out_dir` for a streamed compile's finished blocks; its owner
+    (`BlockWeights.spill_into`) removes it, or the next run does if this process dies (`remove_dead_runs`)."""
+    out_dir = out_dir.resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=_private_prefix(out_dir, SPILL), dir=out_dir.parent))
+
+
 @contextlib.contextmanager
 def staged_file(path: Path) -> Iterator[Path]:
     """Yield a temporary name beside `path` (same suffix) to write; on success it replaces `path` in one rename,
@@ -192,7 +201,7 @@ def _private_dir_owner(path: Path, name: str) -> tuple[str, tuple[str, int] | No
     """(kind, (host, pid)) of a private directory named by `_private_prefix`; owner None for other names."""
     kind, _, rest = path.name.removeprefix(f".{name}.").partition("-")
     parts = rest.rsplit("-", 2)  # host-pid-random: the host has no '-', the random part has none either
-    if kind not in (STAGING, ASIDE, SCRATCH) or len(parts) != 3 or not parts[1].isdigit():
+    if kind not in (STAGING, ASIDE, SCRATCH, SPILL) or len(parts) != 3 or not parts[1].isdigit():
         return kind, None
     return kind, (parts[0], int(parts[1]))
 

@@ -190,7 +190,7 @@ class Program:
     # it gives a Program of each, by output subdirectory.
     parts: Callable[[], dict[str, Program]] | None = field(default=None, repr=False)
     # The blocks' weights when they are read from the checkpoint block by block (slimc.ir.streaming): blocks
-    # not yet worked on are on the meta device.
+    # not yet worked on, and blocks finished and spilled, are on the meta device.
     weights: BlockWeights | None = field(default=None, repr=False)
 
     def export_parts(self) -> dict[str, Program]:
@@ -215,24 +215,58 @@ class Program:
         return next(self.model.parameters()).dtype
 
     def streamed(self) -> contextlib.AbstractContextManager:
-        """Forwards of the model read the blocks still on the meta device as they run (a no-op unless streamed)."""
+        """Forwards of the model read the blocks on the meta device as they run, whether the block or its graph
+        module sits in the model (a no-op unless streamed)."""
         if self.weights is None:
             return contextlib.nullcontext()
-        return self.weights.streamed([(block.name, block.module) for block in self.blocks])
+        return self.weights.streamed([(block.name, block.module, block.traced) for block in self.blocks])
 
     def materialize(self, block: Block) -> None:
-        """Read the block's weights if they are still on the meta device."""
+        """Read the block's weights if they are on the meta device."""
         if self.weights is not None and is_on_meta(block.module):
             self.weights.materialize(block.module, block.name)
 
+    def finish_block(self, block: Block) -> None:
+        """The pipeline is done with the block: a streamed program spills it and drops its tensors."""
+        if self.weights is not None and self.weights.spill_directory is not None:
+            self.weights.spill(block.module, block.name)
+
+    @contextlib.contextmanager
+    def reading(self, *blocks: Block) -> Iterator[None]:
+        """The blocks' tensors while inside (all of them: for what needs the whole model at once, an ONNX graph);
+        blocks that were on the meta device go back to it after."""
+        released = [block for block in blocks if self.weights is not None and is_on_meta(block.module)]
+        try:
+            for block in blocks:
+                self.materialize(block)
+            yield
+        finally:
+            for block in released:
+                self.weights.release(block.module)
+
+    def block_of(self, name: str) -> Block | None:
+        """The block holding the qualified module or tensor name, None for one outside every block."""
+        parts = name.split(".")
+        for end in range(1, len(parts) + 1):
+            block = self._blocks_by_name.get(".".join(parts[:end]))
+            if block is not None:
+                return block
+        return None
+
+    @functools.cached_property
+    def _blocks_by_name(self) -> dict[str, Block]:
+        return {block.name: block for block in self.blocks}
+
     @contextlib.contextmanager
     def executing_graphs(self) -> Iterator[None]:
-        """Run the model through the blocks' graph modules (so inserted nodes take effect)."""
+        """Run the model through the blocks' graph modules (so inserted nodes take effect); blocks on the meta
+        device are read as they run."""
         swapped = [block for block in self.blocks if block.traced is not None]
         try:
             for block in swapped:
                 block.container[block.index] = block.traced
-            yield
+            with self.streamed():
+                yield
         finally:
             for block in swapped:
                 block.container[block.index] = block.module

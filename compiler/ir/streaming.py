@@ -4,19 +4,25 @@ A streamed model is loaded by its library (transformers) with every block offloa
 `device_map`: the library converts each tensor as it loads it (fused MoE experts, renamed vision-language keys,
 the omni `thinker.` prefix) and writes only the converted ones to the offload folder; the others it reads back
 from the checkpoint's own shards. Everything outside the blocks (embeddings, final norm, head, rotary tables)
-loads as usual. The blocks' parameters stay on the meta device until `BlockWeights.materialize` reads them, so
-host memory holds the blocks the pipeline has worked on (lowered, so smaller) and the one it works on, not the
-float model.
+loads as usual. The blocks' parameters stay on the meta device until `BlockWeights.materialize` reads them.
+
+Once the pipeline is done with a block, its lowered tensors are spilled to a file of their own (`spill`) and the
+block goes back to the meta device; later forwards and the exports read it from there, one block at a time. So
+host memory holds the block being worked on and what lies outside the blocks, whatever the depth of the model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from accelerate.hooks import remove_hook_from_module
 from accelerate.utils import set_module_tensor_to_device
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimc.ir.hooks import temporary_hooks
@@ -57,6 +63,14 @@ class BlockWeights:
 
     def __init__(self, loader: Mapping[str, torch.Tensor]) -> None:
         self.loader = loader
+        self.spill_directory: Path | None = None
+        self.spilled: dict[str, Path] = {}  # block name -> the file of its tensors, once the pipeline is done with it
+
+    def spill_into(self, directory: Path) -> None:
+        """Spill finished blocks into `directory` (existing, empty), which these weights own: it is removed when
+        they are garbage-collected or the process ends, since a compiled Program reads its blocks from there."""
+        self.spill_directory = directory
+        self.discard_spill = weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
 
     @classmethod
     def detach_from(cls, model: nn.Module) -> BlockWeights:
@@ -71,11 +85,28 @@ class BlockWeights:
         return cls(loader)
 
     def materialize(self, module: nn.Module, prefix: str) -> None:
-        """Read every tensor of `module` (qualified name `prefix`) still on the meta device."""
+        """Read every tensor of `module` (qualified name `prefix`) still on the meta device: from its spill file
+        once spilled, else from the checkpoint."""
+        spilled = load_file(self.spilled[prefix]) if prefix in self.spilled else None
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             if tensor.is_meta:
-                value = self.loader[f"{prefix}.{name}"]
+                value = spilled[name] if spilled is not None else self.loader[f"{prefix}.{name}"]
                 set_module_tensor_to_device(module, name, "cpu", value=value, dtype=value.dtype)
+
+    def spill(self, module: nn.Module, prefix: str) -> None:
+        """Write the finished block's tensors (lowered and float, buffers included) to its spill file and drop them."""
+        if self.spill_directory is None:
+            raise RuntimeError("BlockWeights.spill_into was not called")
+        tensors, seen = {}, set()
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            # a tensor sharing storage with one already taken is copied: safetensors stores no aliases
+            storage = tensor.untyped_storage().data_ptr()
+            tensors[name] = tensor.detach().clone() if storage in seen else tensor.detach().contiguous()
+            seen.add(storage)
+        path = self.spill_directory / f"{prefix}.safetensors"
+        save_file(tensors, path)
+        self.spilled[prefix] = path
+        self.release(module)
 
     @staticmethod
     def release(module: nn.Module) -> None:
@@ -83,10 +114,11 @@ class BlockWeights:
         module.to("meta")
 
     @contextlib.contextmanager
-    def streamed(self, blocks: Sequence[tuple[str, nn.Module]]) -> Iterator[None]:
-        """Run forwards through blocks still on the meta device: each is read just before it runs and dropped
-        just after (a forward that stops early leaves at most one block read)."""
-        pending = [(prefix, module) for prefix, module in blocks if is_on_meta(module)]
+    def streamed(self, blocks: Sequence[tuple[str, nn.Module, nn.Module | None]]) -> Iterator[None]:
+        """Run forwards through blocks on the meta device, each given as (name, module, the module that may run in
+        its place, e.g. its graph module, sharing its leaves): each is read just before it runs and dropped just
+        after (a forward that stops early leaves at most one block read)."""
+        pending = [(prefix, module, stand_in) for prefix, module, stand_in in blocks if is_on_meta(module)]
         read: list[nn.Module] = []
 
         def before(prefix: str, module: nn.Module) -> None:
@@ -99,9 +131,10 @@ class BlockWeights:
 
         try:
             with temporary_hooks() as hooks:
-                for prefix, module in pending:
-                    hooks.before(module, lambda m, args, prefix=prefix: before(prefix, m))
-                    hooks.after(module, lambda m, args, output: after(m))
+                for prefix, module, stand_in in pending:
+                    for runner in (module, stand_in) if stand_in is not None else (module,):
+                        hooks.before(runner, lambda m, args, prefix=prefix, module=module: before(prefix, module))
+                        hooks.after(runner, lambda m, args, output, module=module: after(module))
                 yield
         finally:
             for module in read:
