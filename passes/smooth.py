@@ -79,7 +79,7 @@ class Smooth(Pass):
     search: bool = False
     search_grid: list[float] = [round(0.1 * i, 1) for i in range(11)]
     search_batches: int = Field(1, ge=1)
-    search_tokens: int | None = Field(512, ge=1)
+    search_tokens: int | None = Field(2048, ge=1)
     subgraphs: list[Subgraph] = ["norm-linear", "v-o", "up-down", "modulation", "multiply"]
     _chosen: dict[str, float | None] = PrivateAttr(default_factory=dict)
     _multiplied: int = PrivateAttr(0)
