@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from slimc.backends.mindie_reader import checkpoint_row_layout
 from slimc.errors import ExportError
 from slimc.ir import Block, Program
+from slimc.ir.source import storable_tensors
 from slimc.numerics.modules import EXPERT_WEIGHTS, FakeQuantize, QuantizedExperts, QuantizedLinear
 from slimc.schemes import QuantScheme
 
@@ -262,7 +263,7 @@ class ShardWriter:
         if own:
             path = self.scopes_dir / f"{self.scope_files}.safetensors"
             self.scope_files += 1
-            save_file(_storable(own), path)
+            save_file(storable_tensors(own), path)
             self.located.update({name: (path, name) for name in own})
         self.located.update({n: (t.path, t.name) for n, t in tensors.items() if isinstance(t, SourceTensor)})
 
@@ -312,7 +313,7 @@ class ShardWriter:
             out.write(len(encoded).to_bytes(8, "little"))
             out.write(encoded)
             for name in ordered:
-                source, stored = self.located[name]
+                source, _ = self.located[name]
                 _copy_bytes(source, entries[name]["data_start"], _span(entries[name]), out)
 
 
@@ -340,22 +341,6 @@ def _copy_bytes(path: Path, start: int, length: int, out) -> None:
                 raise ExportError(f"{path} ended before a tensor it declares")
             out.write(chunk)
             length -= len(chunk)
-
-
-def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors; a tensor overlapping one already in the file (tied weights) is copied."""
-    seen: dict[int, list[tuple[int, int]]] = {}
-    out = {}
-    for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        spans = seen.setdefault(t.untyped_storage().data_ptr(), [])
-        if any(start < e and s < end for s, e in spans):
-            t = t.clone()
-        else:
-            spans.append((start, end))
-        out[name] = t
-    return out
 
 
 def parse_size(value: str | int) -> int:

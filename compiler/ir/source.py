@@ -668,3 +668,20 @@ _SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
 def _write_json(path: Path, data: dict) -> Path:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
+
+
+def storable_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors as safetensors can store them in one file: contiguous, on the CPU, and a tensor overlapping one
+    already taken (tied weights) copied, since the format holds no aliases."""
+    seen: dict[int, list[tuple[int, int]]] = {}
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        spans = seen.setdefault(t.untyped_storage().data_ptr(), [])
+        if any(start < e and s < end for s, e in spans):
+            t = t.clone()
+        else:
+            spans.append((start, end))
+        out[name] = t
+    return out

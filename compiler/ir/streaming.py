@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimc.ir.hooks import temporary_hooks
+from slimc.ir.source import storable_tensors
 
 OFFLOADED = "disk"
 
@@ -97,14 +98,8 @@ class BlockWeights:
         """Write the finished block's tensors (lowered and float, buffers included) to its spill file and drop them."""
         if self.spill_directory is None:
             raise RuntimeError("BlockWeights.spill_into was not called")
-        tensors, seen = {}, set()
-        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-            # a tensor sharing storage with one already taken is copied: safetensors stores no aliases
-            storage = tensor.untyped_storage().data_ptr()
-            tensors[name] = tensor.detach().clone() if storage in seen else tensor.detach().contiguous()
-            seen.add(storage)
         path = self.spill_directory / f"{prefix}.safetensors"
-        save_file(tensors, path)
+        save_file(storable_tensors(dict([*module.named_parameters(), *module.named_buffers()])), path)
         self.spilled[prefix] = path
         self.release(module)
 

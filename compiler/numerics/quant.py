@@ -104,7 +104,6 @@ def act_range(x: torch.Tensor, scheme: TensorScheme) -> tuple[torch.Tensor, torc
     else:
         raise ValueError(f"activations cannot be quantized {scheme.granularity}")
     return low.float(), high.float()
-    raise ValueError(f"activations cannot be quantized {scheme.granularity}")
 
 
 def dynamic_fake_quantize(x: torch.Tensor, scheme: TensorScheme) -> torch.Tensor:
