@@ -58,8 +58,7 @@ from slimc.errors import ExportError, SlimcError
 from slimc.ir import Program
 from slimc.numerics.modules import ChannelScale, FakeQuantize, QuantizedLinear
 from slimc.numerics.quant import pack_int4
-from slimc.schemes import QuantScheme
-from slimc.schemes import ShapeRule
+from slimc.schemes import QuantScheme, ShapeRule
 
 __all__ = ["AscendExperts", "AscendLinear", "MindieBackend", "load_ascend_model"]
 

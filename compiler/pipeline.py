@@ -21,6 +21,7 @@ from slimc.ir import Block, Program, Stage
 from slimc.ir.calls import hidden_of, perturbed, rebind_hidden, rotate_hidden, to_device
 from slimc.ir.capture import StageNotReached, capture_stage
 from slimc.ir.tracer import trace_block
+from slimc.journal import BlockState, Journal
 from slimc.numerics.fidelity import relative_error
 from slimc.pass_base import Context, Pass
 from slimc.patterns import propagate_shapes
@@ -53,6 +54,7 @@ class Pipeline:
 
     def __init__(self, steps: list[Pass]) -> None:
         self.steps = steps
+        self._prepared = False
 
     @classmethod
     def from_config(cls, config: SlimcConfig) -> Pipeline:
@@ -65,14 +67,24 @@ class Pipeline:
             steps.append(step.model_copy(deep=True))
         return cls(steps)
 
-    def run(self, program: Program, config: SlimcConfig, batches: list[dict[str, Any]], report: RunReport) -> Context:
+    def run(self, program: Program, config: SlimcConfig, batches: list[dict[str, Any]], report: RunReport,
+            journal: Journal | None = None) -> Context:
         """Run every pass on every block, stage by stage. `batches` are calibration batches: each a dict
         of the model's forward arguments. A stage's inputs are captured by running the model (through
-        the already rewritten stages before it) on every batch."""
+        the already rewritten stages before it) on every batch. With a `journal`, each finished block is
+        committed to it, and blocks it already holds are restored instead of run."""
         ctx = Context(program, config, self.steps, report)
-        prepared = False
         blocks_done = Progress("blocks", sum(len(stage.blocks) for stage in program.stages), "block")
+        resumed_inputs = None
+        if journal is not None and journal.committed:  # the passes prepare the model as loaded, before any block is restored
+            resumed_inputs = self._prepare(program, ctx, journal)
         for stage in program.stages:
+            committed = [block for block in stage.blocks if journal is not None and journal.has(block)]
+            if len(committed) == len(stage.blocks):
+                for block in committed:
+                    journal.restore_block(program, block)
+                blocks_done.skip(len(committed))
+                continue
             try:
                 with (report.timed("capture"), program.executing_graphs(),
                       Progress(f"capture {stage.name}", len(batches), "batch", leave=False) as capturing):
@@ -82,30 +94,53 @@ class Pipeline:
                         stage=f"stage {stage.name!r}",
                     )
             except StageNotReached as error:
-                self._leave_unreached(stage, ctx, error)
+                self._leave_unreached(stage, ctx, error, journal)
                 blocks_done.skip(len(stage.blocks))
                 continue
             ctx.inputs = [to_device(batch, ctx.device) for batch in stage_inputs.first]
-            if not prepared:
-                prepared = True
-                for step in self.steps:
-                    with report.timed(step.name):
-                        step.prepare(program, ctx)
-            for position, block in enumerate(stage.blocks):
+            self._prepare(program, ctx, journal)
+            for block in committed:  # after the capture, which runs the stage's blocks as loaded
+                journal.restore_block(program, block)
+            if committed:
+                ctx.inputs = [to_device(batch, ctx.device) for batch in resumed_inputs]
+                blocks_done.skip(len(committed))
+            for position in range(len(committed), len(stage.blocks)):
+                block = stage.blocks[position]
                 outputs = self._run_block(block, ctx, blocks_done)
-                program.finish_block(block)
+                ctx.inputs = [to_device(stage_inputs.next_inputs(position + 1, b, out), ctx.device)
+                              for b, out in enumerate(outputs)] if position + 1 < len(stage.blocks) else []
+                self._finish_block(block, ctx, journal)
                 blocks_done.advance()
-                if position + 1 < len(stage.blocks):
-                    ctx.inputs = [to_device(stage_inputs.next_inputs(position + 1, b, out), ctx.device)
-                                  for b, out in enumerate(outputs)]
-            ctx.inputs = []
         for step in self.steps:
             with report.timed(step.name):
                 step.finish(program, ctx)
         return ctx
 
-    @staticmethod
-    def _leave_unreached(stage: Stage, ctx: Context, error: StageNotReached) -> None:
+    def _prepare(self, program: Program, ctx: Context, journal: Journal | None) -> list | None:
+        """The passes' `prepare`, once: at the first stage that runs, or first thing when resuming, followed by the
+        state the last committed block left (returned: its next block's calibration inputs)."""
+        if not self._prepared:
+            self._prepared = True
+            for step in self.steps:
+                with ctx.report.timed(step.name):
+                    step.prepare(program, ctx)
+        return journal.restore_state(self.steps, program, ctx.report) if journal is not None else None
+
+    def _finish_block(self, block: Block, ctx: Context, journal: Journal | None) -> None:
+        """The pipeline is done with the block: the program spills it (if streamed) and the journal commits it, with
+        the state the next block starts from."""
+        program = ctx.program
+        program.finish_block(block)
+        if journal is None:
+            return
+        report = ctx.report
+        journal.commit(program, block, BlockState(
+            inputs=ctx.inputs, steps=self.steps, quant_specs=program.quant_specs, rotations=program.rotations,
+            config_updates=program.config_updates, tied_embeddings=program.tied_embeddings,
+            ascend_metadata=program.ascend_metadata, layers=report.layers, notes=report.notes, details=report.details,
+            metrics=report.metrics, seconds=report.seconds))
+
+    def _leave_unreached(self, stage: Stage, ctx: Context, error: StageNotReached, journal: Journal | None) -> None:
         """A stage no calibration batch runs (text-only data and a vision tower) stays float if the config
         quantizes none of its layers; if it quantizes some, the data cannot calibrate them."""
         selected = [block.qualified(name) for block in stage.blocks for name, _ in block.module.named_modules()
@@ -119,7 +154,7 @@ class Pipeline:
             ) from error
         for block in stage.blocks:
             ctx.program.materialize(block)
-            ctx.program.finish_block(block)
+            self._finish_block(block, ctx, journal)
         ctx.report.note(f"stage {stage.name!r}: no calibration batch runs it and the config quantizes none of its "
                         "layers, so it stays as loaded")
 

@@ -348,16 +348,19 @@ def test_an_unreadable_config_json_is_named(capsys, config, llama, tmp_path, mon
                           "Permission denied", "chmod")
 
 
-def test_a_full_disk_while_writing_is_named_and_leaves_nothing(capsys, config, llama, tmp_path, monkeypatch):
+def test_a_full_disk_while_writing_is_named_and_leaves_only_what_resume_needs(capsys, config, llama, tmp_path, monkeypatch):
     def write_then_fill_the_disk(self, program, out_dir):
         (out_dir / "quant_model_weights.safetensors").write_bytes(b"half a file")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(MindieBackend, "write", write_then_fill_the_disk)
-    out = tmp_path / "out"
-    assert_user_error(capsys, compile_args(config, llama, out), "ran out of space", out.resolve(), "MiB needed",
-                      "free under", "partial output was removed")
-    assert not out.exists() and private_dirs(out) == []
+    with monkeypatch.context() as patches:
+        patches.setattr(MindieBackend, "write", write_then_fill_the_disk)
+        out = tmp_path / "out"
+        assert_user_error(capsys, compile_args(config, llama, out), "ran out of space", out.resolve(), "MiB needed",
+                          "free under", "partial output was removed")
+    assert not out.exists() and private_dirs(out) == [".out.resume"]  # every block committed: no need to redo them
+    assert run(capsys, *compile_args(config, llama, out, "--resume"))[0] == 0
+    assert (out / "mindie" / "quant_model_weights.safetensors").is_file() and private_dirs(out) == []
 
 
 def test_an_output_parent_that_is_not_writable_is_refused_before_loading(capsys, config, llama, tmp_path, monkeypatch):

@@ -105,8 +105,8 @@ def _checkpoint_of(model: Any) -> Path | None:
 
 
 def compile(config: ConfigLike, *, model: ModelLike | None = None, out: str | Path, overrides: Sequence[str] = (),
-            overwrite: bool = False, evaluate: bool = False, tokenizer: Any = None) -> CompileResult:
-    """`slimc compile CONFIG --model MODEL --out OUT [--set ...] [--overwrite] [--eval]`.
+            overwrite: bool = False, resume: bool = False, evaluate: bool = False, tokenizer: Any = None) -> CompileResult:
+    """`slimc compile CONFIG --model MODEL --out OUT [--set ...] [--overwrite] [--resume] [--eval]`.
 
     `model` defaults to the config's `model.path`; a loaded model needs its `tokenizer` (or processor) unless it
     was loaded from a checkpoint on this machine. With `evaluate`, every format written is evaluated as
@@ -116,7 +116,7 @@ def compile(config: ConfigLike, *, model: ModelLike | None = None, out: str | Pa
     if evaluate and config.evaluation.dataset:
         check_held_out(config.evaluation.dataset, config.calibration.dataset)  # before the compile, not after
     with model_path(model, near=out, tokenizer=tokenizer) as path:
-        compiled = compile_model(config, model_path=path, out_dir=out, overwrite=overwrite)
+        compiled = compile_model(config, model_path=path, out_dir=out, overwrite=overwrite, resume=resume)
         evaluation = None
         if evaluate:
             evaluation = evaluate_output(resolve_source(config, path), out, config,

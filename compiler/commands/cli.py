@@ -37,7 +37,8 @@ def _compile(args: argparse.Namespace) -> int:
         return _dry_run(config, args.model, args.out)
     if args.eval and config.evaluation.dataset:
         check_held_out(config.evaluation.dataset, config.calibration.dataset)  # before the compile, not after
-    report = compile_model(config, model_path=args.model, out_dir=Path(args.out), overwrite=args.overwrite).report
+    report = compile_model(config, model_path=args.model, out_dir=Path(args.out), overwrite=args.overwrite,
+                           resume=args.resume).report
     print(report.render())
     print(f"\nwrote {args.out}")
     if args.eval:
@@ -175,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model directory, .gguf file, or Hugging Face Hub id org/name (from the cache unless HF_HUB_OFFLINE=0) "
                    "(default: the config's model.path, else SmolLM2-135M)")
     p.add_argument("--out", help="output directory (one subdirectory per export format); required unless --dry-run")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (and an interrupted "
+                   "compile's committed blocks)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted compile of --out from its first block "
+                   "not committed (same config, model and slimc), giving the files an uninterrupted one would")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value (parsed as YAML)")
     p.add_argument("--eval", action="store_true", help="afterwards, evaluate the output as `slimc eval` does (config's evaluation section)")
     p.add_argument("--dry-run", action="store_true", help="print which layers get which scheme, every layer whose shape "

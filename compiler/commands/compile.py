@@ -19,7 +19,7 @@ from slimc.commands.export import (
     staged_file,
     staged_output,
 )
-from slimc.commands.provenance import provenance
+from slimc.commands.provenance import provenance, resume_identity
 from slimc.commands.shape_rules import Plan, check_plan, plan_layers
 from slimc.config import SlimcConfig, format_validation_error
 from slimc.environment import require_extra
@@ -35,9 +35,10 @@ from slimc.ir.source import (
     weight_files,
 )
 from slimc.ir.streaming import BlockWeights, offload_device_map
+from slimc.journal import Journal
 from slimc.numerics.fidelity import json_safe
 from slimc.pipeline import Pipeline
-from slimc.progress import Progress
+from slimc.progress import MESSAGES, Progress
 from slimc.report import RunReport, directory_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -190,8 +191,10 @@ class Compiled:
     report: RunReport
 
 
-def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path, overwrite: bool = False) -> Compiled:
-    """Run the whole compile; the output directory appears only when complete."""
+def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path, overwrite: bool = False,
+                  resume: bool = False) -> Compiled:
+    """Run the whole compile; the output directory appears only when complete. A streamed compile commits each
+    finished block to its journal, which `resume` continues from."""
     report = RunReport()
     check_does_something(config)
     remove_dead_runs(out_dir)
@@ -202,15 +205,19 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
     needed = output_size(source, backends)
     check_disk_space(out_dir, needed)  # before loading: a full disk should not cost a whole compile
     check_plan(quantization_plan(config, inputs), backends, config)  # nor should a layer that no format can hold
+    journal = open_journal(config, source, frontend, out_dir, resume=resume, overwrite=overwrite)
     with scratch_directory(out_dir) as scratch:
         program = load_program(config, source, frontend, report, scratch)
-        if program.weights is not None:
+        if journal is None and program.weights is not None:
             program.weights.spill_into(spill_directory(out_dir))
         try:
             batches = frontend.calibration_batches(config.calibration, source, program, report)
             report.details["calibration"] = {"dataset": config.calibration.dataset}  # `slimc eval` refuses to evaluate on it
             report.provenance = provenance(config, source, batches)
-            pipeline.run(program, config, batches, report)
+            if journal is not None:
+                journal.begin(resume_identity(report.provenance))
+                program.weights.spill_into(journal.directory, owned=False)
+            pipeline.run(program, config, batches, report, journal)
             if backends:
                 with (report.timed("export"), staged_output(out_dir, overwrite, needed) as staging,
                       Progress("export", len(backends), "format") as exporting):
@@ -221,11 +228,34 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
                     (staging / REPORT_FILE).write_text(report.to_json())
                 report.location = out_dir / REPORT_FILE
         except BaseException:
-            if program.weights is not None:  # a failed compile returns no program that could read its spilled blocks
-                program.weights.discard_spill()
+            if journal is None:
+                if program.weights is not None:  # a failed compile returns no program that could read its spilled blocks
+                    program.weights.discard_spill()
+            elif journal.begun and journal.committed:
+                MESSAGES.warning("the compile stopped with %d blocks committed in %s: `slimc compile ... --resume` "
+                                 "continues it", len(journal.committed), journal.directory)
+            elif journal.begun and not journal.resuming:
+                journal.close()
             raise
+    if journal is not None:  # the returned Program reads its blocks from a directory of its own from now on
+        program.weights.move_spill(spill_directory(out_dir))
+        journal.close()
     report.finish()
     return Compiled(program, report)
+
+
+def open_journal(config: SlimcConfig, source: ModelSource, frontend: Frontend, out_dir: Path, *, resume: bool,
+                 overwrite: bool) -> Journal | None:
+    """The journal of a streamed compile (slimc.journal); a compile that loads the model whole keeps none, so it
+    cannot be resumed."""
+    if not streams(config, source, frontend):
+        if resume:
+            why = ("the model is a GGUF file" if source.is_gguf else "memory.stream_blocks is false" if frontend.streams
+                   else f"the {frontend.name} frontend loads it whole")
+            raise ConfigError(f"--resume continues a compile that streams its blocks, and this one does not ({why}); "
+                              "run it without --resume")
+        return None
+    return Journal.open(out_dir, resume=resume, overwrite=overwrite)
 
 
 def record_evaluation(report: RunReport, results: dict) -> None:

@@ -46,6 +46,20 @@ def provenance(config: SlimcConfig, source: ModelSource, batches: list[dict]) ->
     }
 
 
+def resume_identity(record: dict) -> dict:
+    """What a resumed compile must share with the interrupted one (`slimc.journal`): of its provenance, what decides
+    the numbers: slimc's and the libraries' versions, the resolved config, the weights, the calibration data and
+    the device kind (not the config file's or the model's path, nor the operating system's version)."""
+    return {
+        "slimc": record["slimc"],
+        "libraries": record["libraries"],
+        "config": record["config"]["resolved"],
+        "model": {key: record["model"][key] for key in ("architecture", "weight_index")},
+        "calibration": record["calibration"],
+        "device": {key: record["device"][key] for key in ("configured", "name")},
+    }
+
+
 def weight_index_digests(source: ModelSource) -> list[dict]:
     """For each weight directory of the source: the sha256 of its index file, else of its weight file's header
     (`hashed`: "file" or "header"); `file` is relative to the model path."""

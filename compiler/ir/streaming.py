@@ -14,6 +14,7 @@ host memory holds the block being worked on and what lies outside the blocks, wh
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -55,6 +56,10 @@ def offload_device_map(model: nn.Module, blocks: Sequence[str]) -> dict[str, str
     return device_map
 
 
+def _keep() -> None:
+    """What discarding a spill directory these weights do not own does."""
+
+
 def is_on_meta(module: nn.Module) -> bool:
     return any(tensor.is_meta for tensor in [*module.parameters(), *module.buffers()])
 
@@ -67,11 +72,23 @@ class BlockWeights:
         self.spill_directory: Path | None = None
         self.spilled: dict[str, Path] = {}  # block name -> the file of its tensors, once the pipeline is done with it
 
-    def spill_into(self, directory: Path) -> None:
-        """Spill finished blocks into `directory` (existing, empty), which these weights own: it is removed when
-        they are garbage-collected or the process ends, since a compiled Program reads its blocks from there."""
+    def spill_into(self, directory: Path, *, owned: bool = True) -> None:
+        """Spill finished blocks into `directory` (existing). If `owned`, these weights own it: it is removed when
+        they are garbage-collected or the process ends, since a compiled Program reads its blocks from there;
+        a compile's journal (slimc.journal) is not owned, since it must outlive a killed process."""
         self.spill_directory = directory
-        self.discard_spill = weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
+        self.discard_spill = weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True) if owned else _keep
+
+    def adopt(self, prefix: str, path: Path) -> None:
+        """Read the block `prefix` from `path`, a spill file an earlier process wrote (a resumed compile)."""
+        self.spilled[prefix] = path
+
+    def move_spill(self, directory: Path) -> None:
+        """Move the spill files into `directory` (existing, on the same file system), which these weights then own."""
+        for prefix, path in self.spilled.items():
+            self.spilled[prefix] = directory / path.name
+            os.replace(path, self.spilled[prefix])
+        self.spill_into(directory)
 
     @classmethod
     def detach_from(cls, model: nn.Module) -> BlockWeights:

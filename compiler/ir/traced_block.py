@@ -7,6 +7,7 @@ devices and those guards before running the graph, so it never silently computes
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,16 @@ def same_constant(a: Any, b: Any) -> bool:
         return a is b
 
 
+def _has_path(module: nn.Module, target: str) -> bool:
+    """Whether `target` names a submodule or a tensor attribute of `module`."""
+    owner_path, _, attribute = target.rpartition(".")
+    try:
+        owner = module.get_submodule(owner_path)
+    except AttributeError:
+        return False
+    return attribute in owner._modules or attribute in owner._parameters or attribute in owner._buffers
+
+
 class TracedBlock(nn.Module):
     """A block's fx graph, callable like the block for inputs that fit the traced specialisation.
 
@@ -89,6 +100,31 @@ class TracedBlock(nn.Module):
             if "_block" not in self.__dict__:
                 raise
             return getattr(self.__dict__["_block"], name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the block (`attach` gives it back) and without the guards' nodes (only tracing needs them;
+        the guard module, pickled as code, computes their values)."""
+        state = dict(self.__dict__)
+        state["_block"] = None
+        state["guards"] = [dataclasses.replace(guard, node=None) for guard in self.guards]
+        return state
+
+    def attach(self, block: nn.Module) -> None:
+        """After unpickling, run as `block` again and share its leaves: the block takes the graph's leaf modules
+        and the tensors the graph reads (lowered layers included), so a weight read into one is read into both."""
+        self.__dict__["_block"] = block
+        gm = self.graph_module
+        for node in gm.graph.nodes:
+            if node.op not in ("call_module", "get_attr") or not _has_path(block, node.target):
+                continue
+            owner_path, _, attribute = node.target.rpartition(".")
+            owner, value = block.get_submodule(owner_path), gm.get_submodule(owner_path)
+            if node.op == "call_module":
+                owner.register_module(attribute, getattr(value, attribute))
+            elif attribute in owner._parameters:
+                owner.register_parameter(attribute, getattr(value, attribute))
+            elif attribute in owner._buffers:
+                owner.register_buffer(attribute, getattr(value, attribute), persistent=attribute not in owner._non_persistent_buffers_set)
 
     def flatten_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         """The tensor leaves of `(args, kwargs)` in graph placeholder order."""

@@ -447,6 +447,7 @@ def trace_block(block: nn.Module, args: tuple, kwargs: dict, *, name: str) -> Tr
         guard_graph = _guard_graph(graph, tracer.guards)
         _drop_unused(graph, tracer.non_tensor)
         graph.lint()
+        graph._tracer_cls = guard_graph._tracer_cls = None  # unpickling (resume) re-traces the code with fx's own tracer
         graph_module = fx.GraphModule(block, graph, class_name=f"{type(block).__name__}Graph")
         guard_module = fx.GraphModule(block, guard_graph, class_name=f"{type(block).__name__}Guards")
     finally:
