@@ -44,14 +44,26 @@ def test_every_listed_format_is_written_to_its_own_directory_and_reads_back(tmp_
     assert torch.nn.functional.cosine_similarity(vllm.flatten(), expected.flatten(), dim=0) > 0.999
 
 
-def test_a_format_that_fails_leaves_no_output_and_names_itself(tmp_path):
+def test_a_format_that_fails_leaves_no_output_and_names_itself(tmp_path, caplog):
     # vllm cannot express an online rotation inside fused MoE experts: it refuses after mindie has been written.
     model_dir = save_tiny_model(tmp_path / "model", "qwen3_moe")
     config = load_config(resolve_config_path("llm/w4a8_quarot_gptq.yaml"), [*SMALL_CALIBRATION, EVERY_FORMAT])
     with (pytest.warns(UserWarning, match="below the recommended"),
           pytest.raises(ExportError, match="^vllm: .*online rotation inside fused MoE experts")):
         compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
-    assert list(tmp_path.iterdir()) == [tmp_path / "model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.resume", "model"]
+    assert "--resume" in caplog.text
+    # Only the formats changed, so the committed blocks are reused: the pipeline does not run again.
+    without_vllm = load_config(resolve_config_path("llm/w4a8_quarot_gptq.yaml"),
+                               [*SMALL_CALIBRATION, "export=[{format: mindie}, {format: onnx}]"])
+    with pytest.warns(UserWarning, match="below the recommended"):
+        compiled = compile_model(without_vllm, model_path=str(model_dir), out_dir=tmp_path / "out", resume=True)
+    assert not (tmp_path / ".out.resume").exists()
+    assert sorted(json.loads((tmp_path / "out" / REPORT_FILE).read_text())["outputs"]) == ["mindie", "onnx"]
+    ids = torch.randint(4, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ascend = load_ascend_model(tmp_path / "out" / "mindie")(input_ids=ids, use_cache=False).logits
+    assert relative(ascend, logits(compiled.program, ids)) < 1e-2
 
 
 def test_a_format_is_renamed_into_place_only_after_it_verified(tmp_path, monkeypatch):

@@ -49,11 +49,13 @@ def provenance(config: SlimcConfig, source: ModelSource, batches: list[dict]) ->
 def resume_identity(record: dict) -> dict:
     """What a resumed compile must share with the interrupted one (`slimc.journal`): of its provenance, what decides
     the numbers: slimc's and the libraries' versions, the resolved config, the weights, the calibration data and
-    the device kind (not the config file's or the model's path, nor the operating system's version)."""
+    the device kind (not the config file's or the model's path, nor the operating system's version). The export
+    formats are left out: they are written after every block, so a compile that a format refused resumes with
+    that format changed."""
     return {
         "slimc": record["slimc"],
         "libraries": record["libraries"],
-        "config": record["config"]["resolved"],
+        "config": {key: value for key, value in record["config"]["resolved"].items() if key != "export"},
         "model": {key: record["model"][key] for key in ("architecture", "weight_index")},
         "calibration": record["calibration"],
         "device": {key: record["device"][key] for key in ("configured", "name")},
