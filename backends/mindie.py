@@ -25,6 +25,7 @@ from slimc.backends.checkpoint import (
     Scope,
     ShardSize,
     ShardWriter,
+    WrittenFiles,
     checkpoint_linears,
     checkpoint_prefixes,
     export_scopes,
@@ -364,15 +365,16 @@ def _check_same_names(what_a: str, a: set[str], what_b: str, b: set[str], missin
 
 
 class _StoredTensors:
-    """The written tensors, read one at a time (memory stays bounded by the largest tensor)."""
+    """The written tensors, read one at a time (memory stays bounded by the tensors being compared: WrittenFiles)."""
 
     def __init__(self, out_dir: Path, files: dict[str, Path]) -> None:
-        self.files, self.handles = files, {}
+        self.files, self.written = files, WrittenFiles()
         for path in sorted(set(files.values())):
             if not path.is_file():
                 raise ExportError(f"mindie: {path.name} is listed in {INDEX_FILE} but does not exist in {out_dir}")
-            self.handles[path] = safe_open(path, "pt")
-            for name in self.handles[path].keys():
+            with safe_open(path, "pt") as f:
+                names = f.keys()
+            for name in names:
                 if files.get(name) != path:
                     raise ExportError(f"mindie: {name} is in {path.name} but the index puts it in {files.get(name)}")
         self.prefixes: dict[str, list[str]] = {}
@@ -382,7 +384,7 @@ class _StoredTensors:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         try:
-            return self.handles[self.files[name]].get_tensor(name)
+            return self.written.get(self.files[name], name)
         except Exception as e:  # safetensors raises its own error types for a name the index lists wrongly
             raise ExportError(f"mindie: cannot read {name} from {self.files[name].name}: {e}") from e
 

@@ -28,6 +28,7 @@ from slimc.backends.checkpoint import (
     Scope,
     ShardSize,
     ShardWriter,
+    WrittenFiles,
     checkpoint_linears,
     checkpoint_prefixes,
     export_scopes,
@@ -314,14 +315,13 @@ class _StoredTensors:
                 self.files = dict.fromkeys(f.keys(), out_dir / WEIGHTS_FILE)
         else:
             raise ExportError(f"vllm: {out_dir} has neither {WEIGHTS_FILE} nor {INDEX_FILE}")
-        self.handles = {}
+        self.written = WrittenFiles()  # memory bounded by the tensors being compared
         for path in sorted(set(self.files.values())):
             if not path.is_file():
                 raise ExportError(f"vllm: {path.name} is listed in {INDEX_FILE} but does not exist in {out_dir}")
-            self.handles[path] = safe_open(path, "pt")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.files:
             raise ExportError(f"vllm: {name} is missing from the written checkpoint")
-        return self.handles[self.files[name]].get_tensor(name)
+        return self.written.get(self.files[name], name)
 

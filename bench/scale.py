@@ -32,6 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -149,16 +150,51 @@ def smollm2_tokenizer():
     return load_tokenizer(resolve_model_source(default_model_path()))
 
 
+def resident(pid: int) -> tuple[int, int]:
+    """A process's resident anonymous and file-backed bytes now (Linux; (0, 0) once it has exited)."""
+    found = {}
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key in ("RssAnon", "RssFile"):
+                    found[key] = int(value.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return found.get("RssAnon", 0), found.get("RssFile", 0)
+
+
+class ResidentPeaks(threading.Thread):
+    """Samples a child's anonymous and file-backed resident memory every `interval` seconds and keeps each
+    peak. The file-backed pages (the checkpoint's and spill files' mappings) are the kernel's to drop when memory
+    is short; the anonymous ones are what a compile needs."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.anon = self.file = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            anon, file = resident(self.pid)
+            self.anon, self.file = max(self.anon, anon), max(self.file, file)
+
+
 def compile_checkpoint(config_name: str, model: Path, out: Path, log: Path, samples: int, seq_len: int) -> dict:
     """Compile in a child process; its own peak RSS comes from wait4 (RUSAGE_CHILDREN would be the
-    largest of every child so far)."""
+    largest of every child so far), its anonymous and file-backed peaks from sampling."""
     command = [sys.executable, "-m", "slimc.commands.cli", "compile", config_name, "--model", str(model),
                "--out", str(out), "--overwrite", "--set", f"calibration.samples={samples}",
                "--set", f"calibration.seq_len={seq_len}"]
     start = time.perf_counter()
     with log.open("w") as stream:
         child = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT)
+        peaks = ResidentPeaks(child.pid)
+        peaks.start()
         _, status, usage = os.wait4(child.pid, 0)
+        peaks.done.set()
+        peaks.join()
     wall = time.perf_counter() - start
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
@@ -167,7 +203,8 @@ def compile_checkpoint(config_name: str, model: Path, out: Path, log: Path, samp
     peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
     seconds = json.loads((out / "slimc_report.json").read_text())["seconds"]
     passes = sum(v for step, v in seconds.items() if step not in ("total", "load", "export"))
-    return {"wall_s": wall, "peak_rss_bytes": peak, "load_s": seconds["load"], "passes_s": passes,
+    return {"wall_s": wall, "peak_rss_bytes": peak, "peak_anon_bytes": peaks.anon, "peak_file_bytes": peaks.file,
+            "load_s": seconds["load"], "passes_s": passes,
             "other_s": wall - seconds["load"] - passes,
             "output_bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}
 
@@ -179,24 +216,28 @@ def growth(rows: list[dict], config_name: str) -> dict | None:
         return None
     low, high = dense[0], dense[-1]
     added = high["layers"] - low["layers"]
-    per_layer_bytes = (high["peak_rss_bytes"] - low["peak_rss_bytes"]) / added
     per_layer_s = (high["passes_s"] - low["passes_s"]) / added
-    return {"config": config_name, "from_layers": low["layers"], "to_layers": high["layers"],
-            "peak_rss_bytes_per_layer": per_layer_bytes, "seconds_per_layer": per_layer_s,
-            "layer_parameters": low["layer_parameters"] / low["layers"],
-            "base_peak_rss_bytes": low["peak_rss_bytes"] - low["layers"] * per_layer_bytes,
-            "base_seconds": low["passes_s"] - low["layers"] * per_layer_s}
+    found = {"config": config_name, "from_layers": low["layers"], "to_layers": high["layers"],
+             "seconds_per_layer": per_layer_s, "layer_parameters": low["layer_parameters"] / low["layers"],
+             "base_seconds": low["passes_s"] - low["layers"] * per_layer_s}
+    for peak in ("peak_rss_bytes", "peak_anon_bytes"):
+        per_layer_bytes = (high[peak] - low[peak]) / added
+        found[f"{peak}_per_layer"] = per_layer_bytes
+        found[f"base_{peak}"] = low[peak] - low["layers"] * per_layer_bytes
+        found[f"{peak}_added"] = high[peak] / low[peak] - 1
+    return found
 
 
 def extrapolate(measured: dict) -> list[dict]:
     """Linear in the parameters of a model's layers; the base (embeddings and head at vocab 49152, libraries,
-    calibration data) stays the measured one."""
+    calibration data, and the working set of the one 7B-width block being compiled) stays the measured one."""
     rows = []
     for target, (model_type, layers, widths) in TARGETS.items():
         parameters = layer_parameters(skeleton(model_config(model_type, layers, widths)))
         layers_measured = parameters / measured["layer_parameters"]
         rows.append({"config": measured["config"], "model": target, "layers": layers, "layer_parameters": parameters,
-                     "peak_rss_bytes": measured["base_peak_rss_bytes"] + layers_measured * measured["peak_rss_bytes_per_layer"],
+                     **{peak: measured[f"base_{peak}"] + layers_measured * measured[f"{peak}_per_layer"]
+                        for peak in ("peak_rss_bytes", "peak_anon_bytes")},
                      "passes_s": measured["base_seconds"] + layers_measured * measured["seconds_per_layer"]})
     return rows
 
@@ -238,25 +279,31 @@ def main() -> None:
 
     widths = "quick widths (hidden 256), not the real ones" if args.quick else "real widths"
     print(f"synthetic bf16 checkpoints, {widths}; {args.samples} x {args.seq_len} calibration tokens; one process per compile")
-    print(f"{'shape':14s} {'layers':>6s} {'config':28s} {'ckpt GB':>8s} {'peak GiB':>9s} {'wall s':>8s} "
-          f"{'load s':>7s} {'s/block':>8s} {'other s':>8s} {'out GB':>7s}")
+    print(f"{'shape':14s} {'layers':>6s} {'config':28s} {'ckpt GB':>8s} {'peak GiB':>9s} {'anon GiB':>9s} "
+          f"{'file GiB':>9s} {'wall s':>8s} {'load s':>7s} {'s/block':>8s} {'other s':>8s} {'out GB':>7s}")
     for r in rows:
         print(f"{r['shape']:14s} {r['layers']:6d} {r['config']:28s} {r['checkpoint_bytes'] / 1e9:8.2f} "
-              f"{r['peak_rss_bytes'] / 2**30:9.2f} {r['wall_s']:8.1f} {r['load_s']:7.1f} {r['block_s']:8.1f} "
+              f"{r['peak_rss_bytes'] / 2**30:9.2f} {r['peak_anon_bytes'] / 2**30:9.2f} "
+              f"{r['peak_file_bytes'] / 2**30:9.2f} {r['wall_s']:8.1f} {r['load_s']:7.1f} {r['block_s']:8.1f} "
               f"{r['other_s']:8.1f} {r['output_bytes'] / 1e9:7.2f}")
     for g in growths:
-        print(f"{g['config']}: each {DENSE} layer adds {g['peak_rss_bytes_per_layer'] / 2**30:.3f} GiB of peak memory "
-              f"and {g['seconds_per_layer']:.1f} s (layers {g['from_layers']} -> {g['to_layers']})")
+        print(f"{g['config']}: each {DENSE} layer adds {g['peak_rss_bytes_per_layer'] / 2**30:.3f} GiB of peak RSS "
+              f"({g['peak_anon_bytes_per_layer'] / 2**30:.3f} GiB anonymous) and {g['seconds_per_layer']:.1f} s; "
+              f"{g['to_layers']} layers peak {100 * g['peak_rss_bytes_added']:+.1f}% RSS "
+              f"({100 * g['peak_anon_bytes_added']:+.1f}% anonymous) against {g['from_layers']}")
+    print("peak: the process's peak RSS (wait4); anon, file: the peaks of its anonymous and file-backed resident "
+          "memory, sampled every 50 ms (file-backed pages are the kernel's to drop under memory pressure)")
     print("s/block: capture, trace and passes in slimc_report.json over the layers; other s: the rest of the "
           "wall time (start, calibration data, export and its check)")
     if extrapolations:
-        print("EXTRAPOLATION, not measured: linear in the layers' parameters from the growth above (float blocks "
-              "streamed, lowered blocks kept until export); embeddings and head at vocab 49152"
+        print("EXTRAPOLATION, not measured: linear in the layers' parameters from the growth above; embeddings and "
+              "head at vocab 49152, and the base holds one 7B-width block's working set (a larger block needs more)"
               + ("; from quick widths, so it only checks the script" if args.quick else ""))
-        print(f"{'config':28s} {'model':16s} {'layers':>6s} {'layer params':>13s} {'peak GiB':>9s} {'passes h':>9s}")
+        print(f"{'config':28s} {'model':16s} {'layers':>6s} {'layer params':>13s} {'peak GiB':>9s} {'anon GiB':>9s} "
+              f"{'passes h':>9s}")
         for e in extrapolations:
             print(f"{e['config']:28s} {e['model']:16s} {e['layers']:6d} {e['layer_parameters'] / 1e9:12.1f}B "
-                  f"{e['peak_rss_bytes'] / 2**30:9.1f} {e['passes_s'] / 3600:9.2f}")
+                  f"{e['peak_rss_bytes'] / 2**30:9.1f} {e['peak_anon_bytes'] / 2**30:9.1f} {e['passes_s'] / 3600:9.2f}")
     print(json.dumps({"quick": args.quick, "samples": args.samples, "seq_len": args.seq_len, "results": rows,
                       "per_layer_growth": growths, "extrapolation": extrapolations}))
 

@@ -14,10 +14,12 @@ host memory holds the block being worked on and what lies outside the blocks, wh
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import shutil
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -60,6 +62,34 @@ def _keep() -> None:
     """What discarding a spill directory these weights do not own does."""
 
 
+def drop_own_forward(module: nn.Module) -> None:
+    """Remove what removing the dispatch hooks leaves behind: `forward` set on the instance to the module's own
+    bound class method. That is a reference cycle (module -> bound method -> module), so a module the pipeline
+    replaces (a float Linear, once lowered) would hold its weights until a garbage collection happens to run,
+    and memory grew by about one float block per block."""
+    own = module.__dict__.get("forward")
+    if getattr(own, "__self__", None) is module and getattr(own, "__func__", None) is type(module).forward:
+        del module.__dict__["forward"]
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the memory freed with a block back to the system. glibc keeps freed chunks below its mmap threshold
+    (which rises to 32 MiB as large tensors are freed) in its heaps for reuse; interleaved with what stays
+    allocated, a block's working copies then leave holes the next block does not always fit, and the process
+    grew a little with each block."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def is_on_meta(module: nn.Module) -> bool:
     return any(tensor.is_meta for tensor in [*module.parameters(), *module.buffers()])
 
@@ -98,6 +128,8 @@ class BlockWeights:
                        if (hook := getattr(module, "_hf_hook", None)) is not None
                        and getattr(hook, "weights_map", None) is not None), None)
         remove_hook_from_module(model, recurse=True)
+        for module in model.modules():
+            drop_own_forward(module)
         if loader is None:
             raise ValueError("the model has no offloaded weights")
         return cls(loader)
@@ -124,6 +156,7 @@ class BlockWeights:
     def release(module: nn.Module) -> None:
         """Drop the module's tensors (back to the meta device); `materialize` reads them again."""
         module.to("meta")
+        return_freed_memory()
 
     @contextlib.contextmanager
     def streamed(self, blocks: Sequence[tuple[str, nn.Module, nn.Module | None]]) -> Iterator[None]:
