@@ -7,7 +7,8 @@
 - the online rotations in front of Linears, which a format records or refuses;
 - the export scopes: what lies outside the blocks, then each block with its weights read (`export_scopes`), so a
   streamed program is written and verified one block at a time;
-- sharded safetensors writing, scope by scope (`ShardWriter`).
+- sharded safetensors writing, scope by scope (`ShardWriter`), and reading back for verify with only a bounded
+  part of the files mapped (`WrittenFiles`).
 
 Nothing here knows a quantized format's tensor layout.
 """

@@ -14,13 +14,15 @@ checkpoint layout of the hub (transformers' own conversion reverted: one tensor 
 model is never in memory; they are kept under `--work` and reused.
 
 Each config compiles each checkpoint in its own `slimc compile` process on `--samples` x `--seq-len`
-calibration tokens; peak memory is that process's peak RSS. Time per block is the passes' time in the
+calibration tokens; peak memory is that process's peak RSS, and the peaks of its anonymous and file-backed
+resident memory, sampled (the file-backed pages, mappings of the checkpoint and spill files, are the kernel's to
+drop when memory is short). Time per block is the passes' time in the
 compile's report (capture, trace and passes) over the layers; "other" is the rest of the wall time (process
 start, calibration data, export and its check). The per-layer growth of peak memory and time
 between the fewest and most `qwen2-7b` layers gives a linear extrapolation to full models: per parameter of
 a layer, so a Qwen2.5-72B, Qwen3-235B or GLM-4.7 layer counts by its size against a 7B-width one. It is an
-extrapolation, not a measurement: it assumes memory grows with depth as measured (the float blocks stream from
-the checkpoint, the lowered ones are spilled and written block by block, yet the peak still grows).
+extrapolation, not a measurement: it assumes memory grows with depth as measured, and its base holds the
+working set of one 7B-width block, where a larger model's block needs more.
 """
 
 from __future__ import annotations

@@ -102,3 +102,24 @@ def test_doctor_reports_too_little_memory_for_the_estimate(tmp_path, capsys, mon
     monkeypatch.setattr(doctor, "free_memory_bytes", lambda: 1)
     assert main(["doctor", "llm/w8a8_dynamic.yaml", "--model", str(model_dir)]) == 1
     assert "of memory needed, 0.0 MiB available" in capsys.readouterr().out
+
+
+MEASURED_7B_WIDTH_PEAK = {2: 2.50 * 2**30}  # bench/scale.py, W8A8 dynamic, 4 x 128 tokens (docs/scale.md)
+
+
+def test_the_streamed_peak_estimate_matches_the_measured_compiles_of_7b_widths(tmp_path):
+    """`--dry-run`'s peak for the shape bench/scale.py measured, from the skeleton alone (no weight exists)."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    config = load_config(resolve_config_path("llm/w8a8_dynamic.yaml"), ["calibration.samples=4", "calibration.seq_len=128"])
+    for layers, measured in MEASURED_7B_WIDTH_PEAK.items():
+        model_dir = tmp_path / f"{layers}l"
+        AutoConfig.for_model("qwen2", num_hidden_layers=layers, vocab_size=49152, tie_word_embeddings=False,
+                             dtype="bfloat16", hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                             num_key_value_heads=4, architectures=["Qwen2ForCausalLM"]).save_pretrained(model_dir)
+        save_file({"unread": torch.zeros(1)}, model_dir / "model.safetensors")  # the skeleton reads no weight
+        source = resolve_source(config, str(model_dir))
+        frontend = frontend_for(source)
+        found = doctor.estimate(frontend.build(source, frontend.skeleton(source, torch.bfloat16)), config, streamed=True)
+        assert 1.0 <= found.peak_memory_bytes / measured < 1.1  # not below what was measured

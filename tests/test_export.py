@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import onnxruntime
 import pytest
 import torch
 from conftest import save_tiny_model
 from programs import logits, relative
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+from slimc.backends.checkpoint import WrittenFiles
 from slimc.backends.mindie_reader import load_ascend_model
 from slimc.backends.vllm import VllmBackend
 from slimc.commands.cli import resolve_config_path
@@ -81,3 +84,32 @@ def test_a_format_is_renamed_into_place_only_after_it_verified(tmp_path, monkeyp
         compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
     assert seen == [(".vllm.partial", True, [".vllm.partial", "mindie"])]  # onnx, listed after vllm, never started
     assert not (tmp_path / "out").exists()
+
+
+def mapped_resident_bytes(path) -> int:
+    """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if len(fields) >= 5 and "-" in fields[0] and ":" in fields[3]:  # a mapping's header line
+            inside = fields[-1] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_reading_written_tensors_back_keeps_only_a_bounded_part_of_the_files_mapped(tmp_path):
+    """verify reads every written tensor back, block after block; through files kept open the pages read stayed
+    mapped, and the process grew by the whole output."""
+    tensor_bytes, limit = 2**20, 4 * 2**20
+    written = {f"t{i}": torch.full((tensor_bytes // 4,), float(i)) for i in range(32)}
+    path = tmp_path / "model.safetensors"
+    save_file(written, path)
+    files = WrittenFiles(mapped_bytes=limit)
+    resident = []
+    for name, tensor in written.items():
+        assert torch.equal(files.get(path, name), tensor)
+        resident.append(mapped_resident_bytes(path))
+    assert max(resident) <= limit + 2 * tensor_bytes < len(written) * tensor_bytes  # the kernel maps a little around a read
+    assert resident[len(written) // 8] > 0  # the reads did go through mappings
