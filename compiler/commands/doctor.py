@@ -31,13 +31,12 @@ PEAK_BASE_BYTES = int(1.2 * 2**30)
 # A streamed compile holds what is outside the blocks and, while it works on a block, that block with its working
 # copies (PEAK_PER_BLOCK_BYTE times its size) and its calibration activations (ACTIVATION_COPIES of every
 # sample's inputs); finished blocks are spilled to disk, and the formats are written and verified one block at a
-# time. What is left of growth with depth, GROWTH_PER_LOWERED_BYTE times each block's lowered size, is the
-# allocator's: measured with bench/scale.py on Qwen2.5-7B widths (W8A8 dynamic, 4 x 128 tokens), 2 layers peaked
-# at 2.50 GiB (docs/scale.md); on half those widths, 6 layers peaked 0.03 GiB a layer above 2 (0.6 times a
-# layer's lowered size, sampled noise included; 0.2 on the 7B widths in an earlier measurement).
+# time. What is left of growth with depth is GROWTH_PER_LOWERED_BYTE times each block's lowered size: measured with
+# bench/scale.py on Qwen2.5-7B widths (W8A8 dynamic, 4 x 128 tokens, docs/scale.md), 2 and 8 layers peaked at
+# 2.50 and 2.60 GiB, 0.017 GiB a layer (0.08 times a layer's lowered size).
 PEAK_PER_BLOCK_BYTE = 1.5
 ACTIVATION_COPIES = 2
-GROWTH_PER_LOWERED_BYTE = 0.2
+GROWTH_PER_LOWERED_BYTE = 0.1
 SCALE_BYTES_PER_ROW = 8  # a float32 scale and offset per output channel
 
 
