@@ -103,7 +103,8 @@ class Calibrate(Pass):
     def _hessians(self, block: Block, layers: dict) -> Iterator[dict]:
         """GPTQ statistics while open: one accumulator per tensor the Linears read (shared by the Linears reading
         the same graph node, such as q/k/v: their inputs are equal, since the quantizers in front of them are off
-        while this runs); per experts module one per (weight, expert)."""
+        while this runs; the one accumulator is then under each of their names: whatever combines accumulators
+        must take each once); per experts module one per (weight, expert)."""
         hessians: dict = {}
         if self.weight_algorithm != "gptq":
             yield hessians

@@ -62,6 +62,7 @@ def perplexity(model: nn.Module, input_ids: torch.LongTensor, *, batch_size: int
 
 
 def check_windows(input_ids: torch.Tensor, batch_size: int) -> None:
+    """Refuse windows `perplexity` cannot score (fewer than two tokens each) and a batch size below one."""
     if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] < 2:
         raise DataError(
             f"perplexity needs input_ids of shape (windows, seq_len) with seq_len >= 2, got {tuple(input_ids.shape)}"
