@@ -12,9 +12,11 @@ quant-type priority, and how runtime (transformers) weights map to checkpoint na
 from __future__ import annotations
 
 import bisect
+import contextlib
+import copy
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,11 @@ ROTATION_SUFFIXES = (".kronecker_rotation_m", ".kronecker_rotation_n")
 MUL_SCALE_SUFFIX = ".div.mul_scale"
 WRAPPED_LINEAR = ".linear"
 _TINY = torch.finfo(torch.float32).tiny
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _everything(name: str) -> bool:
+    return True
 
 
 def model_quant_type(types: Iterable[str]) -> str:
@@ -384,36 +391,136 @@ def load_ascend_model(out_dir: Path, *, dtype: torch.dtype | None = None) -> nn.
     parts; by default the dtype most float tensors were written in.
     """
     # slimc.ir.source is the one place that picks the model class, for loading and reading alike.
-    from slimc.ir.source import component_source, config_source, model_from_config
+    from slimc.ir.source import model_from_config
 
-    out_dir = Path(out_dir)
-    source, prefix = component_source(config_source(out_dir))  # a whole Omni checkpoint: its thinker
-    description = _component_description(read_description(out_dir), prefix)
-    types = tensor_types(description)
-    tensors = {name.removeprefix(prefix): t for name, t in read_tensors(out_dir, prefix).items()}
-    rotations = {n: tensors.pop(n) for n in [n for n in tensors if n.endswith(ROTATION_SUFFIXES)]}
-    rotated = description.get("metadata", {}).get("quarot", {}).get("kronecker_rotation", {}).get("layers", [])
-    if sorted(rotated) != sorted({n.rpartition(".")[0] for n in rotations}):
-        raise ModelLoadError(f"{out_dir}: metadata.quarot lists online rotations of {len(rotated)} layers, "
-                             f"but the files hold rotation tensors for {len(rotations) // 2}")
-    if set(types) != set(tensors):
-        raise ModelLoadError(f"{out_dir}: description and safetensors disagree on {sorted(set(types) ^ set(tensors))[:5]}")
-    multiplies = take_explicit_multiplies(types, tensors)
-    if dtype is None:
-        sizes = Counter()
-        for name, t in tensors.items():
-            if types[name] == "FLOAT" and t.is_floating_point():
-                sizes[t.dtype] += t.numel()
-        dtype = sizes.most_common(1)[0][0] if sizes else torch.float32
-    model = model_from_config(source, dtype=dtype)
-    quantized = {name.removesuffix(".weight"): t for name, t in types.items() if name.endswith(".weight") and t != "FLOAT"}
-    factors = {p: (rotations[p + ROTATION_SUFFIXES[0]], rotations[p + ROTATION_SUFFIXES[1]]) for p in rotated}
-    used = _install_quantized(model, quantized, tensors, factors, int(description.get("group_size", 0)))
-    _load_float(model, {n: t for n, t in tensors.items() if n not in used})
-    for prefix in set(factors) - set(quantized):
-        model.set_submodule(prefix, KroneckerRotatedInput(model.get_submodule(prefix), *factors[prefix]))
-    apply_explicit_multiplies(model, multiplies)
+    output = AscendOutput(out_dir, dtype)
+    model = model_from_config(output.source, dtype=output.dtype)
+    output.install(model, output.read())
     return model.eval()
+
+
+class AscendOutput:
+    """An Ascend output directory as `load_ascend_model` reads it: its description, tensor names and float dtype;
+    `install` rebuilds the part of a model whose tensors it is given."""
+
+    def __init__(self, out_dir: Path, dtype: torch.dtype | None = None) -> None:
+        from slimc.ir.source import component_source, config_source
+
+        self.out_dir = Path(out_dir)
+        self.source, self.prefix = component_source(config_source(self.out_dir))  # a whole Omni checkpoint: its thinker
+        description = _component_description(read_description(self.out_dir), self.prefix)
+        self.types = tensor_types(description)
+        self.group_size = int(description.get("group_size", 0))
+        self.rotated = description.get("metadata", {}).get("quarot", {}).get("kronecker_rotation", {}).get("layers", [])
+        self.files = {name.removeprefix(self.prefix): path for name, path in tensor_files(self.out_dir).items()
+                      if name.startswith(self.prefix)}
+        typed = {name for name in self.files if not name.endswith(ROTATION_SUFFIXES)}
+        if set(self.types) != typed:
+            raise ModelLoadError(f"{out_dir}: description and safetensors disagree on {sorted(set(self.types) ^ typed)[:5]}")
+        self.dtype = dtype or self._float_dtype()
+
+    def _float_dtype(self) -> torch.dtype:
+        """The dtype most FLOAT tensors were written in (read from the headers only)."""
+        sizes: Counter = Counter()
+        for path in set(self.files.values()):
+            with safe_open(path, "pt") as f:
+                for name in f.keys():
+                    local = name.removeprefix(self.prefix)
+                    if name.startswith(self.prefix) and self.types.get(local) == "FLOAT" and not local.endswith(MUL_SCALE_SUFFIX):
+                        sliced = f.get_slice(name)
+                        dtype = _SAFETENSORS_DTYPES.get(sliced.get_dtype())
+                        if dtype is not None and dtype.is_floating_point:
+                            sizes[dtype] += int(torch.Size(sliced.get_shape()).numel())
+        return sizes.most_common(1)[0][0] if sizes else torch.float32
+
+    def read(self, wanted: Callable[[str], bool] = _everything) -> dict[str, torch.Tensor]:
+        """The written tensors whose names (without the component prefix) `wanted` accepts."""
+        by_file: dict[Path, list[str]] = {}
+        for name, path in self.files.items():
+            if wanted(name):
+                by_file.setdefault(path, []).append(name)
+        tensors = {}
+        for path, names in by_file.items():
+            with safe_open(path, "pt") as f:
+                tensors.update({name: f.get_tensor(self.prefix + name) for name in names})
+        return tensors
+
+    def install(self, model: nn.Module, tensors: dict[str, torch.Tensor], within: Callable[[str], bool] = _everything) -> None:
+        """Rebuild what `tensors` hold into `model`: the Linears they quantize become Ascend modules, the float
+        tensors are loaded. `within` says which model names they cover: every parameter it accepts must be filled."""
+        types = {name: t for name, t in self.types.items() if name in tensors}
+        tensors = dict(tensors)
+        rotations = {n: tensors.pop(n) for n in [n for n in tensors if n.endswith(ROTATION_SUFFIXES)]}
+        rotated = [layer for layer in self.rotated if within(layer)]
+        if sorted(rotated) != sorted({n.rpartition(".")[0] for n in rotations}):
+            raise ModelLoadError(f"{self.out_dir}: metadata.quarot lists online rotations of {len(rotated)} layers, "
+                                 f"but the files hold rotation tensors for {len(rotations) // 2}")
+        multiplies = take_explicit_multiplies(types, tensors)
+        quantized = {name.removesuffix(".weight"): t for name, t in types.items() if name.endswith(".weight") and t != "FLOAT"}
+        factors = {p: (rotations[p + ROTATION_SUFFIXES[0]], rotations[p + ROTATION_SUFFIXES[1]]) for p in rotated}
+        used = _install_quantized(model, quantized, tensors, factors, self.group_size, within)
+        _load_float(model, {n: t for n, t in tensors.items() if n not in used}, within)
+        for prefix in set(factors) - set(quantized):
+            model.set_submodule(prefix, KroneckerRotatedInput(model.get_submodule(prefix), *factors[prefix]))
+        apply_explicit_multiplies(model, multiplies)
+
+
+class AscendBlocks:
+    """An Ascend output read a block at a time, for evaluating models larger than memory: `model` is built with
+    its parameters on the meta device (its buffers, such as rotary tables, computed as usual); `read_outside`
+    reads everything outside the blocks, and `reading(block)` rebuilds one block from its files (the tensors
+    named under the block's own name) in the model while inside, leaving the meta block there after."""
+
+    def __init__(self, out_dir: Path, dtype: torch.dtype | None = None) -> None:
+        from accelerate import init_empty_weights
+
+        from slimc.ir.source import model_from_config
+
+        self.output = AscendOutput(out_dir, dtype)
+        with init_empty_weights():
+            self.model = model_from_config(self.output.source, dtype=self.output.dtype).eval()
+
+    def read_outside(self, blocks: Iterable[str]) -> None:
+        """Read every tensor outside the blocks (qualified names)."""
+        blocks = list(blocks)
+
+        def outside(name: str) -> bool:
+            return not any(_under(name, block) for block in blocks)
+
+        _allocate(self.model, outside)
+        self.output.install(self.model, self.output.read(outside), outside)
+
+    @contextlib.contextmanager
+    def reading(self, block: str) -> Iterator[nn.Module]:
+        skeleton = self.model.get_submodule(block)
+        module = copy.deepcopy(skeleton)  # on the meta device: costs nothing until allocated
+        _allocate(module)
+        self.model.set_submodule(block, module)
+        try:
+            tensors = self.output.read(lambda name: _under(name, block))
+            if not tensors:
+                raise ModelLoadError(f"{self.output.out_dir}: no tensor is named under {block}")
+            self.output.install(self.model, tensors, lambda name: _under(name, block))
+            yield self.model.get_submodule(block)
+        finally:
+            self.model.set_submodule(block, skeleton)
+
+
+def _under(name: str, module: str) -> bool:
+    return name.startswith(module + ".")
+
+
+def _allocate(model: nn.Module, within: Callable[[str], bool] = _everything) -> None:
+    """Give the parameters on the meta device that `within` accepts storage on the CPU, uninitialised; a
+    parameter tied to another (a head sharing the embedding's weight) stays tied."""
+    made: dict[int, nn.Parameter] = {}
+    for prefix, module in model.named_modules():
+        for name, parameter in list(module._parameters.items()):
+            if parameter is None or not parameter.is_meta or not within(f"{prefix}.{name}" if prefix else name):
+                continue
+            if id(parameter) not in made:
+                made[id(parameter)] = nn.Parameter(torch.empty_like(parameter, device="cpu"), requires_grad=False)
+            module._parameters[name] = made[id(parameter)]
 
 
 def _component_description(description: dict, prefix: str) -> dict:
@@ -436,11 +543,12 @@ def _component_description(description: dict, prefix: str) -> dict:
 
 
 def _install_quantized(model: nn.Module, quantized: dict[str, str], tensors: dict[str, torch.Tensor],
-                       rotations: dict[str, tuple[torch.Tensor, torch.Tensor]], group_size: int) -> set[str]:
-    """Replace runtime Linears / fused experts whose checkpoint weights are quantized (behind their online
-    rotation, if any); return the tensor names used."""
-    experts = fused_experts_modules(model)
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+                       rotations: dict[str, tuple[torch.Tensor, torch.Tensor]], group_size: int,
+                       within: Callable[[str], bool] = _everything) -> set[str]:
+    """Replace runtime Linears / fused experts (of the modules `within` accepts) whose checkpoint weights are
+    quantized (behind their online rotation, if any); return the tensor names used."""
+    experts = {name: m for name, m in fused_experts_modules(model).items() if within(name)}
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and within(name)}
     weights = {f"{n}.weight": m.weight.shape for n, m in linears.items()}
     weights.update({f"{n}.{w}": getattr(m, w).shape for n, m in experts.items() for w in ("gate_up_proj", "down_proj")})
     try:
@@ -497,16 +605,17 @@ def _install_quantized(model: nn.Module, quantized: dict[str, str], tensors: dic
 
 
 @torch.no_grad()
-def _load_float(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Load checkpoint-named float tensors into the model's parameters and persistent buffers.
+def _load_float(model: nn.Module, tensors: dict[str, torch.Tensor], within: Callable[[str], bool] = _everything) -> None:
+    """Load checkpoint-named float tensors into the model's parameters and persistent buffers (those `within`
+    accepts).
 
     The inverse of transformers' save conversion. Every parameter must be in the files; a persistent
     buffer that is not keeps the value the model class gives it.
     """
     from transformers.core_model_loading import revert_weight_conversion
 
-    params = model.state_dict(keep_vars=True)
-    required = set(dict(model.named_parameters(remove_duplicate=False)))
+    params = {name: tensor for name, tensor in model.state_dict(keep_vars=True).items() if within(name)}
+    required = {name for name, _ in model.named_parameters(remove_duplicate=False) if within(name)}
     filled = Counter()  # parameter name -> elements loaded
     consumed: set[str] = set()
     same_name = set(revert_weight_conversion(model, {n: p.detach() for n, p in params.items()})) & set(params)

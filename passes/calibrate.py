@@ -18,6 +18,7 @@ from slimc.numerics.gptq import HessianAccumulator, gptq_quantize
 from slimc.numerics.modules import EXPERT_WEIGHTS, FakeQuantExperts, FakeQuantize
 from slimc.numerics.quant import dequantize_weight, quantize_weight
 from slimc.pass_base import Context, Pass, register_pass
+from slimc.patterns import find_shared_inputs
 from slimc.report import LayerRecord
 from slimc.schemes import TensorScheme
 
@@ -71,7 +72,8 @@ class Calibrate(Pass):
         for target, module in layers.items():
             before = self._layer_outputs(module, samples[target], block, target, quantize_inputs=False)
             try:
-                self._quantize_weights(block, ctx, target, module, hessians.get(target))
+                # popped: a Hessian is freed once the last layer reading its input is quantized
+                self._quantize_weights(block, ctx, target, module, hessians.pop(target, None))
             except ValueError as error:
                 raise PassError(f"calibrate: {block.qualified(target)}: {error}; choose a group_size that divides it, "
                                 "or leave this layer out with an exclude glob") from None
@@ -92,26 +94,31 @@ class Calibrate(Pass):
                     hooks.before(module, lambda m, args, t=target: samples[t].append(tuple(a.detach() for a in args)))
                 ctx.run(block, ctx.inputs[: self.error_batches])
             if static or self.weight_algorithm == "gptq":
-                with _quantizer_modes(static, "observe"), self._hessians(layers) as hessians:
+                with _quantizer_modes(static, "observe"), self._hessians(block, layers) as hessians:
                     self._run_all(block, ctx, layers)
         self._freeze(block, ctx, quantizers, layers)
         return samples, hessians
 
     @contextlib.contextmanager
-    def _hessians(self, layers: dict) -> Iterator[dict]:
-        """GPTQ statistics while open: per Linear one accumulator; per experts module one per (weight, expert)."""
+    def _hessians(self, block: Block, layers: dict) -> Iterator[dict]:
+        """GPTQ statistics while open: one accumulator per tensor the Linears read (shared by the Linears reading
+        the same graph node, such as q/k/v: their inputs are equal, since the quantizers in front of them are off
+        while this runs; the one accumulator is then under each of their names: whatever combines accumulators
+        must take each once); per experts module one per (weight, expert)."""
         hessians: dict = {}
         if self.weight_algorithm != "gptq":
             yield hessians
             return
+        linears = [target for target, module in layers.items() if not isinstance(module, FakeQuantExperts)]
         with temporary_hooks() as hooks:
             for target, module in layers.items():
                 if isinstance(module, FakeQuantExperts):
                     per_expert = hessians[target] = {}
                     module.capture = lambda e, name, x, d=per_expert: d.setdefault((name, e), HessianAccumulator()).add(x)
-                else:
-                    accumulator = hessians[target] = HessianAccumulator()
-                    hooks.before(module, lambda m, args, a=accumulator: a.add(args[0]))
+            for group in find_shared_inputs(block.graph_module, linears):
+                accumulator = HessianAccumulator()
+                hessians.update(dict.fromkeys(group, accumulator))
+                hooks.before(layers[group[0]], lambda m, args, a=accumulator: a.add(args[0]))
             try:
                 yield hessians
             finally:

@@ -95,3 +95,36 @@ def test_a_group_size_that_does_not_divide_a_layer_names_the_layer():
     pipeline = [{"pass": "fake_quant", "rules": [{"scheme": "w4a16"}]}, {"pass": "calibrate", "weight_algorithm": "gptq"}]
     with pytest.raises(PassError, match=r"model.layers.0.self_attn.\w+_proj: group_size 48 does not divide the input size 64"):
         run_pipeline(tiny_causal_lm("llama"), pipeline, schemes=schemes)
+
+
+def gptq_llama():
+    """A tiny Llama through fake_quant (W4A8 dynamic: a quantizer node before each Linear) and GPTQ calibrate."""
+    schemes = {"w4a8": {"weight": {"dtype": "int4", "granularity": "per_group", "group_size": 16},
+                        "act": {"dtype": "int8", "granularity": "per_token", "dynamic": True}}}
+    pipeline = [{"pass": "fake_quant", "rules": [{"scheme": "w4a8"}]}, {"pass": "calibrate", "weight_algorithm": "gptq"}]
+    return run_pipeline(tiny_causal_lm("llama"), pipeline, schemes=schemes)[0]
+
+
+def test_linears_reading_one_input_share_one_hessian_with_the_codes_of_one_hessian_each(monkeypatch):
+    import slimc.passes.calibrate as calibrate
+
+    built = []
+
+    class Counted(HessianAccumulator):
+        def __init__(self) -> None:
+            super().__init__()
+            built.append(self)
+
+    monkeypatch.setattr(calibrate, "HessianAccumulator", Counted)
+    shared = gptq_llama()
+    layers = shared.model.config.num_hidden_layers
+    # per decoder layer: the attention norm's output (q, k, v), the attention's (o), the MLP norm's (gate, up), act*up (down)
+    assert len(built) == 4 * layers
+    monkeypatch.setattr(calibrate, "find_shared_inputs", lambda gm, targets: [[target] for target in targets])
+    built.clear()
+    separate = gptq_llama()
+    assert len(built) == 7 * layers
+    for name, spec in shared.quant_specs.items():
+        assert torch.equal(spec.weight_qparams["weight"][0], separate.quant_specs[name].weight_qparams["weight"][0]), name
+    for (name, weight), (_, reference) in zip(shared.model.named_parameters(), separate.model.named_parameters(), strict=True):
+        assert torch.equal(weight, reference), name

@@ -19,6 +19,7 @@ from slimc.patterns import (
     find_norm_linear_groups,
     find_ov_pairs,
     find_residual_stream,
+    find_shared_inputs,
     find_up_down_pairs,
     propagate_shapes,
 )
@@ -209,3 +210,15 @@ def test_every_call_module_node_is_a_leaf_of_the_tracers_table(family):
     assert None not in kinds.values()
     assert [t for t, k in kinds.items() if k == "linear"] == find_linears(gm)
     assert [t for t, k in kinds.items() if k == "experts"] == find_experts(gm)
+
+
+def test_linears_reading_one_node_behind_their_quantizers_share_an_input_and_a_rotated_one_does_not():
+    block = traced_blocks("llama")[0]
+    linears = find_linears(block.graph_module)
+    for target in linears:
+        block.insert_input_quantizer(target, FakeQuantize(TensorScheme()))
+    assert find_shared_inputs(block.graph_module, linears) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    block.insert_input_node("self_attn.q_proj", block.rotation_target("self_attn.q_proj"), nn.Identity())
+    assert find_shared_inputs(block.graph_module, linears)[:2] == [["self_attn.q_proj"], ["self_attn.k_proj", "self_attn.v_proj"]]

@@ -14,17 +14,22 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from slimc.commands.compile import REPORT_FILE, model_dtype
-from slimc.commands.quantized import load_quantized_model, written_formats
+from slimc.commands.compile import REPORT_FILE, model_dtype, streams
+from slimc.commands.quantized import holds_files, load_quantized_model, written_formats
+from slimc.commands.streamed_eval import (
+    next_token_nll,
+    reading_float,
+    streamed_float_program,
+    streamed_perplexity,
+)
 from slimc.config import CalibrationConfig, SlimcConfig
 from slimc.errors import ConfigError, DataError
 from slimc.frontends import Frontend, check_builtin_dataset, frontend_for
 from slimc.frontends.data import corpus_token_samples
 from slimc.ir import Program
-from slimc.ir.source import ModelSource, load_model, load_tokenizer
+from slimc.ir.source import ModelSource, load_tokenizer
 from slimc.numerics.fidelity import compare_models
 from slimc.progress import tracked
 
@@ -38,12 +43,7 @@ def perplexity(model: nn.Module, input_ids: torch.LongTensor, *, batch_size: int
     Each row is one unpadded window, so every position but the last predicts a token. The NLL is
     summed in float32 and divided once by the token count, so batch size does not change the result.
     """
-    if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] < 2:
-        raise DataError(
-            f"perplexity needs input_ids of shape (windows, seq_len) with seq_len >= 2, got {tuple(input_ids.shape)}"
-        )
-    if batch_size < 1:
-        raise DataError(f"batch_size must be positive, got {batch_size}")
+    check_windows(input_ids, batch_size)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))  # an onnxruntime session has none
     was_training = model.training
     model.eval()
@@ -53,37 +53,71 @@ def perplexity(model: nn.Module, input_ids: torch.LongTensor, *, batch_size: int
         for batch in tracked(input_ids.split(batch_size), "perplexity", "batch", shown=progress):
             batch = batch.to(device)
             output = model(input_ids=batch, use_cache=False)
-            logits = getattr(output, "logits", output)[:, :-1].float()
-            targets = batch[:, 1:]
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-            total_nll += nll.item()
-            total_tokens += targets.numel()
+            nll, tokens = next_token_nll(getattr(output, "logits", output), batch)
+            total_nll += nll
+            total_tokens += tokens
     finally:
         model.train(was_training)
     return math.exp(total_nll / total_tokens)
+
+
+def check_windows(input_ids: torch.Tensor, batch_size: int) -> None:
+    """Refuse windows `perplexity` cannot score (fewer than two tokens each) and a batch size below one."""
+    if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] < 2:
+        raise DataError(
+            f"perplexity needs input_ids of shape (windows, seq_len) with seq_len >= 2, got {tuple(input_ids.shape)}"
+        )
+    if batch_size < 1:
+        raise DataError(f"batch_size must be positive, got {batch_size}")
 
 
 def evaluate_perplexity(
     source: ModelSource, quantized: Path | None, *, corpus: str, samples: int, seq_len: int, batch_size: int = 4,
     config: SlimcConfig | None = None,
 ) -> dict:
-    """Perplexity of the float model and, if given, of each format of the quantized model rebuilt from its files
-    (`config`: the model settings a format's reader uses, such as its dtype)."""
+    """Perplexity of the float model, in the compile's dtype (`model.dtype`), and, if given, of each format of the
+    quantized model rebuilt from its files (`config`: the model settings, such as that dtype). Where the compile
+    streams its blocks (`memory.stream_blocks`), the float model and the mindie format are evaluated block by
+    block (slimc.commands.streamed_eval), to the same figures."""
+    config = config or SlimcConfig()
+    frontend = frontend_for(source, config.model.family)
     formats = written_formats(quantized) if quantized is not None else {}
     ids, _ = corpus_token_samples(load_tokenizer(source), corpus, samples=samples, seq_len=seq_len, recommended=None)
+    check_windows(ids, batch_size)
     results: dict = {"corpus": corpus, "tokens": int(ids.numel()), "samples": int(ids.shape[0]), "seq_len": seq_len}
-    float_model = load_model(source, dtype=torch.float32)
-    results["float_ppl"] = perplexity(float_model, ids, batch_size=batch_size, progress=True)
-    del float_model
+    streamed = streams(config, source, frontend)
+    if streamed:
+        with streamed_float_program(config, source, frontend) as program:
+            results["float_ppl"] = streamed_perplexity(program, reading_float(program), ids, batch_size=batch_size,
+                                                       progress=True)
+    else:
+        float_model = frontend.load(source, dtype=model_dtype(config, source), trust_remote_code=config.model.trust_remote_code)
+        results["float_ppl"] = perplexity(float_model, ids, batch_size=batch_size, progress=True)
+        del float_model
     if formats:
         results["quantized"] = {}
     for name, directory in formats.items():
-        model = load_quantized_model(name, directory, config or SlimcConfig())
-        ppl = perplexity(model, ids, batch_size=batch_size, progress=True)
+        if streamed and name == "mindie" and holds_files("mindie", directory):
+            ppl = streamed_ascend_perplexity(directory, frontend, ids, batch_size=batch_size, progress=True)
+        else:
+            model = load_quantized_model(name, directory, config)
+            ppl = perplexity(model, ids, batch_size=batch_size, progress=True)
+            del model
         results["quantized"][name] = {"quantized_dir": str(directory), "quantized_ppl": ppl,
                                       "relative_change": ppl / results["float_ppl"] - 1.0}
-        del model
     return results
+
+
+def streamed_ascend_perplexity(directory: Path, frontend: Frontend, ids: torch.Tensor, *, batch_size: int,
+                               progress: bool = False) -> float:
+    """The perplexity of an Ascend output read block by block by its own reader (AscendBlocks)."""
+    from slimc.backends.mindie_reader import AscendBlocks
+
+    reader = AscendBlocks(directory)
+    program = frontend.build(reader.output.source, reader.model)
+    reader.read_outside(block.name for block in program.blocks)
+    return streamed_perplexity(program, lambda block: reader.reading(block.name), ids, batch_size=batch_size,
+                               progress=progress)
 
 
 def evaluate(source: ModelSource, quantized: Path | None, config: SlimcConfig, *, fidelity: bool = False,

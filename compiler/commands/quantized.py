@@ -46,6 +46,11 @@ def holds(name: str, directory: Path) -> bool:
     return directory.is_dir() and any(_is_written(name, d) for d in (directory, *directory.glob("*/")))
 
 
+def holds_files(name: str, directory: Path) -> bool:
+    """Whether `directory` holds format `name`'s files themselves (not one subdirectory of them per part)."""
+    return _is_written(name, directory)
+
+
 def _is_written(name: str, directory: Path) -> bool:
     marker = directory / MARKERS[name]
     if name != "vllm" or not marker.is_file():

@@ -6,7 +6,7 @@ which quantizer nodes are seen through. The finders match one shape each:
 
 - `llm`: norm → consumers, the residual stream, v → o around the attention kernel, up → down;
 - `dit`: AdaLN-modulated norm → Linears, and Linears only an explicit multiply can scale;
-- `graph`: the Linears and the fused MoE experts a block calls.
+- `graph`: the Linears and the fused MoE experts a block calls, and which of them read the same tensor.
 
 Shape ops are judged by the channel (last) dimension, from the shapes recorded by `propagate_shapes`.
 The attention kernel is a `call_module` leaf (transformers) or a call of diffusers'
@@ -21,6 +21,7 @@ from slimc.patterns.graph import (
     block_graph,
     find_experts,
     find_linears,
+    find_shared_inputs,
     node_kind,
     propagate_shapes,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "find_norm_linear_groups",
     "find_ov_pairs",
     "find_residual_stream",
+    "find_shared_inputs",
     "find_up_down_pairs",
     "is_experts_module",
     "node_kind",

@@ -215,6 +215,23 @@ def find_experts(gm: fx.GraphModule) -> list[str]:
     return [node.target for node in block_graph(gm).of_kind("experts")]
 
 
+def find_shared_inputs(gm: fx.GraphModule, targets: Iterable[str]) -> list[list[str]]:
+    """`targets` (modules the graph calls) grouped by the tensor they read, in graph order: modules called once
+    whose first argument, behind any quantizer, is the same node (q/k/v after one norm, gate/up) form one group;
+    a module called more than once, or not at all, is a group of its own."""
+    graph = block_graph(gm)
+    calls: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    groups: dict[Any, list[str]] = {}
+    for target in targets:
+        nodes = calls.get(target, [])
+        key = graph.arg(nodes[0]) if len(nodes) == 1 and nodes[0].args else target
+        groups.setdefault(key, []).append(target)
+    return list(groups.values())
+
+
 # --- what one node does to the channel (last) dimension, judged from the shapes `propagate_shapes` records
 
 
