@@ -173,12 +173,16 @@ class Pipeline:
         for step in self.steps:
             progress.doing(f"{block.name}: {step.name}")
             checked = step.preserves_function and ctx.config.checks.equivalence
-            reference = self._reference(step, block, ctx) if checked else None
+            reference = None
+            if checked:  # the check's block runs are timed apart from the passes, so the report's profile covers them
+                with ctx.report.timed("equivalence check"):
+                    reference = self._reference(step, block, ctx)
             with ctx.report.timed(step.name):
                 step.run_block(block, ctx)
             if reference is not None:
-                self._check_equivalence(step, block, ctx, reference)
-        with torch.no_grad():
+                with ctx.report.timed("equivalence check"):
+                    self._check_equivalence(step, block, ctx, reference)
+        with torch.no_grad(), ctx.report.timed("block outputs"):  # the next block's calibration inputs
             outputs = [block.traced(*args, **kwargs) for args, kwargs in ctx.inputs]
         if moved:
             block.module.to("cpu")

@@ -18,7 +18,7 @@ from torch import nn
 
 from slimc.errors import PassError
 from slimc.ir import Block, Program
-from slimc.numerics.hadamard import OnlineHadamard, describe_hadamard, random_orthogonal
+from slimc.numerics.hadamard import KroneckerRotation, OnlineHadamard, describe_hadamard, random_rotation
 from slimc.numerics.modules import FakeQuantExperts
 from slimc.pass_base import Context, Pass, register_pass
 from slimc.patterns import Consumer, find_experts, find_ov_pairs, find_residual_stream, find_up_down_pairs
@@ -30,21 +30,29 @@ def _precise(device: torch.device) -> torch.dtype:
     return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
 
 
+Rotation = torch.Tensor | KroneckerRotation  # dense (n, n), or factored: n·Σ(factor orders) per row instead of n²
+
+
+def _right(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
+    """x @ R over the last dim, in x's dtype."""
+    if isinstance(rotation, KroneckerRotation):
+        return rotation.apply(x)
+    return x @ rotation.to(x.device, x.dtype)
+
+
 @torch.no_grad()
-def rotate_inputs(weight: torch.Tensor, rotation: torch.Tensor) -> None:
+def rotate_inputs(weight: torch.Tensor, rotation: Rotation) -> None:
     """W (..., in) -> W @ R: the layer now reads x·R and computes what it did on x."""
-    dtype = _precise(weight.device)
-    weight.copy_((weight.to(dtype) @ rotation.to(weight.device, dtype)).to(weight.dtype))
+    weight.copy_(_right(weight.to(_precise(weight.device)), rotation).to(weight.dtype))
 
 
 @torch.no_grad()
-def rotate_outputs(weight: torch.Tensor, bias: torch.Tensor | None, rotation: torch.Tensor) -> None:
+def rotate_outputs(weight: torch.Tensor, bias: torch.Tensor | None, rotation: Rotation) -> None:
     """W (..., out, in) -> Rᵀ @ W and b -> b @ R: the layer now writes y·R."""
     dtype = _precise(weight.device)
-    r = rotation.to(weight.device, dtype)
-    weight.copy_((r.T @ weight.to(dtype)).to(weight.dtype))
+    weight.copy_(_right(weight.to(dtype).transpose(-1, -2), rotation).transpose(-1, -2).to(weight.dtype))
     if bias is not None:
-        bias.copy_((bias.to(dtype) @ r).to(bias.dtype))
+        bias.copy_(_right(bias.to(dtype), rotation).to(bias.dtype))
 
 
 def check_rotatable_norm(norm: nn.Module, name: str, rotation: torch.Tensor) -> None:
@@ -76,8 +84,9 @@ class Rotate(Pass):
     seed: int = 0
     heads: bool = True
     online_down: bool = True
-    _rotation: torch.Tensor | None = PrivateAttr(None)
-    _head_rotations: dict[int, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _rotation: torch.Tensor | None = PrivateAttr(None)  # dense, for the calibration inputs and the equivalence check
+    _factored: KroneckerRotation | None = PrivateAttr(None)  # the same R, for the weights
+    _head_rotations: dict[int, KroneckerRotation] = PrivateAttr(default_factory=dict)
 
     def stream_rotation(self) -> torch.Tensor | None:
         return self._rotation
@@ -88,12 +97,13 @@ class Rotate(Pass):
                             "a head, so the stream cannot be rotated; remove the rotate pass")
         model = program.model
         hidden = model.get_submodule(program.embeddings[0]).weight.shape[-1]
-        self._rotation, description = random_orthogonal(hidden, self.seed)
+        self._factored, description = random_rotation(hidden, self.seed)
+        self._rotation = self._factored.matrix()
         ctx.report.note(f"rotate: residual stream ({hidden}) rotated by a {description}, seed {self.seed}")
         self._untie_head(program, ctx)
         self._rotate_head(program)
         for name in program.embeddings:
-            rotate_inputs(model.get_submodule(name).weight, self._rotation)
+            rotate_inputs(model.get_submodule(name).weight, self._factored)
         ctx.rotate_stream(self._rotation)
         program.rotations.residual = description
 
@@ -116,7 +126,7 @@ class Rotate(Pass):
                 head.weight.copy_((head.weight.float() * norm.weight.float()).to(head.weight.dtype))
                 norm.weight.fill_(1.0)
             check_rotatable_norm(norm, program.head_norm, self._rotation)
-        rotate_inputs(head.weight, self._rotation)
+        rotate_inputs(head.weight, self._factored)
 
     def run_block(self, block: Block, ctx: Context) -> None:
         gm = block.graph_module
@@ -127,9 +137,9 @@ class Rotate(Pass):
             check_rotatable_norm(block.leaf(group.norm), block.qualified(group.norm), self._rotation)
         readers = [c for group in stream.norms for c in group.consumers] + stream.direct_readers
         for consumer in readers:
-            rotate_inputs(consumer_weight(block, consumer), self._rotation)
+            rotate_inputs(consumer_weight(block, consumer), self._factored)
         for writer in stream.writers:
-            self._rotate_writer(block, writer, self._rotation)
+            self._rotate_writer(block, writer, self._factored)
         if self.heads:
             for pair in find_ov_pairs(gm):
                 self._rotate_heads(block, pair.v, pair.o, pair.head_dim)
@@ -137,16 +147,16 @@ class Rotate(Pass):
             self._online_down(block, ctx)
 
     @staticmethod
-    def _rotate_writer(block: Block, writer: Consumer, rotation: torch.Tensor) -> None:
+    def _rotate_writer(block: Block, writer: Consumer, rotation: Rotation) -> None:
         module = block.leaf(writer.target)
         if writer.kind == "experts":
             rotate_outputs(module.down_proj, getattr(module, "down_proj_bias", None), rotation)
         else:
             rotate_outputs(module.weight, module.bias, rotation)
 
-    def _head_rotation(self, head_dim: int) -> torch.Tensor:
+    def _head_rotation(self, head_dim: int) -> KroneckerRotation:
         if head_dim not in self._head_rotations:
-            self._head_rotations[head_dim] = random_orthogonal(head_dim, self.seed + 1)[0]
+            self._head_rotations[head_dim] = random_rotation(head_dim, self.seed + 1)[0]
         return self._head_rotations[head_dim]
 
     @torch.no_grad()
@@ -163,7 +173,7 @@ class Rotate(Pass):
         for pair in find_up_down_pairs(gm):
             down = block.leaf(pair.down)
             transform = OnlineHadamard(down.in_features).to(down.weight.device)
-            rotate_inputs(down.weight, transform.matrix())
+            rotate_inputs(down.weight, transform.rotation())
             block.insert_input_node(pair.down, block.rotation_target(pair.down), transform)
             self._record(block, ctx, pair.down, transform)
         for target in find_experts(gm):
@@ -171,7 +181,7 @@ class Rotate(Pass):
             if getattr(experts, "down_transform", None) is not None:
                 continue
             transform = OnlineHadamard(experts.down_proj.shape[-1]).to(experts.down_proj.device)
-            rotate_inputs(experts.down_proj, transform.matrix())
+            rotate_inputs(experts.down_proj, transform.rotation())
             wrapped = experts if isinstance(experts, FakeQuantExperts) else FakeQuantExperts(experts, None)
             wrapped.down_transform = transform
             block.replace_leaf(target, wrapped)

@@ -82,7 +82,7 @@ class RotateInputs(Pass):
         weights = [gm.get_submodule(linear.target).weight for linear in group]
         transform = OnlineHadamard(weights[0].shape[-1]).to(weights[0].device)
         for weight in weights:
-            fuse_input_rotation(weight, transform.matrix())
+            fuse_input_rotation(weight, transform.rotation())
         target = block.rotation_target(group[0].target)
         gm.add_submodule(target, transform)
         with gm.graph.inserting_after(source):

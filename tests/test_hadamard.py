@@ -16,6 +16,7 @@ from slimc.numerics.hadamard import (
     inverse_fast_hadamard_transform,
     paley_matrix,
     random_orthogonal,
+    random_rotation,
 )
 
 
@@ -260,3 +261,36 @@ def test_online_hadamard_rejects_odd_order() -> None:
 )
 def test_describe_names_construction(n: int, text: str) -> None:
     assert describe_hadamard(n) == text
+
+
+# Orders of real widths and heads: Paley bases 12, 20, 28 (alone and ⊗ a power of two), powers of two split
+# into several Sylvester factors, block-diagonal and QR fallbacks.
+FACTORED_ORDERS = [12, 20, 28, 576, 1536, 2048, 3584, 6, 172, 9]
+
+
+@pytest.mark.parametrize("n", FACTORED_ORDERS)
+def test_factored_rotation_is_the_dense_one_to_float64_rounding(n: int) -> None:
+    """The Kronecker factors multiply x by the matrix that the dense construction gives, to a bound of
+    float64 rounding over n terms, applied and transposed (x·R and x·Rᵀ)."""
+    rotation, description = random_rotation(n, seed=5)
+    dense, dense_description = random_orthogonal(n, seed=5)
+    assert description == dense_description
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    bound = 4 * n * torch.finfo(torch.float64).eps * x.abs().max()
+    assert (rotation.apply(x) - x @ dense).abs().max() <= bound
+    assert (rotation.apply_transposed(x) - x @ dense.T).abs().max() <= bound
+    assert (rotation.apply_transposed(rotation.apply(x)) - x).abs().max() <= bound
+
+
+@pytest.mark.parametrize("n", [576, 1536, 3584, 172])
+def test_online_hadamard_rotation_is_its_matrix_and_its_forward(n: int) -> None:
+    module = OnlineHadamard(n)
+    torch.testing.assert_close(module.rotation().matrix(), module.matrix(), rtol=0, atol=1e-15)
+    x = torch.randn(2, n, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(module.rotation().apply(x.double()).float(), module(x), rtol=1e-5, atol=1e-5)
+
+
+def test_factored_rotation_splits_a_power_of_two_into_small_factors() -> None:
+    rotation, _ = random_rotation(18944, seed=0)
+    assert [f.shape[0] for f in rotation.factors] == [148, 128]  # 276 multiply-adds per element, not 18944
+    assert [f.shape[0] for f in random_rotation(4096, seed=0)[0].factors] == [64, 64]

@@ -11,9 +11,9 @@ from torch import nn
 from slimc.backends.mindie import MindieBackend
 from slimc.backends.mindie_reader import load_ascend_model
 from slimc.errors import ConfigError, ExportError, ModelLoadError, PassError
-from slimc.numerics.hadamard import OnlineHadamard
+from slimc.numerics.hadamard import OnlineHadamard, random_orthogonal, random_rotation
 from slimc.numerics.quant import dynamic_fake_quantize
-from slimc.passes.rotate import check_rotatable_norm
+from slimc.passes.rotate import check_rotatable_norm, rotate_inputs, rotate_outputs
 from slimc.schemes import TensorScheme
 
 # Sizes that are not powers of two, as in real models: 48 = 12·4 and 96 = 12·8 need a Paley Hadamard
@@ -163,3 +163,26 @@ def test_an_export_whose_metadata_lost_the_online_rotations_fails_verification_a
         MindieBackend().verify(program, out)
     with pytest.raises(ModelLoadError, match="metadata.quarot lists online rotations of 0 layers"):
         load_ascend_model(out)
+
+
+@pytest.mark.parametrize("n", [28, 576, 3584])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_factored_weight_rotation_matches_the_dense_matrix_to_one_rounding(n, dtype):
+    """Weights rotated through the Kronecker factors equal the dense float64 product rounded to the
+    weight's dtype, except where the two float64 results straddle a rounding boundary: one ulp at most."""
+    rotation, _ = random_rotation(n, seed=11)
+    dense = random_orthogonal(n, seed=11)[0]
+    weight = torch.randn(64, n, generator=torch.Generator().manual_seed(3)).to(dtype)
+    inputs, outputs = weight.clone(), weight.T.contiguous()
+    rotate_inputs(inputs, rotation)
+    rotate_outputs(outputs, None, rotation)
+    expected = (weight.double() @ dense).to(dtype)
+    ulp = torch.finfo(dtype).eps * expected.float().abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((inputs.float() - expected.float()).abs() <= ulp).all()
+    assert ((outputs.T.float() - expected.float()).abs() <= ulp).all()
+    assert (inputs != expected).float().mean() < 0.01  # nearly all bit-identical
+    rotated_bias = torch.randn(n, generator=torch.Generator().manual_seed(5)).to(dtype)
+    reference_bias = (rotated_bias.double() @ dense).to(dtype)
+    rotate_outputs(torch.zeros(n, 1, dtype=dtype), rotated_bias, rotation)
+    assert ((rotated_bias.float() - reference_bias.float()).abs()
+            <= torch.finfo(dtype).eps * reference_bias.float().abs().clamp_min(torch.finfo(dtype).tiny)).all()

@@ -77,3 +77,12 @@ def test_take_rows_cuts_per_row_tensors_and_keeps_shared_ones():
     args, kwargs = take_rows(((hidden,), {"attention_mask": mask, "position_embeddings": (rotary, rotary), "use_cache": False}), [1, 3])
     assert torch.equal(args[0], hidden[[1, 3]]) and torch.equal(kwargs["attention_mask"], mask[[1, 3]])
     assert kwargs["position_embeddings"][0] is rotary and kwargs["use_cache"] is False
+
+
+def test_the_report_times_the_equivalence_checks_and_block_outputs_apart_from_the_passes():
+    """Every block run the pipeline makes is in the report's per-pass profile: the smoothing pass, the
+    equivalence check around it (smooth preserves the function) and the run that gives the next block its inputs."""
+    model = tiny_causal_lm("llama")
+    report = search(model, calibration_ids(model.config.vocab_size))
+    assert {"smooth", "fake_quant", "equivalence check", "block outputs"} <= set(report.seconds)
+    assert all(seconds > 0 for seconds in report.seconds.values())

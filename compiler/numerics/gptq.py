@@ -36,17 +36,20 @@ class HessianAccumulator:
 
 
 def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H); damping grows until H is positive definite."""
+    """Upper Cholesky factor U of (H + λI)⁻¹ = Uᵀ U with λ = damp · mean(diag H); damping grows until H is positive definite.
+
+    With J the order-reversing permutation, J H J = L Lᵀ gives H = V Vᵀ for the upper V = J L J, so
+    H⁻¹ = V⁻ᵀ V⁻¹ and U = V⁻¹ (upper, positive diagonal: the factor is unique). One Cholesky and one
+    triangular solve, instead of a Cholesky, an inverse from it and a second Cholesky: about a third of the
+    time at 18944 columns, and closer to the float64 factor (tests/test_gptq.py bounds both).
+    """
     mean_diag = hessian.diagonal().mean().clamp_min(1e-8)
     eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
     for attempt in range(6):
         damped = hessian + (damp * 10**attempt) * mean_diag * eye
-        lower, info = torch.linalg.cholesky_ex(damped)
+        lower, info = torch.linalg.cholesky_ex(damped.flip(0, 1))
         if info == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info == 0:
-                return upper
+            return torch.linalg.solve_triangular(lower.flip(0, 1), eye, upper=True)
     raise ValueError("the Hessian stays singular even with strong damping; are the calibration inputs all zero?")
 
 

@@ -216,19 +216,79 @@ def describe_hadamard(n: int) -> str:
     return f"Hadamard {sizes} (Paley {kind}, q={q})"
 
 
-def random_orthogonal(n: int, seed: int) -> tuple[torch.Tensor, str]:
-    """Offline rotation R for the residual stream: (n, n) float64 with R Rᵀ = I, and how it was built.
+# Sylvester factors are split into pieces of at most this order: applying a Kronecker product costs
+# n·Σ(factor orders) per row, against n² for the dense matrix (18944 = 148·128: 276 instead of 18944).
+_MAX_FACTOR = 128
+
+
+class KroneckerRotation:
+    """R = diag(signs) · scale · (F_1 ⊗ F_2 ⊗ ... ⊗ F_r), float64, orthonormal, applied without forming R.
+
+    x (..., n) is read as a row-major (..., d_1, ..., d_r) array and each factor multiplies its own axis, so
+    x @ R costs n·Σd_i instead of n². Hadamard plans have ±1 (or 0 for block-diagonal bases) factors, whose
+    products are exact in float64, and one 1/√n scale at the end: within float64 rounding of the dense
+    `matrix()` (tests/test_hadamard.py bounds the difference). signs: (n,) ±1 or None.
+    """
+
+    def __init__(self, factors: tuple[torch.Tensor, ...], scale: float, signs: torch.Tensor | None = None) -> None:
+        self.factors, self.scale, self.signs = factors, scale, signs
+        self.order = math.prod(f.shape[0] for f in factors)
+
+    @classmethod
+    def hadamard(cls, p: int, power: int, blocks: int, signs: torch.Tensor | None = None) -> KroneckerRotation:
+        """The rotation of a plan (p, 2^j, blocks) from `_plan`: diag(signs) · (I_blocks ⊗ H_p ⊗ H_{2^j}) / √n."""
+        factors = []
+        if blocks * p > 1:
+            factors.append(torch.kron(torch.eye(blocks, dtype=torch.float64), _base_matrix(p)))
+        bits = power.bit_length() - 1
+        pieces = max(1, -(-bits // (_MAX_FACTOR.bit_length() - 1)))
+        for k in range(pieces):  # H_{2^j} = H_{2^a} ⊗ H_{2^b} ⊗ ... since H_{2^j} = H_2^{⊗j}
+            factors.append(_sylvester(1 << (bits * (k + 1) // pieces - bits * k // pieces)))
+        return cls(tuple(factors), 1.0 / math.sqrt(p * power), signs)  # I_blocks needs no scale
+
+    def matrix(self) -> torch.Tensor:
+        """The dense (n, n) float64 matrix, for tests and small orders."""
+        dense = functools.reduce(torch.kron, self.factors) * self.scale
+        return dense if self.signs is None else self.signs[:, None] * dense
+
+    def _kron(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+        y = x.reshape(-1, *(f.shape[0] for f in self.factors))
+        for axis, factor in enumerate(self.factors, start=1):
+            factor = factor.to(y.device, y.dtype)
+            y = torch.movedim(torch.movedim(y, axis, -1) @ (factor.T if transpose else factor), -1, axis)
+        return y.reshape(x.shape) * self.scale
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ R over the last dim, in x's dtype (callers pass float64 for exactness)."""
+        if self.signs is not None:
+            x = x * self.signs.to(x.device, x.dtype)
+        return self._kron(x, transpose=False)
+
+    def apply_transposed(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ Rᵀ over the last dim."""
+        y = self._kron(x, transpose=True)
+        return y if self.signs is None else y * self.signs.to(y.device, y.dtype)
+
+
+def random_rotation(n: int, seed: int) -> tuple[KroneckerRotation, str]:
+    """Offline rotation R for the residual stream, factored, and how it was built.
 
     diag(s) · H / √n with seeded random signs s when a Hadamard (or block-diagonal Hadamard) of order n is
-    known, else Q of a seeded Gaussian's QR with signs fixed so that Q is Haar-distributed.
+    known, else Q of a seeded Gaussian's QR (one dense factor) with signs fixed so that Q is Haar-distributed.
     """
     gen = torch.Generator().manual_seed(seed)
     plan = _plan(n)
     if plan is None:
         q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-        return q * torch.sign(torch.diagonal(r)), f"random orthogonal (QR), no Hadamard of order {n}"
+        return KroneckerRotation((q * torch.sign(torch.diagonal(r)),), 1.0), f"random orthogonal (QR), no Hadamard of order {n}"
     signs = torch.randint(0, 2, (n, 1), generator=gen, dtype=torch.float64) * 2 - 1
-    return signs * _rotation(*plan), f"randomized {describe_hadamard(n)}"
+    return KroneckerRotation.hadamard(*plan, signs=signs[:, 0]), f"randomized {describe_hadamard(n)}"
+
+
+def random_orthogonal(n: int, seed: int) -> tuple[torch.Tensor, str]:
+    """`random_rotation` as a dense (n, n) float64 matrix with R Rᵀ = I (for rotating hidden states)."""
+    rotation, description = random_rotation(n, seed)
+    return rotation.matrix(), description
 
 
 class OnlineHadamard(nn.Module):
@@ -259,6 +319,10 @@ class OnlineHadamard(nn.Module):
     def matrix(self) -> torch.Tensor:
         """The (n, n) float64 orthonormal matrix that forward multiplies by, on the CPU."""
         return _rotation(self.base_order, self.power, self.blocks)
+
+    def rotation(self) -> KroneckerRotation:
+        """What forward multiplies by, factored (for fusing into weights without an n×n matmul)."""
+        return KroneckerRotation.hadamard(self.base_order, self.power, self.blocks)
 
     def kronecker_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(R_m, R_n) float64, orthonormal, with matrix() == kron(R_m, R_n): R_m (m, m) spans the blocks and
