@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from slimc.config import SlimcConfig
+from slimc.distributed import SINGLE, World
 from slimc.errors import ConfigError, DataError, PassError
 from slimc.ir import Block, Program, Stage
 from slimc.ir.calls import hidden_of, perturbed, rebind_hidden, rotate_hidden, to_device
@@ -68,12 +69,17 @@ class Pipeline:
         return cls(steps)
 
     def run(self, program: Program, config: SlimcConfig, batches: list[dict[str, Any]], report: RunReport,
-            journal: Journal | None = None) -> Context:
+            journal: Journal | None = None, world: World = SINGLE) -> Context:
         """Run every pass on every block, stage by stage. `batches` are calibration batches: each a dict
         of the model's forward arguments. A stage's inputs are captured by running the model (through
         the already rewritten stages before it) on every batch. With a `journal`, each finished block is
-        committed to it, and blocks it already holds are restored instead of run."""
-        ctx = Context(program, config, self.steps, report)
+        committed to it, and blocks it already holds are restored instead of run. In a `world` of several
+        processes, each runs batches rank, rank + size, ... and the passes reduce their statistics over all."""
+        if len(batches) < world.size:
+            raise DataError(f"{world.size} processes share {len(batches)} calibration batches, and each needs one; "
+                            "give more calibration samples (calibration.samples / calibration.batch_size) or fewer processes")
+        ctx = Context(program, config, self.steps, report, world, len(batches))
+        batches = batches[world.rank::world.size]
         blocks_done = Progress("blocks", sum(len(stage.blocks) for stage in program.stages), "block")
         resumed_inputs = None
         if journal is not None and journal.committed:  # the passes prepare the model as loaded, before any block is restored

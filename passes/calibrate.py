@@ -14,8 +14,9 @@ from slimc.errors import PassError
 from slimc.ir import Block
 from slimc.ir.hooks import temporary_hooks
 from slimc.numerics.fidelity import relative_error
-from slimc.numerics.gptq import HessianAccumulator, gptq_quantize
+from slimc.numerics.gptq import HessianAccumulator, gptq_quantize, reduce_hessians
 from slimc.numerics.modules import EXPERT_WEIGHTS, FakeQuantExperts, FakeQuantize
+from slimc.numerics.observers import reduce_observers
 from slimc.numerics.quant import dequantize_weight, quantize_weight
 from slimc.pass_base import Context, Pass, register_pass
 from slimc.report import LayerRecord
@@ -77,7 +78,7 @@ class Calibrate(Pass):
                                 "or leave this layer out with an exclude glob") from None
             after = self._layer_outputs(module, samples[target], block, target, quantize_inputs=True)
             spec = ctx.program.quant_specs[block.qualified(target)]
-            spec.output_error = max(relative_error(a, b) for a, b in zip(after, before))
+            spec.output_error = ctx.world.worst([relative_error(a, b) for a, b in zip(after, before)])
             ctx.report.layers.append(LayerRecord(block.qualified(target), spec.scheme.label, spec.output_error))
 
     def _observe(self, block: Block, ctx: Context, layers: dict, quantizers: list[FakeQuantize]) -> tuple[dict[str, list], dict]:
@@ -90,10 +91,12 @@ class Calibrate(Pass):
             with temporary_hooks() as hooks:
                 for target, module in layers.items():
                     hooks.before(module, lambda m, args, t=target: samples[t].append(tuple(a.detach() for a in args)))
-                ctx.run(block, ctx.inputs[: self.error_batches])
+                ctx.run(block, ctx.leading(self.error_batches))
             if static or self.weight_algorithm == "gptq":
                 with _quantizer_modes(static, "observe"), self._hessians(layers) as hessians:
                     self._run_all(block, ctx, layers)
+        reduce_observers([q.observer for q in quantizers if q.observer is not None], ctx.world)
+        reduce_hessians(hessians, ctx.world)
         self._freeze(block, ctx, quantizers, layers)
         return samples, hessians
 
@@ -125,7 +128,7 @@ class Calibrate(Pass):
         for module in experts:
             module.route_all = self.route_all_experts
         try:
-            ctx.run(block, ctx.inputs)
+            ctx.run(block)
         finally:
             for module in experts:
                 module.route_all = False
