@@ -82,8 +82,8 @@ class World:
         try:
             function(*args, **kwargs)
         except RuntimeError as error:  # a peer that raised has exited, and its connections closed
-            raise PeerFailed(f"another of the {self.size} processes of the compile stopped (its message says why): "
-                             f"{error}") from None
+            raise PeerFailed(f"another of the {self.size} processes of the compile stopped (its message says why); "
+                             "this one stops too") from error
 
 
 SINGLE = World()

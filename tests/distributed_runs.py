@@ -1,6 +1,7 @@
-"""Compiles run by the processes torchrun starts, for tests/test_distributed.py: `python -m torch.distributed.run
---nproc-per-node N tests/distributed_runs.py JOBS.json` compiles each job (config, model, out, --set overrides) in
-turn, every process with THREADS torch threads (the reference compile in one process uses as many)."""
+"""The command line in each process torchrun starts, for tests/test_distributed.py: `python -m torch.distributed.run
+--nproc-per-node N tests/distributed_runs.py JOBS.json` runs `slimc ARGS` for each job (a list of arguments) in
+turn with THREADS torch threads (the reference compiles in one process use as many), and exits with the first
+failure's status."""
 
 from __future__ import annotations
 
@@ -10,19 +11,13 @@ from pathlib import Path
 
 import torch
 
-from slimc.commands.cli import resolve_config_path
-from slimc.commands.compile import compile_model
-from slimc.config import load_config
+from slimc.commands.cli import main
 
 THREADS = 1
 
 
-def compile_job(job: dict) -> None:
-    config = load_config(resolve_config_path(job["config"]), job["settings"])
-    compile_model(config, model_path=job["model"], out_dir=Path(job["out"]))
-
-
 if __name__ == "__main__":
     torch.set_num_threads(THREADS)
-    for job in json.loads(Path(sys.argv[1]).read_text()):
-        compile_job(job)
+    for args in json.loads(Path(sys.argv[1]).read_text()):
+        if status := main(args):
+            sys.exit(status)

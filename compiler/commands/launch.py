@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 from slimc.errors import SlimcError
 
@@ -29,8 +27,12 @@ def launch(nproc: int, argv: list[str]) -> int:
     if os.environ.get("WORLD_SIZE") is not None:
         raise SlimcError("--nproc starts torchrun, and this process is already one that torchrun started; "
                          "leave out --nproc, or run `slimc compile --nproc N` without torchrun")
-    threads = max(1, (os.cpu_count() or 1) // nproc)
-    env = {"OMP_NUM_THREADS": str(threads), **os.environ}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "slimc", *without_nproc(argv)]
-    return subprocess.run(command, env=env, check=False).returncode
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:  # in this process, so that a failed one ends in its own message rather than torchrun's traceback
+        run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "slimc", *without_nproc(argv)]))
+    except ChildFailedError:
+        return 1
+    return 0
