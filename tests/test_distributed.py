@@ -23,6 +23,7 @@ from slimc.commands.compile import compile_model
 from slimc.config import load_config
 from slimc.distributed import World
 from slimc.errors import ConfigError, DataError
+from slimc.numerics.gptq import HessianAccumulator
 
 TESTS = Path(__file__).parent
 # 3 batches of 2 samples: process 0 runs batches 0 and 2, process 1 batch 1.
@@ -119,3 +120,20 @@ def test_more_processes_than_calibration_batches_are_refused(models, tmp_path):
     config = load_config(resolve_config_path("llm/w8a8_dynamic.yaml"), CALIBRATION)
     with pytest.raises(DataError, match="4 processes share 3 calibration batches"):
         compile_model(config, model_path=str(models["llama"]), out_dir=tmp_path / "out", world=World(0, 4))
+
+
+def test_gptq_hessians_summed_by_two_processes_round_to_the_hessian_of_one_within_one_float32_ulp():
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 64, 48, generator=generator) * 10 ** torch.rand(48, generator=generator) for _ in range(5)]
+    one = HessianAccumulator()
+    for batch in batches:
+        one.add(batch)
+    parts = [HessianAccumulator(), HessianAccumulator()]
+    for index, batch in enumerate(batches):
+        parts[index % 2].add(batch)
+    two = HessianAccumulator()
+    two.sum, two.count = parts[0].sum + parts[1].sum, parts[0].count + parts[1].count
+    expected, summed = one.hessian(), two.hessian()
+    assert summed.dtype == torch.float32
+    ulp = torch.nextafter(expected.abs(), torch.tensor(float("inf"))) - expected.abs()
+    assert ((summed - expected).abs() <= ulp).all()
