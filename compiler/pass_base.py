@@ -66,14 +66,16 @@ def register_pass(name: str):
 
 class Context:
     """What a pass sees while working on a block: the program, the config, the quantization plan (resolved
-    from the steps before any block runs), the block's inputs: this process's share of the calibration batches
-    (`batch_ids`: their indices among all `batch_count`), whose statistics `world` reduces over the processes."""
+    from the steps before any block runs), the block's inputs: this process's share of the stage's calibration
+    batches (`batch_ids`: their positions among all `batch_count` batches that reach the stage, over every process),
+    whose statistics `world` reduces over the processes."""
 
     def __init__(self, program: Program, config: SlimcConfig, steps: Sequence[Pass], report: RunReport,
-                 world: World = SINGLE, batch_count: int = 0) -> None:
+                 world: World = SINGLE) -> None:
         self.program = program
         self.world = world
-        self.batch_count = batch_count
+        self.batch_count = 0
+        self._batch_ids: list[int] | None = None
         self.config = config
         self.steps = steps
         self.report = report
@@ -95,9 +97,13 @@ class Context:
 
     @property
     def batch_ids(self) -> list[int]:
-        if not self.batch_count:  # a Context made for the inputs it holds (one process)
+        if self._batch_ids is None:  # a Context made for the inputs it holds (one process)
             return list(range(len(self.inputs)))
-        return list(range(self.world.rank, self.batch_count, self.world.size))
+        return self._batch_ids
+
+    def share_batches(self, ids: list[int], count: int) -> None:
+        """The stage's inputs are the batches at positions `ids` of the `count` batches that reach it."""
+        self._batch_ids, self.batch_count = ids, count
 
     def leading(self, count: int) -> list[BlockInput]:
         """This process's inputs among the first `count` calibration batches (what a search or an error measure
