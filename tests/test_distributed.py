@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cli_runs import slimc
+from cli_runs import assert_user_error, slimc
 from distributed_runs import THREADS
 from test_resume import compile_args
 from test_streaming import same_files, save_llm
@@ -137,3 +137,9 @@ def test_gptq_hessians_summed_by_two_processes_round_to_the_hessian_of_one_withi
     assert summed.dtype == torch.float32
     ulp = torch.nextafter(expected.abs(), torch.tensor(float("inf"))) - expected.abs()
     assert ((summed - expected).abs() <= ulp).all()
+
+
+def test_slimc_compile_resume_with_nproc_is_refused_before_starting_processes(models, tmp_path):
+    result = slimc(*compile_args("llm/w8a8_dynamic.yaml", models["llama"], tmp_path / "out", CALIBRATION),
+                   "--nproc", "2", "--resume")
+    assert_user_error(result, "--resume continues a compile run in one process", "--nproc 2")

@@ -40,6 +40,10 @@ def _compile(args: argparse.Namespace) -> int:
     if args.eval and config.evaluation.dataset:
         check_held_out(config.evaluation.dataset, config.calibration.dataset)  # before the compile, not after
     if args.nproc > 1:
+        if args.resume:
+            raise SlimcError(f"--resume continues a compile run in one process, and --nproc {args.nproc} runs it in "
+                             f"{args.nproc}: a compile of several processes keeps no journal; resume without --nproc, "
+                             "or start again with --overwrite")
         if launch(args.nproc, args.argv) != 0:
             raise SlimcError(f"a process of the {args.nproc} stopped the compile (its message is above); nothing was written")
         return 0

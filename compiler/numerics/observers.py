@@ -110,7 +110,7 @@ def reduce_observers(observers: list[Observer], world: World) -> None:
         gathered = world.gather([o.samples for o in sampling])
         for position, observer in enumerate(sampling):
             observer.samples = [sample for process in gathered for sample in process[position]]
+    device = next((o.min_val.device for o in observers if o.min_val is not None), low.device)
     for observer, lo, hi in zip(observers, low, high, strict=True):
-        if torch.isfinite(lo):
-            device = observer.min_val.device if observer.min_val is not None else lo.device
+        if torch.isfinite(lo):  # some process observed it
             observer.min_val, observer.max_val = lo.to(device), hi.to(device)
