@@ -8,6 +8,7 @@ Code written for one process calls the same methods: on `SINGLE` they return the
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any
 
@@ -16,6 +17,9 @@ import torch
 from slimc.errors import SlimcError
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+# How long a process waits in a collective: the others wait while the first writes every output (hours for the
+# largest models), and a failed process is noticed without it (its connections close; torchrun ends the rest).
+TIMEOUT = datetime.timedelta(hours=24)
 
 
 class PeerFailed(SlimcError):
@@ -109,7 +113,7 @@ def join(device: str) -> World:
     elif kind == "npu":
         torch.npu.set_device(accelerator)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(BACKENDS[kind])
+        torch.distributed.init_process_group(BACKENDS[kind], timeout=TIMEOUT)
     return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), accelerator)
 
 

@@ -30,7 +30,6 @@ def _compile(args: argparse.Namespace) -> int:
     from slimc.commands.evaluate import check_held_out, evaluate, render_results
     from slimc.commands.launch import launch
     from slimc.config import load_config
-    from slimc.distributed import join
 
     if args.out is None and not args.dry_run:
         raise SlimcError("compile needs --out DIR, the directory to write the outputs to (only --dry-run runs without one)")
@@ -47,11 +46,11 @@ def _compile(args: argparse.Namespace) -> int:
         if launch(args.nproc, args.argv) != 0:
             raise SlimcError(f"a process of the {args.nproc} stopped the compile (its message is above); nothing was written")
         return 0
-    world = join(config.model.device)
-    report = compile_model(config, model_path=args.model, out_dir=Path(args.out), overwrite=args.overwrite,
-                           resume=args.resume, world=world).report
-    if not world.is_leader:
+    compiled = compile_model(config, model_path=args.model, out_dir=Path(args.out), overwrite=args.overwrite,
+                             resume=args.resume)
+    if not compiled.wrote:  # one of several processes: the first prints and evaluates
         return 0
+    report = compiled.report
     print(report.render())
     print(f"\nwrote {args.out}")
     if args.eval:

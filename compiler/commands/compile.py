@@ -190,6 +190,7 @@ def export_format(program: Program, backend: Backend, staging: Path, progress: P
 class Compiled:
     program: Program
     report: RunReport
+    wrote: bool = True  # False in the processes of a multi-process compile that leave the writing to the first
 
 
 def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path, overwrite: bool = False,
@@ -247,7 +248,7 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
         program.weights.move_spill(spill_directory(out_dir))
         journal.close()
     report.finish()
-    return Compiled(program, report)
+    return Compiled(program, report, wrote=world.is_leader)
 
 
 def open_journal(config: SlimcConfig, source: ModelSource, frontend: Frontend, out_dir: Path, *, resume: bool,
