@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from slimc.config.steps import PassStep, register
+from slimc.distributed import SINGLE, World
 from slimc.ir.calls import block_output, hidden_of, rebind_hidden, rotate_hidden
 from slimc.ir.capture import BlockInput
+from slimc.numerics.observers import observed_batch
 from slimc.plan import QuantPlan
 from slimc.report import RunReport
 
@@ -64,10 +66,16 @@ def register_pass(name: str):
 
 class Context:
     """What a pass sees while working on a block: the program, the config, the quantization plan (resolved
-    from the steps before any block runs), the block's inputs."""
+    from the steps before any block runs), the block's inputs: this process's share of the stage's calibration
+    batches (`batch_ids`: their positions among all `batch_count` batches that reach the stage, over every process),
+    whose statistics `world` reduces over the processes."""
 
-    def __init__(self, program: Program, config: SlimcConfig, steps: Sequence[Pass], report: RunReport) -> None:
+    def __init__(self, program: Program, config: SlimcConfig, steps: Sequence[Pass], report: RunReport,
+                 world: World = SINGLE) -> None:
         self.program = program
+        self.world = world
+        self.batch_count = 0
+        self._batch_ids: list[int] | None = None
         self.config = config
         self.steps = steps
         self.report = report
@@ -77,9 +85,30 @@ class Context:
 
     @torch.no_grad()
     def run(self, block: Block, batches: Sequence[BlockInput] | None = None) -> list[torch.Tensor]:
-        """The block graph's outputs (see `block_output`) on (some of) its calibration inputs."""
-        batches = self.inputs if batches is None else batches
-        return [block_output(block.traced(*args, **kwargs)) for args, kwargs in batches]
+        """The block graph's outputs (see `block_output`) on (some of) its calibration inputs; on all of them, observers
+        draw their samples as for each batch's index (`observed_batch`), the same in any number of processes."""
+        if batches is not None:
+            return [block_output(block.traced(*args, **kwargs)) for args, kwargs in batches]
+        outputs = []
+        for index, (args, kwargs) in zip(self.batch_ids, self.inputs, strict=True):
+            with observed_batch(index):
+                outputs.append(block_output(block.traced(*args, **kwargs)))
+        return outputs
+
+    @property
+    def batch_ids(self) -> list[int]:
+        if self._batch_ids is None:  # a Context made for the inputs it holds (one process)
+            return list(range(len(self.inputs)))
+        return self._batch_ids
+
+    def share_batches(self, ids: list[int], count: int) -> None:
+        """The stage's inputs are the batches at positions `ids` of the `count` batches that reach it."""
+        self._batch_ids, self.batch_count = ids, count
+
+    def leading(self, count: int) -> list[BlockInput]:
+        """This process's inputs among the first `count` calibration batches (what a search or an error measure
+        runs on; reduce what they give with `world.worst`)."""
+        return [batch for index, batch in zip(self.batch_ids, self.inputs, strict=True) if index < count]
 
     def rotate_stream(self, rotation: torch.Tensor) -> None:
         """Rotate the hidden states of the current calibration inputs: x -> x R."""

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from slimc.config import SlimcConfig
+from slimc.distributed import SINGLE, World
 from slimc.errors import ConfigError, DataError, PassError
 from slimc.ir import Block, Program, Stage
 from slimc.ir.calls import hidden_of, perturbed, rebind_hidden, rotate_hidden, to_device
-from slimc.ir.capture import StageNotReached, capture_stage
+from slimc.ir.capture import StageInputs, StageNotReached, capture_stage
 from slimc.ir.tracer import trace_block
 from slimc.journal import BlockState, Journal
 from slimc.numerics.fidelity import relative_error
@@ -68,12 +69,18 @@ class Pipeline:
         return cls(steps)
 
     def run(self, program: Program, config: SlimcConfig, batches: list[dict[str, Any]], report: RunReport,
-            journal: Journal | None = None) -> Context:
+            journal: Journal | None = None, world: World = SINGLE) -> Context:
         """Run every pass on every block, stage by stage. `batches` are calibration batches: each a dict
         of the model's forward arguments. A stage's inputs are captured by running the model (through
         the already rewritten stages before it) on every batch. With a `journal`, each finished block is
-        committed to it, and blocks it already holds are restored instead of run."""
-        ctx = Context(program, config, self.steps, report)
+        committed to it, and blocks it already holds are restored instead of run. In a `world` of several
+        processes, each runs batches rank, rank + size, ... and the passes reduce their statistics over all."""
+        if len(batches) < world.size:
+            raise DataError(f"{world.size} processes share {len(batches)} calibration batches, and each needs one; "
+                            "give more calibration samples (calibration.samples / calibration.batch_size) or fewer processes")
+        ctx = Context(program, config, self.steps, report, world)
+        batch_ids = list(range(world.rank, len(batches), world.size))
+        batches = batches[world.rank::world.size]
         blocks_done = Progress("blocks", sum(len(stage.blocks) for stage in program.stages), "block")
         resumed_inputs = None
         if journal is not None and journal.committed:  # the passes prepare the model as loaded, before any block is restored
@@ -94,7 +101,11 @@ class Pipeline:
                         stage=f"stage {stage.name!r}",
                     )
             except StageNotReached as error:
-                self._leave_unreached(stage, ctx, error, journal)
+                unreached, stage_inputs = error, None
+            else:
+                unreached = None
+            if not self._share_stage(stage, ctx, stage_inputs, batch_ids):
+                self._leave_unreached(stage, ctx, unreached, journal)
                 blocks_done.skip(len(stage.blocks))
                 continue
             ctx.inputs = [to_device(batch, ctx.device) for batch in stage_inputs.first]
@@ -115,6 +126,22 @@ class Pipeline:
             with report.timed(step.name):
                 step.finish(program, ctx)
         return ctx
+
+    @staticmethod
+    def _share_stage(stage: Stage, ctx: Context, stage_inputs: StageInputs | None, batch_ids: list[int]) -> bool:
+        """Number the batches that reach the stage, over all processes, in batch order (what searches and observers
+        go by); False where none does. Every process needs one."""
+        local = [] if stage_inputs is None else [batch_ids[i] for i in stage_inputs.reached]
+        per_process = ctx.world.gather(local)
+        reached = sorted(index for indices in per_process for index in indices)
+        if not reached:
+            return False
+        if not all(per_process):
+            raise DataError(f"of the calibration batches that reach stage {stage.name!r}, none is process "
+                            f"{per_process.index([])}'s ({ctx.world.size} processes take batches in turn); give more "
+                            "calibration data that runs it, or use fewer processes")
+        ctx.share_batches([reached.index(index) for index in local], len(reached))
+        return True
 
     def _prepare(self, program: Program, ctx: Context, journal: Journal | None) -> list | None:
         """The passes' `prepare`, once: at the first stage that runs, or first thing when resuming, followed by the

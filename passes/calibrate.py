@@ -14,8 +14,9 @@ from slimc.errors import PassError
 from slimc.ir import Block
 from slimc.ir.hooks import temporary_hooks
 from slimc.numerics.fidelity import relative_error
-from slimc.numerics.gptq import HessianAccumulator, gptq_quantize
+from slimc.numerics.gptq import HessianAccumulator, gptq_quantize, reduce_hessians
 from slimc.numerics.modules import EXPERT_WEIGHTS, FakeQuantExperts, FakeQuantize
+from slimc.numerics.observers import reduce_observers
 from slimc.numerics.quant import dequantize_weight, quantize_weight
 from slimc.pass_base import Context, Pass, register_pass
 from slimc.patterns import find_shared_inputs
@@ -69,17 +70,13 @@ class Calibrate(Pass):
         quantizers = [m for m in block.graph_module.modules() if isinstance(m, FakeQuantize)]
         quantizers += [m for e in layers.values() if isinstance(e, FakeQuantExperts) for m in e.modules() if isinstance(m, FakeQuantize)]
         samples, hessians = self._observe(block, ctx, layers, quantizers)
+        before = {target: self._layer_outputs(module, samples[target], block, target, quantize_inputs=False)
+                  for target, module in layers.items()}
+        self._quantize_weights(block, ctx, layers, hessians)
         for target, module in layers.items():
-            before = self._layer_outputs(module, samples[target], block, target, quantize_inputs=False)
-            try:
-                # popped: a Hessian is freed once the last layer reading its input is quantized
-                self._quantize_weights(block, ctx, target, module, hessians.pop(target, None))
-            except ValueError as error:
-                raise PassError(f"calibrate: {block.qualified(target)}: {error}; choose a group_size that divides it, "
-                                "or leave this layer out with an exclude glob") from None
             after = self._layer_outputs(module, samples[target], block, target, quantize_inputs=True)
             spec = ctx.program.quant_specs[block.qualified(target)]
-            spec.output_error = max(relative_error(a, b) for a, b in zip(after, before))
+            spec.output_error = ctx.world.worst([relative_error(a, b) for a, b in zip(after, before[target])])
             ctx.report.layers.append(LayerRecord(block.qualified(target), spec.scheme.label, spec.output_error))
 
     def _observe(self, block: Block, ctx: Context, layers: dict, quantizers: list[FakeQuantize]) -> tuple[dict[str, list], dict]:
@@ -92,10 +89,12 @@ class Calibrate(Pass):
             with temporary_hooks() as hooks:
                 for target, module in layers.items():
                     hooks.before(module, lambda m, args, t=target: samples[t].append(tuple(a.detach() for a in args)))
-                ctx.run(block, ctx.inputs[: self.error_batches])
+                ctx.run(block, ctx.leading(self.error_batches))
             if static or self.weight_algorithm == "gptq":
                 with _quantizer_modes(static, "observe"), self._hessians(block, layers) as hessians:
                     self._run_all(block, ctx, layers)
+        reduce_observers([q.observer for q in quantizers if q.observer is not None], ctx.world)
+        reduce_hessians(hessians, ctx.world)
         self._freeze(block, ctx, quantizers, layers)
         return samples, hessians
 
@@ -132,7 +131,7 @@ class Calibrate(Pass):
         for module in experts:
             module.route_all = self.route_all_experts
         try:
-            ctx.run(block, ctx.inputs)
+            ctx.run(block)
         finally:
             for module in experts:
                 module.route_all = False
@@ -150,23 +149,41 @@ class Calibrate(Pass):
             q.freeze()
 
     @torch.no_grad()
-    def _quantize_weights(self, block: Block, ctx: Context, target: str, module: nn.Module, hessians) -> None:
-        spec = ctx.program.quant_specs[block.qualified(target)]
-        scheme = spec.scheme.weight
-        if isinstance(module, FakeQuantExperts):
-            unrouted = 0
-            for name in EXPERT_WEIGHTS:
-                quantizers = [self._weight_quantizer(scheme, None if hessians is None else hessians.get((name, e)))
-                              for e in range(module.num_experts)]
-                unrouted += sum(hessians is not None and (name, e) not in hessians for e in range(module.num_experts))
-                spec.weight_qparams[name] = quantize_experts_weight(getattr(module, name), scheme, quantizers)
-            if unrouted:
-                ctx.report.note(f"calibrate: {block.qualified(target)}: {unrouted // 2} experts got no routed calibration tokens; "
-                                "their weights were rounded to nearest instead of GPTQ")
-        else:
-            codes, scale, offset = self._weight_quantizer(scheme, hessians)(module.weight)
-            module.weight.copy_(dequantize_weight(codes, scale, offset, scheme).to(module.weight.dtype))
-            spec.weight_qparams["weight"] = (scale, offset)
+    def _quantize_weights(self, block: Block, ctx: Context, layers: dict, hessians: dict) -> None:
+        """Quantize every weight of the layers in place (each expert of fused experts on its own), and record their
+        scales and offsets. In several processes each quantizes its share of the weights (the i-th on process
+        i % N) and all take the others' results."""
+        jobs = [(target, name, expert, weight, self._weight_quantizer(spec.scheme.weight, hessian))
+                for target, module in layers.items()
+                for spec in [ctx.program.quant_specs[block.qualified(target)]]
+                for name, expert, weight, hessian in _weights(module, hessians.get(target))]
+        world, done = ctx.world, {}
+        for index, (target, name, expert, weight, quantize_one) in enumerate(jobs):
+            if index % world.size == world.rank:
+                try:
+                    done[target, name, expert] = quantize_one(weight)
+                except ValueError as error:
+                    raise PassError(f"calibrate: {block.qualified(target)}: {error}; choose a group_size that divides "
+                                    "it, or leave this layer out with an exclude glob") from None
+        if world.size > 1:
+            done = {key: result for process in world.gather(done) for key, result in process.items()}
+        for target, module in layers.items():
+            spec = ctx.program.quant_specs[block.qualified(target)]
+            scheme = spec.scheme.weight
+            results = {(name, expert): done[target, name, expert] for t, name, expert, _, _ in jobs if t == target}
+            for (name, expert), (codes, _, _) in results.items():
+                weight = getattr(module, name) if expert is None else getattr(module, name)[expert]
+                weight.copy_(dequantize_weight(codes, *results[name, expert][1:], scheme).to(weight.dtype))
+            for name in dict.fromkeys(name for name, _ in results):
+                qparams = [results[name, expert][1:] for (n, expert) in results if n == name]
+                spec.weight_qparams[name] = (qparams[0] if not isinstance(module, FakeQuantExperts) else
+                                             (torch.stack([q[0] for q in qparams]), torch.stack([q[1] for q in qparams])))
+            entry = hessians.get(target)
+            if isinstance(module, FakeQuantExperts) and self.weight_algorithm == "gptq":
+                unrouted = sum((name, e) not in (entry or {}) for name in EXPERT_WEIGHTS for e in range(module.num_experts))
+                if unrouted:
+                    ctx.report.note(f"calibrate: {block.qualified(target)}: {unrouted // 2} experts got no routed "
+                                    "calibration tokens; their weights were rounded to nearest instead of GPTQ")
 
     def _weight_quantizer(self, scheme: TensorScheme, hessian: HessianAccumulator | None) -> WeightQuantizer:
         """Round to nearest, or GPTQ when a Hessian was collected for this weight."""
@@ -191,16 +208,13 @@ class Calibrate(Pass):
             return outputs
 
 
-@torch.no_grad()
-def quantize_experts_weight(weight: torch.Tensor, scheme: TensorScheme, quantizers: list[WeightQuantizer]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a fused (E, out, in) weight per expert (expert e by `quantizers[e]`), in place; stacked scale/offset."""
-    scales, offsets = [], []
-    for expert, quantize_one in enumerate(quantizers):
-        codes, scale, offset = quantize_one(weight[expert])
-        weight[expert].copy_(dequantize_weight(codes, scale, offset, scheme).to(weight.dtype))
-        scales.append(scale)
-        offsets.append(offset)
-    return torch.stack(scales), torch.stack(offsets)
+def _weights(module: nn.Module, hessians) -> list[tuple[str, int | None, torch.Tensor, HessianAccumulator | None]]:
+    """A layer's weights to quantize, each (name, expert or None, weight, its GPTQ statistics or None): a Linear's
+    `weight`; each expert's slice of fused experts' weights."""
+    if not isinstance(module, FakeQuantExperts):
+        return [("weight", None, module.weight, hessians)]
+    return [(name, expert, getattr(module, name)[expert], None if hessians is None else hessians.get((name, expert)))
+            for name in EXPERT_WEIGHTS for expert in range(module.num_experts)]
 
 
 @contextlib.contextmanager

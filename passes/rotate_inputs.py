@@ -60,7 +60,7 @@ class RotateInputs(Pass):
         for node in gm.graph.nodes:
             if node.op == "call_module" and node.target in linears and self.selects(block.qualified(node.target)):
                 readers.setdefault(node.args[0], []).append(node)
-        reference = ctx.run(block, ctx.inputs[: self.search_batches]) if self.search else None
+        reference = ctx.run(block, ctx.leading(self.search_batches)) if self.search else None
         for source, group in readers.items():
             planned = self._planned(block, ctx, group) if self.search else {}
             before = self._quantized_error(block, ctx, planned, reference) if planned else None
@@ -116,8 +116,8 @@ class RotateInputs(Pass):
 
     def _quantized_error(self, block: Block, ctx: Context, planned: dict[str, QuantScheme], reference: list) -> float:
         with simulated_quantization(block, planned):
-            outputs = ctx.run(block, ctx.inputs[: self.search_batches])
-        return max(relative_error(o, r) for o, r in zip(outputs, reference))
+            outputs = ctx.run(block, ctx.leading(self.search_batches))
+        return ctx.world.worst([relative_error(o, r) for o, r in zip(outputs, reference)])
 
     def finish(self, program: Program, ctx: Context) -> None:
         online = program.rotations.online

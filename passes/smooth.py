@@ -98,9 +98,10 @@ class Smooth(Pass):
         outputs: list[torch.Tensor] = []
 
         def run_keeping_search_outputs(block: Block, batches: list[BlockInput]) -> None:
-            outputs.extend(ctx.run(block, batches)[: self.search_batches if self.search else 0])
+            outputs.extend(ctx.run(block, batches)[: len(ctx.leading(self.search_batches)) if self.search else 0])
 
         stats = channel_absmax(block, ctx.inputs, dict(m.observe for m in migrations), run_keeping_search_outputs)
+        stats = {target: ctx.world.max(stats[target]) for target in sorted(stats)}
         search = self._search_calls(block, ctx, outputs) if self.search else None
         for migration in migrations:
             act_absmax = migration.reduce(stats[migration.observe[0]])
@@ -113,8 +114,9 @@ class Smooth(Pass):
         """The calls the search runs, and the float block's outputs on them: the `search_rows` of each of the first
         `search_batches` batches (whose outputs on all their rows are `outputs`); the whole batch where that is all
         its rows or they cannot be run apart."""
-        batches = ctx.inputs[: self.search_batches]
-        share = None if self.search_tokens is None else self.search_tokens // len(batches)
+        batches = ctx.leading(self.search_batches)
+        searched = min(self.search_batches, ctx.batch_count or len(ctx.inputs))  # over all processes
+        share = None if self.search_tokens is None else self.search_tokens // searched
         calls, reference = [], []
         for batch, output in zip(batches, outputs, strict=True):
             rows = row_count(batch)
@@ -148,7 +150,7 @@ class Smooth(Pass):
         def quantized_error() -> float:
             with simulated_quantization(block, planned):
                 outputs = ctx.run(block, calls)
-            return max(relative_error(o, r) for o, r in zip(outputs, reference))
+            return ctx.world.worst([relative_error(o, r) for o, r in zip(outputs, reference)])
 
         best_alpha, best_error = None, quantized_error()
         for alpha in self.search_grid:

@@ -118,7 +118,7 @@ def compile(config: ConfigLike, *, model: ModelLike | None = None, out: str | Pa
     with model_path(model, near=out, tokenizer=tokenizer) as path:
         compiled = compile_model(config, model_path=path, out_dir=out, overwrite=overwrite, resume=resume)
         evaluation = None
-        if evaluate:
+        if evaluate and compiled.wrote:  # in a multi-process compile, the first process evaluates
             evaluation = evaluate_output(resolve_source(config, path), out, config,
                                          calibrated_on=config.calibration.dataset)
             record_evaluation(compiled.report, evaluation)

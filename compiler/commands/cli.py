@@ -28,6 +28,7 @@ EXIT_INTERNAL = 3
 def _compile(args: argparse.Namespace) -> int:
     from slimc.commands.compile import compile_model, record_evaluation, resolve_source
     from slimc.commands.evaluate import check_held_out, evaluate, render_results
+    from slimc.commands.launch import launch
     from slimc.config import load_config
 
     if args.out is None and not args.dry_run:
@@ -37,8 +38,19 @@ def _compile(args: argparse.Namespace) -> int:
         return _dry_run(config, args.model, args.out)
     if args.eval and config.evaluation.dataset:
         check_held_out(config.evaluation.dataset, config.calibration.dataset)  # before the compile, not after
-    report = compile_model(config, model_path=args.model, out_dir=Path(args.out), overwrite=args.overwrite,
-                           resume=args.resume).report
+    if args.nproc > 1:
+        if args.resume:
+            raise SlimcError(f"--resume continues a compile run in one process, and --nproc {args.nproc} runs it in "
+                             f"{args.nproc}: a compile of several processes keeps no journal; resume without --nproc, "
+                             "or start again with --overwrite")
+        if launch(args.nproc, args.argv) != 0:
+            raise SlimcError(f"a process of the {args.nproc} stopped the compile (its message is above); nothing was written")
+        return 0
+    compiled = compile_model(config, model_path=args.model, out_dir=Path(args.out), overwrite=args.overwrite,
+                             resume=args.resume)
+    if not compiled.wrote:  # one of several processes: the first prints and evaluates
+        return 0
+    report = compiled.report
     print(report.render())
     print(f"\nwrote {args.out}")
     if args.eval:
@@ -181,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted compile of --out from its first block "
                    "not committed (same config, model and slimc), giving the files an uninterrupted one would")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value (parsed as YAML)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N", help="run the compile in N processes on this machine "
+                   "(torchrun, torch.distributed), sharing the calibration batches; one per GPU or NPU for cuda and npu "
+                   "(docs/distributed.md)")
     p.add_argument("--eval", action="store_true", help="afterwards, evaluate the output as `slimc eval` does (config's evaluation section)")
     p.add_argument("--dry-run", action="store_true", help="print which layers get which scheme, every layer whose shape "
                    "its scheme or an export format cannot hold, the estimated peak memory, disk and output size, and "
@@ -251,8 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.quiet and args.verbose:
         parser.error("-q/--quiet and -v/--verbose exclude each other")
+    if getattr(args, "nproc", 1) < 1:
+        parser.error("--nproc needs at least 1 process")
+    if int(os.environ.get("RANK", "0")) != 0:  # one of several processes torchrun started (slimc.distributed)
+        args.quiet, args.verbose = True, False  # the first speaks for all; the others print only their errors
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not args.debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -279,7 +299,8 @@ def _run(args: argparse.Namespace) -> int:
     except SlimcError as error:
         if args.debug:
             raise
-        MESSAGES.error("error: %s", error)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        MESSAGES.error("error: %s%s", "" if rank is None else f"process {rank}: ", error)
         return EXIT_ERROR
     except KeyboardInterrupt:
         MESSAGES.error("interrupted; no output was published")

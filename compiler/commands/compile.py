@@ -22,6 +22,7 @@ from slimc.commands.export import (
 from slimc.commands.provenance import provenance, resume_identity
 from slimc.commands.shape_rules import Plan, check_plan, plan_layers
 from slimc.config import SlimcConfig, format_validation_error
+from slimc.distributed import SINGLE, World, join, local_device
 from slimc.environment import require_extra
 from slimc.errors import ConfigError, ExportError
 from slimc.frontends import Frontend, check_builtin_dataset, frontend_for
@@ -189,12 +190,17 @@ def export_format(program: Program, backend: Backend, staging: Path, progress: P
 class Compiled:
     program: Program
     report: RunReport
+    wrote: bool = True  # False in the processes of a multi-process compile that leave the writing to the first
 
 
 def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path, overwrite: bool = False,
-                  resume: bool = False) -> Compiled:
+                  resume: bool = False, world: World | None = None) -> Compiled:
     """Run the whole compile; the output directory appears only when complete. A streamed compile commits each
-    finished block to its journal, which `resume` continues from."""
+    finished block to its journal, which `resume` continues from. Started by torchrun (`world`: by default, as its
+    environment says), the processes share the calibration batches and the first writes the outputs."""
+    world = join(config.model.device) if world is None else world
+    if world.size > 1:
+        config.model.device = local_device(config.model.device, world)
     report = RunReport()
     check_does_something(config)
     remove_dead_runs(out_dir)
@@ -205,7 +211,7 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
     needed = output_size(source, backends)
     check_disk_space(out_dir, needed)  # before loading: a full disk should not cost a whole compile
     check_plan(quantization_plan(config, inputs), backends, config)  # nor should a layer that no format can hold
-    journal = open_journal(config, source, frontend, out_dir, resume=resume, overwrite=overwrite)
+    journal = open_journal(config, source, frontend, out_dir, resume=resume, overwrite=overwrite, world=world)
     with scratch_directory(out_dir) as scratch:
         program = load_program(config, source, frontend, report, scratch)
         if journal is None and program.weights is not None:
@@ -217,8 +223,8 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
             if journal is not None:
                 journal.begin(resume_identity(report.provenance))
                 program.weights.spill_into(journal.directory, owned=False)
-            pipeline.run(program, config, batches, report, journal)
-            if backends:
+            pipeline.run(program, config, batches, report, journal, world)
+            if backends and world.is_leader:
                 with (report.timed("export"), staged_output(out_dir, overwrite, needed) as staging,
                       Progress("export", len(backends), "format") as exporting):
                     for backend in backends:
@@ -227,6 +233,7 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
                     report.finish()
                     (staging / REPORT_FILE).write_text(report.to_json())
                 report.location = out_dir / REPORT_FILE
+            world.barrier()  # the other processes return once the outputs are written (or stop if writing failed)
         except BaseException:
             if journal is None:
                 if program.weights is not None:  # a failed compile returns no program that could read its spilled blocks
@@ -241,13 +248,19 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
         program.weights.move_spill(spill_directory(out_dir))
         journal.close()
     report.finish()
-    return Compiled(program, report)
+    return Compiled(program, report, wrote=world.is_leader)
 
 
 def open_journal(config: SlimcConfig, source: ModelSource, frontend: Frontend, out_dir: Path, *, resume: bool,
-                 overwrite: bool) -> Journal | None:
+                 overwrite: bool, world: World = SINGLE) -> Journal | None:
     """The journal of a streamed compile (slimc.journal); a compile that loads the model whole keeps none, so it
-    cannot be resumed."""
+    cannot be resumed, and neither does one of several processes (each holds other calibration inputs)."""
+    if world.size > 1:
+        if resume:
+            raise ConfigError(f"--resume continues a compile run in one process, and this one runs in {world.size}: "
+                              "a compile of several processes keeps no journal; resume without --nproc or torchrun, "
+                              "or start again with --overwrite")
+        return None
     if not streams(config, source, frontend):
         if resume:
             why = ("the model is a GGUF file" if source.is_gguf else "memory.stream_blocks is false" if frontend.streams

@@ -121,10 +121,12 @@ def flat_leaves(value: Any) -> list[Any]:
 
 class StageInputs:
     """Every block's inputs of one stage, on every batch: the first block's as captured, later ones
-    rebuilt from the previous block's outputs by `next_inputs`."""
+    rebuilt from the previous block's outputs by `next_inputs`. `reached`: which of the runs these batches are."""
 
-    def __init__(self, first: list[BlockInput], templates: list[list[Template]] | list[Template], uniform: bool) -> None:
+    def __init__(self, first: list[BlockInput], templates: list[list[Template]] | list[Template], uniform: bool,
+                 reached: list[int] | None = None) -> None:
         self.first = first
+        self.reached = list(range(len(first))) if reached is None else reached
         self._templates = templates  # uniform: one per block (from batch 0); else per batch, per block
         self.uniform = uniform
 
@@ -185,11 +187,13 @@ def capture_stage(blocks: list[nn.Module], runs: list[Callable[[], Any]], *, sta
     Batches that never reach the stage are left out of it (`StageInputs.first` lists the others)."""
     firsts: list[BlockInput] = []
     per_batch: list[list[Template]] = []
+    reached: list[int] = []
     uniform = None
-    for run in runs:
+    for index, run in enumerate(runs):
         recorded = _record(blocks, run, full=len(blocks) > 1 and not uniform)
         if recorded is None:
             continue
+        reached.append(index)
         firsts.append(recorded[0])
         per_batch.append(recorded[1])
         if uniform is None:
@@ -197,4 +201,4 @@ def capture_stage(blocks: list[nn.Module], runs: list[Callable[[], Any]], *, sta
     if not firsts:
         raise StageNotReached(f"no calibration batch reaches {stage}; give calibration data that runs it "
                          "(e.g. images for a vision tower, audio for an audio encoder)")
-    return StageInputs(firsts, per_batch[0] if uniform else per_batch, bool(uniform))
+    return StageInputs(firsts, per_batch[0] if uniform else per_batch, bool(uniform), reached)

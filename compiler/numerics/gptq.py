@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from slimc.distributed import World
 from slimc.numerics.quant import expand_to_weight, fake_quantize, group_count, quantize, weight_qparams
 from slimc.schemes import TensorScheme
 
 
 class HessianAccumulator:
-    """Running ``2/N · Σ x xᵀ`` of a layer's inputs (..., in), in float32 on the inputs' device."""
+    """Running ``2/N · Σ x xᵀ`` of a layer's inputs (..., in), summed in float64 on the inputs' device: the sum of
+    processes' partial sums (`reduce_hessians`) then rounds to the float32 Hessian of one process's sum."""
 
     def __init__(self) -> None:
         self.sum: torch.Tensor | None = None
@@ -23,16 +25,41 @@ class HessianAccumulator:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        x = x.detach().reshape(-1, x.shape[-1]).double()
         if self.sum is None:
-            self.sum = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
+            self.sum = torch.zeros(x.shape[-1], x.shape[-1], device=x.device, dtype=torch.float64)
         self.sum.addmm_(x.T, x)
         self.count += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
         if self.sum is None or self.count == 0:
             raise ValueError("no inputs were seen")
-        return self.sum * (2.0 / self.count)
+        return (self.sum * (2.0 / self.count)).float()
+
+
+def reduce_hessians(hessians: dict, world: World) -> None:
+    """Sum each accumulator of `hessians` (target -> accumulator, or -> {(weight, expert): accumulator} for fused
+    experts) over the processes; an expert some process saw gets an accumulator on all."""
+    if world.size == 1 or not hessians:
+        return
+    accumulators = []
+    for target in sorted(hessians):
+        entry = hessians[target]
+        if isinstance(entry, HessianAccumulator):
+            if all(entry is not taken for taken in accumulators):  # Linears reading one input share it: sum it once
+                accumulators.append(entry)
+            continue
+        seen = {key: value.sum.shape[0] for key, value in entry.items() if value.sum is not None}
+        for key, size in sorted({k: s for process in world.gather(seen) for k, s in process.items()}.items()):
+            found = entry.setdefault(key, HessianAccumulator())
+            if found.sum is None:
+                found.sum = torch.zeros(size, size, dtype=torch.float64)
+            accumulators.append(found)
+    for accumulator in accumulators:
+        accumulator.sum = world.sum(accumulator.sum)
+    counts = world.sum(torch.tensor([a.count for a in accumulators], dtype=torch.float64))
+    for accumulator, count in zip(accumulators, counts.tolist(), strict=True):
+        accumulator.count = int(count)
 
 
 def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:

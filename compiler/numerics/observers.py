@@ -3,17 +3,36 @@
 - minmax: running min and max;
 - percentile: clip to the given percentile of the observed values (outlier-robust);
 - mse: choose the clipping range that minimises the quantization error of the observed values.
-percentile and mse keep a bounded random subsample of values, so memory stays fixed.
+percentile and mse keep a bounded random subsample of values, so memory stays fixed: drawn with a generator seeded
+by the calibration batch's index and kept in batch order, so that processes sharing the batches (slimc.distributed)
+and `reduce_observers` give the subsample of one process.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
 import torch
 
+from slimc.distributed import World
 from slimc.numerics.quant import fake_quantize, qparams_from_range
 from slimc.schemes import TensorScheme
 
 SAMPLE_LIMIT = 1 << 20
+SAMPLES_PER_CALL = max(SAMPLE_LIMIT // 64, 1)
+_BATCH: ContextVar[int] = ContextVar("calibration_batch", default=0)
+
+
+@contextlib.contextmanager
+def observed_batch(index: int) -> Iterator[None]:
+    """Observers updated meanwhile see calibration batch `index`."""
+    token = _BATCH.set(index)
+    try:
+        yield
+    finally:
+        _BATCH.reset(token)
 
 
 class Observer:
@@ -23,9 +42,11 @@ class Observer:
         self.scheme = scheme
         self.min_val: torch.Tensor | None = None
         self.max_val: torch.Tensor | None = None
-        self.samples: list[torch.Tensor] = []
+        self.samples: list[tuple[int, torch.Tensor]] = []  # (batch index, values), in the order observed
         self._kept = 0
-        self._generator = torch.Generator().manual_seed(seed)
+        self._seed = seed
+        self._batch: int | None = None
+        self._generator = torch.Generator()
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float()
@@ -33,10 +54,14 @@ class Observer:
         self.min_val = lo if self.min_val is None else torch.minimum(self.min_val, lo)
         self.max_val = hi if self.max_val is None else torch.maximum(self.max_val, hi)
         if self.scheme.observer != "minmax" and self._kept < SAMPLE_LIMIT:
+            batch = _BATCH.get()
+            if batch != self._batch:
+                self._batch = batch
+                self._generator.manual_seed(self._seed * (1 << 32) + batch)
             flat = x.reshape(-1)
-            take = min(flat.numel(), SAMPLE_LIMIT - self._kept, max(SAMPLE_LIMIT // 64, 1))
+            take = min(flat.numel(), SAMPLES_PER_CALL)
             index = torch.randint(flat.numel(), (take,), generator=self._generator)
-            self.samples.append(flat[index])
+            self.samples.append((batch, flat[index]))
             self._kept += take
 
     @property
@@ -50,7 +75,7 @@ class Observer:
         if self.scheme.observer == "minmax":
             lo, hi = self.min_val, self.max_val
         else:
-            values = torch.cat(self.samples)
+            values = torch.cat([values for _, values in sorted(self.samples, key=lambda kept: kept[0])])[:SAMPLE_LIMIT]
             lo, hi = self._percentile_range(values) if self.scheme.observer == "percentile" else self._mse_range(values)
         scale, offset = qparams_from_range(lo.reshape(1), hi.reshape(1), self.scheme)
         return scale, offset
@@ -69,3 +94,23 @@ class Observer:
             if err < best[0]:
                 best = (err, lo, hi)
         return best[1], best[2]
+
+
+def reduce_observers(observers: list[Observer], world: World) -> None:
+    """Give each observer the statistics of every process's batches: the range over all of them, and the samples
+    in batch order (each process keeps its first SAMPLE_LIMIT, which hold its share of the first SAMPLE_LIMIT of
+    all). Every process passes the same observers in the same order."""
+    if world.size == 1 or not observers:
+        return
+    inf = torch.tensor(float("inf"))
+    low = world.min(torch.stack([inf if o.min_val is None else o.min_val.cpu() for o in observers]))
+    high = world.max(torch.stack([-inf if o.max_val is None else o.max_val.cpu() for o in observers]))
+    sampling = [o for o in observers if o.scheme.observer != "minmax"]
+    if sampling:
+        gathered = world.gather([o.samples for o in sampling])
+        for position, observer in enumerate(sampling):
+            observer.samples = [sample for process in gathered for sample in process[position]]
+    device = next((o.min_val.device for o in observers if o.min_val is not None), low.device)
+    for observer, lo, hi in zip(observers, low, high, strict=True):
+        if torch.isfinite(lo):  # some process observed it
+            observer.min_val, observer.max_val = lo.to(device), hi.to(device)
