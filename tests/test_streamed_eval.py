@@ -80,10 +80,9 @@ def test_only_the_block_being_run_holds_weights(compiled, windows):
     assert all(is_on_meta(block.module) for block in program.blocks)
 
 
+@pytest.mark.parametrize("compiled", [CASES[0]], indirect=True, ids=["llama-float32"])  # one end-to-end case
 def test_eval_streams_to_the_figures_of_the_whole_model_evaluation(compiled):
     source, config, mindie, dtype = compiled
-    if dtype != torch.float32 or source.architecture != "LlamaForCausalLM":
-        pytest.skip("one end-to-end case is enough")
     settings = {"corpus": "builtin:text-eval", "samples": 4, "seq_len": 32, "batch_size": 2}
     streamed = evaluate_perplexity(source, mindie, config=config, **settings)
     whole = evaluate_perplexity(source, mindie, config=config.model_copy(
