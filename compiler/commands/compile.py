@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from pydantic import ValidationError
+from torch import nn
 
 from slimc.backends import Backend, backend_class
 from slimc.commands.export import (
@@ -151,6 +152,17 @@ def streams(config: SlimcConfig, source: ModelSource, frontend: Frontend) -> boo
     return config.memory.stream_blocks and frontend.streams and not source.is_gguf
 
 
+def load_streamed(config: SlimcConfig, source: ModelSource, frontend: Frontend, dtype: torch.dtype,
+                  scratch: Path) -> tuple[nn.Module, BlockWeights]:
+    """The model with its blocks on the meta device, and the weights that read them from the checkpoint's shards;
+    what the loader has to convert (fused experts, say) is offloaded under `scratch`."""
+    blocks = [block.name for block in frontend.build(source, frontend.skeleton(source, dtype)).blocks]
+    device_map = offload_device_map(frontend.skeleton(source, dtype), blocks)
+    model = frontend.load(source, dtype=dtype, device=device_map, trust_remote_code=config.model.trust_remote_code,
+                          offload_folder=scratch / "offload")
+    return model, BlockWeights.detach_from(model)
+
+
 def load_program(config: SlimcConfig, source: ModelSource, frontend: Frontend, report: RunReport,
                  scratch: Path | None = None) -> Program:
     """Load the model (every frontend loads through here) and cut it into a Program. With a `scratch` directory
@@ -159,11 +171,7 @@ def load_program(config: SlimcConfig, source: ModelSource, frontend: Frontend, r
     weights = None
     with report.timed("load"):
         if scratch is not None and streams(config, source, frontend):
-            blocks = [block.name for block in frontend.build(source, frontend.skeleton(source, dtype)).blocks]
-            device_map = offload_device_map(frontend.skeleton(source, dtype), blocks)
-            model = frontend.load(source, dtype=dtype, device=device_map, trust_remote_code=config.model.trust_remote_code,
-                                  offload_folder=scratch / "offload")
-            weights = BlockWeights.detach_from(model)
+            model, weights = load_streamed(config, source, frontend, dtype, scratch)
         else:
             model = frontend.load(source, dtype=dtype, trust_remote_code=config.model.trust_remote_code)
         check_finite_weights(model, source.path, weights.loader if weights is not None else None)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimc.commands.compile import model_dtype
+from slimc.commands.compile import load_streamed, model_dtype
 from slimc.config import SlimcConfig
 from slimc.errors import DataError
 from slimc.frontends import Frontend
@@ -33,7 +33,6 @@ from slimc.ir import Block, Program
 from slimc.ir.calls import hidden_of
 from slimc.ir.capture import capture_stage
 from slimc.ir.source import ModelSource
-from slimc.ir.streaming import BlockWeights, offload_device_map
 from slimc.progress import tracked
 
 ReadBlock = Callable[[Block], contextlib.AbstractContextManager[nn.Module]]
@@ -115,12 +114,8 @@ def streamed_float_program(config: SlimcConfig, source: ModelSource, frontend: F
     """The float model in the compile's dtype, its blocks left on the meta device and read from the checkpoint's
     shards when `Program.reading` asks (slimc.ir.streaming); what the loader converts is kept in a temporary
     folder while inside."""
-    dtype = model_dtype(config, source)
-    blocks = [block.name for block in frontend.build(source, frontend.skeleton(source, dtype)).blocks]
     with tempfile.TemporaryDirectory(prefix="slimc-eval-") as scratch:
-        model = frontend.load(source, dtype=dtype, device=offload_device_map(frontend.skeleton(source, dtype), blocks),
-                              trust_remote_code=config.model.trust_remote_code, offload_folder=Path(scratch) / "offload")
-        weights = BlockWeights.detach_from(model)
+        model, weights = load_streamed(config, source, frontend, model_dtype(config, source), Path(scratch))
         program = frontend.build(source, model)
         program.weights = weights
         yield program
