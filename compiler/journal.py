@@ -4,8 +4,9 @@ interrupted compile continues where it stopped (`slimc compile --resume`).
 `.<out>.resume/` holds, per committed block, its tensors (the block's spill file, `<block>.safetensors`) and its
 rewritten graph (`<block>.graph.pt`: the traced block pickled with its leaves on the meta device, so only the nodes
 passes inserted carry data); and, for the last committed block, the state the next block starts from
-(`<block>.state.pt`: its calibration inputs, the passes' own state, the program's quantization annotations, the
-report's entries and the RNG state). `manifest.json` lists the committed blocks and what the compile was made
+(`<block>.inputs/`: its calibration inputs, a file per batch, so that neither writing nor reading them holds them
+all in memory; `<block>.state.pt`: the passes' own state, the program's quantization annotations, the report's
+entries and the RNG state). `manifest.json` lists the committed blocks and what the compile was made
 from; it is replaced in one rename after a block's files are complete, so a process killed at any moment leaves
 the blocks it lists whole. A resumed compile redoes only what the manifest does not list, and writes the same
 files as one that was never interrupted.
@@ -17,6 +18,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from slimc.pass_base import Pass
 from slimc.report import LayerRecord, RunReport
 
 MANIFEST = "manifest.json"
-JOURNAL_FORMAT = 1
+JOURNAL_FORMAT = 2  # 2: the next block's inputs a file per batch
 
 
 def journal_directory(out_dir: Path) -> Path:
@@ -43,9 +45,8 @@ def journal_directory(out_dir: Path) -> Path:
 
 @dataclass
 class BlockState:
-    """What the compile carries from one block to the next, beyond the blocks' own files."""
+    """What the compile carries from one block to the next, beyond the blocks' own files and its calibration inputs."""
 
-    inputs: list[BlockInput]
     steps: list[Pass]
     quant_specs: dict[str, QuantSpec]
     rotations: Rotations
@@ -140,11 +141,17 @@ class Journal:
     def block_file(self, block_name: str, kind: str) -> Path:
         return self.directory / f"{block_name}.{kind}"
 
-    def commit(self, program: Program, block: Block, state: BlockState) -> None:
-        """Record a finished block, already spilled to `block_file(name, "safetensors")` by the program: its graph
-        and the state after it, then the manifest naming it (the moment it counts), then drop the previous state."""
+    def commit(self, program: Program, block: Block, state: BlockState, inputs: Sequence[BlockInput]) -> None:
+        """Record a finished block, already spilled to `block_file(name, "safetensors")` by the program: its graph,
+        the state after it and the next block's calibration `inputs` (read one at a time), then the manifest naming
+        it (the moment it counts), then drop the previous state."""
         if block.traced is not None:
             _save(block.traced, self.block_file(block.name, "graph.pt"))
+        batches = self.block_file(block.name, "inputs")
+        shutil.rmtree(batches, ignore_errors=True)  # left by a compile killed while writing them
+        batches.mkdir()
+        for index, batch in enumerate(inputs):
+            _save(batch, batches / f"{index}.pt")
         state.rng = rng_state()
         _save(state, self.block_file(block.name, "state.pt"))
         previous = self.committed[-1] if self.committed else None
@@ -152,6 +159,7 @@ class Journal:
         self._write_manifest()
         if previous is not None:
             self.block_file(previous, "state.pt").unlink(missing_ok=True)
+            shutil.rmtree(self.block_file(previous, "inputs"), ignore_errors=True)
 
     def restore_block(self, program: Program, block: Block) -> None:
         """Give a committed block its rewritten graph and its tensors (read from its file when a forward or an
@@ -163,9 +171,9 @@ class Journal:
             block.traced = traced
         program.weights.adopt(block.name, self.block_file(block.name, "safetensors"))
 
-    def restore_state(self, steps: list[Pass], program: Program, report: RunReport) -> list[BlockInput] | None:
+    def restore_state(self, steps: list[Pass], program: Program, report: RunReport) -> Iterator[BlockInput] | None:
         """Once, after the passes' `prepare`: put back what the last committed block left; returns the next block's
-        calibration inputs (None if nothing was committed)."""
+        calibration inputs, each read when the iterator reaches it (None if nothing was committed)."""
         if self._state_applied or not self.committed:
             return None
         self._state_applied = True
@@ -183,7 +191,9 @@ class Journal:
         report.note(f"resumed after {len(self.committed)} committed blocks (the last {self.committed[-1]})")
         torch.set_rng_state(state.rng["torch"])
         random.setstate(state.rng["python"])
-        return state.inputs
+        batches = self.block_file(self.committed[-1], "inputs")
+        count = len(list(batches.glob("[0-9]*.pt")))
+        return (torch.load(batches / f"{index}.pt", weights_only=False) for index in range(count))
 
     def close(self) -> None:
         """The output is published: the journal is no longer needed."""

@@ -81,18 +81,26 @@ class Context:
         self.report = report
         self.plan = QuantPlan.resolve(program, config, steps)
         self.device = torch.device(config.model.device)
-        self.inputs: list[BlockInput] = []
+        # a list, or an ActivationStore that keeps some of them on disk (memory.activations_gb): read them in order
+        self.inputs: Sequence[BlockInput] = []
 
     @torch.no_grad()
-    def run(self, block: Block, batches: Sequence[BlockInput] | None = None) -> list[torch.Tensor]:
-        """The block graph's outputs (see `block_output`) on (some of) its calibration inputs; on all of them, observers
+    def run(self, block: Block, batches: Sequence[BlockInput] | None = None, keep: int | None = None) -> list[torch.Tensor]:
+        """The block graph's outputs (see `block_output`) on (some of) its calibration inputs, of the first `keep`
+        batches only if given (a run for what hooks record need not hold every output); on all of them, observers
         draw their samples as for each batch's index (`observed_batch`), the same in any number of processes."""
-        if batches is not None:
-            return [block_output(block.traced(*args, **kwargs)) for args, kwargs in batches]
         outputs = []
+        if batches is not None:
+            for args, kwargs in batches:
+                output = block_output(block.traced(*args, **kwargs))
+                if keep is None or len(outputs) < keep:
+                    outputs.append(output)
+            return outputs
         for index, (args, kwargs) in zip(self.batch_ids, self.inputs, strict=True):
             with observed_batch(index):
-                outputs.append(block_output(block.traced(*args, **kwargs)))
+                output = block_output(block.traced(*args, **kwargs))
+            if keep is None or len(outputs) < keep:
+                outputs.append(output)
         return outputs
 
     @property
@@ -108,8 +116,9 @@ class Context:
     def leading(self, count: int) -> list[BlockInput]:
         """This process's inputs among the first `count` calibration batches (what a search or an error measure
         runs on; reduce what they give with `world.worst`)."""
-        return [batch for index, batch in zip(self.batch_ids, self.inputs, strict=True) if index < count]
+        return [self.inputs[position] for position, index in enumerate(self.batch_ids) if index < count]  # reads only those
 
     def rotate_stream(self, rotation: torch.Tensor) -> None:
         """Rotate the hidden states of the current calibration inputs: x -> x R."""
-        self.inputs = [rebind_hidden(batch, rotate_hidden(hidden_of(batch), rotation)) for batch in self.inputs]
+        for index, batch in enumerate(self.inputs):  # in place, one batch at a time (a store keeps its spilled ones so)
+            self.inputs[index] = rebind_hidden(batch, rotate_hidden(hidden_of(batch), rotation))

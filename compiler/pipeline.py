@@ -10,7 +10,11 @@ one block's weights: a finished block is spilled to disk (`Program.finish_block`
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,8 +23,9 @@ from slimc.config import SlimcConfig
 from slimc.distributed import SINGLE, World
 from slimc.errors import ConfigError, DataError, PassError
 from slimc.ir import Block, Program, Stage
-from slimc.ir.calls import hidden_of, perturbed, rebind_hidden, rotate_hidden, to_device
-from slimc.ir.capture import StageInputs, StageNotReached, capture_stage
+from slimc.ir.activations import GB, ActivationStore
+from slimc.ir.calls import hidden_of, perturbed, rebind_hidden, rotate_hidden
+from slimc.ir.capture import BlockInput, StageInputs, StageNotReached, capture_stage
 from slimc.ir.tracer import trace_block
 from slimc.journal import BlockState, Journal
 from slimc.numerics.fidelity import relative_error
@@ -69,16 +74,37 @@ class Pipeline:
         return cls(steps)
 
     def run(self, program: Program, config: SlimcConfig, batches: list[dict[str, Any]], report: RunReport,
-            journal: Journal | None = None, world: World = SINGLE) -> Context:
+            journal: Journal | None = None, world: World = SINGLE, spill_parent: Path | None = None) -> Context:
         """Run every pass on every block, stage by stage. `batches` are calibration batches: each a dict
         of the model's forward arguments. A stage's inputs are captured by running the model (through
         the already rewritten stages before it) on every batch. With a `journal`, each finished block is
         committed to it, and blocks it already holds are restored instead of run. In a `world` of several
-        processes, each runs batches rank, rank + size, ... and the passes reduce their statistics over all."""
+        processes, each runs batches rank, rank + size, ... and the passes reduce their statistics over all.
+        With `memory.activations_gb`, the blocks' calibration inputs beyond it are spilled to a directory under
+        `spill_parent` (the system's temporary directory if None), removed when this returns or fails."""
         if len(batches) < world.size:
             raise DataError(f"{world.size} processes share {len(batches)} calibration batches, and each needs one; "
                             "give more calibration samples (calibration.samples / calibration.batch_size) or fewer processes")
         ctx = Context(program, config, self.steps, report, world)
+        budget = config.memory.activations_gb
+        with contextlib.ExitStack() as cleanup:
+            directory = None
+            if budget is not None:
+                if spill_parent is not None:
+                    spill_parent.mkdir(parents=True, exist_ok=True)
+                directory = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="activations-", dir=spill_parent)))
+            store = ActivationStore(None if budget is None else int(budget * GB), directory, ctx.device)
+            cleanup.callback(lambda: ctx.inputs.close() if isinstance(ctx.inputs, ActivationStore) else None)
+            self._run_stages(program, ctx, batches, journal, store)
+        for step in self.steps:
+            with report.timed(step.name):
+                step.finish(program, ctx)
+        return ctx
+
+    def _run_stages(self, program: Program, ctx: Context, batches: list[dict[str, Any]], journal: Journal | None,
+                    empty: ActivationStore) -> None:
+        """Every stage's blocks, their calibration inputs held in stores like `empty`."""
+        world, report = ctx.world, ctx.report
         batch_ids = list(range(world.rank, len(batches), world.size))
         batches = batches[world.rank::world.size]
         blocks_done = Progress("blocks", sum(len(stage.blocks) for stage in program.stages), "block")
@@ -92,13 +118,14 @@ class Pipeline:
                     journal.restore_block(program, block)
                 blocks_done.skip(len(committed))
                 continue
+            ctx.inputs = empty.like()  # the stage's first block inputs, filled while the capture runs
             try:
                 with (report.timed("capture"), program.executing_graphs(),
                       Progress(f"capture {stage.name}", len(batches), "batch", leave=False) as capturing):
                     stage_inputs = capture_stage(
                         [block.module for block in stage.blocks],
                         [capturing.counted(functools.partial(program.call, program.model, batch)) for batch in batches],
-                        stage=f"stage {stage.name!r}",
+                        stage=f"stage {stage.name!r}", first=ctx.inputs,
                     )
             except StageNotReached as error:
                 unreached, stage_inputs = error, None
@@ -108,24 +135,21 @@ class Pipeline:
                 self._leave_unreached(stage, ctx, unreached, journal)
                 blocks_done.skip(len(stage.blocks))
                 continue
-            ctx.inputs = [to_device(batch, ctx.device) for batch in stage_inputs.first]
             self._prepare(program, ctx, journal)
             for block in committed:  # after the capture, which runs the stage's blocks as loaded
                 journal.restore_block(program, block)
             if committed:
-                ctx.inputs = [to_device(batch, ctx.device) for batch in resumed_inputs]
+                ctx.inputs.close()
+                ctx.inputs = empty.like()
+                ctx.inputs.extend(resumed_inputs)
                 blocks_done.skip(len(committed))
             for position in range(len(committed), len(stage.blocks)):
                 block = stage.blocks[position]
-                outputs = self._run_block(block, ctx, blocks_done)
-                ctx.inputs = [to_device(stage_inputs.next_inputs(position + 1, b, out), ctx.device)
-                              for b, out in enumerate(outputs)] if position + 1 < len(stage.blocks) else []
+                last = position + 1 == len(stage.blocks)
+                self._run_block(block, ctx, blocks_done,
+                                None if last else functools.partial(stage_inputs.next_inputs, position + 1))
                 self._finish_block(block, ctx, journal)
                 blocks_done.advance()
-        for step in self.steps:
-            with report.timed(step.name):
-                step.finish(program, ctx)
-        return ctx
 
     @staticmethod
     def _share_stage(stage: Stage, ctx: Context, stage_inputs: StageInputs | None, batch_ids: list[int]) -> bool:
@@ -162,10 +186,10 @@ class Pipeline:
             return
         report = ctx.report
         journal.commit(program, block, BlockState(
-            inputs=ctx.inputs, steps=self.steps, quant_specs=program.quant_specs, rotations=program.rotations,
+            steps=self.steps, quant_specs=program.quant_specs, rotations=program.rotations,
             config_updates=program.config_updates, tied_embeddings=program.tied_embeddings,
             ascend_metadata=program.ascend_metadata, layers=report.layers, notes=report.notes, details=report.details,
-            metrics=report.metrics, seconds=report.seconds))
+            metrics=report.metrics, seconds=report.seconds), ctx.inputs)
 
     def _leave_unreached(self, stage: Stage, ctx: Context, error: StageNotReached, journal: Journal | None) -> None:
         """A stage no calibration batch runs (text-only data and a vision tower) stays float if the config
@@ -185,9 +209,11 @@ class Pipeline:
         ctx.report.note(f"stage {stage.name!r}: no calibration batch runs it and the config quantizes none of its "
                         "layers, so it stays as loaded")
 
-    def _run_block(self, block: Block, ctx: Context, progress: Progress) -> list[Any]:
-        """Trace the block if needed, run every pass on it (saying which to `progress`), and return its outputs
-        on every batch."""
+    def _run_block(self, block: Block, ctx: Context, progress: Progress,
+                   next_inputs: Callable[[int, Any], BlockInput] | None) -> None:
+        """Trace the block if needed, run every pass on it (saying which to `progress`), and replace its calibration
+        inputs with the next block's: `next_inputs(batch, outputs)` of its outputs on each batch (none after the
+        last block of a stage)."""
         ctx.program.materialize(block)
         moved = ctx.device.type != "cpu"
         if moved:
@@ -210,10 +236,14 @@ class Pipeline:
                 with ctx.report.timed("equivalence check"):
                     self._check_equivalence(step, block, ctx, reference)
         with torch.no_grad(), ctx.report.timed("block outputs"):  # the next block's calibration inputs
-            outputs = [block.traced(*args, **kwargs) for args, kwargs in ctx.inputs]
+            following = ctx.inputs.like()
+            for index, (args, kwargs) in enumerate(ctx.inputs.drain()):  # each batch released as the next is made
+                outputs = block.traced(*args, **kwargs)
+                if next_inputs is not None:
+                    following.append(next_inputs(index, outputs))
+            ctx.inputs = following
         if moved:
             block.module.to("cpu")
-        return outputs
 
     @staticmethod
     def _reference(step: Pass, block: Block, ctx: Context) -> tuple[torch.Tensor, float]:

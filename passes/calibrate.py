@@ -131,7 +131,7 @@ class Calibrate(Pass):
         for module in experts:
             module.route_all = self.route_all_experts
         try:
-            ctx.run(block)
+            ctx.run(block, keep=0)  # what the hooks record is the result
         finally:
             for module in experts:
                 module.route_all = False

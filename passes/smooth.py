@@ -98,7 +98,7 @@ class Smooth(Pass):
         outputs: list[torch.Tensor] = []
 
         def run_keeping_search_outputs(block: Block, batches: list[BlockInput]) -> None:
-            outputs.extend(ctx.run(block, batches)[: len(ctx.leading(self.search_batches)) if self.search else 0])
+            outputs.extend(ctx.run(block, batches, keep=len(ctx.leading(self.search_batches)) if self.search else 0))
 
         stats = channel_absmax(block, ctx.inputs, dict(m.observe for m in migrations), run_keeping_search_outputs)
         stats = {target: ctx.world.max(stats[target]) for target in sorted(stats)}

@@ -231,7 +231,7 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
             if journal is not None:
                 journal.begin(resume_identity(report.provenance))
                 program.weights.spill_into(journal.directory, owned=False)
-            pipeline.run(program, config, batches, report, journal, world)
+            pipeline.run(program, config, batches, report, journal, world, spill_parent=scratch)
             if backends and world.is_leader:
                 with (report.timed("export"), staged_output(out_dir, overwrite, needed) as staging,
                       Progress("export", len(backends), "format") as exporting):

@@ -51,11 +51,14 @@ def resume_identity(record: dict) -> dict:
     the numbers: slimc's and the libraries' versions, the resolved config, the weights, the calibration data and
     the device kind (not the config file's or the model's path, nor the operating system's version). The export
     formats are left out: they are written after every block, so a compile that a format refused resumes with
-    that format changed."""
+    that format changed; and so is `memory.activations_gb`, which changes where activations wait, not their values
+    (a compile that ran out of memory resumes with a budget)."""
+    config = {key: value for key, value in record["config"]["resolved"].items() if key != "export"}
+    config["memory"] = {key: value for key, value in config["memory"].items() if key != "activations_gb"}
     return {
         "slimc": record["slimc"],
         "libraries": record["libraries"],
-        "config": {key: value for key, value in record["config"]["resolved"].items() if key != "export"},
+        "config": config,
         "model": {key: record["model"][key] for key in ("architecture", "weight_index")},
         "calibration": record["calibration"],
         "device": {key: record["device"][key] for key in ("configured", "name")},

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from slimc.config.steps import PassStep, check_order, pass_class
 from slimc.config.versions import CONFIG_VERSION, upgrade
@@ -94,6 +94,18 @@ class MemoryConfig(_Strict):
     # Read each block's weights from the checkpoint when the pipeline reaches it (transformers checkpoints in
     # safetensors; GGUF files and diffusers transformers load whole), instead of the whole model at load.
     stream_blocks: bool = True
+    # Keep at most this many GB of a block's calibration activations in memory (host, or the accelerator's with
+    # model.device), writing the batches beyond it to disk and reading them back each time a pass runs them;
+    # None: all in memory.
+    activations_gb: float | None = None
+
+    @field_validator("activations_gb")
+    @classmethod
+    def _positive_budget(cls, value: float | None) -> float | None:
+        if value is not None and not value > 0:
+            raise ValueError("must be a number of GB above 0 (e.g. 8), or null to keep every calibration "
+                             "activation in memory")
+        return value
 
 
 class SlimcConfig(_Strict):

@@ -20,7 +20,7 @@ decoder LLM), later batches stop at the first block and its inputs are all that 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,21 +120,32 @@ def flat_leaves(value: Any) -> list[Any]:
 
 
 class StageInputs:
-    """Every block's inputs of one stage, on every batch: the first block's as captured, later ones
-    rebuilt from the previous block's outputs by `next_inputs`. `reached`: which of the runs these batches are."""
+    """Every block's inputs of one stage, on every batch: the first block's as captured (`first`: a list, or an
+    `ActivationStore` that the pipeline hands on as the first block's inputs), later ones rebuilt from the previous
+    block's outputs by `next_inputs`, with the leaves they take from the first block's inputs (`shared`: per batch,
+    those leaves; None where no later block takes one). `reached`: which of the runs these batches are."""
 
-    def __init__(self, first: list[BlockInput], templates: list[list[Template]] | list[Template], uniform: bool,
-                 reached: list[int] | None = None) -> None:
+    def __init__(self, first: Sequence[BlockInput], templates: list[list[Template]] | list[Template], uniform: bool,
+                 reached: list[int], shared: list[list[Any]]) -> None:
         self.first = first
-        self.reached = list(range(len(first))) if reached is None else reached
+        self.reached = reached
         self._templates = templates  # uniform: one per block (from batch 0); else per batch, per block
         self.uniform = uniform
+        self._shared = shared
 
     def next_inputs(self, block_index: int, batch: int, outputs: Any) -> BlockInput:
         """The inputs of block `block_index` (>= 1) on `batch`, given block_index-1's outputs on it."""
-        template = self._templates[block_index - 1] if self.uniform else self._templates[batch][block_index - 1]
-        first = pytree.tree_leaves(normalise_inputs(*self.first[batch]))
-        return template.fill(flat_leaves(outputs), first)
+        return self._batch_templates(batch)[block_index - 1].fill(flat_leaves(outputs), self._shared[batch])
+
+    def _batch_templates(self, batch: int) -> list[Template]:
+        return self._templates if self.uniform else self._templates[batch]
+
+
+def _shared_leaves(call: BlockInput, templates: list[Template]) -> list[Any]:
+    """The leaves of the first block's `call` that later blocks take (`FromFirst`), the others None: kept apart, so
+    that the first block's inputs can be released (or spilled) while the stage still needs these."""
+    taken = {leaf.index for template in templates for leaf in template.leaves if isinstance(leaf, FromFirst)}
+    return [leaf if index in taken else None for index, leaf in enumerate(pytree.tree_leaves(normalise_inputs(*call)))]
 
 
 def _record(blocks: list[nn.Module], run: Callable[[], Any], full: bool) -> tuple[BlockInput, list[Template]] | None:
@@ -181,12 +192,15 @@ def _record(blocks: list[nn.Module], run: Callable[[], Any], full: bool) -> tupl
     return calls[0], templates
 
 
-def capture_stage(blocks: list[nn.Module], runs: list[Callable[[], Any]], *, stage: str = "stage") -> StageInputs:
-    """Run the model once per batch (`runs[b]()`), recording what the stage's blocks need.
+def capture_stage(blocks: list[nn.Module], runs: list[Callable[[], Any]], *, stage: str = "stage",
+                  first: MutableSequence[BlockInput] | None = None) -> StageInputs:
+    """Run the model once per batch (`runs[b]()`), recording what the stage's blocks need; the first block's inputs
+    are appended to `first` as each batch gives them (a new list if None).
 
     Batches that never reach the stage are left out of it (`StageInputs.first` lists the others)."""
-    firsts: list[BlockInput] = []
+    firsts: MutableSequence[BlockInput] = [] if first is None else first
     per_batch: list[list[Template]] = []
+    shared: list[list[Any]] = []
     reached: list[int] = []
     uniform = None
     for index, run in enumerate(runs):
@@ -194,11 +208,12 @@ def capture_stage(blocks: list[nn.Module], runs: list[Callable[[], Any]], *, sta
         if recorded is None:
             continue
         reached.append(index)
-        firsts.append(recorded[0])
         per_batch.append(recorded[1])
         if uniform is None:
             uniform = all(t.uniform for t in recorded[1])
+        shared.append(_shared_leaves(recorded[0], per_batch[0] if uniform else recorded[1]))
+        firsts.append(recorded[0])
     if not firsts:
         raise StageNotReached(f"no calibration batch reaches {stage}; give calibration data that runs it "
                          "(e.g. images for a vision tower, audio for an audio encoder)")
-    return StageInputs(firsts, per_batch[0] if uniform else per_batch, bool(uniform), reached)
+    return StageInputs(firsts, per_batch[0] if uniform else per_batch, bool(uniform), reached, shared)
