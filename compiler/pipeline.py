@@ -4,7 +4,8 @@ Calibration data enters each stage (vision tower, text decoder, DiT blocks) thro
 the model, which runs the stages before it as already rewritten; each later block's inputs are
 the previous block's outputs, computed after that block's passes (so quantization error
 propagates as it will at run time). Only one block's calibration activations are held at a
-time: outputs replace inputs batch by batch; and, when the program streams its weights, only
+time: outputs replace inputs batch by batch, in an `ActivationStore` that keeps those beyond
+`memory.activations_gb` on disk; and, when the program streams its weights, only
 one block's weights: a finished block is spilled to disk (`Program.finish_block`).
 """
 
@@ -90,8 +91,6 @@ class Pipeline:
         with contextlib.ExitStack() as cleanup:
             directory = None
             if budget is not None:
-                if spill_parent is not None:
-                    spill_parent.mkdir(parents=True, exist_ok=True)
                 directory = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="activations-", dir=spill_parent)))
             store = ActivationStore(None if budget is None else int(budget * GB), directory, ctx.device)
             cleanup.callback(lambda: ctx.inputs.close() if isinstance(ctx.inputs, ActivationStore) else None)

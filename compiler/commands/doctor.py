@@ -18,6 +18,7 @@ import torch
 
 from slimc import __version__
 from slimc.environment import free_disk_bytes, free_memory_bytes, human_size, library_statuses, missing_extra
+from slimc.ir.activations import GB
 
 if TYPE_CHECKING:
     from slimc.config import SlimcConfig
@@ -50,7 +51,8 @@ class Estimate:
     resident_bytes: int = 0  # outside the blocks: in memory throughout
     largest_block_bytes: int = 0
     lowered_blocks_bytes: int = 0  # every block as lowered (a streamed compile spills them to disk)
-    activation_bytes: int = 0  # one stage's calibration inputs and outputs
+    activation_bytes: int = 0  # one stage's calibration inputs and outputs held in memory
+    spilled_activation_bytes: int = 0  # those beyond memory.activations_gb, on disk while a block runs
 
     @property
     def peak_memory_bytes(self) -> int:
@@ -63,8 +65,8 @@ class Estimate:
         """The output's formats, and while it runs, a streamed compile's spilled blocks and the per-block files of
         the format being written."""
         if not self.streamed:
-            return self.output_bytes * formats
-        return self.output_bytes * (formats + 1) + self.lowered_blocks_bytes
+            return self.output_bytes * formats + self.spilled_activation_bytes
+        return self.output_bytes * (formats + 1) + self.lowered_blocks_bytes + self.spilled_activation_bytes
 
 
 @dataclass
@@ -138,8 +140,13 @@ def estimate(program: Program, config: SlimcConfig, *, streamed: bool = False) -
     result.output_bytes = result.resident_bytes + result.lowered_blocks_bytes
     model_config = getattr(program.model, "config", None)
     hidden = getattr(model_config.get_text_config(), "hidden_size", 0) if hasattr(model_config, "get_text_config") else 0
-    result.activation_bytes = (ACTIVATION_COPIES * config.calibration.samples * config.calibration.seq_len * hidden
-                               * program.dtype.itemsize)
+    one_copy = config.calibration.samples * config.calibration.seq_len * hidden * program.dtype.itemsize
+    result.activation_bytes = ACTIVATION_COPIES * one_copy
+    budget = config.memory.activations_gb
+    if budget is not None:  # the budget's worth in memory, and the batch being worked on; the rest on disk
+        batch = one_copy * config.calibration.batch_size // config.calibration.samples
+        result.activation_bytes = min(result.activation_bytes, int(budget * GB) + ACTIVATION_COPIES * batch)
+        result.spilled_activation_bytes = max(0, one_copy - int(budget * GB))
     return result
 
 
@@ -171,6 +178,9 @@ def check_compile(diagnosis: Diagnosis, config: SlimcConfig, model_path: str | N
            f"to disk: {human_size(found.lowered_blocks_bytes)})" if found.streamed else "loaded whole)"),
         f"  estimated output: {human_size(found.output_bytes)} per format; disk needed {human_size(disk_needed)} for "
         f"{', '.join(formats) or 'no format'}" + (" and the spilled blocks while it runs" if found.streamed else ""),
+        f"  calibration activations: {human_size(found.activation_bytes)} in memory"
+        + (f", {human_size(found.spilled_activation_bytes)} on disk (memory.activations_gb: "
+           f"{config.memory.activations_gb:g})" if config.memory.activations_gb is not None else ""),
     ]
     check_resources(diagnosis, config, found, disk_needed, out)
 
