@@ -168,19 +168,25 @@ def resident(pid: int) -> tuple[int, int]:
 
 class ResidentPeaks(threading.Thread):
     """Samples a child's anonymous and file-backed resident memory every `interval` seconds and keeps each
-    peak. The file-backed pages (the checkpoint's and spill files' mappings) are the kernel's to drop when memory
-    is short; the anonymous ones are what a compile needs."""
+    peak, and the machine's load average. The file-backed pages (the checkpoint's and spill files' mappings) are
+    the kernel's to drop when memory is short; the anonymous ones are what a compile needs."""
 
     def __init__(self, pid: int, interval: float = 0.05) -> None:
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
         self.anon = self.file = 0
+        self.load_sum, self.samples = 0.0, 0  # the machine's 1-minute load average, summed over the samples
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(self.interval):
             anon, file = resident(self.pid)
             self.anon, self.file = max(self.anon, anon), max(self.file, file)
+            self.load_sum, self.samples = self.load_sum + os.getloadavg()[0], self.samples + 1
+
+    @property
+    def load_average(self) -> float:
+        return self.load_sum / max(self.samples, 1)
 
 
 def compile_checkpoint(config_name: str, model: Path, out: Path, log: Path, samples: int, seq_len: int) -> dict:
@@ -203,10 +209,13 @@ def compile_checkpoint(config_name: str, model: Path, out: Path, log: Path, samp
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise SystemExit(f"{' '.join(command)} exited with {child.returncode} (log {log}):\n{tail}")
     peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
-    seconds = json.loads((out / "slimc_report.json").read_text())["seconds"]
+    report = json.loads((out / "slimc_report.json").read_text())
+    seconds, cpu_seconds = report["seconds"], report["cpu_seconds"]
     passes = sum(v for step, v in seconds.items() if step not in ("total", "load", "export"))
-    return {"wall_s": wall, "peak_rss_bytes": peak, "peak_anon_bytes": peaks.anon, "peak_file_bytes": peaks.file,
-            "load_s": seconds["load"], "passes_s": passes,
+    passes_cpu = sum(v for step, v in cpu_seconds.items() if step not in ("total", "load", "export"))
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "load_average": peaks.load_average,
+            "peak_rss_bytes": peak, "peak_anon_bytes": peaks.anon, "peak_file_bytes": peaks.file,
+            "load_s": seconds["load"], "passes_s": passes, "passes_cpu_s": passes_cpu,
             "other_s": wall - seconds["load"] - passes,
             "output_bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}
 
@@ -274,7 +283,7 @@ def main() -> None:
             measured = compile_checkpoint(config_name, checkpoint, out, out.with_suffix(".log"), args.samples, args.seq_len)
             rows.append({"shape": shape, "layers": layers, "config": config_name, "checkpoint_bytes": checkpoint_bytes,
                          "layer_parameters": layer_parameters(skeleton(config)), **measured,
-                         "block_s": measured["passes_s"] / layers})
+                         "block_s": measured["passes_s"] / layers, "block_cpu_s": measured["passes_cpu_s"] / layers})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     growths = [g for g in (growth(rows, name) for name in args.configs) if g is not None]
     extrapolations = [row for g in growths for row in extrapolate(g)]
@@ -282,12 +291,13 @@ def main() -> None:
     widths = "quick widths (hidden 256), not the real ones" if args.quick else "real widths"
     print(f"synthetic bf16 checkpoints, {widths}; {args.samples} x {args.seq_len} calibration tokens; one process per compile")
     print(f"{'shape':14s} {'layers':>6s} {'config':28s} {'ckpt GB':>8s} {'peak GiB':>9s} {'anon GiB':>9s} "
-          f"{'file GiB':>9s} {'wall s':>8s} {'load s':>7s} {'s/block':>8s} {'other s':>8s} {'out GB':>7s}")
+          f"{'file GiB':>9s} {'wall s':>8s} {'CPU s':>8s} {'load s':>7s} {'s/block':>8s} {'CPU s/block':>11s} {'other s':>8s} "
+          f"{'out GB':>7s} {'loadavg':>8s}")
     for r in rows:
         print(f"{r['shape']:14s} {r['layers']:6d} {r['config']:28s} {r['checkpoint_bytes'] / 1e9:8.2f} "
               f"{r['peak_rss_bytes'] / 2**30:9.2f} {r['peak_anon_bytes'] / 2**30:9.2f} "
-              f"{r['peak_file_bytes'] / 2**30:9.2f} {r['wall_s']:8.1f} {r['load_s']:7.1f} {r['block_s']:8.1f} "
-              f"{r['other_s']:8.1f} {r['output_bytes'] / 1e9:7.2f}")
+              f"{r['peak_file_bytes'] / 2**30:9.2f} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} {r['load_s']:7.1f} {r['block_s']:8.1f} "
+              f"{r['block_cpu_s']:11.1f} {r['other_s']:8.1f} {r['output_bytes'] / 1e9:7.2f} {r['load_average']:8.1f}")
     for g in growths:
         print(f"{g['config']}: each {DENSE} layer adds {g['peak_rss_bytes_per_layer'] / 2**30:.3f} GiB of peak RSS "
               f"({g['peak_anon_bytes_per_layer'] / 2**30:.3f} GiB anonymous) and {g['seconds_per_layer']:.1f} s; "
@@ -295,8 +305,10 @@ def main() -> None:
               f"({100 * g['peak_anon_bytes_added']:+.1f}% anonymous) against {g['from_layers']}")
     print("peak: the process's peak RSS (wait4); anon, file: the peaks of its anonymous and file-backed resident "
           "memory, sampled every 50 ms (file-backed pages are the kernel's to drop under memory pressure)")
-    print("s/block: capture, trace and passes in slimc_report.json over the layers; other s: the rest of the "
-          "wall time (start, calibration data, export and its check)")
+    print("s/block: capture, trace and passes in slimc_report.json over the layers, wall and the process's CPU "
+          "seconds (all its threads); other s: the rest of the wall time (start, calibration data, export and its "
+          "check); CPU s: the whole process's; loadavg: the machine's 1-minute load average, averaged over the "
+          "compile (other jobs on the cores stretch the wall times, much less the CPU seconds)")
     if extrapolations:
         print("EXTRAPOLATION, not measured: linear in the layers' parameters from the growth above; embeddings and "
               "head at vocab 49152, and the base holds one 7B-width block's working set (a larger block needs more)"

@@ -58,6 +58,7 @@ class BlockState:
     details: dict[str, dict]
     metrics: dict[str, float]
     seconds: dict[str, float]
+    cpu_seconds: dict[str, float]
     rng: dict[str, Any] = field(default_factory=dict)
 
 
@@ -186,8 +187,9 @@ class Journal:
         program.ascend_metadata = state.ascend_metadata
         report.layers, report.notes, report.metrics = state.layers, state.notes, state.metrics
         report.details = {**report.details, **state.details}
-        for step, seconds in state.seconds.items():
-            report.seconds[step] = report.seconds.get(step, 0.0) + seconds
+        for times, restored in ((report.seconds, state.seconds), (report.cpu_seconds, state.cpu_seconds)):
+            for step, seconds in restored.items():
+                times[step] = times.get(step, 0.0) + seconds
         report.note(f"resumed after {len(self.committed)} committed blocks (the last {self.committed[-1]})")
         torch.set_rng_state(state.rng["torch"])
         random.setstate(state.rng["python"])

@@ -188,7 +188,7 @@ class Pipeline:
             steps=self.steps, quant_specs=program.quant_specs, rotations=program.rotations,
             config_updates=program.config_updates, tied_embeddings=program.tied_embeddings,
             ascend_metadata=program.ascend_metadata, layers=report.layers, notes=report.notes, details=report.details,
-            metrics=report.metrics, seconds=report.seconds), ctx.inputs)
+            metrics=report.metrics, seconds=report.seconds, cpu_seconds=report.cpu_seconds), ctx.inputs)
 
     def _leave_unreached(self, stage: Stage, ctx: Context, error: StageNotReached, journal: Journal | None) -> None:
         """A stage no calibration batch runs (text-only data and a vision tower) stays float if the config

@@ -38,6 +38,9 @@ class LayerRecord:
 @dataclass
 class RunReport:
     seconds: dict[str, float] = field(default_factory=dict)
+    # The process's CPU seconds (all its threads) per step: on a machine shared with other jobs the wall seconds
+    # grow with the load, these much less.
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
     layers: list[LayerRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     outputs: dict[str, int] = field(default_factory=dict)
@@ -50,26 +53,30 @@ class RunReport:
 
     @contextlib.contextmanager
     def timed(self, step: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - start
+            self.cpu_seconds[step] = self.cpu_seconds.get(step, 0.0) + time.process_time() - cpu_start
 
     def note(self, message: str) -> None:
         if message not in self.notes:
             self.notes.append(message)
 
     started: float = field(default_factory=time.perf_counter, repr=False)
+    cpu_started: float = field(default_factory=time.process_time, repr=False)
 
     def finish(self) -> None:
         """Record the total time so far and the peak memory."""
         self.seconds["total"] = time.perf_counter() - self.started
+        self.cpu_seconds["total"] = time.process_time() - self.cpu_started
         self.peak_memory = peak_memory_bytes()
 
     def to_json(self) -> str:
         fields = asdict(self)
         fields.pop("started")
+        fields.pop("cpu_started")
         fields.pop("location")
         return json.dumps(fields, indent=2)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -14,7 +15,13 @@ from slimc.errors import PassError
 from slimc.ir import Block
 from slimc.ir.hooks import temporary_hooks
 from slimc.numerics.fidelity import relative_error
-from slimc.numerics.gptq import HessianAccumulator, gptq_quantize, reduce_hessians
+from slimc.numerics.gptq import (
+    HessianAccumulator,
+    HessianFactor,
+    factor_hessian,
+    gptq_quantize,
+    reduce_hessians,
+)
 from slimc.numerics.modules import EXPERT_WEIGHTS, FakeQuantExperts, FakeQuantize
 from slimc.numerics.observers import reduce_observers
 from slimc.numerics.quant import dequantize_weight, quantize_weight
@@ -33,9 +40,6 @@ class GPTQOptions(BaseModel):
     damp: float = Field(0.01, gt=0.0, le=1.0)
     act_order: bool = True
     block_size: int = Field(128, ge=1)
-
-
-WeightQuantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 @register_pass("calibrate")
@@ -153,24 +157,30 @@ class Calibrate(Pass):
         """Quantize every weight of the layers in place (each expert of fused experts on its own), and record their
         scales and offsets. In several processes each quantizes its share of the weights (the i-th on process
         i % N) and all take the others' results."""
-        jobs = [(target, name, expert, weight, self._weight_quantizer(spec.scheme.weight, hessian))
+        jobs = [(target, name, expert, weight, spec.scheme.weight, hessian)
                 for target, module in layers.items()
                 for spec in [ctx.program.quant_specs[block.qualified(target)]]
                 for name, expert, weight, hessian in _weights(module, hessians.get(target))]
         world, done = ctx.world, {}
-        for index, (target, name, expert, weight, quantize_one) in enumerate(jobs):
-            if index % world.size == world.rank:
-                try:
-                    done[target, name, expert] = quantize_one(weight)
-                except ValueError as error:
-                    raise PassError(f"calibrate: {block.qualified(target)}: {error}; choose a group_size that divides "
-                                    "it, or leave this layer out with an exclude glob") from None
+        mine = [job for index, job in enumerate(jobs) if index % world.size == world.rank]
+        # A Hessian shared by several Linears (q, k, v) is factored once on each process that quantizes one of
+        # them, and its factor dropped after the last.
+        readers, factors = Counter(id(job[-1]) for job in mine), {}
+        for target, name, expert, weight, scheme, hessian in mine:
+            try:
+                done[target, name, expert] = self._quantize_weight(weight, scheme, hessian, factors)
+            except ValueError as error:
+                raise PassError(f"calibrate: {block.qualified(target)}: {error}; choose a group_size that divides "
+                                "it, or leave this layer out with an exclude glob") from None
+            readers[id(hessian)] -= 1
+            if not readers[id(hessian)]:
+                factors.pop(id(hessian), None)
         if world.size > 1:
             done = {key: result for process in world.gather(done) for key, result in process.items()}
         for target, module in layers.items():
             spec = ctx.program.quant_specs[block.qualified(target)]
             scheme = spec.scheme.weight
-            results = {(name, expert): done[target, name, expert] for t, name, expert, _, _ in jobs if t == target}
+            results = {(name, expert): done[target, name, expert] for t, name, expert, *_ in jobs if t == target}
             for (name, expert), (codes, _, _) in results.items():
                 weight = getattr(module, name) if expert is None else getattr(module, name)[expert]
                 weight.copy_(dequantize_weight(codes, *results[name, expert][1:], scheme).to(weight.dtype))
@@ -185,13 +195,16 @@ class Calibrate(Pass):
                     ctx.report.note(f"calibrate: {block.qualified(target)}: {unrouted // 2} experts got no routed "
                                     "calibration tokens; their weights were rounded to nearest instead of GPTQ")
 
-    def _weight_quantizer(self, scheme: TensorScheme, hessian: HessianAccumulator | None) -> WeightQuantizer:
-        """Round to nearest, or GPTQ when a Hessian was collected for this weight."""
+    def _quantize_weight(self, weight: torch.Tensor, scheme: TensorScheme, hessian: HessianAccumulator | None,
+                         factors: dict[int, HessianFactor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Round to nearest, or GPTQ when a Hessian was collected for this weight; its factor is taken from
+        `factors` (by the accumulator's id), or computed and left there for the other Linears reading it."""
         if hessian is None or hessian.count == 0:
-            return lambda w: quantize_weight(w, scheme)
+            return quantize_weight(weight, scheme)
         options = self.gptq
-        return lambda w: gptq_quantize(w, hessian.hessian(), scheme, damp=options.damp, act_order=options.act_order,
-                                       block_size=options.block_size)
+        if id(hessian) not in factors:
+            factors[id(hessian)] = factor_hessian(hessian.hessian(), damp=options.damp, act_order=options.act_order)
+        return gptq_quantize(weight, factors[id(hessian)], scheme, block_size=options.block_size)
 
     @staticmethod
     @torch.no_grad()

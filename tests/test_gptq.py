@@ -2,9 +2,14 @@
 
 import pytest
 import torch
+from conftest import save_tiny_model
 from programs import run_pipeline
+from safetensors.torch import load_file
 from tiny_models import tiny_causal_lm
 
+from slimc.commands.cli import resolve_config_path
+from slimc.commands.compile import compile_model
+from slimc.config import load_config
 from slimc.errors import PassError
 from slimc.numerics import gptq
 from slimc.numerics.gptq import HessianAccumulator, gptq_quantize
@@ -129,6 +134,44 @@ def test_linears_reading_one_input_share_one_hessian_with_the_codes_of_one_hessi
         assert torch.equal(spec.weight_qparams["weight"][0], separate.quant_specs[name].weight_qparams["weight"][0]), name
     for (name, weight), (_, reference) in zip(shared.model.named_parameters(), separate.model.named_parameters(), strict=True):
         assert torch.equal(weight, reference), name
+
+
+@pytest.mark.parametrize("config_name", ["llm/w4a16_gptq.yaml", "llm/w4a4_quarot_gptq.yaml"])
+def test_a_shared_hessian_is_factored_once_with_the_codes_of_one_factor_per_linear(tmp_path, monkeypatch, config_name):
+    """The Linears reading one input share the factor of its Hessian: one factorization per distinct Hessian of a
+    block, and the written files are those of factoring it again for each Linear, byte for byte."""
+    import slimc.passes.calibrate as calibrate
+
+    model_dir = save_tiny_model(tmp_path / "model", "llama")
+    groups = ["schemes.w4a16.weight.group_size=16"] if "w4a16" in config_name else []  # the tiny widths are 64
+    config = load_config(resolve_config_path(config_name),
+                         ["calibration.samples=4", "calibration.seq_len=32", "calibration.batch_size=2", *groups])
+    factored = []
+
+    def counted(hessian, **options):
+        factored.append(hessian.shape[0])
+        return gptq.factor_hessian(hessian, **options)
+
+    monkeypatch.setattr(calibrate, "factor_hessian", counted)
+    with pytest.warns(UserWarning, match="below the recommended"):
+        shared = compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "shared")
+    layers = shared.program.model.config.num_hidden_layers
+    # per decoder layer: the attention norm's output (q, k, v), the attention's (o), the MLP norm's (gate, up), act*up (down)
+    assert len(factored) == 4 * layers
+    unshared = calibrate.Calibrate._quantize_weight
+    monkeypatch.setattr(calibrate.Calibrate, "_quantize_weight",
+                        lambda self, weight, scheme, hessian, factors: unshared(self, weight, scheme, hessian, {}))
+    factored.clear()
+    with pytest.warns(UserWarning, match="below the recommended"):
+        compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "separate")
+    assert len(factored) == 7 * layers
+    written = sorted((tmp_path / "shared" / "mindie").glob("*.safetensors"))
+    assert written
+    for file in written:
+        ours, theirs = load_file(file), load_file(tmp_path / "separate" / "mindie" / file.name)
+        assert ours.keys() == theirs.keys()
+        for name, tensor in ours.items():
+            assert torch.equal(tensor, theirs[name]), name
 
 
 def reference_inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:

@@ -8,6 +8,8 @@ inputs x (in,). Quantized codes, scales and offsets come back in the stored shap
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from slimc.distributed import World
@@ -80,31 +82,52 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError("the Hessian stays singular even with strong damping; are the calibration inputs all zero?")
 
 
+@dataclass(frozen=True)
+class HessianFactor:
+    """What GPTQ takes from a layer's input Hessian alone, whatever the weight: the Linears reading one input (q, k
+    and v; gate and up) factor their shared Hessian once. `dead` (in,) bool: the columns no input reached (zero
+    diagonal); `order` (in,): the columns in processing order; `inverse` (in, in): the upper Cholesky factor of the
+    damped inverse Hessian, rows and columns in that order."""
+
+    dead: torch.Tensor
+    order: torch.Tensor
+    inverse: torch.Tensor
+
+
+def factor_hessian(hessian: torch.Tensor, *, damp: float = 0.01, act_order: bool = False) -> HessianFactor:
+    """The factor of a Hessian (in, in) for `gptq_quantize`. With `act_order`, columns are processed in order of
+    decreasing Hessian diagonal (the most informative inputs first)."""
+    h = hessian.detach().float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    in_features = h.shape[0]
+    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(in_features, device=h.device)
+    return HessianFactor(dead, order, _inverse_hessian_factor(h[order][:, order], damp))
+
+
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | HessianFactor,
     scheme: TensorScheme,
     *,
     damp: float = 0.01,
     act_order: bool = False,
     block_size: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ-quantize a weight (out, in) given its input Hessian (in, in).
+    """GPTQ-quantize a weight (out, in) given its input Hessian (in, in), or that Hessian's `factor_hessian` (then
+    `damp` and `act_order` are the factor's, not these).
 
     Returns (codes int8 (out, in), scale, offset), shapes as `quant.weight_range`. Per-channel
     and per-tensor scales are fixed from the whole weight first (with the scheme's observer,
     so `mse` clipping applies); per-group scales are fixed from the error-updated weights when
-    the first column of the group is reached. With `act_order`, columns are processed in order of
-    decreasing Hessian diagonal (the most informative inputs first); groups stay the contiguous
+    the first column of the group is reached. With `act_order` groups stay the contiguous
     column ranges the format stores.
     """
     out_features, in_features = weight.shape
     w = weight.detach().float().clone()
-    h = hessian.detach().float().to(w.device).clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    factor = hessian if isinstance(hessian, HessianFactor) else factor_hessian(hessian, damp=damp, act_order=act_order)
+    w[:, factor.dead.to(w.device)] = 0.0
 
     grouped = scheme.granularity == "per_group"
     if grouped:
@@ -116,11 +139,10 @@ def gptq_quantize(
         scale, offset = weight_qparams(w, scheme)
         column_scale, column_offset = expand_to_weight(scale, w.shape, scheme), expand_to_weight(offset, w.shape, scheme)
 
-    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(in_features, device=w.device)
+    order, hinv = factor.order.to(w.device), factor.inverse.to(w.device)
     position = torch.empty_like(order)  # where each original column sits in the processing order
     position[order] = torch.arange(in_features, device=order.device)
-    w, h = w[:, order], h[order][:, order]
-    hinv = _inverse_hessian_factor(h, damp)
+    w = w[:, order]
     quantized = torch.zeros_like(w)
     fixed_groups: set[int] = set()
 
