@@ -25,6 +25,8 @@ class Backend(BaseModel):
     # The weight shapes the format's layouts can hold, beyond what the schemes need (`slimc.schemes.SHAPE_RULES`);
     # `compile` checks them on the plan before calibrating.
     shape_rules: ClassVar[tuple[ShapeRule, ...]] = ()
+    # Why the format cannot hold an int8 KV cache (the fake_quant pass's `kv_cache`); None where it can.
+    kv_cache_refusal: ClassVar[str | None] = "it has no int8 KV cache scales"
 
     def export(self, program: Program, out_dir: Path) -> list[Path]:
         """Write the program in this format into the (existing, empty) directory: the model's own files that the
@@ -37,6 +39,12 @@ class Backend(BaseModel):
 
     def check(self, program: Program) -> None:
         """Raise ExportError if the format cannot hold this program; `export` asks before writing anything."""
+        from slimc.backends.checkpoint import kv_cache_quantizers
+        from slimc.errors import ExportError
+
+        if self.kv_cache_refusal and kv_cache_quantizers(program):
+            raise ExportError(f"{self.format_name}: the program quantizes the KV cache (fake_quant's kv_cache), which "
+                              f"this format cannot hold: {self.kv_cache_refusal}")
 
     def write(self, program: Program, out_dir: Path) -> list[Path]:
         """The format's own files (weights, quantization description), written into `out_dir` after the model's

@@ -32,7 +32,13 @@ from slimc.backends.mindie_reader import checkpoint_row_layout
 from slimc.errors import ExportError
 from slimc.ir import Block, Program
 from slimc.ir.source import storable_tensors
-from slimc.numerics.modules import EXPERT_WEIGHTS, FakeQuantize, QuantizedExperts, QuantizedLinear
+from slimc.numerics.modules import (
+    EXPERT_WEIGHTS,
+    FakeQuantize,
+    KVCacheQuantize,
+    QuantizedExperts,
+    QuantizedLinear,
+)
 from slimc.schemes import QuantScheme
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -147,6 +153,13 @@ def online_rotations(program: Program, parts: list[CheckpointLinear], fmt: str,
                                   "online rotations are recorded for quantized experts only")
             found.update(dict.fromkeys(prefixes, transform))
     return found
+
+
+def kv_cache_quantizers(program: Program, scope: Scope | None = None) -> list[tuple[Block, KVCacheQuantize]]:
+    """The KV cache quantizers of the blocks' graphs (in `scope`), with their blocks, in graph order."""
+    return [(block, module) for block in program.blocks if block.traced is not None
+            and (scope is None or scope.block is block)
+            for module in block.graph_module.modules() if isinstance(module, KVCacheQuantize)]
 
 
 def checkpoint_prefixes(program: Program, parts: list[CheckpointLinear], linear: str) -> list[str]:

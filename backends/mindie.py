@@ -30,6 +30,7 @@ from slimc.backends.checkpoint import (
     checkpoint_prefixes,
     export_scopes,
     float_tensors,
+    kv_cache_quantizers,
     natural_key,
     online_rotations,
     same_bits,
@@ -40,6 +41,10 @@ from slimc.backends.mindie_reader import (
     DESCRIPTION_FILE,
     GLOBAL_KEYS,
     INDEX_FILE,
+    KV_CACHE_KEYS,
+    KV_CACHE_PROJECTIONS,
+    KV_CACHE_SUFFIXES,
+    KV_CACHE_TYPE,
     MUL_SCALE_SUFFIX,
     QUANT_TYPE_PRIORITY,
     ROTATION_SUFFIXES,
@@ -77,6 +82,7 @@ class MindieBackend(Backend):
       splits along their input (W4A8_DYNAMIC only: their `scale_bias` gets one column per 1/16 of the input).
     """
 
+    kv_cache_refusal = None  # C8: written as msModelSlim does (`_kv_cache_tensors`)
     max_shard_size: ShardSize = "5GB"
     row_parallel: list[str] = ["*.o_proj", "*.down_proj"]
     # The shapes `_part_tensors`' layouts hold: `compile` checks them on the plan, `_check_scheme` on what is written.
@@ -121,6 +127,8 @@ class MindieBackend(Backend):
             "group_size": _group_size(schemes),
             "optional": {},
         })
+        if KV_CACHE_TYPE in types.values():
+            description.update(dict.fromkeys(KV_CACHE_KEYS, KV_CACHE_TYPE))
         written = writer.finish()
         (out_dir / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
         written.append(out_dir / DESCRIPTION_FILE)
@@ -193,8 +201,28 @@ class MindieBackend(Backend):
                 raise ExportError(f"mindie: {name} is both a float tensor and a quantized Linear's tensor")
             tensors[name], types[name] = tensor, "FLOAT"
         _nest_multiplied(tensors, types, _multiplied_prefixes(program, parts, set(tensors), scope))
+        for name, tensor in _kv_cache_tensors(program, parts, scope).items():
+            tensors[name], types[name] = tensor, KV_CACHE_TYPE
         order = sorted(tensors, key=natural_key)
         return {n: tensors[n] for n in order}, {n: types[n] for n in order}
+
+
+def _kv_cache_tensors(program: Program, parts: list[CheckpointLinear], scope: Scope) -> dict[str, torch.Tensor]:
+    """`<attn>.k_proj.kv_cache_scale` / `.kv_cache_offset` float32 (kv_heads · head_dim,) of each KV cache quantizer
+    in `scope`, under the checkpoint name of the projection computing its keys or values (beside that Linear's own
+    tensors, also when those are nested under `.linear`), as msModelSlim writes C8."""
+    tensors = {}
+    for block, quantizer in kv_cache_quantizers(program, scope):
+        runtime = block.qualified(quantizer.projection)
+        prefixes = checkpoint_prefixes(program, parts, runtime)
+        expected = next(name for name, which in KV_CACHE_PROJECTIONS.items() if which == quantizer.which)
+        if len(prefixes) != 1 or prefixes[0].rpartition(".")[2] != expected:
+            raise ExportError(f"mindie: the int8 KV cache (C8) scales are named after the attention's {expected}, but "
+                              f"{runtime} is written as {', '.join(prefixes)}; Ascend runtimes find C8 scales by "
+                              "those names only")
+        tensors[prefixes[0] + KV_CACHE_SUFFIXES[0]] = quantizer.scale.float().reshape(-1).contiguous()
+        tensors[prefixes[0] + KV_CACHE_SUFFIXES[1]] = quantizer.offset.float().reshape(-1).contiguous()
+    return tensors
 
 
 def _group_size(schemes: dict[str, QuantScheme]) -> int:
@@ -391,7 +419,7 @@ class _StoredTensors:
     def linear(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors `prefix.<suffix>` of one Linear, by suffix (its online rotation's factors aside)."""
         return {suffix: self[f"{prefix}.{suffix}"] for suffix in self.prefixes.get(prefix, [])
-                if not f".{suffix}".endswith(ROTATION_SUFFIXES)}
+                if not f".{suffix}".endswith(ROTATION_SUFFIXES + KV_CACHE_SUFFIXES)}
 
 
 def _check_index(out_dir: Path, total: int) -> None:
@@ -406,7 +434,11 @@ def _check_globals(description: dict, types: dict[str, str]) -> None:
     missing = [k for k in GLOBAL_KEYS if k not in description]
     if missing:
         raise ExportError(f"mindie: {DESCRIPTION_FILE} lacks {missing}")
-    unknown = sorted({t for t in types.values() if t not in QUANT_TYPE_PRIORITY and t != "W4A8_DYNAMIC"})
+    has_c8 = KV_CACHE_TYPE in types.values()
+    if any((description.get(k) == KV_CACHE_TYPE) != has_c8 for k in KV_CACHE_KEYS):
+        raise ExportError(f"mindie: {DESCRIPTION_FILE}: {' and '.join(KV_CACHE_KEYS)} must be {KV_CACHE_TYPE!r} exactly "
+                          f"when {KV_CACHE_TYPE} tensors are written")
+    unknown = sorted({t for t in types.values() if t not in QUANT_TYPE_PRIORITY and t not in ("W4A8_DYNAMIC", KV_CACHE_TYPE)})
     if unknown:
         raise ExportError(f"mindie: {DESCRIPTION_FILE} has unknown quant types {unknown}")
     if description["version"] != VERSION or description["model_quant_type"] != model_quant_type(types.values()):

@@ -49,6 +49,13 @@ ROTATION_SUFFIXES = (".kronecker_rotation_m", ".kronecker_rotation_n")
 # the input of Linear P, whose own tensors are then written under `P.linear.*`.
 MUL_SCALE_SUFFIX = ".div.mul_scale"
 WRAPPED_LINEAR = ".linear"
+# int8 KV cache (C8): `<attn>.k_proj.kv_cache_scale` / `.kv_cache_offset` float32 (kv_heads · head_dim,), the same
+# beside v_proj, typed "C8"; the description then says "kv_cache_type" and "kv_quant_type": "C8".
+KV_CACHE_TYPE = "C8"
+KV_CACHE_KEYS = ("kv_cache_type", "kv_quant_type")
+KV_CACHE_SUFFIXES = (".kv_cache_scale", ".kv_cache_offset")
+KV_CACHE_PROJECTIONS = {"k_proj": "key", "v_proj": "value"}
+C8_ATTENTION = "slimc_ascend_c8"
 _TINY = torch.finfo(torch.float32).tiny
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -72,7 +79,7 @@ def read_description(out_dir: Path) -> dict:
 
 def tensor_types(description: dict) -> dict[str, str]:
     """The description without its global keys: tensor name -> quant type."""
-    return {k: v for k, v in description.items() if k not in GLOBAL_KEYS and isinstance(v, str)}
+    return {k: v for k, v in description.items() if k not in GLOBAL_KEYS + KV_CACHE_KEYS and isinstance(v, str)}
 
 
 def tensor_files(out_dir: Path) -> dict[str, Path]:
@@ -336,6 +343,81 @@ def apply_explicit_multiplies(model: nn.Module, multiplies: dict[str, torch.Tens
         model.set_submodule(prefix, ScaledInput(layer, mul_scale))
 
 
+class AscendKVCache(nn.Module):
+    """The int8 KV cache of one attention module: the keys (after RoPE) and values its kernel reads are what the
+    runtime stores and reads back, ``q = clamp(round(x / scale + offset), -128, 127)``, ``(q - offset) · scale``,
+    per channel (kv_heads · head_dim). Buffers (not saved) ``key_scale``, ``key_offset``, ``value_scale``,
+    ``value_offset`` float32; `implementation` is the attention kernel the module used before."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], implementation: str | None, eager: Callable | None) -> None:
+        super().__init__()
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor.float().reshape(-1), persistent=False)
+        self.implementation, self.eager = implementation, eager
+
+    @staticmethod
+    def _stored(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """x (batch, kv_heads, tokens, head_dim) as the cache holds it."""
+        shape = (x.shape[1], 1, x.shape[3])
+        scale, offset = scale.reshape(shape), offset.reshape(shape)
+        codes = (x.float() / scale).add_(offset).round_().clamp_(-128, 127)
+        return codes.sub_(offset).mul_(scale).to(x.dtype)
+
+    def forward(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        kernel = ALL_ATTENTION_FUNCTIONS.get_interface(self.implementation, self.eager)
+        key = self._stored(key, self.key_scale, self.key_offset)
+        value = self._stored(value, self.value_scale, self.value_offset)
+        return kernel(module, query, key, value, *args, **kwargs)
+
+
+def _c8_attention(module: nn.Module, *args, **kwargs):
+    return module.ascend_kv_cache(module, *args, **kwargs)
+
+
+def install_kv_cache(model: nn.Module, tensors: dict[str, torch.Tensor], types: dict[str, str],
+                     within: Callable[[str], bool] = _everything) -> None:
+    """Give each attention module whose k_proj and v_proj have C8 scales an AscendKVCache, and route its attention
+    through it (its own copy of the config names the C8 kernel, which calls the module's previous one)."""
+    if not tensors:
+        return
+    import sys
+
+    from transformers.modeling_utils import AttentionInterface
+
+    wrong = sorted(n for n, t in types.items() if t != KV_CACHE_TYPE)
+    if wrong:
+        raise ModelLoadError(f"{wrong[0]} is typed {types[wrong[0]]}; KV cache scales are typed {KV_CACHE_TYPE}")
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and within(name)}
+    try:
+        layout = checkpoint_row_layout(model, {f"{n}.weight": m.weight.shape for n, m in linears.items()})
+    except ValueError as e:
+        raise ModelLoadError(f"cannot map {type(model).__name__}'s weights to checkpoint names: {e}") from e
+    by_attention: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        projection, _, suffix = name.rpartition(".")
+        where = layout.get(f"{projection}.weight")
+        which = KV_CACHE_PROJECTIONS.get(projection.rpartition(".")[2])
+        if where is None or which is None:
+            raise ModelLoadError(f"{name}: KV cache scales belong to a k_proj or v_proj Linear of the model")
+        attention = where.runtime.removesuffix(".weight").rpartition(".")[0]
+        by_attention.setdefault(attention, {})[f"{which}_{suffix.removeprefix('kv_cache_')}"] = tensor
+    AttentionInterface.register(C8_ATTENTION, _c8_attention)
+    for attention, own in by_attention.items():
+        if len(own) != 4:
+            raise ModelLoadError(f"{attention}: C8 needs kv_cache_scale and kv_cache_offset beside both k_proj and "
+                                 f"v_proj, found {sorted(own)}")
+        module = model.get_submodule(attention)
+        config = copy.copy(module.config)
+        previous = getattr(module, "ascend_kv_cache", None)  # installed before: keep the kernel it routes to
+        implementation = config._attn_implementation if previous is None else previous.implementation
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        module.add_module("ascend_kv_cache", AscendKVCache(own, implementation, eager))
+        config._attn_implementation_internal = C8_ATTENTION
+        module.config = config
+
+
 class AscendRows(nn.Module):
     """A runtime weight's output rows computed by several checkpoint Linears (e.g. one expert's gate and up)."""
 
@@ -451,6 +533,8 @@ class AscendOutput:
         types = {name: t for name, t in self.types.items() if name in tensors}
         tensors = dict(tensors)
         rotations = {n: tensors.pop(n) for n in [n for n in tensors if n.endswith(ROTATION_SUFFIXES)]}
+        kv_cache = {n: tensors.pop(n) for n in [n for n in tensors if n.endswith(KV_CACHE_SUFFIXES)]}
+        install_kv_cache(model, kv_cache, {n: types[n] for n in kv_cache}, within)
         rotated = [layer for layer in self.rotated if within(layer)]
         if sorted(rotated) != sorted({n.rpartition(".")[0] for n in rotations}):
             raise ModelLoadError(f"{self.out_dir}: metadata.quarot lists online rotations of {len(rotated)} layers, "
@@ -532,7 +616,7 @@ def _component_description(description: dict, prefix: str) -> dict:
     if quantized:
         raise ModelLoadError(f"{quantized[0]} is quantized but lies outside {prefix!r}, the part of the checkpoint "
                              "slimc quantizes; only that part's tensors may be quantized")
-    part = {key: value for key, value in description.items() if key in GLOBAL_KEYS}
+    part = {key: value for key, value in description.items() if key in GLOBAL_KEYS + KV_CACHE_KEYS}
     part.update({n.removeprefix(prefix): t for n, t in tensor_types(description).items() if n.startswith(prefix)})
     rotation = part.get("metadata", {}).get("quarot", {}).get("kronecker_rotation")
     if rotation:

@@ -92,8 +92,10 @@ class OnnxBackend(Backend):
     # No shape rules of its own: ONNX int4 tensors pad an odd element count to a whole byte, and blocked
     # DequantizeLinear takes any group size that divides the input (a scheme rule).
     shape_rules = ()
+    kv_cache_refusal = "the exported graph computes attention over the whole sequence, with no KV cache to quantize"
 
     def check(self, program: Program) -> None:
+        super().check(program)
         self._spec(program)  # raises for programs with no graph here (DiTs other than FLUX and Wan, multimodal)
 
     def write(self, program: Program, out_dir: Path) -> list[Path]:

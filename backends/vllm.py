@@ -94,6 +94,9 @@ class VllmBackend(Backend):
     max_shard_size: ShardSize = "5GB"
     # No shape rules of its own: compressed-tensors packs int4 codes into int32 words and pads the last one.
     shape_rules = ()
+    kv_cache_refusal = ("vLLM reads a quantized KV cache from compressed-tensors' kv_cache_scheme as float8 (e4m3) "
+                        "with per-tensor k_scale / v_scale, not int8 per channel; export the int8 (C8) cache in the "
+                        "mindie format")
 
     def write(self, program: Program, out_dir: Path) -> list[Path]:
         from compressed_tensors.compressors import ModelCompressor

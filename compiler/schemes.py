@@ -111,3 +111,31 @@ SHAPE_RULES: tuple[ShapeRule, ...] = (
         fix="choose a group_size that divides the input size",
     ),
 )
+
+
+class KVCacheScheme(BaseModel):
+    """How the keys and values a decoder's attention caches are quantized (Ascend's C8): int8, one static scale
+    (and offset, unless symmetric) per channel of the cached tensor (kv_heads × head_dim), calibrated on the keys
+    (after RoPE) and values entering the attention kernel."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dtype: str = "int8"
+    granularity: str = "per_channel"
+    symmetric: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KVCacheScheme:
+        if self.dtype != "int8":
+            raise ValueError(f"kv_cache.dtype: only int8 (Ascend C8) is supported, not {self.dtype!r}; vLLM's FP8 KV "
+                             "cache scales are not produced by slimc")
+        if self.granularity != "per_channel":
+            raise ValueError(f"kv_cache.granularity: only per_channel (one scale per kv_heads × head_dim channel, "
+                             f"Ascend C8) is supported, not {self.granularity!r}")
+        return self
+
+    @property
+    def tensor(self) -> TensorScheme:
+        """The scheme of one cached tensor: static int8 per channel, range by min/max over the calibration data."""
+        return TensorScheme(dtype="int8", granularity="per_channel", symmetric=self.symmetric, dynamic=False,
+                            observer="minmax")

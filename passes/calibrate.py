@@ -69,10 +69,11 @@ class Calibrate(Pass):
             for target, module in block.module.named_modules()
             if block.qualified(target) in ctx.program.quant_specs and isinstance(module, nn.Linear | FakeQuantExperts)
         }
-        if not layers:
-            return
+        # The graph's quantizers: those on Linear inputs and those on the keys and values of the KV cache.
         quantizers = [m for m in block.graph_module.modules() if isinstance(m, FakeQuantize)]
         quantizers += [m for e in layers.values() if isinstance(e, FakeQuantExperts) for m in e.modules() if isinstance(m, FakeQuantize)]
+        if not layers and not quantizers:
+            return
         samples, hessians = self._observe(block, ctx, layers, quantizers)
         before = {target: self._layer_outputs(module, samples[target], block, target, quantize_inputs=False)
                   for target, module in layers.items()}

@@ -8,12 +8,13 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from slimc.config import SlimcConfig
 from slimc.config.steps import AssignedScheme
-from slimc.errors import ConfigError
+from slimc.errors import ConfigError, PassError
 from slimc.ir import Block, Program, QuantSpec
-from slimc.numerics.modules import FakeQuantExperts, FakeQuantize
+from slimc.numerics.modules import FakeQuantExperts, FakeQuantize, KVCacheQuantize
 from slimc.pass_base import Context, Pass, register_pass
-from slimc.patterns import find_experts, find_linears
+from slimc.patterns import block_graph, find_experts, find_kv_inputs, find_linears
 from slimc.plan import quantizable_layer_names
+from slimc.schemes import KVCacheScheme
 
 
 class Rule(BaseModel):
@@ -47,9 +48,14 @@ def glob_problem(pattern: str) -> str | None:
 class FakeQuant(Pass):
     """Annotate layers with their scheme (later rule wins; unselected layers stay float) and insert
     an activation quantize-dequantize node before each selected Linear. Fused MoE experts get a
-    module that quantizes each expert's inputs. Weights are quantized by `calibrate`."""
+    module that quantizes each expert's inputs. Weights are quantized by `calibrate`.
+
+    `kv_cache` (e.g. `{dtype: int8, granularity: per_channel, symmetric: true}`) also quantizes the keys (after
+    RoPE) and values entering every attention kernel of the text decoder's blocks, static per channel, as a
+    runtime with an int8 KV cache stores them (Ascend C8); `calibrate` fixes their scales."""
 
     rules: list[Rule] = Field(min_length=1)
+    kv_cache: KVCacheScheme | None = None
     _rule_locations: dict[int, str] = PrivateAttr(default_factory=dict)
 
     def check(self, config: SlimcConfig, step_index: int) -> None:
@@ -96,4 +102,23 @@ class FakeQuant(Pass):
                 block.replace_leaf(target, FakeQuantExperts(block.leaf(target), scheme))
             elif scheme.act is not None:
                 block.insert_input_quantizer(target, FakeQuantize(scheme.act))
+        if self.kv_cache is not None and block.role == "text":
+            self._quantize_kv_cache(block, self.kv_cache)
+
+    @staticmethod
+    def _quantize_kv_cache(block: Block, kv_cache: KVCacheScheme) -> None:
+        """A KV cache quantizer on the key and value inputs of each attention kernel of the block (a decoder layer:
+        its role is text, the only blocks runtimes keep a KV cache for)."""
+        gm = block.graph_module
+        found = find_kv_inputs(gm)
+        kernels = block_graph(gm).of_kind("attention")
+        if len(found) != len(kernels):
+            missed = sorted({str(k.target) for k in kernels} - {str(f.kernel.target) for f in found})
+            raise PassError(f"fake_quant: kv_cache: in {block.name}, the keys and values of {', '.join(missed)} are not "
+                            "(batch, kv_heads, tokens, head_dim) tensors computed from one Linear each (a fused qkv "
+                            "projection?); int8 KV cache scales are written under the k and v projections' names")
+        for kv in found:
+            for index, which, projection in ((1, "key", kv.k), (2, "value", kv.v)):
+                quantizer = KVCacheQuantize(kv_cache.tensor, kv.heads, kv.head_dim, which, projection)
+                block.insert_argument_node(kv.kernel, index, Block.kv_quantizer_target(kv.kernel.name, projection), quantizer)
 

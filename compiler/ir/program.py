@@ -90,6 +90,12 @@ class Block:
         in the graph module."""
         return "channel_scale." + re.sub(r"\W", "_", layer_target)
 
+    @staticmethod
+    def kv_quantizer_target(kernel: str, projection: str) -> str:
+        """Where the KV cache quantizer of an attention kernel node's key or value input (computed by the Linear
+        `projection`) lives in the graph module."""
+        return "kv_cache." + re.sub(r"\W", "_", f"{kernel}_{projection}")
+
     def input_quantizer(self, layer_target: str) -> nn.Module | None:
         """The quantize-dequantize node module on a layer's input, if one was inserted."""
         return self._graph_submodule(self.quantizer_target(layer_target))
@@ -117,6 +123,15 @@ class Block:
             with gm.graph.inserting_before(node):
                 inserted = gm.graph.call_module(node_target, (node.args[0],))
             node.args = (inserted, *node.args[1:])
+        gm.recompile()
+
+    def insert_argument_node(self, node: fx.Node, index: int, node_target: str, module: nn.Module) -> None:
+        """Put `module` (registered in the graph module as `node_target`) on positional argument `index` of `node`."""
+        gm = self.graph_module
+        gm.add_submodule(node_target, module)
+        with gm.graph.inserting_before(node):
+            inserted = gm.graph.call_module(node_target, (node.args[index],))
+        node.args = (*node.args[:index], inserted, *node.args[index + 1:])
         gm.recompile()
 
     def remove_input_quantizer(self, layer_target: str) -> None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimc.ir.leaves import register_leaf
-from slimc.numerics.observers import Observer
+from slimc.numerics.observers import ChannelObserver, Observer
 from slimc.numerics.quant import dequantize_weight, dynamic_fake_quantize, fake_quantize
 from slimc.schemes import QuantScheme, TensorScheme
 
@@ -53,6 +53,30 @@ class FakeQuantize(nn.Module):
     def extra_repr(self) -> str:
         s = self.scheme
         return f"{s.dtype}, {s.granularity}, {'sym' if s.symmetric else 'asym'}, {'dynamic' if s.dynamic else 'static'}, mode={self.mode}"
+
+
+class KVCacheQuantize(FakeQuantize):
+    """Quantize-dequantize of the keys or values entering an attention kernel, (batch, kv_heads, tokens, head_dim),
+    static per channel (Ascend C8: the runtime stores them so in its KV cache): a node in the block graph, which
+    stays there when the block is lowered. `which` is "key" or "value"; `projection` is the block's Linear whose
+    output it quantizes (k_proj or v_proj, found from the graph), under whose checkpoint name the scales are written.
+
+    Buffers after calibration: ``scale``, ``offset`` float32 (kv_heads, head_dim)."""
+
+    def __init__(self, scheme: TensorScheme, heads: int, head_dim: int, which: str, projection: str) -> None:
+        super().__init__(scheme)
+        self.which, self.projection = which, projection
+        self.observer = ChannelObserver(scheme, heads, head_dim)
+        self.scale = torch.ones(heads, head_dim)
+        self.offset = torch.zeros(heads, head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "quantize":
+            return fake_quantize(x, self.scale[:, None, :], self.offset[:, None, :], self.scheme)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.which} of {self.projection}"
 
 
 @register_leaf("linear")

@@ -11,6 +11,7 @@ and `reduce_observers` give the subsample of one process.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from contextvars import ContextVar
 
@@ -37,6 +38,8 @@ def observed_batch(index: int) -> Iterator[None]:
 
 class Observer:
     """Running statistics of one activation tensor at per-tensor granularity."""
+
+    range_shape: tuple[int, ...] = ()  # the shape of min_val / max_val
 
     def __init__(self, scheme: TensorScheme, seed: int = 0) -> None:
         self.scheme = scheme
@@ -96,21 +99,57 @@ class Observer:
         return best[1], best[2]
 
 
-def reduce_observers(observers: list[Observer], world: World) -> None:
+class ChannelObserver:
+    """Running min and max per channel of attention keys or values (batch, kv_heads, tokens, head_dim): a range per
+    (head, head_dim) pair, over every batch and token (minmax only)."""
+
+    def __init__(self, scheme: TensorScheme, heads: int, head_dim: int) -> None:
+        self.scheme = scheme
+        self.range_shape = (heads, head_dim)
+        self.min_val: torch.Tensor | None = None
+        self.max_val: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:2] + x.shape[3:]) != self.range_shape:
+            raise ValueError(f"expected keys or values of shape (batch, {self.range_shape[0]}, tokens, "
+                             f"{self.range_shape[1]}), got {tuple(x.shape)}")
+        lo, hi = torch.aminmax(x.detach().float().transpose(1, 2).flatten(0, 1), dim=0)
+        self.min_val = lo if self.min_val is None else torch.minimum(self.min_val, lo)
+        self.max_val = hi if self.max_val is None else torch.maximum(self.max_val, hi)
+
+    @property
+    def observed(self) -> bool:
+        return self.min_val is not None
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static scale and offset, each (heads, head_dim)."""
+        if self.min_val is None:
+            raise RuntimeError("observer saw no data: the attention was never reached by calibration inputs")
+        return qparams_from_range(self.min_val, self.max_val, self.scheme)
+
+
+def reduce_observers(observers: list[Observer | ChannelObserver], world: World) -> None:
     """Give each observer the statistics of every process's batches: the range over all of them, and the samples
     in batch order (each process keeps its first SAMPLE_LIMIT, which hold its share of the first SAMPLE_LIMIT of
     all). Every process passes the same observers in the same order."""
     if world.size == 1 or not observers:
         return
-    inf = torch.tensor(float("inf"))
-    low = world.min(torch.stack([inf if o.min_val is None else o.min_val.cpu() for o in observers]))
-    high = world.max(torch.stack([-inf if o.max_val is None else o.max_val.cpu() for o in observers]))
+
+    def flat(values: list[torch.Tensor | None], fill: float) -> torch.Tensor:
+        """Every observer's range (a per-channel one too) in one vector, one collective for all."""
+        return torch.cat([(torch.full(o.range_shape, fill) if v is None else v.cpu()).reshape(-1)
+                          for o, v in zip(observers, values, strict=True)])
+
+    sizes = [math.prod(o.range_shape) for o in observers]
+    low = world.min(flat([o.min_val for o in observers], float("inf"))).split(sizes)
+    high = world.max(flat([o.max_val for o in observers], float("-inf"))).split(sizes)
     sampling = [o for o in observers if o.scheme.observer != "minmax"]
     if sampling:
         gathered = world.gather([o.samples for o in sampling])
         for position, observer in enumerate(sampling):
             observer.samples = [sample for process in gathered for sample in process[position]]
-    device = next((o.min_val.device for o in observers if o.min_val is not None), low.device)
+    device = next((o.min_val.device for o in observers if o.min_val is not None), torch.device("cpu"))
     for observer, lo, hi in zip(observers, low, high, strict=True):
-        if torch.isfinite(lo):  # some process observed it
-            observer.min_val, observer.max_val = lo.to(device), hi.to(device)
+        if torch.isfinite(lo).all():  # some process observed it
+            shape = observer.range_shape
+            observer.min_val, observer.max_val = lo.reshape(shape).to(device), hi.reshape(shape).to(device)

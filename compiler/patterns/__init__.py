@@ -4,7 +4,8 @@
 changes, whose nodes carry a `kind` (the leaf kinds shared with the tracer, `slimc.ir.leaves`) and in
 which quantizer nodes are seen through. The finders match one shape each:
 
-- `llm`: norm → consumers, the residual stream, v → o around the attention kernel, up → down;
+- `llm`: norm → consumers, the residual stream, v → o around the attention kernel, up → down, the k/v inputs
+  of the attention kernel and their projections;
 - `dit`: AdaLN-modulated norm → Linears, and Linears only an explicit multiply can scale;
 - `graph`: the Linears and the fused MoE experts a block calls, and which of them read the same tensor.
 
@@ -26,10 +27,12 @@ from slimc.patterns.graph import (
     propagate_shapes,
 )
 from slimc.patterns.llm import (
+    KVInputs,
     NormGroup,
     OVPair,
     ResidualStream,
     UpDownPair,
+    find_kv_inputs,
     find_norm_linear_groups,
     find_ov_pairs,
     find_residual_stream,
@@ -39,6 +42,7 @@ from slimc.patterns.llm import (
 __all__ = [
     "BlockGraph",
     "Consumer",
+    "KVInputs",
     "ModulationGroup",
     "MultiplyGroup",
     "NormGroup",
@@ -47,6 +51,7 @@ __all__ = [
     "UpDownPair",
     "block_graph",
     "find_experts",
+    "find_kv_inputs",
     "find_linears",
     "find_modulation_groups",
     "find_multiply_groups",

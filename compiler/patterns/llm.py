@@ -5,7 +5,9 @@
 - the residual stream: what reads the hidden states a block passes on, and what writes into them;
 - v → o: a Linear feeding the attention kernel's value input through shape ops, and the
   Linear reading the kernel's output;
-- up → down: a Linear whose output is multiplied by act(gate) and then read by another Linear.
+- up → down: a Linear whose output is multiplied by act(gate) and then read by another Linear;
+- k, v → the attention kernel: the key and value tensors the kernel reads (the keys after RoPE), and the one
+  Linear each is computed from, which a KV cache quantizer is named after.
 """
 
 from __future__ import annotations
@@ -57,6 +59,18 @@ class ResidualStream:
     direct_readers: list[Consumer] = field(default_factory=list)
     writers: list[Consumer] = field(default_factory=list)
     problem: str | None = None
+
+
+@dataclass(frozen=True)
+class KVInputs:
+    """The key and value inputs (args 1 and 2, shaped (batch, kv_heads, tokens, head_dim)) of an attention kernel
+    node, and the Linears they are computed from."""
+
+    kernel: fx.Node
+    k: str
+    v: str
+    heads: int
+    head_dim: int
 
 
 @dataclass(frozen=True)
@@ -214,3 +228,38 @@ def find_up_down_pairs(gm: fx.GraphModule) -> list[UpDownPair]:
                 pairs.append(UpDownPair(gate=gate.target, up=up.target, down=down.target))
                 break
     return pairs
+
+
+def _source_linear(graph: BlockGraph, value: fx.Node) -> fx.Node | None:
+    """The one Linear a tensor is computed from (through any ops: views, norms, RoPE's products with cos and sin
+    read from block inputs); None when it is computed from none or several."""
+    found, stack, seen = set(), [graph.behind(value)], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        kind = graph.kind(node)
+        if kind == "linear":
+            found.add(node)
+        elif kind not in ("experts", "attention"):
+            stack.extend(graph.inputs(node))
+    return found.pop() if len(found) == 1 else None
+
+
+def find_kv_inputs(gm: fx.GraphModule) -> list[KVInputs]:
+    """Attention kernels whose key and value inputs (positional, as transformers' kernels take them) are
+    (batch, kv_heads, tokens, head_dim) tensors each computed from one Linear (k_proj, v_proj), in graph order."""
+    graph = block_graph(gm)
+    found = []
+    for kernel in graph.of_kind("attention"):
+        inputs = kernel.args[1:3]
+        if len(inputs) != 2 or not all(isinstance(x, fx.Node) for x in inputs):
+            continue
+        shapes = [shape_of(graph.behind(x)) for x in inputs]
+        if any(shape is None or len(shape) != 4 for shape in shapes) or shapes[0][1] != shapes[1][1]:
+            continue
+        k, v = (_source_linear(graph, x) for x in inputs)
+        if k is not None and v is not None and k is not v:
+            found.append(KVInputs(kernel, k.target, v.target, heads=shapes[1][1], head_dim=shapes[1][3]))
+    return found
