@@ -243,7 +243,7 @@ def test_slimc_migrate_from_msmodelslim_prints_a_config_that_loads(tmp_path, cap
                 weight: {scope: per_channel, dtype: int8, symmetric: true, method: minmax}
               include: ["*"]
               exclude: ["lm_head"]
-            - type: dynamic_cache
+            - type: kv_smooth
           save: [{type: ascendv1_saver}]
         """, "msmodelslim.yaml")
     assert main(["migrate", "--from", "msmodelslim", str(source)]) == 0
@@ -252,4 +252,4 @@ def test_slimc_migrate_from_msmodelslim_prints_a_config_that_loads(tmp_path, cap
     config = load_config(converted)
     assert [step.name for step in Pipeline.from_config(config).steps] == ["fake_quant", "calibrate", "lower"]
     assert config.schemes["w8a8_dynamic"].label == "W8A8_DYNAMIC" and config.export[0]["format"] == "mindie"
-    assert "slimc: note: spec.process[1] (type: dynamic_cache)" in captured.err
+    assert "slimc: note: spec.process[1] (type: kv_smooth)" in captured.err

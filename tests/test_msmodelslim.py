@@ -264,12 +264,29 @@ def test_online_quarot_becomes_rotate_inputs_before_fake_quant():
     assert passes(data)[1] == "fake_quant"
 
 
+def test_dynamic_cache_becomes_fake_quants_int8_kv_cache():
+    data, notes, config, _ = convert(with_process(
+        '- type: "dynamic_cache"\n  qconfig: {scope: "per_channel", dtype: "int8", symmetric: False, method: "minmax"}\n'
+        '  include: ["*layers.1.*"]\n'))
+    fake_quant = next(step for step in data["pipeline"] if step["pass"] == "fake_quant")
+    assert fake_quant["kv_cache"] == {"dtype": "int8", "granularity": "per_channel", "symmetric": False}
+    assert config.pipeline[0].kv_cache.symmetric is False
+    assert ("spec.process[0] (type: dynamic_cache): include / exclude: every attention of the text decoder gets an int8 "
+            "KV cache") in notes
+
+
+def test_a_dynamic_cache_of_another_dtype_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="the KV cache is quantized to int8 per_channel only"):
+        convert(with_process('- type: "dynamic_cache"\n  qconfig: {scope: "per_tensor", dtype: "int8", symmetric: True, '
+                             'method: "minmax"}\n'))
+
+
 # --- what does not convert ------------------------------------------------------------------------------
 
 
 def test_unmappable_parts_are_each_named_in_a_note_and_the_rest_still_converts():
     text = with_process(
-        '- type: "dynamic_cache"\n  qconfig: {scope: "per_channel", dtype: "int8", symmetric: True, method: "minmax"}\n',
+        '- type: "kv_smooth"\n',
         '- type: "fa3_quant"\n  include: ["*"]\n',
         '- type: "float_sparse"\n  sparse_ratio: 0.4\n',
         '- type: "my_secret_quant"\n',
@@ -281,8 +298,8 @@ def test_unmappable_parts_are_each_named_in_a_note_and_the_rest_still_converts()
     )
     data, notes, _, _ = convert(text)
     assert [rule["scheme"] for rule in data["pipeline"][0]["rules"]] == ["w8a8_dynamic"]
-    assert ("spec.process[0] (type: dynamic_cache): not converted: KV-cache quantization; slimc quantizes Linear layers "
-            "only, the KV cache stays in the model dtype") in notes
+    assert ("spec.process[0] (type: kv_smooth): not converted: smoothing for KV-cache quantization, which slimc does "
+            "not do") in notes
     assert ("spec.process[1] (type: fa3_quant): not converted: FlashAttention (FA3) quantization; slimc has no attention "
             "quantization, attention stays float") in notes
     assert "spec.process[2] (type: float_sparse): not converted: sparsity; slimc does not prune, weights stay dense" in notes

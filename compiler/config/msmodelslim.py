@@ -41,7 +41,6 @@ SAVERS = {"ascendv1_saver": "mindie", "ascendv1_saver_distributed": "mindie", "m
           "compressed_tensors": "vllm"}
 ANALYSIS = "analysis only; it does not change the quantized model"
 NOT_CONVERTED = {
-    "dynamic_cache": "KV-cache quantization; slimc quantizes Linear layers only, the KV cache stays in the model dtype",
     "fa3_quant": "FlashAttention (FA3) quantization; slimc has no attention quantization, attention stays float",
     "kv_smooth": "smoothing for KV-cache quantization, which slimc does not do",
     "float_sparse": "sparsity; slimc does not prune, weights stay dense",
@@ -129,6 +128,7 @@ class _Converter:
         self.smooth: dict | None = None
         self.smooth_at = ""
         self.rotate_inputs: dict | None = None
+        self.kv_cache: dict | None = None
 
     def error(self, here: str, text: str) -> ConfigError:
         return ConfigError(f"{self.source}: {here}: {text}")
@@ -155,6 +155,8 @@ class _Converter:
             self.smoothing(step, here, kind)
         elif kind in ("quarot", "adapt_rotation"):
             self.rotate(step, here, kind)
+        elif kind == "dynamic_cache":
+            self.dynamic_cache(step, here)
         elif kind == "online_quarot":
             self.rotate_inputs = {"pass": "rotate_inputs", "include": self.globs(step.get("include") or ["*"], here),
                                   "exclude": self.globs(step.get("exclude") or [], here)}
@@ -163,6 +165,20 @@ class _Converter:
         else:
             self.note(here, "not converted: " + NOT_CONVERTED.get(kind, "not a msModelSlim V1 processor this converter "
                                                                        "knows; nothing in the slimc config does its work"))
+
+    def dynamic_cache(self, step: dict, here: str) -> None:
+        """KV cache int8 per channel: fake_quant's `kv_cache` (docs/kvcache.md)."""
+        qconfig = step.get("qconfig")
+        if not isinstance(qconfig, dict):
+            raise self.error(here, "qconfig: expected a mapping with dtype, scope, symmetric, method")
+        if qconfig.get("dtype") != "int8" or qconfig.get("scope") != "per_channel":
+            raise self.error(here, f"qconfig: dtype {qconfig.get('dtype')!r}, scope {qconfig.get('scope')!r}: the KV cache "
+                                   "is quantized to int8 per_channel only (as msModelSlim's dynamic_cache requires)")
+        self.kv_cache = {"dtype": "int8", "granularity": "per_channel", "symmetric": bool(qconfig.get("symmetric", True))}
+        if qconfig.get("method", "minmax") != "minmax":
+            self.note(here, f"qconfig.method {qconfig['method']!r}: the KV cache range is min/max over the calibration data")
+        if [g for g in step.get("include") or ["*"] if g != "*"] or step.get("exclude"):
+            self.note(here, "include / exclude: every attention of the text decoder gets an int8 KV cache")
 
     # --- linear_quant: a scheme and a fake_quant rule -------------------------------------------------
 
@@ -379,8 +395,8 @@ class _Converter:
             for here in (h for h, algorithm in self.weight_algorithms.items() if algorithm == "rtn"):
                 self.note(here, f"weights rounded by GPTQ as well: calibrate's weight_algorithm is one for all layers "
                                 f"and {gptq[0]} asks for GPTQ")
-        steps = [*self.rotation, self.smooth, self.rotate_inputs, {"pass": "fake_quant", "rules": self.rules[::-1]},
-                 calibrate, {"pass": "lower"}]
+        fake_quant = {"pass": "fake_quant", "rules": self.rules[::-1]} | ({"kv_cache": self.kv_cache} if self.kv_cache else {})
+        steps = [*self.rotation, self.smooth, self.rotate_inputs, fake_quant, calibrate, {"pass": "lower"}]
         return {
             "version": CONFIG_VERSION,
             "model": {"family": "auto", "dtype": "auto"},
