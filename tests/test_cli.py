@@ -306,6 +306,8 @@ def test_trace_prints_the_blocks_and_the_dense_patterns(tiny_llama_dir):
     assert "block model.layers.0" in result.stdout
     for pattern in ("norm → linears", "v → o", "up → down"):
         assert pattern in result.stdout
+    assert ("k, v → attention self_attn.k_proj, self_attn.v_proj → self_attn.attention_kernel (2 kv heads × 16): the KV "
+            "cache") in result.stdout
 
 
 def test_trace_prints_the_fused_experts_of_a_moe_model(tiny_qwen3_moe_dir):

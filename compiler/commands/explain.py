@@ -14,6 +14,7 @@ from slimc.ir.source import default_model_path, resolve_model_source
 from slimc.patterns import (
     ModulationGroup,
     find_experts,
+    find_kv_inputs,
     find_modulation_groups,
     find_multiply_groups,
     find_norm_linear_groups,
@@ -55,6 +56,10 @@ def describe_block(block: Block) -> list[str]:
         lines.append(f"  norm → linears   {group.norm} → {readers}")
     for pair in find_ov_pairs(gm):
         lines.append(f"  v → o            {pair.v} → {pair.o} (head_dim {pair.head_dim})")
+    if block.role == "text":  # the blocks that fake_quant's kv_cache quantizes
+        for kv in find_kv_inputs(gm):
+            lines.append(f"  k, v → attention {kv.k}, {kv.v} → {kv.kernel.target} ({kv.heads} kv heads × {kv.head_dim}): "
+                         "the KV cache")
     for pair in find_up_down_pairs(gm):
         lines.append(f"  up → down        {pair.up} → {pair.down} (gate {pair.gate})")
     for experts in find_experts(gm):
