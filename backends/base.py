@@ -11,7 +11,7 @@ from slimc.ir.source import write_model_files
 
 if TYPE_CHECKING:
     from slimc.ir import Program
-    from slimc.schemes import ShapeRule
+    from slimc.schemes import KVCacheScheme, ShapeRule
 
 BACKENDS: dict[str, type[Backend]] = {}
 
@@ -25,8 +25,6 @@ class Backend(BaseModel):
     # The weight shapes the format's layouts can hold, beyond what the schemes need (`slimc.schemes.SHAPE_RULES`);
     # `compile` checks them on the plan before calibrating.
     shape_rules: ClassVar[tuple[ShapeRule, ...]] = ()
-    # Why the format cannot hold an int8 KV cache (the fake_quant pass's `kv_cache`); None where it can.
-    kv_cache_refusal: ClassVar[str | None] = "it has no int8 KV cache scales"
 
     def export(self, program: Program, out_dir: Path) -> list[Path]:
         """Write the program in this format into the (existing, empty) directory: the model's own files that the
@@ -42,9 +40,15 @@ class Backend(BaseModel):
         from slimc.backends.checkpoint import kv_cache_quantizers
         from slimc.errors import ExportError
 
-        if self.kv_cache_refusal and kv_cache_quantizers(program):
-            raise ExportError(f"{self.format_name}: the program quantizes the KV cache (fake_quant's kv_cache), which "
-                              f"this format cannot hold: {self.kv_cache_refusal}")
+        for _, quantizer in kv_cache_quantizers(program)[:1]:
+            refusal = self.kv_cache_refusal(quantizer.kv_scheme)
+            if refusal:
+                raise ExportError(f"{self.format_name}: the program quantizes the KV cache to {quantizer.kv_scheme.dtype} "
+                                  f"(fake_quant's kv_cache), which this format cannot hold: {refusal}")
+
+    def kv_cache_refusal(self, scheme: KVCacheScheme) -> str | None:
+        """Why the format cannot hold a KV cache quantized by `scheme` (fake_quant's `kv_cache`); None where it can."""
+        return "it has no quantized KV cache"
 
     def write(self, program: Program, out_dir: Path) -> list[Path]:
         """The format's own files (weights, quantization description), written into `out_dir` after the model's

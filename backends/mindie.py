@@ -64,7 +64,7 @@ from slimc.errors import ExportError, SlimcError
 from slimc.ir import Program
 from slimc.numerics.modules import ChannelScale, FakeQuantize, QuantizedLinear
 from slimc.numerics.quant import pack_int4
-from slimc.schemes import QuantScheme, ShapeRule
+from slimc.schemes import KVCacheScheme, QuantScheme, ShapeRule
 
 __all__ = ["AscendExperts", "AscendLinear", "MindieBackend", "load_ascend_model"]
 
@@ -82,7 +82,6 @@ class MindieBackend(Backend):
       splits along their input (W4A8_DYNAMIC only: their `scale_bias` gets one column per 1/16 of the input).
     """
 
-    kv_cache_refusal = None  # C8: written as msModelSlim does (`_kv_cache_tensors`)
     max_shard_size: ShardSize = "5GB"
     row_parallel: list[str] = ["*.o_proj", "*.down_proj"]
     # The shapes `_part_tensors`' layouts hold: `compile` checks them on the plan, `_check_scheme` on what is written.
@@ -101,6 +100,13 @@ class MindieBackend(Backend):
                   f"has one column per 1/{SCALE_BIAS_SPLITS} of the input (tensor parallelism up to {SCALE_BIAS_SPLITS})",
                   "give these layers int8 weights (W8A8_DYNAMIC)"),
     )
+
+    def kv_cache_refusal(self, scheme: KVCacheScheme) -> str | None:
+        """int8 per channel is C8, written as msModelSlim does (`_kv_cache_tensors`)."""
+        if scheme.dtype != "int8":
+            return (f"Ascend runtimes quantize the KV cache to int8 per channel (C8), not {scheme.dtype}; use "
+                    "kv_cache: {dtype: int8, granularity: per_channel}")
+        return None
 
     def write(self, program: Program, out_dir: Path) -> list[Path]:
         out_dir = Path(out_dir)

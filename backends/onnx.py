@@ -33,6 +33,7 @@ from slimc.errors import ExportError, SlimcError
 from slimc.ir import Program
 from slimc.ir.hooks import temporary_hooks
 from slimc.numerics.modules import QuantizedExperts, QuantizedLinear
+from slimc.schemes import KVCacheScheme
 
 if TYPE_CHECKING:
     from onnxscript import ir
@@ -92,7 +93,9 @@ class OnnxBackend(Backend):
     # No shape rules of its own: ONNX int4 tensors pad an odd element count to a whole byte, and blocked
     # DequantizeLinear takes any group size that divides the input (a scheme rule).
     shape_rules = ()
-    kv_cache_refusal = "the exported graph computes attention over the whole sequence, with no KV cache to quantize"
+
+    def kv_cache_refusal(self, scheme: KVCacheScheme) -> str | None:
+        return "the exported graph computes attention over the whole sequence, with no KV cache to quantize"
 
     def check(self, program: Program) -> None:
         super().check(program)

@@ -33,6 +33,7 @@ from slimc.backends.checkpoint import (
     checkpoint_prefixes,
     export_scopes,
     float_tensors,
+    kv_cache_quantizers,
     natural_key,
     same_bits,
     shard_bytes,
@@ -50,7 +51,7 @@ from slimc.errors import ExportError
 from slimc.ir import Program
 from slimc.numerics.modules import EXPERT_WEIGHTS, ChannelScale, QuantizedExperts
 from slimc.numerics.quant import dequantize, expand_to_weight
-from slimc.schemes import QuantScheme, TensorScheme
+from slimc.schemes import KVCacheScheme, QuantScheme, TensorScheme
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = WEIGHTS_FILE + ".index.json"
@@ -94,9 +95,14 @@ class VllmBackend(Backend):
     max_shard_size: ShardSize = "5GB"
     # No shape rules of its own: compressed-tensors packs int4 codes into int32 words and pads the last one.
     shape_rules = ()
-    kv_cache_refusal = ("vLLM reads a quantized KV cache from compressed-tensors' kv_cache_scheme as float8 (e4m3) "
-                        "with per-tensor k_scale / v_scale, not int8 per channel; export the int8 (C8) cache in the "
-                        "mindie format")
+
+    def kv_cache_refusal(self, scheme: KVCacheScheme) -> str | None:
+        """fp8_e4m3 per tensor is compressed-tensors' kv_cache_scheme, with k_scale / v_scale (`_kv_cache_tensors`)."""
+        if scheme.dtype != "fp8_e4m3":
+            return ("vLLM reads a quantized KV cache from compressed-tensors' kv_cache_scheme as float8 (e4m3) with "
+                    "per-tensor k_scale / v_scale, not int8 per channel; use kv_cache: {dtype: fp8_e4m3, granularity: "
+                    "per_tensor}, or export the int8 cache (C8) in the mindie format")
+        return None
 
     def write(self, program: Program, out_dir: Path) -> list[Path]:
         from compressed_tensors.compressors import ModelCompressor
@@ -115,6 +121,7 @@ class VllmBackend(Backend):
                 if name in tensors:
                     raise ExportError(f"vllm: {name} is both a float tensor and a quantized Linear's tensor")
                 tensors[name] = tensor
+            tensors.update(_kv_cache_tensors(program, parts, scope))
             writer.add({**tensors, **(copied if scope.block is None else {})})
         writer.finish()
         ModelCompressor(quantization_config=quantization_config(program, parts, set(copied)),
@@ -161,6 +168,13 @@ class VllmBackend(Backend):
                 if not same_bits(tensor.detach().cpu().contiguous(), stored[name]):
                     raise ExportError(f"vllm: {name} differs from the program's float tensor")
                 floats.add(name)
+            for name, tensor in _kv_cache_tensors(program, _scope_linears(program, scope), scope).items():
+                if not torch.equal(stored[name], tensor):
+                    raise ExportError(f"vllm: {name} differs from the program's KV cache scale")
+                expected.add(name)
+        if config.kv_cache_scheme != kv_cache_scheme(program):
+            raise ExportError(f"vllm: quantization_config.kv_cache_scheme is {config.kv_cache_scheme}, the program's "
+                              f"KV cache {kv_cache_scheme(program)}")
         copied = source_tensors(program, "vllm")
         for name, source in copied.items():
             if not same_bits(source.load(), stored[name]):
@@ -264,7 +278,32 @@ def quantization_config(program: Program, parts: list[CheckpointLinear], copied:
     groups = {f"group_{i}": compressed_scheme(scheme, targets[scheme]) for i, scheme in enumerate(by_scheme)}
     formats = {compression_format(scheme) for scheme in by_scheme}
     return QuantizationConfig(config_groups=groups, format=formats.pop() if len(formats) == 1 else "mixed-precision",
-                              quantization_status="compressed", ignore=_ignored(program, parts, copied))
+                              quantization_status="compressed", ignore=_ignored(program, parts, copied),
+                              kv_cache_scheme=kv_cache_scheme(program))
+
+
+def kv_cache_scheme(program: Program):
+    """compressed-tensors' kv_cache_scheme of a program with an FP8 KV cache: float 8-bit, per tensor, symmetric,
+    static (vLLM's FP8 KV cache); None without one."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    if not kv_cache_quantizers(program):
+        return None
+    return QuantizationArgs(num_bits=8, type="float", strategy="tensor", symmetric=True, dynamic=False)
+
+
+def _kv_cache_tensors(program: Program, parts: list[CheckpointLinear], scope: Scope) -> dict[str, torch.Tensor]:
+    """`<attn>.k_scale` and `<attn>.v_scale` float32 (1,) of each KV cache quantizer in `scope`, under the checkpoint
+    name of the attention module (its k/v projection's, less the last part), as compressed-tensors names them."""
+    tensors = {}
+    for block, quantizer in kv_cache_quantizers(program, scope):
+        prefixes = checkpoint_prefixes(program, parts, block.qualified(quantizer.projection))
+        if len(prefixes) != 1:
+            raise ExportError(f"vllm: {block.qualified(quantizer.projection)} is written as {', '.join(prefixes)}; the "
+                              "KV cache scales belong to one attention module")
+        attention = prefixes[0].rpartition(".")[0]
+        tensors[f"{attention}.{'k' if quantizer.which == 'key' else 'v'}_scale"] = quantizer.scale.float().reshape(1)
+    return tensors
 
 
 def _ignored(program: Program, parts: list[CheckpointLinear], copied: set[str]) -> list[str]:

@@ -114,9 +114,12 @@ SHAPE_RULES: tuple[ShapeRule, ...] = (
 
 
 class KVCacheScheme(BaseModel):
-    """How the keys and values a decoder's attention caches are quantized (Ascend's C8): int8, one static scale
-    (and offset, unless symmetric) per channel of the cached tensor (kv_heads × head_dim), calibrated on the keys
-    (after RoPE) and values entering the attention kernel."""
+    """How the keys and values a decoder's attention caches are quantized, static, calibrated on the keys (after
+    RoPE) and values entering the attention kernel:
+
+    - int8, one scale (and offset, unless symmetric) per channel (kv_heads × head_dim): Ascend's C8;
+    - fp8_e4m3, one symmetric scale per tensor (amax / 448): vLLM's FP8 KV cache (compressed-tensors'
+      kv_cache_scheme with k_scale / v_scale)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -126,16 +129,20 @@ class KVCacheScheme(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> KVCacheScheme:
-        if self.dtype != "int8":
-            raise ValueError(f"kv_cache.dtype: only int8 (Ascend C8) is supported, not {self.dtype!r}; vLLM's FP8 KV "
-                             "cache scales are not produced by slimc")
-        if self.granularity != "per_channel":
-            raise ValueError(f"kv_cache.granularity: only per_channel (one scale per kv_heads × head_dim channel, "
-                             f"Ascend C8) is supported, not {self.granularity!r}")
+        allowed = {"int8": "per_channel", "fp8_e4m3": "per_tensor"}
+        if self.dtype not in allowed:
+            raise ValueError(f"kv_cache.dtype: int8 (Ascend C8) or fp8_e4m3 (vLLM), not {self.dtype!r}")
+        if self.granularity != allowed[self.dtype]:
+            raise ValueError(f"kv_cache.granularity: a {self.dtype} KV cache is {allowed[self.dtype]} (int8: one scale "
+                             f"per kv_heads × head_dim channel, Ascend C8; fp8_e4m3: one per tensor, vLLM), not "
+                             f"{self.granularity!r}")
+        if self.dtype == "fp8_e4m3" and not self.symmetric:
+            raise ValueError("kv_cache.symmetric: an fp8_e4m3 KV cache is symmetric (vLLM reads k_scale / v_scale only)")
         return self
 
     @property
     def tensor(self) -> TensorScheme:
-        """The scheme of one cached tensor: static int8 per channel, range by min/max over the calibration data."""
+        """How the ranges are observed: min/max per channel over the calibration data (an fp8 cache takes its one
+        range from them when calibrate freezes it)."""
         return TensorScheme(dtype="int8", granularity="per_channel", symmetric=self.symmetric, dynamic=False,
                             observer="minmax")

@@ -119,6 +119,6 @@ class FakeQuant(Pass):
                             "projection?); int8 KV cache scales are written under the k and v projections' names")
         for kv in found:
             for index, which, projection in ((1, "key", kv.k), (2, "value", kv.v)):
-                quantizer = KVCacheQuantize(kv_cache.tensor, kv.heads, kv.head_dim, which, projection)
+                quantizer = KVCacheQuantize(kv_cache, kv.heads, kv.head_dim, which, projection)
                 block.insert_argument_node(kv.kernel, index, Block.kv_quantizer_target(kv.kernel.name, projection), quantizer)
 

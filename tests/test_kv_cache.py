@@ -1,6 +1,7 @@
-"""int8 KV cache (Ascend C8): fake_quant's `kv_cache` quantizes the keys (after RoPE) and values entering each
-decoder layer's attention kernel, static per channel; the mindie files hold the scales under the k/v projections'
-names and the Ascend reader computes what the program computes."""
+"""Quantized KV cache: fake_quant's `kv_cache` quantizes the keys (after RoPE) and values entering each decoder
+layer's attention kernel, static: int8 per channel (Ascend C8), whose scales the mindie files hold under the k/v
+projections' names and the Ascend reader applies; or fp8 e4m3 per tensor (vLLM), written as compressed-tensors'
+kv_cache_scheme with k_scale / v_scale."""
 
 from __future__ import annotations
 
@@ -158,23 +159,70 @@ def test_verify_refuses_a_description_without_the_kv_cache_type(tmp_path):
         MindieBackend().verify(program, out)
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("dtype", "fp8_e4m3", "only int8 \\(Ascend C8\\) is supported"),
-    ("granularity", "per_tensor", "only per_channel"),
-    ("group_size", 8, "unknown key 'group_size'"),
+@pytest.mark.parametrize(("kv_cache", "message"), [
+    ({"dtype": "int4"}, "int8 \\(Ascend C8\\) or fp8_e4m3 \\(vLLM\\), not 'int4'"),
+    ({"granularity": "per_tensor"}, "a int8 KV cache is per_channel"),
+    ({"dtype": "fp8_e4m3", "granularity": "per_channel"}, "a fp8_e4m3 KV cache is per_tensor"),
+    ({"dtype": "fp8_e4m3", "granularity": "per_tensor", "symmetric": False}, "an fp8_e4m3 KV cache is symmetric"),
+    ({"group_size": 8}, "unknown key 'group_size'"),
 ])
-def test_a_kv_cache_the_compiler_cannot_make_is_refused_with_the_reason(field, value, message):
+def test_a_kv_cache_the_compiler_cannot_make_is_refused_with_the_reason(kv_cache, message):
     with pytest.raises(ConfigError, match=message):
         config_from_data({"schemes": {"w8": W8A8_STATIC},
-                          "pipeline": [{"pass": "fake_quant", "rules": [{"scheme": "w8"}], "kv_cache": {**KV_CACHE, field: value}}]})
+                          "pipeline": [{"pass": "fake_quant", "rules": [{"scheme": "w8"}], "kv_cache": {**KV_CACHE, **kv_cache}}]})
 
 
-@pytest.mark.parametrize(("fmt", "reason"), [("vllm", "as float8 \\(e4m3\\) with per-tensor k_scale / v_scale"),
-                                             ("onnx", "with no KV cache to quantize")])
-def test_formats_without_an_int8_kv_cache_refuse_the_config_before_compiling(fmt, reason):
-    config = load_config(resolve_config_path("glm4_moe/w8a8_c8.yaml"), [f"export=[{{format: {fmt}}}]"])
-    with pytest.raises(ConfigError, match=f"pipeline.1.kv_cache quantizes the KV cache, which format {fmt} cannot hold: .*{reason}"):
+@pytest.mark.parametrize(("fmt", "kv_cache", "reason"), [
+    ("vllm", "int8", "as float8 \\(e4m3\\) with per-tensor k_scale / v_scale"),
+    ("onnx", "int8", "with no KV cache to quantize"),
+    ("onnx", "fp8_e4m3", "with no KV cache to quantize"),
+    ("mindie", "fp8_e4m3", "Ascend runtimes quantize the KV cache to int8 per channel \\(C8\\)"),
+])
+def test_formats_that_cannot_hold_the_kv_cache_refuse_the_config_before_compiling(fmt, kv_cache, reason):
+    granularity = "per_channel" if kv_cache == "int8" else "per_tensor"
+    config = load_config(resolve_config_path("glm4_moe/w8a8_c8.yaml"), [
+        f"export=[{{format: {fmt}}}]", f"pipeline.1.kv_cache={{dtype: {kv_cache}, granularity: {granularity}}}"])
+    with pytest.raises(ConfigError, match=f"pipeline.1.kv_cache quantizes the KV cache to {kv_cache}, which format {fmt} "
+                                          f"cannot hold: .*{reason}"):
         build_backends(config)
+
+
+FP8_KV_CACHE = {"dtype": "fp8_e4m3", "granularity": "per_tensor"}
+
+
+def test_fp8_kv_cache_scales_are_the_absmax_of_all_keys_or_values_over_448():
+    model = tiny_causal_lm("qwen3")
+    batches = calibration_ids(model.config.vocab_size)
+    recorded = recorded_keys_and_values(copy.deepcopy(model), batches, layer=0)
+    pipeline = [{"pass": "fake_quant", "rules": [{"scheme": "w8"}], "kv_cache": FP8_KV_CACHE}, {"pass": "calibrate"}]
+    program, _ = run_pipeline(model, pipeline, {"w8": W8A8_DYNAMIC}, batches=batches)
+    for which, quantizer in kv_quantizers(program.blocks[0]).items():
+        torch.testing.assert_close(quantizer.scale, recorded[which].abs().max().reshape(1, 1) / 448, rtol=1e-6, atol=0)
+
+
+def test_vllm_fp8_kv_cache_is_compressed_tensors_kv_cache_scheme_with_k_and_v_scales(tmp_path):
+    """config.json's kv_cache_scheme is read by compressed-tensors; the k_scale / v_scale tensors are the program's,
+    and compressed-tensors' own fake quantization with them and that scheme gives what the program's cache holds."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    model_dir = save_tiny_model(tmp_path / "model", "qwen3")
+    config = load_config(resolve_config_path("llm/w8a8_dynamic.yaml"), [
+        *SMALL_CALIBRATION, "export=[{format: vllm}]", "pipeline.1.kv_cache={dtype: fp8_e4m3, granularity: per_tensor}"])
+    with pytest.warns(UserWarning, match="below the recommended"):
+        compiled = compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
+    raw = json.loads((tmp_path / "out" / "vllm" / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationConfig.model_validate(raw).kv_cache_scheme
+    assert scheme == QuantizationArgs(num_bits=8, type="float", strategy="tensor", symmetric=True, dynamic=False)
+    keys = torch.randn(2, 8, 20, 16, generator=torch.Generator().manual_seed(0))
+    with safe_open(tmp_path / "out" / "vllm" / "model.safetensors", "pt") as f:
+        for block in compiled.program.blocks:
+            for which, quantizer in kv_quantizers(block).items():
+                written = f.get_tensor(f"{block.name}.self_attn.{which[0]}_scale")
+                assert torch.equal(written, quantizer.scale.reshape(1))
+                x = keys * written * 150  # most values on the fp8 grid's range, some beyond ±448 (saturated)
+                expected = fake_quantize(x, written, torch.zeros(1), scheme)
+                assert torch.equal(quantizer(x), expected)
 
 
 def test_glm_4_7_c8_config_compiles_and_the_ascend_files_reproduce_it(tmp_path):

@@ -110,12 +110,14 @@ def build_backends(config: SlimcConfig) -> list[Backend]:
     names = [b.format_name for b in backends]
     if len(set(names)) != len(names):
         raise ConfigError(f"{config.where('export')}: export: each format may appear once, got {names}")
-    kv_steps = [index for index, step in enumerate(config.pipeline) if getattr(step, "kv_cache", None) is not None]
+    kv_steps = [(index, step.kv_cache) for index, step in enumerate(config.pipeline) if getattr(step, "kv_cache", None)]
     for index, backend in enumerate(backends):
-        if kv_steps and backend.kv_cache_refusal:
-            raise ConfigError(f"{config.where('export', index, 'format')}: export.{index}: pipeline.{kv_steps[0]}.kv_cache "
-                              f"quantizes the KV cache, which format {backend.format_name} cannot hold: "
-                              f"{backend.kv_cache_refusal}")
+        for step_index, scheme in kv_steps:
+            refusal = backend.kv_cache_refusal(scheme)
+            if refusal:
+                raise ConfigError(f"{config.where('export', index, 'format')}: export.{index}: pipeline.{step_index}.kv_cache "
+                                  f"quantizes the KV cache to {scheme.dtype}, which format {backend.format_name} cannot "
+                                  f"hold: {refusal}")
     return backends
 
 

@@ -11,8 +11,14 @@ from torch import nn
 
 from slimc.ir.leaves import register_leaf
 from slimc.numerics.observers import ChannelObserver, Observer
-from slimc.numerics.quant import dequantize_weight, dynamic_fake_quantize, fake_quantize
-from slimc.schemes import QuantScheme, TensorScheme
+from slimc.numerics.quant import (
+    dequantize_weight,
+    dynamic_fake_quantize,
+    fake_quantize,
+    fp8_fake_quantize,
+    fp8_scale,
+)
+from slimc.schemes import KVCacheScheme, QuantScheme, TensorScheme
 
 
 @register_leaf("quantizer")
@@ -57,26 +63,40 @@ class FakeQuantize(nn.Module):
 
 class KVCacheQuantize(FakeQuantize):
     """Quantize-dequantize of the keys or values entering an attention kernel, (batch, kv_heads, tokens, head_dim),
-    static per channel (Ascend C8: the runtime stores them so in its KV cache): a node in the block graph, which
-    stays there when the block is lowered. `which` is "key" or "value"; `projection` is the block's Linear whose
-    output it quantizes (k_proj or v_proj, found from the graph), under whose checkpoint name the scales are written.
+    static, as a runtime with a quantized KV cache stores them: int8 per channel (Ascend C8) or fp8 e4m3 per tensor
+    (vLLM). A node in the block graph, which stays there when the block is lowered. `which` is "key" or "value";
+    `projection` is the block's Linear whose output it quantizes (k_proj or v_proj, found from the graph), under
+    whose checkpoint name the scales are written.
 
-    Buffers after calibration: ``scale``, ``offset`` float32 (kv_heads, head_dim)."""
+    Buffers after calibration: ``scale``, ``offset`` float32 (kv_heads, head_dim) for int8, (1, 1) for fp8."""
 
-    def __init__(self, scheme: TensorScheme, heads: int, head_dim: int, which: str, projection: str) -> None:
-        super().__init__(scheme)
+    def __init__(self, kv_scheme: KVCacheScheme, heads: int, head_dim: int, which: str, projection: str) -> None:
+        super().__init__(kv_scheme.tensor)
+        self.kv_scheme = kv_scheme
         self.which, self.projection = which, projection
-        self.observer = ChannelObserver(scheme, heads, head_dim)
-        self.scale = torch.ones(heads, head_dim)
-        self.offset = torch.zeros(heads, head_dim)
+        self.observer = ChannelObserver(self.scheme, heads, head_dim)
+        shape = (heads, head_dim) if kv_scheme.dtype == "int8" else (1, 1)
+        self.scale = torch.ones(shape)
+        self.offset = torch.zeros(shape)
+
+    def freeze(self) -> None:
+        if self.observer is not None and self.kv_scheme.dtype == "fp8_e4m3":
+            amax = torch.maximum(-self.observer.min_val.min(), self.observer.max_val.max()).clamp(min=0)
+            self.scale.copy_(fp8_scale(amax).reshape(1, 1))
+            self.observer = None
+        super().freeze()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "quantize":
-            return fake_quantize(x, self.scale[:, None, :], self.offset[:, None, :], self.scheme)
-        return super().forward(x)
+        if self.mode != "quantize":
+            return super().forward(x)
+        scale = self.scale[:, None, :]
+        if self.kv_scheme.dtype == "fp8_e4m3":
+            return fp8_fake_quantize(x, scale)
+        return fake_quantize(x, scale, self.offset[:, None, :], self.scheme)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self.which} of {self.projection}"
+        kv = self.kv_scheme
+        return f"{kv.dtype}, {kv.granularity}, {'sym' if kv.symmetric else 'asym'}, mode={self.mode}, {self.which} of {self.projection}"
 
 
 @register_leaf("linear")

@@ -59,6 +59,21 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, sc
     return values.to(x.dtype)
 
 
+FP8_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+
+
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The symmetric float8 e4m3 scale of values up to `amax` in magnitude: amax / 448 (compressed-tensors' and
+    vLLM's static FP8 convention), float32."""
+    return torch.clamp(amax.float() / FP8_E4M3_MAX, min=_TINY)
+
+
+def fp8_fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``fp8(clamp(x / scale, ±448)) · scale`` in float32, back in the dtype of ``x``: what an FP8 KV cache holds."""
+    values = (x.float() / scale).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
+    return values.mul_(scale).to(x.dtype)
+
+
 def group_count(in_features: int, group_size: int) -> int:
     """How many groups of ``group_size`` input channels there are; raises ValueError if it does not divide."""
     if in_features % group_size:
