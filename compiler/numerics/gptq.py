@@ -148,24 +148,29 @@ def gptq_quantize(
 
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
-        block = w[:, start:end]  # updated in place: a group fixed later reads its columns' current values from w
-        errors = torch.zeros_like(block)
+        # The block's columns as rows (block, out): each column and its update are contiguous, not strided by `in`.
+        # The values are those of updating w's columns in place; w gets them back before anything reads it.
+        block = w[:, start:end].T.contiguous()
+        errors, done = torch.zeros_like(block), torch.empty_like(block)
         hinv_block = hinv[start:end, start:end]
         for i, column in enumerate(order[start:end].tolist()):
             if grouped and column // scheme.group_size not in fixed_groups:
                 group = column // scheme.group_size
                 columns = slice(group * scheme.group_size, (group + 1) * scheme.group_size)
+                w[:, start:end] = block.T  # a group reads its columns' current values, these included
                 group_scale, group_offset = weight_qparams(w[:, position[columns]], scheme)
                 scale[:, group], offset[:, group] = group_scale[:, 0], group_offset[:, 0]
                 column_scale[:, columns], column_offset[:, columns] = group_scale, group_offset
                 fixed_groups.add(group)
-            col = block[:, i]
+            col = block[i]
             q = fake_quantize(col, column_scale[:, column], column_offset[:, column], scheme)
-            quantized[:, start + i] = q
+            done[i] = q
             error = (col - q) / hinv_block[i, i]
-            block[:, i:] -= error[:, None] * hinv_block[i, i:][None, :]
-            errors[:, i] = error
-        w[:, end:] -= errors @ hinv[start:end, end:]
+            block[i:] -= hinv_block[i, i:, None] * error[None, :]
+            errors[i] = error
+        w[:, start:end] = block.T
+        quantized[:, start:end] = done.T
+        w[:, end:] -= errors.T.contiguous() @ hinv[start:end, end:]
 
     restored = torch.empty_like(quantized)
     restored[:, order] = quantized

@@ -154,7 +154,8 @@ def _weight_error(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, sc
     """Squared error per stored scale entry."""
     full_scale = expand_to_weight(scale, w.shape, scheme)
     full_offset = expand_to_weight(offset, w.shape, scheme)
-    sq = (fake_quantize(w, full_scale, full_offset, scheme) - w) ** 2
+    sq = fake_quantize(w, full_scale, full_offset, scheme).sub_(w)
+    sq.mul_(sq)  # in place on fake_quantize's buffer: two fewer passes over the weight than (q - w) ** 2
     if scheme.granularity == "per_tensor":
         return sq.sum().reshape(1, 1)
     if scheme.granularity == "per_channel":
