@@ -11,7 +11,7 @@ from pydantic import Field, PrivateAttr, field_validator
 from torch import fx
 
 from slimc.ir import Block, Program
-from slimc.ir.calls import row_count, take_rows, tokens_per_row
+from slimc.ir.calls import row_count, spread_rows, take_rows, tokens_per_row
 from slimc.ir.capture import BlockInput
 from slimc.numerics.calib import channel_absmax, simulated_quantization
 from slimc.numerics.fidelity import relative_error
@@ -111,7 +111,7 @@ class Smooth(Pass):
                 self._multiplied += len(migration.readers) if migration.kind == "multiply" else 0
 
     def _search_calls(self, block: Block, ctx: Context, outputs: list[torch.Tensor]) -> tuple[list[BlockInput], list[torch.Tensor]]:
-        """The calls the search runs, and the float block's outputs on them: the `search_rows` of each of the first
+        """The calls the search runs, and the float block's outputs on them: the `spread_rows` of each of the first
         `search_batches` batches (whose outputs on all their rows are `outputs`); the whole batch where that is all
         its rows or they cannot be run apart."""
         batches = ctx.leading(self.search_batches)
@@ -120,7 +120,7 @@ class Smooth(Pass):
         calls, reference = [], []
         for batch, output in zip(batches, outputs, strict=True):
             rows = row_count(batch)
-            chosen = search_rows(rows, tokens_per_row(batch), share)
+            chosen = spread_rows(rows, tokens_per_row(batch), share)
             if len(chosen) < rows:
                 subset = take_rows(batch, chosen)
                 subset_output = ctx.run(block, [subset])[0] if block.traced.matches(*subset) else None
@@ -146,7 +146,6 @@ class Smooth(Pass):
             return self.alpha
         saved = [t.detach().clone() for t in migration.tensors()]
         weight_absmax = migration.weight_absmax()  # each trial is undone, so the readers' weights are these again
-
         def quantized_error() -> float:
             with simulated_quantization(block, planned):
                 outputs = ctx.run(block, calls)
@@ -199,13 +198,6 @@ class Smooth(Pass):
                 if readers:
                     found.append(_multiply_migration(block, readers))
         return found
-
-
-def search_rows(rows: int, tokens_per_row: int, tokens: int | None) -> list[int]:
-    """Which of a batch's `rows` the search runs: as many whole rows as `tokens` tokens fill (at least one; all of
-    them for None), evenly spread over the batch, the same every time."""
-    keep = rows if tokens is None else min(rows, max(1, tokens // tokens_per_row))
-    return [i * rows // keep for i in range(keep)]
 
 
 def _same_rows(subset_output: torch.Tensor, output: torch.Tensor, chosen: list[int], rows: int) -> bool:

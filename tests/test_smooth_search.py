@@ -7,7 +7,7 @@ from programs import W8A8_DYNAMIC, calibration_ids, run_pipeline
 from tiny_models import tiny_causal_lm
 
 import slimc.passes.smooth as smooth
-from slimc.ir.calls import take_rows
+from slimc.ir.calls import spread_rows, take_rows
 
 SCHEMES = {"w8": W8A8_DYNAMIC}
 QUANTIZE = {"pass": "fake_quant", "rules": [{"scheme": "w8", "exclude": ["*mlp.gate"]}]}
@@ -27,8 +27,8 @@ def search(model, batches, **fields):
     (8, 16, 48, [0, 2, 5]),
     (4, 24, None, [0, 1, 2, 3]),
 ])
-def test_search_rows_are_whole_rows_evenly_spread(rows, per_row, tokens, expected):
-    assert smooth.search_rows(rows, per_row, tokens) == expected
+def test_searched_rows_are_whole_rows_evenly_spread(rows, per_row, tokens, expected):
+    assert spread_rows(rows, per_row, tokens) == expected
 
 
 def test_the_search_runs_search_tokens_worth_of_rows_the_same_every_time(monkeypatch):
@@ -86,3 +86,5 @@ def test_the_report_times_the_equivalence_checks_and_block_outputs_apart_from_th
     report = search(model, calibration_ids(model.config.vocab_size))
     assert {"smooth", "fake_quant", "equivalence check", "block outputs"} <= set(report.seconds)
     assert all(seconds > 0 for seconds in report.seconds.values())
+    assert set(report.cpu_seconds) == set(report.seconds) and report.cpu_seconds["smooth"] > 0
+
