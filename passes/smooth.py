@@ -11,8 +11,9 @@ from pydantic import Field, PrivateAttr, field_validator
 from torch import fx
 
 from slimc.ir import Block, Program
-from slimc.ir.calls import row_count, spread_rows, take_rows, tokens_per_row
+from slimc.ir.calls import block_output, row_count, spread_rows, take_rows, tokens_per_row
 from slimc.ir.capture import BlockInput
+from slimc.ir.partial import PartialRuns
 from slimc.numerics.calib import channel_absmax, simulated_quantization
 from slimc.numerics.fidelity import relative_error
 from slimc.numerics.modules import ChannelScale
@@ -146,9 +147,14 @@ class Smooth(Pass):
             return self.alpha
         saved = [t.detach().clone() for t in migration.tensors()]
         weight_absmax = migration.weight_absmax()  # each trial is undone, so the readers' weights are these again
+        # a trial changes only the migration's tensors (an explicit multiply also inserts nodes: those run whole), so
+        # the trials after the first recompute only the nodes downstream of them, with the same results
+        partial = None if migration.kind == "multiply" else PartialRuns.reading(block.graph_module, migration.tensors())
+        flat_calls = [block.traced.flatten_inputs(args, kwargs) for args, kwargs in calls]
+
         def quantized_error() -> float:
-            with simulated_quantization(block, planned):
-                outputs = ctx.run(block, calls)
+            with simulated_quantization(block, planned), torch.no_grad():
+                outputs = [block_output(o) for o in partial.run(flat_calls)] if partial else ctx.run(block, calls)
             return ctx.world.worst([relative_error(o, r) for o, r in zip(outputs, reference)])
 
         best_alpha, best_error = None, quantized_error()

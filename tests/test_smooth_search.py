@@ -8,6 +8,7 @@ from tiny_models import tiny_causal_lm
 
 import slimc.passes.smooth as smooth
 from slimc.ir.calls import spread_rows, take_rows
+from slimc.ir.partial import PartialRuns
 
 SCHEMES = {"w8": W8A8_DYNAMIC}
 QUANTIZE = {"pass": "fake_quant", "rules": [{"scheme": "w8", "exclude": ["*mlp.gate"]}]}
@@ -88,3 +89,27 @@ def test_the_report_times_the_equivalence_checks_and_block_outputs_apart_from_th
     assert all(seconds > 0 for seconds in report.seconds.values())
     assert set(report.cpu_seconds) == set(report.seconds) and report.cpu_seconds["smooth"] > 0
 
+
+def test_search_trials_recompute_only_what_the_group_reaches_and_measure_what_whole_runs_measure(monkeypatch):
+    """After a group's first trial, a trial runs only the graph nodes downstream of the group's tensors; its errors
+    are those of whole block runs, bit for bit, so the choices are too."""
+    model = tiny_causal_lm("llama")
+    batches = calibration_ids(model.config.vocab_size, batches=2, batch_size=4, seq_len=24)
+    errors: dict[str, list[float]] = {"partial": [], "whole": []}
+    executed: list[tuple[int, int]] = []
+    original_error, original_execute = smooth.relative_error, PartialRuns._execute
+
+    def execute(self, order, env, keep):
+        executed.append((len(order), len(self._all)))
+        return original_execute(self, order, env, keep)
+
+    monkeypatch.setattr(PartialRuns, "_execute", execute)
+    for mode in ("partial", "whole"):
+        monkeypatch.setattr(smooth, "relative_error", lambda q, f, m=mode: errors[m].append(original_error(q, f)) or errors[m][-1])
+        if mode == "whole":
+            monkeypatch.setattr(PartialRuns, "reading", classmethod(lambda cls, gm, tensors: None))
+        report = search(tiny_causal_lm("llama"), batches)
+        assert any(alpha is not None for alpha in report.details["smooth_alpha"].values())
+    assert errors["partial"] == errors["whole"] and len(errors["whole"]) > 0
+    later = [ran for ran, nodes in executed if ran < nodes]
+    assert later and min(later) < max(nodes for _, nodes in executed) / 2  # the MLP's groups skip the attention
