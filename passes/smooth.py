@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,7 +13,7 @@ from torch import fx
 from slimc.ir import Block, Program
 from slimc.ir.calls import block_output, row_count, spread_rows, take_rows, tokens_per_row
 from slimc.ir.capture import BlockInput
-from slimc.ir.partial import PartialRuns
+from slimc.ir.partial import ObservedPrefix, PartialRuns
 from slimc.numerics.calib import channel_absmax, simulated_quantization
 from slimc.numerics.fidelity import relative_error
 from slimc.numerics.modules import ChannelScale
@@ -96,12 +96,23 @@ class Smooth(Pass):
         migrations = self.migrations(block, ctx)
         if not migrations:
             return
+        targets = dict(m.observe for m in migrations)
+        searched = len(ctx.leading(self.search_batches)) if self.search else 0
+        # the other batches run only as far as the last observed value (before SmolLM2's down_proj: a fifth of a run)
+        prefix = ObservedPrefix.of(block.graph_module, targets)
         outputs: list[torch.Tensor] = []
 
-        def run_keeping_search_outputs(block: Block, batches: list[BlockInput]) -> None:
-            outputs.extend(ctx.run(block, batches, keep=len(ctx.leading(self.search_batches)) if self.search else 0))
+        @torch.no_grad()
+        def run(block: Block, batches: Sequence[BlockInput], record: Callable[[str, torch.Tensor], None]) -> None:
+            for index, batch in enumerate(batches):  # one at a time: a store may hold some on disk
+                if index < searched:  # whole: the float outputs the search measures against
+                    outputs.extend(ctx.run(block, [batch]))
+                elif prefix is None:
+                    ctx.run(block, [batch], keep=0)
+                else:
+                    prefix.run(block.traced.flatten_inputs(*batch), record)
 
-        stats = channel_absmax(block, ctx.inputs, dict(m.observe for m in migrations), run_keeping_search_outputs)
+        stats = channel_absmax(block, ctx.inputs, targets, run)
         stats = {target: ctx.world.max(stats[target]) for target in sorted(stats)}
         search = self._search_calls(block, ctx, outputs) if self.search else None
         for migration in migrations:

@@ -8,7 +8,7 @@ from tiny_models import tiny_causal_lm
 
 import slimc.passes.smooth as smooth
 from slimc.ir.calls import spread_rows, take_rows
-from slimc.ir.partial import PartialRuns
+from slimc.ir.partial import ObservedPrefix, PartialRuns
 
 SCHEMES = {"w8": W8A8_DYNAMIC}
 QUANTIZE = {"pass": "fake_quant", "rules": [{"scheme": "w8", "exclude": ["*mlp.gate"]}]}
@@ -113,3 +113,26 @@ def test_search_trials_recompute_only_what_the_group_reaches_and_measure_what_wh
     assert errors["partial"] == errors["whole"] and len(errors["whole"]) > 0
     later = [ran for ran, nodes in executed if ran < nodes]
     assert later and min(later) < max(nodes for _, nodes in executed) / 2  # the MLP's groups skip the attention
+
+
+def test_the_statistics_run_stops_before_the_last_linear_and_measures_what_whole_runs_measure(monkeypatch):
+    """Batches the search does not run go through the block only as far as the observed values (the down
+    projection's input is the last): the channel maxima, so the scales, are those of whole runs, bit for bit."""
+    batches = calibration_ids(512, batches=3, batch_size=2, seq_len=24)
+    seen: dict[str, list[torch.Tensor]] = {"prefix": [], "whole": []}
+    executed: list[tuple[int, int]] = []
+    original_scales, original_run = smooth.smoothing_scales, ObservedPrefix.run
+
+    def run(self, flat_inputs, record):
+        executed.append((len(self._order), len(self.graph_module.graph.nodes)))
+        return original_run(self, flat_inputs, record)
+
+    monkeypatch.setattr(ObservedPrefix, "run", run)
+    for mode in ("prefix", "whole"):
+        monkeypatch.setattr(smooth, "smoothing_scales", lambda act, weight, alpha, m=mode: seen[m].append(act) or original_scales(act, weight, alpha))
+        if mode == "whole":
+            monkeypatch.setattr(ObservedPrefix, "of", classmethod(lambda cls, gm, targets: None))
+        search(tiny_causal_lm("llama"), batches, search_grid=[0.5])
+    assert len(seen["prefix"]) == len(seen["whole"]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(seen["prefix"], seen["whole"]))
+    assert executed and all(ran < nodes for ran, nodes in executed)  # two batches per block, short of the output
