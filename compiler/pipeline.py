@@ -25,7 +25,16 @@ from slimc.distributed import SINGLE, World
 from slimc.errors import ConfigError, DataError, PassError
 from slimc.ir import Block, Program, Stage
 from slimc.ir.activations import GB, ActivationStore
-from slimc.ir.calls import hidden_of, perturbed, rebind_hidden, rotate_hidden
+from slimc.ir.calls import (
+    hidden_of,
+    perturbed,
+    rebind_hidden,
+    rotate_hidden,
+    row_count,
+    spread_rows,
+    take_rows,
+    tokens_per_row,
+)
 from slimc.ir.capture import BlockInput, StageInputs, StageNotReached, capture_stage
 from slimc.ir.tracer import trace_block
 from slimc.journal import BlockState, Journal
@@ -245,11 +254,27 @@ class Pipeline:
             block.module.to("cpu")
 
     @staticmethod
-    def _reference(step: Pass, block: Block, ctx: Context) -> tuple[torch.Tensor, float]:
-        """What the block must still compute after `step`, on the first calibration batch, and how much that
-        moves under a one-epsilon perturbation of the inputs (the sensitivity the tolerance scales with)."""
-        rotation = step.stream_rotation()
+    def _check_rows(block: Block, ctx: Context) -> list[int] | None:
+        """Which rows of the first batch the check runs: `checks.equivalence_tokens` worth, or None for the whole
+        batch (also where the rows cannot be taken apart into a call the trace accepts). It compares the block before
+        and after a pass on one and the same call, which any call the trace accepts serves; a subset of the rows
+        is as strict and costs a fraction of the block runs."""
         batch = ctx.inputs[0]
+        rows = spread_rows(row_count(batch), tokens_per_row(batch), ctx.config.checks.equivalence_tokens)
+        if len(rows) == row_count(batch) or not block.traced.matches(*take_rows(batch, rows)):
+            return None
+        return rows
+
+    @staticmethod
+    def _check_call(ctx: Context, rows: list[int] | None) -> BlockInput:
+        return ctx.inputs[0] if rows is None else take_rows(ctx.inputs[0], rows)
+
+    def _reference(self, step: Pass, block: Block, ctx: Context) -> tuple[torch.Tensor, float, list[int] | None]:
+        """What the block must still compute after `step`, on (rows of) the first calibration batch, how much that
+        moves under a one-epsilon perturbation of the inputs (the sensitivity the tolerance scales with), and the rows."""
+        rotation = step.stream_rotation()
+        rows = self._check_rows(block, ctx)
+        batch = self._check_call(ctx, rows)
         if rotation is not None:
             batch = rebind_hidden(batch, rotate_hidden(hidden_of(batch), rotation.T))
         calls = [batch] + [perturbed(batch, seed) for seed in range(PERTURBATION_SAMPLES)]
@@ -257,12 +282,12 @@ class Pipeline:
         if rotation is not None:
             outputs = [rotate_hidden(output, rotation) for output in outputs]
         reference = outputs[0]
-        return reference, max(relative_error(output, reference) for output in outputs[1:])
+        return reference, max(relative_error(output, reference) for output in outputs[1:]), rows
 
-    @staticmethod
-    def _check_equivalence(step: Pass, block: Block, ctx: Context, reference: tuple[torch.Tensor, float]) -> None:
-        expected, sensitivity = reference
-        error = relative_error(ctx.run(block, ctx.inputs[:1])[0], expected)
+    def _check_equivalence(self, step: Pass, block: Block, ctx: Context,
+                           reference: tuple[torch.Tensor, float, list[int] | None]) -> None:
+        expected, sensitivity, rows = reference
+        error = relative_error(ctx.run(block, [self._check_call(ctx, rows)])[0], expected)
         tolerance = equivalence_tolerance(ctx.config, ctx.program.dtype, sensitivity)
         if not error <= tolerance:
             if ctx.config.checks.equivalence_tolerance is not None:

@@ -68,7 +68,7 @@ class RunReport:
     cpu_started: float = field(default_factory=time.process_time, repr=False)
 
     def finish(self) -> None:
-        """Record the total time so far and the peak memory."""
+        """Record the total time (wall and CPU) so far and the peak memory."""
         self.seconds["total"] = time.perf_counter() - self.started
         self.cpu_seconds["total"] = time.process_time() - self.cpu_started
         self.peak_memory = peak_memory_bytes()
@@ -86,6 +86,9 @@ class RunReport:
         total = self.seconds.get("total")
         if total is not None:
             lines.append(f"time: {total:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items() if k != "total") + ")")
+        cpu_total = self.cpu_seconds.get("total")
+        if cpu_total is not None:
+            lines.append(f"CPU time: {cpu_total:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in self.cpu_seconds.items() if k != "total") + ")")
         for device, size in self.peak_memory.items():
             lines.append(f"peak memory ({device}): {size / 2**20:.0f} MiB")
         for fmt, size in self.outputs.items():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,8 +11,9 @@ from pydantic import Field, PrivateAttr, field_validator
 from torch import fx
 
 from slimc.ir import Block, Program
-from slimc.ir.calls import row_count, take_rows, tokens_per_row
+from slimc.ir.calls import block_output, row_count, spread_rows, take_rows, tokens_per_row
 from slimc.ir.capture import BlockInput
+from slimc.ir.partial import ObservedPrefix, PartialRuns
 from slimc.numerics.calib import channel_absmax, simulated_quantization
 from slimc.numerics.fidelity import relative_error
 from slimc.numerics.modules import ChannelScale
@@ -95,12 +96,23 @@ class Smooth(Pass):
         migrations = self.migrations(block, ctx)
         if not migrations:
             return
+        targets = dict(m.observe for m in migrations)
+        searched = len(ctx.leading(self.search_batches)) if self.search else 0
+        # the other batches run only as far as the last observed value (before SmolLM2's down_proj: a fifth of a run)
+        prefix = ObservedPrefix.of(block.graph_module, targets)
         outputs: list[torch.Tensor] = []
 
-        def run_keeping_search_outputs(block: Block, batches: list[BlockInput]) -> None:
-            outputs.extend(ctx.run(block, batches, keep=len(ctx.leading(self.search_batches)) if self.search else 0))
+        @torch.no_grad()
+        def run(block: Block, batches: Sequence[BlockInput], record: Callable[[str, torch.Tensor], None]) -> None:
+            for index, batch in enumerate(batches):  # one at a time: a store may hold some on disk
+                if index < searched:  # whole: the float outputs the search measures against
+                    outputs.extend(ctx.run(block, [batch]))
+                elif prefix is None:
+                    ctx.run(block, [batch], keep=0)
+                else:
+                    prefix.run(block.traced.flatten_inputs(*batch), record)
 
-        stats = channel_absmax(block, ctx.inputs, dict(m.observe for m in migrations), run_keeping_search_outputs)
+        stats = channel_absmax(block, ctx.inputs, targets, run)
         stats = {target: ctx.world.max(stats[target]) for target in sorted(stats)}
         search = self._search_calls(block, ctx, outputs) if self.search else None
         for migration in migrations:
@@ -111,7 +123,7 @@ class Smooth(Pass):
                 self._multiplied += len(migration.readers) if migration.kind == "multiply" else 0
 
     def _search_calls(self, block: Block, ctx: Context, outputs: list[torch.Tensor]) -> tuple[list[BlockInput], list[torch.Tensor]]:
-        """The calls the search runs, and the float block's outputs on them: the `search_rows` of each of the first
+        """The calls the search runs, and the float block's outputs on them: the `spread_rows` of each of the first
         `search_batches` batches (whose outputs on all their rows are `outputs`); the whole batch where that is all
         its rows or they cannot be run apart."""
         batches = ctx.leading(self.search_batches)
@@ -120,7 +132,7 @@ class Smooth(Pass):
         calls, reference = [], []
         for batch, output in zip(batches, outputs, strict=True):
             rows = row_count(batch)
-            chosen = search_rows(rows, tokens_per_row(batch), share)
+            chosen = spread_rows(rows, tokens_per_row(batch), share)
             if len(chosen) < rows:
                 subset = take_rows(batch, chosen)
                 subset_output = ctx.run(block, [subset])[0] if block.traced.matches(*subset) else None
@@ -146,10 +158,14 @@ class Smooth(Pass):
             return self.alpha
         saved = [t.detach().clone() for t in migration.tensors()]
         weight_absmax = migration.weight_absmax()  # each trial is undone, so the readers' weights are these again
+        # a trial changes only the migration's tensors (an explicit multiply also inserts nodes: those run whole), so
+        # the trials after the first recompute only the nodes downstream of them, with the same results
+        partial = None if migration.kind == "multiply" else PartialRuns.reading(block.graph_module, migration.tensors())
+        flat_calls = [block.traced.flatten_inputs(args, kwargs) for args, kwargs in calls]
 
         def quantized_error() -> float:
-            with simulated_quantization(block, planned):
-                outputs = ctx.run(block, calls)
+            with simulated_quantization(block, planned), torch.no_grad():
+                outputs = [block_output(o) for o in partial.run(flat_calls)] if partial else ctx.run(block, calls)
             return ctx.world.worst([relative_error(o, r) for o, r in zip(outputs, reference)])
 
         best_alpha, best_error = None, quantized_error()
@@ -199,13 +215,6 @@ class Smooth(Pass):
                 if readers:
                     found.append(_multiply_migration(block, readers))
         return found
-
-
-def search_rows(rows: int, tokens_per_row: int, tokens: int | None) -> list[int]:
-    """Which of a batch's `rows` the search runs: as many whole rows as `tokens` tokens fill (at least one; all of
-    them for None), evenly spread over the batch, the same every time."""
-    keep = rows if tokens is None else min(rows, max(1, tokens // tokens_per_row))
-    return [i * rows // keep for i in range(keep)]
 
 
 def _same_rows(subset_output: torch.Tensor, output: torch.Tensor, chosen: list[int], rows: int) -> bool:

@@ -21,7 +21,7 @@ from slimc.ir import Block
 from slimc.numerics.modules import FakeQuantize, QuantizedExperts, QuantizedLinear
 from slimc.pass_base import Pass
 from slimc.passes.lower import Lower
-from slimc.pipeline import Context
+from slimc.pipeline import Context, Pipeline
 from slimc.plan import QuantPlan
 
 QUANTIZE_ALL = [
@@ -115,6 +115,29 @@ def test_the_equivalence_check_fails_a_wrong_pass_in_half_precision(dtype):
     with pytest.raises(PassError, match=r"relative output difference 4\.5\d*e-02 exceeds the tolerance .* "
                                         r"\(2x the block's .* change under a one-epsilon perturbation of its inputs"):
         run_pipeline(tiny_causal_lm("llama", dtype=dtype), [wrong])
+
+
+def test_the_equivalence_check_on_one_row_of_the_first_batch_still_fails_a_wrong_pass(monkeypatch):
+    """checks.equivalence_tokens: 24 (one row of 24 tokens) runs the check's block calls on that row alone, and a
+    pass that changes the function is caught there as on the whole batch."""
+    shapes = []
+    original = Pipeline._check_call
+
+    def recorded(ctx, rows):
+        args, kwargs = call = original(ctx, rows)
+        shapes.append(tuple(args[0].shape) if args else tuple(kwargs["hidden_states"].shape))
+        return call
+
+    monkeypatch.setattr(Pipeline, "_check_call", staticmethod(recorded))
+    batches = calibration_ids(512, batches=2, batch_size=4, seq_len=24)
+    with pytest.raises(PassError, match=r"changed what block model.layers.0 computes"):
+        run_pipeline(tiny_causal_lm("llama"), [{"pass": "test_passes:ScaleFirstLinear"}], batches=batches,
+                     checks={"equivalence_tokens": 24})
+    assert shapes and {shape[:2] for shape in shapes} == {(1, 24)}  # the reference and the check
+    shapes.clear()
+    run_pipeline(tiny_causal_lm("llama"), [{"pass": "smooth"}, *QUANTIZE_ALL], {"w8": W8A8_DYNAMIC}, batches=batches,
+                 checks={"equivalence_tokens": 48})
+    assert shapes and {shape[:2] for shape in shapes} == {(2, 24)}  # smooth's and lower's checks pass on two rows
 
 
 def test_the_equivalence_tolerance_of_the_config_overrides_the_derived_one():

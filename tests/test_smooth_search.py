@@ -7,7 +7,8 @@ from programs import W8A8_DYNAMIC, calibration_ids, run_pipeline
 from tiny_models import tiny_causal_lm
 
 import slimc.passes.smooth as smooth
-from slimc.ir.calls import take_rows
+from slimc.ir.calls import spread_rows, take_rows
+from slimc.ir.partial import ObservedPrefix, PartialRuns
 
 SCHEMES = {"w8": W8A8_DYNAMIC}
 QUANTIZE = {"pass": "fake_quant", "rules": [{"scheme": "w8", "exclude": ["*mlp.gate"]}]}
@@ -27,8 +28,8 @@ def search(model, batches, **fields):
     (8, 16, 48, [0, 2, 5]),
     (4, 24, None, [0, 1, 2, 3]),
 ])
-def test_search_rows_are_whole_rows_evenly_spread(rows, per_row, tokens, expected):
-    assert smooth.search_rows(rows, per_row, tokens) == expected
+def test_searched_rows_are_whole_rows_evenly_spread(rows, per_row, tokens, expected):
+    assert spread_rows(rows, per_row, tokens) == expected
 
 
 def test_the_search_runs_search_tokens_worth_of_rows_the_same_every_time(monkeypatch):
@@ -86,3 +87,52 @@ def test_the_report_times_the_equivalence_checks_and_block_outputs_apart_from_th
     report = search(model, calibration_ids(model.config.vocab_size))
     assert {"smooth", "fake_quant", "equivalence check", "block outputs"} <= set(report.seconds)
     assert all(seconds > 0 for seconds in report.seconds.values())
+    assert set(report.cpu_seconds) == set(report.seconds) and report.cpu_seconds["smooth"] > 0
+
+
+def test_search_trials_recompute_only_what_the_group_reaches_and_measure_what_whole_runs_measure(monkeypatch):
+    """After a group's first trial, a trial runs only the graph nodes downstream of the group's tensors; its errors
+    are those of whole block runs, bit for bit, so the choices are too."""
+    model = tiny_causal_lm("llama")
+    batches = calibration_ids(model.config.vocab_size, batches=2, batch_size=4, seq_len=24)
+    errors: dict[str, list[float]] = {"partial": [], "whole": []}
+    executed: list[tuple[int, int]] = []
+    original_error, original_execute = smooth.relative_error, PartialRuns._execute
+
+    def execute(self, order, env, keep):
+        executed.append((len(order), len(self._all)))
+        return original_execute(self, order, env, keep)
+
+    monkeypatch.setattr(PartialRuns, "_execute", execute)
+    for mode in ("partial", "whole"):
+        monkeypatch.setattr(smooth, "relative_error", lambda q, f, m=mode: errors[m].append(original_error(q, f)) or errors[m][-1])
+        if mode == "whole":
+            monkeypatch.setattr(PartialRuns, "reading", classmethod(lambda cls, gm, tensors: None))
+        report = search(tiny_causal_lm("llama"), batches)
+        assert any(alpha is not None for alpha in report.details["smooth_alpha"].values())
+    assert errors["partial"] == errors["whole"] and len(errors["whole"]) > 0
+    later = [ran for ran, nodes in executed if ran < nodes]
+    assert later and min(later) < max(nodes for _, nodes in executed) / 2  # the MLP's groups skip the attention
+
+
+def test_the_statistics_run_stops_before_the_last_linear_and_measures_what_whole_runs_measure(monkeypatch):
+    """Batches the search does not run go through the block only as far as the observed values (the down
+    projection's input is the last): the channel maxima, so the scales, are those of whole runs, bit for bit."""
+    batches = calibration_ids(512, batches=3, batch_size=2, seq_len=24)
+    seen: dict[str, list[torch.Tensor]] = {"prefix": [], "whole": []}
+    executed: list[tuple[int, int]] = []
+    original_scales, original_run = smooth.smoothing_scales, ObservedPrefix.run
+
+    def run(self, flat_inputs, record):
+        executed.append((len(self._order), len(self.graph_module.graph.nodes)))
+        return original_run(self, flat_inputs, record)
+
+    monkeypatch.setattr(ObservedPrefix, "run", run)
+    for mode in ("prefix", "whole"):
+        monkeypatch.setattr(smooth, "smoothing_scales", lambda act, weight, alpha, m=mode: seen[m].append(act) or original_scales(act, weight, alpha))
+        if mode == "whole":
+            monkeypatch.setattr(ObservedPrefix, "of", classmethod(lambda cls, gm, targets: None))
+        search(tiny_causal_lm("llama"), batches, search_grid=[0.5])
+    assert len(seen["prefix"]) == len(seen["whole"]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(seen["prefix"], seen["whole"]))
+    assert executed and all(ran < nodes for ran, nodes in executed)  # two batches per block, short of the output

@@ -86,6 +86,8 @@ class ChecksConfig(_Strict):
 
     equivalence: bool = True  # after each function-preserving pass, the block must still compute the same
     equivalence_tolerance: float | None = Field(None, gt=0)  # relative; None: by the model's dtype
+    # the check runs on this many tokens of the first batch (whole rows, evenly spread, at least one); None: all of it
+    equivalence_tokens: int | None = Field(512, ge=1)
 
 
 class MemoryConfig(_Strict):

@@ -67,6 +67,13 @@ def tokens_per_row(inputs: BlockInput) -> int:
     return hidden.numel() // hidden.shape[-1] // row_count(inputs)
 
 
+def spread_rows(rows: int, tokens_per_row: int, tokens: int | None) -> list[int]:
+    """Which of a batch's `rows` to run for `tokens` tokens: as many whole rows as they fill (at least one; all of
+    them for None), evenly spread over the batch, the same every time."""
+    keep = rows if tokens is None else min(rows, max(1, tokens // tokens_per_row))
+    return [i * rows // keep for i in range(keep)]
+
+
 def take_rows(inputs: BlockInput, rows: list[int]) -> BlockInput:
     """The call on some rows of its batch: every tensor whose first dimension is the row count taken at `rows`,
     the others (rotary tables and position ids shared by the rows) kept. A tensor that holds something else

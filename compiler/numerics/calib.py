@@ -30,7 +30,8 @@ def _channel_absmax(x: torch.Tensor) -> torch.Tensor:
 def channel_absmax(block: Block, batches: Sequence, targets: dict[str, str], run) -> dict[str, torch.Tensor]:
     """Per-channel max |x| at leaves of the block: `targets` maps a leaf to "input" or "output".
 
-    `run(block, batches)` executes the block graph (the Context's runner).
+    `run(block, batches, record)` executes the block graph on the batches; module hooks record what the leaves it
+    calls see, and `record(target, x)` takes values it observes itself (a run that stops before a leaf's call).
     """
     stats: dict[str, torch.Tensor] = {}
 
@@ -45,7 +46,7 @@ def channel_absmax(block: Block, batches: Sequence, targets: dict[str, str], run
                 hooks.before(module, lambda m, args, t=target: record(t, args[0]))
             else:
                 hooks.after(module, lambda m, args, out, t=target: record(t, out))
-        run(block, batches)
+        run(block, batches, record)
     return stats
 
 

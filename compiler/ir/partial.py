@@ -1,0 +1,173 @@
+"""Block graph runs that execute only some of the graph: what some of its tensors reach, or what some values need.
+
+A search tries several values of a few tensors (a norm's weight and the Linears reading it) on the same calls.
+The graph nodes those tensors do not reach compute the same values on every trial: the first run keeps the ones
+the recomputed nodes read, and later runs execute only the nodes downstream of the tensors, by the same calls
+the graph's generated code makes, so their outputs are those of a whole run, bit for bit. A statistics run that
+needs only the inputs of some leaves stops there (`ObservedPrefix`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx.node import map_arg
+
+
+class PartialRuns:
+    """Runs of `graph_module` on fixed flat inputs, recomputing from the nodes that read `tensors` on.
+
+    The first `run` executes every node and keeps the values its recomputed nodes read from the others
+    (the frontier); every later `run` on the same calls executes only the recomputed nodes. The tensors' values
+    and the hooks of the modules holding them may change between runs; nothing else in the graph may.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, reached: set[fx.Node]) -> None:
+        self.graph_module = graph_module
+        nodes = list(graph_module.graph.nodes)
+        affected: set[fx.Node] = set()
+        for node in nodes:
+            if node in reached or node.op == "output" or any(arg in affected for arg in node.all_input_nodes):
+                affected.add(node)
+        self._all = nodes
+        self._recomputed = [node for node in nodes if node in affected]
+        self._frontier = {node for node in nodes if node not in affected and any(user in affected for user in node.users)}
+        self._saved: list[dict[fx.Node, Any]] | None = None
+
+    @classmethod
+    def reading(cls, graph_module: fx.GraphModule, tensors: Iterable[torch.Tensor]) -> PartialRuns | None:
+        """Runs recomputing from the nodes that read any of `tensors` (a module call reads its module's tensors, a
+        get_attr the attribute's); None where some tensor is read by no node of the graph (nothing to go by)."""
+        wanted = {id(tensor) for tensor in tensors}
+        found: set[int] = set()
+        reached: set[fx.Node] = set()
+        for node in graph_module.graph.nodes:
+            if node.op == "call_module":
+                held = _tensors_of(graph_module.get_submodule(node.target))
+            elif node.op == "get_attr":
+                held = _tensors_of(_attribute(graph_module, node.target))
+            else:
+                continue
+            hit = held & wanted
+            if hit:
+                reached.add(node)
+                found |= hit
+        return cls(graph_module, reached) if found == wanted else None
+
+    def run(self, calls: Sequence[list[torch.Tensor]]) -> list[Any]:
+        """The graph's outputs on each call's flat inputs (the same calls every time)."""
+        if self._saved is None:
+            self._saved = [{} for _ in calls]
+            return [self._execute(self._all, dict(zip(self._placeholders(), flat)), saved)
+                    for flat, saved in zip(calls, self._saved, strict=True)]
+        if len(calls) != len(self._saved):
+            raise ValueError(f"partial runs were set up on {len(self._saved)} calls, given {len(calls)}")
+        return [self._execute(self._recomputed, dict(saved), None) for saved in self._saved]
+
+    def _placeholders(self) -> list[fx.Node]:
+        return [node for node in self._all if node.op == "placeholder"]
+
+    def _execute(self, order: list[fx.Node], env: dict[fx.Node, Any], keep: dict[fx.Node, Any] | None) -> Any:
+        """Execute `order` with `env` holding the values it reads from other nodes; the first run (`keep`) keeps
+        the frontier's values."""
+        def kept(node: fx.Node, value: Any) -> None:
+            if node in self._frontier:
+                keep[node] = value
+
+        return execute(self.graph_module, order, env, kept if keep is not None else None)
+
+
+class ObservedPrefix:
+    """Runs of a block graph that stop once the inputs or outputs of some of its leaves are computed: what
+    statistics of those values need (channel maxima before the last Linear skip the Linear and what follows).
+    The leaves a run calls are seen by their module hooks as in a whole run; the inputs of those it stops before
+    go to `run`'s `record`."""
+
+    def __init__(self, graph_module: fx.GraphModule, points: dict[fx.Node, list[tuple[str, fx.Node]]]) -> None:
+        self.graph_module = graph_module
+        needed: set[fx.Node] = set()
+        pending = list(points)
+        while pending:
+            node = pending.pop()
+            if node not in needed:
+                needed.add(node)
+                pending.extend(node.all_input_nodes)
+        self._order = [node for node in graph_module.graph.nodes if node in needed]
+        self._points = {node: [target for target, call in observed if call not in needed] for node, observed in points.items()}
+
+    @classmethod
+    def of(cls, graph_module: fx.GraphModule, targets: dict[str, str]) -> ObservedPrefix | None:
+        """`targets` maps a leaf to "input" (its first argument) or "output"; None where some leaf is not called by
+        the graph, or is also called inside another leaf (module hooks see those calls, the graph's values not)."""
+        points: dict[fx.Node, list[str]] = {}
+        modules = {node: graph_module.get_submodule(node.target) for node in graph_module.graph.nodes if node.op == "call_module"}
+        for target, where in targets.items():
+            leaf = graph_module.get_submodule(target)
+            calls = [node for node, module in modules.items() if module is leaf]
+            inside = any(module is not leaf and any(sub is leaf for sub in module.modules()) for module in modules.values())
+            if not calls or inside or (where == "input" and not all(call.args and isinstance(call.args[0], fx.Node) for call in calls)):
+                return None
+            for call in calls:
+                points.setdefault(call.args[0] if where == "input" else call, []).append((target, call))
+        return cls(graph_module, points)
+
+    def run(self, flat_inputs: list[torch.Tensor], record: Callable[[str, torch.Tensor], None]) -> None:
+        """Run the graph as far as the observed values; `record(leaf, x)` gets the inputs of the leaves it stops before."""
+        def observe(node: fx.Node, value: Any) -> None:
+            for target in self._points.get(node, ()):
+                record(target, value)
+
+        placeholders = [node for node in self.graph_module.graph.nodes if node.op == "placeholder"]
+        execute(self.graph_module, self._order, dict(zip(placeholders, flat_inputs)), observe)
+
+
+def execute(graph_module: fx.GraphModule, order: list[fx.Node], env: dict[fx.Node, Any],
+            visit: Callable[[fx.Node, Any], None] | None = None) -> Any:
+    """Execute `order`'s nodes (in graph order) by the calls the graph's generated code makes, with `env` holding
+    the values they read from nodes outside it; `visit` sees each value. A value is dropped after its last reader.
+    Returns the output node's value, None where `order` stops before it."""
+    last_reader: dict[fx.Node, fx.Node] = {}
+    for node in order:
+        for arg in node.all_input_nodes:
+            last_reader[arg] = node
+    dead_after: dict[fx.Node, list[fx.Node]] = {}
+    for value, reader in last_reader.items():
+        dead_after.setdefault(reader, []).append(value)
+    for node in order:
+        if node.op == "placeholder":
+            result = env[node]
+        else:
+            args = map_arg(node.args, env.__getitem__)
+            kwargs = map_arg(node.kwargs, env.__getitem__)
+            if node.op == "output":
+                return args[0]
+            if node.op == "call_module":
+                result = graph_module.get_submodule(node.target)(*args, **kwargs)
+            elif node.op == "call_function":
+                result = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                result = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:  # get_attr
+                result = _attribute(graph_module, node.target)
+        env[node] = result
+        if visit is not None:
+            visit(node, result)
+        for value in dead_after.get(node, ()):
+            env.pop(value, None)
+    return None
+
+
+def _attribute(module: torch.nn.Module, target: str) -> Any:
+    return functools.reduce(getattr, target.split("."), module)
+
+
+def _tensors_of(value: Any) -> set[int]:
+    if isinstance(value, torch.Tensor):
+        return {id(value)}
+    if isinstance(value, torch.nn.Module):
+        return {id(t) for t in (*value.parameters(), *value.buffers())}
+    return set()
