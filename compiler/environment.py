@@ -36,6 +36,7 @@ EXTRA_MODULES = {
     "vllm": ("compressed_tensors",),
     "onnx": ("onnx", "onnxscript", "onnxruntime"),
     "diffusion": ("diffusers",),
+    "datasets": ("datasets",),
     "npu": ("torch_npu",),
 }
 

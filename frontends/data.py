@@ -28,9 +28,12 @@ from pathlib import Path
 
 import torch
 
+from slimc.config import HF_PREFIX
 from slimc.errors import DataError
+from slimc.frontends.hub_data import hub_texts
 
-BUILTIN_SPECS = ("builtin:text", "builtin:text-eval")
+# builtin:mix and builtin:eval (slimc.frontends.mix) draw on several domains; the other two are one stream of text.
+BUILTIN_SPECS = ("builtin:text", "builtin:text-eval", "builtin:mix", "builtin:eval")
 RECOMMENDED_SAMPLES = 128
 RECOMMENDED_SEQ_LEN = 512
 # Data files are read as they are used: text in blocks of READ_BYTES, tokenized in chunks of about CHUNK_CHARS
@@ -57,18 +60,27 @@ _REST_ROLE = re.compile(r":[a-z:]+:`~?([^`]*)`")
 _LITERAL = re.compile(r"``([^`]*)``")
 
 
-def load_corpus(spec: str) -> str:
-    """The text of a built-in split (`builtin:text`, `builtin:text-eval`) or of a .txt / .jsonl file."""
-    return "".join(corpus_chunks(spec))
+def load_corpus(spec: str, *, split: str | None = None, column: str | None = None) -> str:
+    """The text of a built-in split (`builtin:text`, `builtin:text-eval`), of a .txt / .jsonl file, or of the
+    `column` of the `split` of a `hf:` dataset."""
+    return "".join(corpus_chunks(spec, split=split, column=column))
 
 
-def corpus_chunks(spec: str, size: int = CHUNK_CHARS) -> Iterator[str]:
+def corpus_chunks(spec: str, size: int = CHUNK_CHARS, *, split: str | None = None,
+                  column: str | None = None) -> Iterator[str]:
     """The corpus of `spec` in consecutive chunks of about `size` characters, read from its file only as they are
     taken (a built-in split, already in memory, is one chunk). Joined, they are `load_corpus(spec)`."""
     if spec.startswith("builtin:"):
+        if spec in BUILTIN_SPECS and spec not in SPLITS:
+            raise DataError(f"{spec} draws on several domains, each cut into token windows of its own "
+                            "(slimc.frontends.mix): it is not one text")
         if spec not in SPLITS:
-            raise DataError(f"unknown built-in dataset {spec!r}; use one of {', '.join(BUILTIN_SPECS)} or a .txt/.jsonl path")
+            raise DataError(f"unknown built-in dataset {spec!r}; use one of {', '.join(BUILTIN_SPECS)}, a .txt/.jsonl "
+                            f"path or {HF_PREFIX}<dataset>")
         yield _builtin_text(spec)
+        return
+    if spec.startswith(HF_PREFIX):
+        yield from whole_token_chunks(paragraphs_joined(hub_texts(spec, split, column)), size)
         return
     path = Path(spec).expanduser()
     if not path.is_file():
@@ -76,24 +88,24 @@ def corpus_chunks(spec: str, size: int = CHUNK_CHARS) -> Iterator[str]:
     if path.suffix == ".txt":
         pieces = text_blocks(path)
     elif path.suffix == ".jsonl":
-        pieces = _paragraphs_joined(jsonl_strings(path, "text", '{"text": "..."}'))
+        pieces = paragraphs_joined(jsonl_strings(path, "text", '{"text": "..."}'))
     else:
         raise DataError(f"dataset file {path} has an unsupported type; use a .txt file or a .jsonl file of {{\"text\": ...}} lines")
     blank = True
-    for chunk in _whole_token_chunks(pieces, size):
+    for chunk in whole_token_chunks(pieces, size):
         blank = blank and not chunk.strip()
         yield chunk
     if blank:
         raise DataError(f"dataset file {path} holds no text; fill it or use {BUILTIN_SPECS[0]}")
 
 
-def _paragraphs_joined(strings: Iterator[str]) -> Iterator[str]:
+def paragraphs_joined(strings: Iterator[str]) -> Iterator[str]:
     """The strings as one text with a blank line between each two, piece by piece."""
     for index, string in enumerate(strings):
         yield string if index == 0 else f"\n\n{string}"
 
 
-def _whole_token_chunks(pieces: Iterator[str], size: int) -> Iterator[str]:
+def whole_token_chunks(pieces: Iterator[str], size: int) -> Iterator[str]:
     """Pieces of text regrouped into chunks of at least `size` characters, each cut before a run of whitespace
     (one holding a line break if there is one): byte-level BPE tokenizers split words there anyway, so the
     chunks' tokens are those of the whole text. A text shorter than `size` is one chunk."""
@@ -146,7 +158,7 @@ def token_samples(
     (samples, seq_len), the calibration-set size below which scales get noisy; pass None to skip
     that check (evaluation sets).
     """
-    return _token_windows(tokenizer, [text], samples=samples, seq_len=seq_len, recommended=recommended)
+    return token_windows(tokenizer, [text], samples=samples, seq_len=seq_len, recommended=recommended)
 
 
 def corpus_token_samples(
@@ -156,32 +168,28 @@ def corpus_token_samples(
     samples: int,
     seq_len: int,
     recommended: tuple[int, int] | None = (RECOMMENDED_SAMPLES, RECOMMENDED_SEQ_LEN),
+    split: str | None = None,
+    column: str | None = None,
 ) -> tuple[torch.LongTensor, str]:
     """`token_samples` of the corpus `spec`, reading and tokenizing it chunk by chunk only until the windows are
     full, so a large file costs what the windows need, not its size; and the sha256 of the text read."""
     digest = hashlib.sha256()
 
     def read() -> Iterator[str]:
-        for chunk in corpus_chunks(spec):
+        for chunk in corpus_chunks(spec, split=split, column=column):
             digest.update(chunk.encode("utf-8"))
             yield chunk
 
     with contextlib.closing(read()) as chunks:  # closes the file when the windows are full
-        ids = _token_windows(tokenizer, chunks, samples=samples, seq_len=seq_len, recommended=recommended)
+        ids = token_windows(tokenizer, chunks, samples=samples, seq_len=seq_len, recommended=recommended)
     return ids, digest.hexdigest()
 
 
-def _token_windows(tokenizer, chunks: Iterable[str], *, samples: int, seq_len: int,
+def token_windows(tokenizer, chunks: Iterable[str], *, samples: int, seq_len: int,
                    recommended: tuple[int, int] | None) -> torch.LongTensor:
     if samples < 1 or seq_len < 1:
         raise DataError(f"samples and seq_len must be positive, got samples={samples}, seq_len={seq_len}")
-    if recommended is not None and (samples < recommended[0] or seq_len < recommended[1]):
-        warnings.warn(
-            f"{samples} samples × {seq_len} tokens is below the recommended {recommended[0]} × {recommended[1]} "
-            "calibration set; scales may be noisy",
-            UserWarning,
-            stacklevel=3,
-        )
+    warn_below_recommended(samples, seq_len, recommended)
     ids: list[int] = []
     for chunk in chunks:
         # verbose=False: the text is longer than model_max_length on purpose; it is cut below.
@@ -202,6 +210,17 @@ def _token_windows(tokenizer, chunks: Iterable[str], *, samples: int, seq_len: i
         )
     n = min(samples, available)
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def warn_below_recommended(samples: int, seq_len: int, recommended: tuple[int, int] | None) -> None:
+    """Warn when a calibration set of `samples` × `seq_len` tokens is below `recommended` (None: no check)."""
+    if recommended is not None and (samples < recommended[0] or seq_len < recommended[1]):
+        warnings.warn(
+            f"{samples} samples × {seq_len} tokens is below the recommended {recommended[0]} × {recommended[1]} "
+            "calibration set; scales may be noisy",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def builtin_documents(spec: str) -> dict[str, list[str]]:
@@ -245,11 +264,11 @@ def _source_paragraphs(source: str) -> Iterator[str]:
         for name in sorted(topics):
             yield from _paragraphs(topics[name])
         return
-    for file in _module_files(source):
+    for file in module_files(source):
         yield from (p for doc in _docstrings(file) for p in _paragraphs(doc))
 
 
-def _module_files(name: str) -> list[Path]:
+def module_files(name: str) -> list[Path]:
     """A stdlib module's source file, or a package's files in sorted order (tests excluded)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     if (stdlib / f"{name}.py").is_file():

@@ -15,7 +15,7 @@ from torch import nn
 from slimc.config import CalibrationConfig
 from slimc.errors import ModelLoadError
 from slimc.frontends.base import Frontend
-from slimc.frontends.data import corpus_token_samples
+from slimc.frontends.mix import text_windows
 from slimc.ir import Block, Program, Stage
 from slimc.ir.hooks import temporary_hooks
 from slimc.ir.source import ModelSource, load_tokenizer
@@ -86,8 +86,8 @@ def call_without_cache(model: nn.Module, batch: dict) -> object:
 
 def text_batches(calibration: CalibrationConfig, tokenizer, report: RunReport | None = None) -> list[torch.Tensor]:
     """Windows of `calibration.seq_len` tokens of the calibration text, `batch_size` to a batch."""
-    ids, fingerprint = corpus_token_samples(tokenizer, calibration.dataset, samples=calibration.samples,
-                                            seq_len=calibration.seq_len)
+    ids, fingerprint = text_windows(tokenizer, calibration.dataset, samples=calibration.samples,
+                                    seq_len=calibration.seq_len, split=calibration.split, column=calibration.column)
     if report is not None:
         report.metrics["calibration_tokens"] = float(ids.numel())
         report.note(f"calibration: {ids.shape[0]} × {ids.shape[1]} tokens of {calibration.dataset} "

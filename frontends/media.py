@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from slimc.config import HF_PREFIX
 from slimc.errors import DataError
 from slimc.frontends.data import BUILTIN_SPECS, jsonl_records
 
@@ -63,7 +64,7 @@ class ImageText:
 
 def is_text_only(spec: str) -> bool:
     """Whether a dataset spec holds text alone: built-in text, a .txt file, or a .jsonl without `image` fields."""
-    if spec in BUILTIN_SPECS:
+    if spec in BUILTIN_SPECS or spec.startswith(HF_PREFIX):  # a hf: dataset's text column
         return True
     if spec in IMAGE_TEXT_SPECS or spec.startswith("builtin:"):
         return False

@@ -10,7 +10,6 @@ under `quantized` in the results, by format name.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -20,14 +19,15 @@ from slimc.commands.compile import REPORT_FILE, model_dtype, streams
 from slimc.commands.quantized import holds_files, load_quantized_model, written_formats
 from slimc.commands.streamed_eval import (
     next_token_nll,
+    perplexity_of,
     reading_float,
     streamed_float_program,
-    streamed_perplexity,
+    streamed_nlls,
 )
 from slimc.config import CalibrationConfig, SlimcConfig
 from slimc.errors import ConfigError, DataError
 from slimc.frontends import Frontend, check_builtin_dataset, frontend_for
-from slimc.frontends.data import corpus_token_samples
+from slimc.frontends.mix import MIXES, domain_windows, text_windows
 from slimc.ir import Program
 from slimc.ir.source import ModelSource, load_tokenizer
 from slimc.numerics.fidelity import compare_models
@@ -36,7 +36,6 @@ from slimc.progress import tracked
 ROTATION_TOLERANCE = 1e-2  # relative change of an embedding beyond any dtype rounding: the stream was rotated
 
 
-@torch.no_grad()
 def perplexity(model: nn.Module, input_ids: torch.LongTensor, *, batch_size: int = 4, progress: bool = False) -> float:
     """exp of the mean next-token negative log-likelihood over every window (row) of `input_ids` (n, seq_len).
 
@@ -44,21 +43,24 @@ def perplexity(model: nn.Module, input_ids: torch.LongTensor, *, batch_size: int
     summed in float32 and divided once by the token count, so batch size does not change the result.
     """
     check_windows(input_ids, batch_size)
+    return perplexity_of(batch_nlls(model, list(input_ids.split(batch_size)), progress=progress))
+
+
+@torch.no_grad()
+def batch_nlls(model: nn.Module, batches: list[torch.LongTensor], *, progress: bool = False) -> list[tuple[float, int]]:
+    """The summed next-token NLL (float32) and the tokens it sums over, of each batch of windows."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))  # an onnxruntime session has none
     was_training = model.training
     model.eval()
-    total_nll = 0.0
-    total_tokens = 0
+    nlls = []
     try:
-        for batch in tracked(input_ids.split(batch_size), "perplexity", "batch", shown=progress):
+        for batch in tracked(batches, "perplexity", "batch", shown=progress):
             batch = batch.to(device)
             output = model(input_ids=batch, use_cache=False)
-            nll, tokens = next_token_nll(getattr(output, "logits", output), batch)
-            total_nll += nll
-            total_tokens += tokens
+            nlls.append(next_token_nll(getattr(output, "logits", output), batch))
     finally:
         model.train(was_training)
-    return math.exp(total_nll / total_tokens)
+    return nlls
 
 
 def check_windows(input_ids: torch.Tensor, batch_size: int) -> None:
@@ -78,46 +80,86 @@ def evaluate_perplexity(
     """Perplexity of the float model, in the compile's dtype (`model.dtype`), and, if given, of each format of the
     quantized model rebuilt from its files (`config`: the model settings, such as that dtype). Where the compile
     streams its blocks (`memory.stream_blocks`), the float model and the mindie format are evaluated block by
-    block (slimc.commands.streamed_eval), to the same figures."""
+    block (slimc.commands.streamed_eval), to the same figures. A corpus of several domains (`builtin:eval`)
+    has each domain's perplexity under `domains` too; the overall one weighs every token the same."""
     config = config or SlimcConfig()
     frontend = frontend_for(source, config.model.family)
     formats = written_formats(quantized) if quantized is not None else {}
-    ids, _ = corpus_token_samples(load_tokenizer(source), corpus, samples=samples, seq_len=seq_len, recommended=None)
-    check_windows(ids, batch_size)
-    results: dict = {"corpus": corpus, "tokens": int(ids.numel()), "samples": int(ids.shape[0]), "seq_len": seq_len}
+    domains = evaluation_windows(load_tokenizer(source), corpus, samples=samples, seq_len=seq_len, config=config)
+    for ids in domains.values():
+        check_windows(ids, batch_size)
+    # Batches never span two domains, so each domain's figure is the one its windows give alone.
+    named = [(name, batch) for name, ids in domains.items() for batch in ids.split(batch_size)]
+    batches = [batch for _, batch in named]
+    tokens = sum(int(ids.numel()) for ids in domains.values())
+    results: dict = {"corpus": corpus, "tokens": tokens, "samples": sum(int(ids.shape[0]) for ids in domains.values()),
+                     "seq_len": seq_len}
     streamed = streams(config, source, frontend)
     if streamed:
         with streamed_float_program(config, source, frontend) as program:
-            results["float_ppl"] = streamed_perplexity(program, reading_float(program), ids, batch_size=batch_size,
-                                                       progress=True)
+            float_nlls = streamed_nlls(program, reading_float(program), batches, progress=True)
     else:
         float_model = frontend.load(source, dtype=model_dtype(config, source), trust_remote_code=config.model.trust_remote_code)
-        results["float_ppl"] = perplexity(float_model, ids, batch_size=batch_size, progress=True)
+        float_nlls = batch_nlls(float_model, batches, progress=True)
         del float_model
+    results["float_ppl"] = perplexity_of(float_nlls)
+    by_domain = corpus in MIXES
+    if by_domain:
+        results["domains"] = {name: {"samples": int(ids.shape[0]), "tokens": int(ids.numel()),
+                                     "float_ppl": domain_perplexity(float_nlls, named, name)}
+                              for name, ids in domains.items()}
     if formats:
         results["quantized"] = {}
     for name, directory in formats.items():
         if streamed and name == "mindie" and holds_files("mindie", directory):
-            ppl = streamed_ascend_perplexity(directory, frontend, ids, batch_size=batch_size, progress=True)
+            nlls = streamed_ascend_nlls(directory, frontend, batches, progress=True)
         else:
             model = load_quantized_model(name, directory, config)
-            ppl = perplexity(model, ids, batch_size=batch_size, progress=True)
+            nlls = batch_nlls(model, batches, progress=True)
             del model
-        results["quantized"][name] = {"quantized_dir": str(directory), "quantized_ppl": ppl,
-                                      "relative_change": ppl / results["float_ppl"] - 1.0}
+        ppl = perplexity_of(nlls)
+        entry = results["quantized"][name] = {"quantized_dir": str(directory), "quantized_ppl": ppl,
+                                              "relative_change": ppl / results["float_ppl"] - 1.0}
+        if by_domain:
+            entry["domains"] = {}
+            for domain, figures in results["domains"].items():
+                domain_ppl = domain_perplexity(nlls, named, domain)
+                entry["domains"][domain] = {"quantized_ppl": domain_ppl,
+                                            "relative_change": domain_ppl / figures["float_ppl"] - 1.0}
     return results
+
+
+def evaluation_windows(tokenizer, corpus: str, *, samples: int, seq_len: int,
+                       config: SlimcConfig) -> dict[str, torch.LongTensor]:
+    """The evaluation windows by domain: a mix's domains, else the corpus as its one domain."""
+    if corpus in MIXES:
+        return domain_windows(tokenizer, corpus, samples=samples, seq_len=seq_len)[0]
+    ev = config.evaluation
+    ids, _ = text_windows(tokenizer, corpus, samples=samples, seq_len=seq_len, recommended=None,
+                          split=ev.split if corpus == ev.dataset else None,
+                          column=ev.column if corpus == ev.dataset else None)
+    return {corpus: ids}
+
+
+def domain_perplexity(nlls: list[tuple[float, int]], named: list[tuple[str, torch.Tensor]], domain: str) -> float:
+    return perplexity_of([nll for nll, (name, _) in zip(nlls, named, strict=True) if name == domain])
 
 
 def streamed_ascend_perplexity(directory: Path, frontend: Frontend, ids: torch.Tensor, *, batch_size: int,
                                progress: bool = False) -> float:
     """The perplexity of an Ascend output read block by block by its own reader (AscendBlocks)."""
+    return perplexity_of(streamed_ascend_nlls(directory, frontend, list(ids.split(batch_size)), progress=progress))
+
+
+def streamed_ascend_nlls(directory: Path, frontend: Frontend, batches: list[torch.Tensor], *,
+                         progress: bool = False) -> list[tuple[float, int]]:
+    """`streamed_nlls` of an Ascend output read block by block by its own reader (AscendBlocks)."""
     from slimc.backends.mindie_reader import AscendBlocks
 
     reader = AscendBlocks(directory)
     program = frontend.build(reader.output.source, reader.model)
     reader.read_outside(block.name for block in program.blocks)
-    return streamed_perplexity(program, lambda block: reader.reading(block.name), ids, batch_size=batch_size,
-                               progress=progress)
+    return streamed_nlls(program, lambda block: reader.reading(block.name), batches, progress=progress)
 
 
 def evaluate(source: ModelSource, quantized: Path | None, config: SlimcConfig, *, fidelity: bool = False,
@@ -148,8 +190,10 @@ def evaluation_settings(config: SlimcConfig, dataset: str) -> CalibrationConfig:
     """What frontends read to make batches, for held-out data: the evaluation's dataset and sizes, with the
     calibration's image size and diffusion sampling."""
     ev = config.evaluation
+    own = dataset == ev.dataset  # the evaluation's split and column belong to its own dataset, not to --corpus
     return config.calibration.model_copy(update={"dataset": dataset, "samples": ev.samples, "seq_len": ev.seq_len,
-                                                 "batch_size": ev.batch_size})
+                                                 "batch_size": ev.batch_size, "split": ev.split if own else None,
+                                                 "column": ev.column if own else None})
 
 
 def evaluate_fidelity(source: ModelSource, quantized: Path, config: SlimcConfig, frontend: Frontend, dataset: str) -> dict:
@@ -191,11 +235,32 @@ def render_results(results: dict) -> str:
 
         common = {key: value for key, value in results.items() if key != "quantized"}
         return "\n\n".join(render({**common, **entry}) for entry in quantized.values())
-    lines = [f"perplexity on {results['corpus']} ({results['tokens']} tokens):", f"  float      {results['float_ppl']:.4f}"]
+    lines = [f"perplexity on {results['corpus']} ({results['tokens']} tokens):"]
+    if "domains" in results:
+        return "\n".join(lines + domain_table(results))
+    lines.append(f"  float      {results['float_ppl']:.4f}")
     for name, entry in quantized.items():
         lines.append(f"  {name:10s} {entry['quantized_ppl']:.4f}  ({entry['relative_change'] * 100:+.2f}%, "
                      f"from {entry['quantized_dir']})")
     return "\n".join(lines)
+
+
+def domain_table(results: dict) -> list[str]:
+    """One column per domain and one for all (token-weighted); a row for the float model and one per format,
+    with the change from float under each quantized figure."""
+    domains = results["domains"]
+    width = max(18, *(len(name) + 2 for name in domains))
+    header = f"  {'':10s}" + "".join(f"{name:>{width}s}" for name in [*domains, "overall"])
+    tokens = f"  {'tokens':10s}" + "".join(f"{entry['tokens']:>{width}d}" for entry in domains.values()) + \
+        f"{results['tokens']:>{width}d}"
+    rows = [header, tokens, f"  {'float':10s}" + "".join(
+        f"{value:>{width}.4f}" for value in [*(entry["float_ppl"] for entry in domains.values()), results["float_ppl"]])]
+    for name, entry in results.get("quantized", {}).items():
+        cells = [*entry["domains"].values(), entry]
+        texts = [f"{cell['quantized_ppl']:.4f} ({cell['relative_change'] * 100:+.2f}%)" for cell in cells]
+        rows.append(f"  {name:10s}" + "".join(f"{text:>{width}s}" for text in texts))
+    sources = [f"  ({name}: {entry['quantized_dir']})" for name, entry in results.get("quantized", {}).items()]
+    return rows + sources
 
 
 @torch.no_grad()

@@ -71,16 +71,28 @@ def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float
     return nll.item(), targets.numel()
 
 
-@torch.no_grad()
 def streamed_perplexity(program: Program, read: ReadBlock, input_ids: torch.LongTensor, *, batch_size: int = 4,
                         progress: bool = False) -> float:
     """`perplexity` of the program's model on the windows `input_ids` (n, seq_len), its blocks (on the meta
     device) run one at a time: `read(block)` gives the block's module, with its weights, while inside."""
+    return perplexity_of(streamed_nlls(program, read, list(input_ids.split(batch_size)), progress=progress))
+
+
+def perplexity_of(nlls: list[tuple[float, int]]) -> float:
+    """exp of the mean negative log-likelihood of (summed NLL, tokens) pairs: every token weighs the same."""
+    return math.exp(sum(nll for nll, _ in nlls) / sum(tokens for _, tokens in nlls))
+
+
+@torch.no_grad()
+def streamed_nlls(program: Program, read: ReadBlock, batches: list[torch.LongTensor], *,
+                  progress: bool = False) -> list[tuple[float, int]]:
+    """`next_token_nll` of each batch of windows, the program's blocks (on the meta device) run one at a time:
+    `read(block)` gives the block's module, with its weights, while inside."""
     if len(program.stages) != 1:
         raise DataError(f"streamed evaluation runs models of one stage of blocks; this one has {len(program.stages)}: "
                         "set memory.stream_blocks: false to evaluate it whole")
     blocks = program.blocks
-    batches = [{"input_ids": ids} for ids in input_ids.split(batch_size)]
+    batches = [{"input_ids": ids} for ids in batches]
     model = program.model
     with standing_in(blocks) as stand_ins:
         stage = capture_stage(stand_ins, [functools.partial(program.call, model, batch) for batch in batches])
@@ -97,16 +109,14 @@ def streamed_perplexity(program: Program, read: ReadBlock, input_ids: torch.Long
                     raise DataError(f"block {block.name} returns {type(output).__name__}, not its hidden states: "
                                     "set memory.stream_blocks: false to evaluate the model whole")
                 inputs[b] = stage.next_inputs(position + 1, b, output) if position + 1 < len(blocks) else output
-    total_nll, total_tokens = 0.0, 0
+    nlls = []
     with standing_in(blocks) as stand_ins:
         for batch, hidden in zip(batches, inputs, strict=True):
             for stand_in in stand_ins:
                 stand_in.output = hidden
             output = program.call(model, batch)
-            nll, tokens = next_token_nll(getattr(output, "logits", output), batch["input_ids"])
-            total_nll += nll
-            total_tokens += tokens
-    return math.exp(total_nll / total_tokens)
+            nlls.append(next_token_nll(getattr(output, "logits", output), batch["input_ids"]))
+    return nlls
 
 
 @contextlib.contextmanager

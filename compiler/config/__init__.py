@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slimc.config.steps import PassStep, check_order, pass_class
 from slimc.config.versions import CONFIG_VERSION, upgrade
@@ -58,8 +58,26 @@ class DiffusionSampling(_Strict):
     seed: int = 0
 
 
-class CalibrationConfig(_Strict):
+HF_PREFIX = "hf:"  # a Hugging Face `datasets` dataset: a name on the Hub (read from the local cache) or a local path
+
+
+class _Dataset(_Strict):
+    """A dataset spec, and for a `hf:` dataset which split and which text column to read."""
+
     dataset: str = "builtin:text"
+    split: str | None = None  # None: "train" (a dataset saved whole, without splits, is read as it is)
+    column: str | None = None  # None: "text"
+
+    @model_validator(mode="after")
+    def _hub_keys_need_a_hub_dataset(self) -> _Dataset:
+        given = [key for key in ("split", "column") if getattr(self, key) is not None]
+        if given and not (self.dataset or "").startswith(HF_PREFIX):
+            raise ValueError(f"{' and '.join(given)} name a split and a text column of a Hugging Face dataset, "
+                             f"given as dataset: {HF_PREFIX}<name or path>; {self.dataset!r} is not one: remove them")
+        return self
+
+
+class CalibrationConfig(_Dataset):
     samples: int = Field(128, gt=0)
     seq_len: int = Field(512, gt=1)
     batch_size: int = Field(4, gt=0)
@@ -72,7 +90,7 @@ class CalibrationConfig(_Strict):
     diffusion: DiffusionSampling = DiffusionSampling()
 
 
-class EvaluationConfig(_Strict):
+class EvaluationConfig(_Dataset):
     """Held-out data for `slimc eval` / `compile --eval`; image size and diffusion sampling come from `calibration`."""
 
     dataset: str | None = None  # None: the frontend's evaluation dataset (builtin:text-eval for LLMs)
