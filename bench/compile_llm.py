@@ -4,6 +4,7 @@ perplexity through the written Ascend files. Prints a table and one JSON object.
     .venv/bin/python bench/compile_llm.py                         # SmolLM2-135M, both W8A8 configs
     .venv/bin/python bench/compile_llm.py --model DIR --configs llm/w8a8_dynamic.yaml --samples 32
     .venv/bin/python bench/compile_llm.py --configs llm/w4a4_quarot_gptq.yaml --variants shipped rtn rotation-rtn
+    .venv/bin/python bench/compile_llm.py --eval-corpus builtin:eval       # perplexity per domain and overall
 
 `--variants` compiles each config as shipped and/or with its rotation and weight algorithm changed:
 `rtn` (no rotation, round to nearest), `rotation-rtn` (rotation, round to nearest), `gptq` (no
@@ -40,17 +41,21 @@ from slimc.commands.evaluate import evaluate_perplexity
 from slimc.report import peak_memory_bytes
 
 name, model, out, samples, eval_samples = sys.argv[1], sys.argv[2] or None, Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+eval_corpus = sys.argv[6] or None
 warnings.simplefilter("ignore")
 config = load_config(resolve_config_path(name), [f"calibration.samples={samples}"])
 start = time.perf_counter()
 compiled = compile_model(config, model_path=model, out_dir=out)
 seconds = time.perf_counter() - start
 peak = peak_memory_bytes()["host"]
-ppl = evaluate_perplexity(resolve_source(config, model), out, corpus=config.evaluation.dataset, samples=eval_samples, seq_len=config.evaluation.seq_len)
+ppl = evaluate_perplexity(resolve_source(config, model), out, corpus=eval_corpus or config.evaluation.dataset,
+                          samples=eval_samples, seq_len=config.evaluation.seq_len)
+domains = {domain: {"float_ppl": figures["float_ppl"], **ppl["quantized"]["mindie"]["domains"][domain]}
+           for domain, figures in ppl.get("domains", {}).items()}
 print(json.dumps({"config": name, "compile_seconds": seconds, "peak_memory_bytes": peak,
-                  "output_bytes": compiled.report.outputs.get("mindie"), "float_ppl": ppl["float_ppl"],
-                  "quantized_ppl": ppl["quantized"]["mindie"]["quantized_ppl"],
-                  "relative_change": ppl["quantized"]["mindie"]["relative_change"]}))
+                  "output_bytes": compiled.report.outputs.get("mindie"), "eval_corpus": ppl["corpus"],
+                  "float_ppl": ppl["float_ppl"], "quantized_ppl": ppl["quantized"]["mindie"]["quantized_ppl"],
+                  "relative_change": ppl["quantized"]["mindie"]["relative_change"], "domains": domains}))
 """
 
 
@@ -79,6 +84,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["llm/w8a8_dynamic.yaml", "llm/w8a8_static.yaml"])
     parser.add_argument("--samples", type=int, default=128, help="calibration windows of 512 tokens")
     parser.add_argument("--eval-samples", type=int, default=40)
+    parser.add_argument("--eval-corpus", default="", help="evaluation data (default: the config's evaluation.dataset); "
+                        "builtin:eval adds a perplexity table per domain")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["shipped"])
     args = parser.parse_args()
     rows = []
@@ -88,7 +95,8 @@ def main() -> None:
                 out = Path(tmp) / f"out{len(rows)}"
                 config = variant_config(name, variant, Path(tmp))
                 done = subprocess.run(
-                    [sys.executable, "-c", CHILD, config, args.model, str(out), str(args.samples), str(args.eval_samples)],
+                    [sys.executable, "-c", CHILD, config, args.model, str(out), str(args.samples), str(args.eval_samples),
+                     args.eval_corpus],
                     check=True, capture_output=True, text=True,
                 )
                 rows.append({**json.loads(done.stdout.strip().splitlines()[-1]), "config": name, "variant": variant})
@@ -98,7 +106,22 @@ def main() -> None:
     for r in rows:
         print(f"{r['config']:28s} {r['variant']:13s} {r['compile_seconds']:9.1f} {r['peak_memory_bytes'] / 2**20:9.0f} "
               f"{r['output_bytes'] / 2**20:8.1f} {r['float_ppl']:10.4f} {r['quantized_ppl']:10.4f} {1 + r['relative_change']:8.3f}")
+    print_domains(rows)
     print(json.dumps({"results": rows}))
+
+
+def print_domains(rows: list[dict]) -> None:
+    """Perplexity per evaluation domain (float / quantized, × float), for rows evaluated on a corpus of domains."""
+    rows = [r for r in rows if r["domains"]]
+    if not rows:
+        return
+    names = list(rows[0]["domains"])
+    print(f"\nperplexity by domain of {rows[0]['eval_corpus']} (float / quantized, × float):")
+    print(f"{'config':28s} {'variant':13s} " + " ".join(f"{name:>26s}" for name in [*names, "overall"]))
+    for r in rows:
+        cells = [*(r["domains"][name] for name in names), r]
+        texts = [f"{c['float_ppl']:.3f} / {c['quantized_ppl']:.3f} ×{1 + c['relative_change']:.3f}" for c in cells]
+        print(f"{r['config']:28s} {r['variant']:13s} " + " ".join(f"{text:>26s}" for text in texts))
 
 
 if __name__ == "__main__":

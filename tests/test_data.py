@@ -16,6 +16,7 @@ from slimc.frontends.data import (
     BUILTIN_SPECS,
     CALIBRATION_SOURCES,
     EVALUATION_SOURCES,
+    SPLITS,
     builtin_documents,
     corpus_fingerprint,
     load_corpus,
@@ -32,9 +33,10 @@ def paragraphs(spec):
     return load_corpus(spec).split("\n\n")
 
 
-def test_builtin_specs_are_the_calibration_and_evaluation_splits():
-    assert BUILTIN_SPECS == ("builtin:text", "builtin:text-eval")
-    assert all(load_corpus(spec) for spec in BUILTIN_SPECS)
+def test_builtin_specs_are_the_calibration_and_evaluation_splits_and_the_two_mixes():
+    assert BUILTIN_SPECS == ("builtin:text", "builtin:text-eval", "builtin:mix", "builtin:eval")
+    assert tuple(SPLITS) == ("builtin:text", "builtin:text-eval")  # one text each; the mixes: test_mix.py
+    assert all(load_corpus(spec) for spec in SPLITS)
 
 
 def test_calibration_and_evaluation_share_no_source():
@@ -48,7 +50,7 @@ def test_calibration_and_evaluation_share_no_paragraph():
 
 
 def test_no_paragraph_repeats_within_a_split():
-    for spec in BUILTIN_SPECS:
+    for spec in SPLITS:
         assert len(set(paragraphs(spec))) == len(paragraphs(spec))
 
 
