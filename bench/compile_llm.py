@@ -5,6 +5,7 @@ perplexity through the written Ascend files. Prints a table and one JSON object.
     .venv/bin/python bench/compile_llm.py --model DIR --configs llm/w8a8_dynamic.yaml --samples 32
     .venv/bin/python bench/compile_llm.py --configs llm/w4a4_quarot_gptq.yaml --variants shipped rtn rotation-rtn
     .venv/bin/python bench/compile_llm.py --eval-corpus builtin:eval       # perplexity per domain and overall
+    .venv/bin/python bench/compile_llm.py --calibration builtin:mix --eval-corpus builtin:eval
 
 `--variants` compiles each config as shipped and/or with its rotation and weight algorithm changed:
 `rtn` (no rotation, round to nearest), `rotation-rtn` (rotation, round to nearest), `gptq` (no
@@ -41,9 +42,10 @@ from slimc.commands.evaluate import evaluate_perplexity
 from slimc.report import peak_memory_bytes
 
 name, model, out, samples, eval_samples = sys.argv[1], sys.argv[2] or None, Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-eval_corpus = sys.argv[6] or None
+eval_corpus, calibration = sys.argv[6] or None, sys.argv[7]
 warnings.simplefilter("ignore")
-config = load_config(resolve_config_path(name), [f"calibration.samples={samples}"])
+config = load_config(resolve_config_path(name), [f"calibration.samples={samples}",
+                                                *([f"calibration.dataset={calibration}"] if calibration else [])])
 start = time.perf_counter()
 compiled = compile_model(config, model_path=model, out_dir=out)
 seconds = time.perf_counter() - start
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=40)
     parser.add_argument("--eval-corpus", default="", help="evaluation data (default: the config's evaluation.dataset); "
                         "builtin:eval adds a perplexity table per domain")
+    parser.add_argument("--calibration", default="", help="calibration data (default: the config's calibration.dataset)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["shipped"])
     args = parser.parse_args()
     rows = []
@@ -96,7 +99,7 @@ def main() -> None:
                 config = variant_config(name, variant, Path(tmp))
                 done = subprocess.run(
                     [sys.executable, "-c", CHILD, config, args.model, str(out), str(args.samples), str(args.eval_samples),
-                     args.eval_corpus],
+                     args.eval_corpus, args.calibration],
                     check=True, capture_output=True, text=True,
                 )
                 rows.append({**json.loads(done.stdout.strip().splitlines()[-1]), "config": name, "variant": variant})

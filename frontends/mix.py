@@ -156,6 +156,13 @@ MIXES: dict[str, tuple[Domain, ...]] = {
 
 # An evaluation mix and the calibration mix it must not share text with.
 HELD_OUT_FROM = {"builtin:eval": "builtin:mix"}
+# The single-text built-in splits whose text a mix holds as one of its domains.
+HOLDS = {"builtin:mix": ("builtin:text",), "builtin:eval": ("builtin:text-eval",)}
+
+
+def share_text(first: str, second: str) -> bool:
+    """Whether two dataset specs hold the same text: the same spec, or a mix and a split it holds."""
+    return first == second or first in HOLDS.get(second, ()) or second in HOLDS.get(first, ())
 
 
 @functools.lru_cache(maxsize=1)

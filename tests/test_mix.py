@@ -10,6 +10,7 @@ from tiny_tokenizer import tiny_tokenizer
 
 from slimc.commands.compile import compile_model
 from slimc.commands.evaluate import (
+    check_held_out,
     evaluate_perplexity,
     perplexity,
     render_results,
@@ -17,7 +18,7 @@ from slimc.commands.evaluate import (
 )
 from slimc.config import CalibrationConfig, load_config
 from slimc.configs import resolve_config_path
-from slimc.errors import DataError
+from slimc.errors import ConfigError, DataError
 from slimc.frontends import frontend_for
 from slimc.frontends.data import load_corpus
 from slimc.frontends.llm import text_batches
@@ -108,6 +109,19 @@ def test_a_chat_template_that_refuses_the_turns_is_a_data_error():
 def test_a_mix_is_not_one_text():
     with pytest.raises(DataError, match="builtin:mix draws on several domains"):
         load_corpus("builtin:mix")
+
+
+@pytest.mark.parametrize(("evaluated", "calibrated"), [("builtin:text", "builtin:mix"), ("builtin:eval", "builtin:text-eval"),
+                                                      ("builtin:mix", "builtin:mix")])
+def test_evaluating_on_text_the_calibration_held_is_refused(evaluated, calibrated):
+    shared = "is the calibration dataset" if evaluated == calibrated else f"shares text with the calibration dataset {calibrated}"
+    with pytest.raises(ConfigError, match=f"the evaluation dataset {evaluated} {shared}; evaluate on held-out data"):
+        check_held_out(evaluated, calibrated)
+
+
+def test_the_evaluation_mix_after_a_calibration_on_the_mix_is_allowed():
+    check_held_out("builtin:eval", "builtin:mix")
+    check_held_out("builtin:text-eval", "builtin:mix")
 
 
 def test_the_llm_calibration_batches_read_the_mix(tokenizer):

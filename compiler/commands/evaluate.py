@@ -27,7 +27,7 @@ from slimc.commands.streamed_eval import (
 from slimc.config import CalibrationConfig, SlimcConfig
 from slimc.errors import ConfigError, DataError
 from slimc.frontends import Frontend, check_builtin_dataset, frontend_for
-from slimc.frontends.mix import MIXES, domain_windows, text_windows
+from slimc.frontends.mix import MIXES, domain_windows, share_text, text_windows
 from slimc.ir import Program
 from slimc.ir.source import ModelSource, load_tokenizer
 from slimc.numerics.fidelity import compare_models
@@ -288,13 +288,14 @@ def calibration_dataset_of(quantized: Path) -> str | None:
 
 
 def check_held_out(dataset: str, calibrated_on: str | None) -> None:
-    """Refuse to evaluate on the calibration dataset (the same spec, or the same file)."""
+    """Refuse to evaluate on the calibration dataset (the same spec, a mix and a split it holds, or the same file)."""
     if calibrated_on is None:
         return
-    same = dataset == calibrated_on or (
+    same = share_text(dataset, calibrated_on) or (
         not dataset.startswith("builtin:") and not calibrated_on.startswith("builtin:")
         and Path(dataset).expanduser().resolve() == Path(calibrated_on).expanduser().resolve()
     )
     if same:
-        raise ConfigError(f"the evaluation dataset {dataset} is the calibration dataset; evaluate on held-out data "
+        shared = "is the calibration dataset" if dataset == calibrated_on else f"shares text with the calibration dataset {calibrated_on}"
+        raise ConfigError(f"the evaluation dataset {dataset} {shared}; evaluate on held-out data "
                           "(--corpus, or evaluation.dataset in the config; by default the model family's own)")
