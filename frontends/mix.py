@@ -20,6 +20,7 @@ shuffled with MIX_SEED, so every batch mixes domains.
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import importlib.metadata
@@ -60,7 +61,8 @@ _SKIP_DIRS = frozenset({"tests", "test", "__pycache__"})
 class Domain:
     name: str
     share: float  # of the windows
-    documents: Callable[[object], list[str]]  # tokenizer -> documents (the dialogue depends on its chat template)
+    documents: Callable[[object], list[str]]  # tokenizer -> documents
+    templated: bool = False  # the documents depend on the tokenizer (its chat template)
 
 
 def _installed_file(distribution: str, relative: str) -> Path:
@@ -131,8 +133,6 @@ def networkx_code(tokenizer: object = None) -> list[str]:
 
 def jokes(tokenizer: object = None) -> list[str]:
     """pyjokes's English jokes (the module is a literal list per category: read, not imported)."""
-    import ast
-
     tree = ast.parse(_installed_file("pyjokes", "pyjokes/jokes_en.py").read_text(encoding="utf-8"))
     found = [ast.literal_eval(node.value) for node in tree.body
              if isinstance(node, ast.Assign) and isinstance(node.value, ast.List)]
@@ -144,7 +144,7 @@ MIXES: dict[str, tuple[Domain, ...]] = {
         Domain("prose", 0.30, bible_chapters),
         Domain("technical", 0.25, stdlib_docstrings),
         Domain("code", 0.25, stdlib_code),
-        Domain("dialogue", 0.20, conversations),
+        Domain("dialogue", 0.20, conversations, templated=True),
     ),
     "builtin:eval": (
         Domain("reference", 0.4, language_reference),
@@ -184,14 +184,22 @@ def allotment(domains: tuple[Domain, ...], samples: int) -> dict[str, int]:
 def domain_documents(spec: str, tokenizer: object) -> dict[str, list[str]]:
     """The documents of each domain of a mix, in the order MIX_SEED draws; an evaluation document found anywhere
     in the calibration text is dropped (the language reference repeats sentences of pdb's docstrings)."""
+    return {domain.name: _documents(spec, domain, tokenizer) if domain.templated else list(_fixed_documents(spec, domain))
+            for domain in MIXES[spec]}
+
+
+@functools.lru_cache(maxsize=8)
+def _fixed_documents(spec: str, domain: Domain) -> tuple[str, ...]:
+    # Cached in-process: searching the calibration text for every evaluation document takes seconds.
+    return tuple(_documents(spec, domain, None))
+
+
+def _documents(spec: str, domain: Domain, tokenizer: object) -> list[str]:
     held_out = HELD_OUT_FROM.get(spec)
     calibration = "\n\n".join(_calibration_documents(held_out)) if held_out else ""
-    documents = {}
-    for domain in MIXES[spec]:
-        texts = [text for text in domain.documents(tokenizer) if text and text not in calibration]
-        random.Random(f"{MIX_SEED}:{domain.name}").shuffle(texts)
-        documents[domain.name] = texts
-    return documents
+    texts = [text for text in domain.documents(tokenizer) if text and text not in calibration]
+    random.Random(f"{MIX_SEED}:{domain.name}").shuffle(texts)
+    return texts
 
 
 def domain_windows(tokenizer, spec: str, *, samples: int, seq_len: int) -> tuple[dict[str, torch.LongTensor], str]:

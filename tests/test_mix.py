@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from compile_settings import SMALL_CALIBRATION
 from conftest import save_tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
+from slimc.commands.cli import main
 from slimc.commands.compile import compile_model
 from slimc.commands.evaluate import (
     check_held_out,
@@ -172,3 +175,18 @@ def test_the_printed_table_shows_every_domain_and_the_overall_figure(compiled):
     mindie = next(line for line in text.splitlines() if line.strip().startswith("mindie"))
     assert f"{results['quantized']['mindie']['domains']['humour']['quantized_ppl']:.4f}" in mindie
     assert f"{results['quantized']['mindie']['quantized_ppl']:.4f}" in mindie
+
+
+def test_slimc_eval_prints_and_writes_the_figures_of_every_domain(compiled, capsys):
+    source, mindie, results, _ = compiled
+    arguments = ["eval", "--model", str(source.path), "--quantized", str(mindie.parent), "--corpus", "builtin:eval",
+                 "--samples", "7", "--seq-len", "24"]
+    assert main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "reference" in printed and "humour" in printed and "overall" in printed
+    assert main([*arguments, "--json"]) == 0
+    written = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(written["domains"]) == {"reference", "code", "humour"}
+    # batches of 4 (the CLI's default) instead of 2: the same figures
+    assert written["domains"]["code"]["float_ppl"] == pytest.approx(results["domains"]["code"]["float_ppl"], rel=1e-5)
+    assert set(written["quantized"]["mindie"]["domains"]) == {"reference", "code", "humour"}
