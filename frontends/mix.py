@@ -34,6 +34,7 @@ import yaml
 
 from slimc.errors import DataError
 from slimc.frontends.data import (
+    CHUNK_CHARS,
     RECOMMENDED_SAMPLES,
     RECOMMENDED_SEQ_LEN,
     builtin_documents,
@@ -102,14 +103,20 @@ def stdlib_code(tokenizer: object = None) -> list[str]:
 def conversations(tokenizer: object) -> list[str]:
     """chatterbot-corpus's English conversations, user and assistant taking turns: each rendered by the
     tokenizer's chat template where it has one (instruct models), else as "User: …" / "Assistant: …" lines."""
+    return [render_dialogue(tokenizer, list(turns)) for turns in _conversation_turns()]
+
+
+@functools.lru_cache(maxsize=1)
+def _conversation_turns() -> tuple[tuple[str, ...], ...]:
     folder = _installed_file("chatterbot-corpus", "chatterbot_corpus/data/english")
-    documents = []
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser, where PyYAML has it: ten times faster
+    found = []
     for file in sorted(folder.glob("*.yml")):
-        for turns in (yaml.safe_load(file.read_text(encoding="utf-8")) or {}).get("conversations") or []:
-            turns = [str(turn).strip() for turn in turns if str(turn).strip()]
+        for turns in (yaml.load(file.read_text(encoding="utf-8"), Loader=loader) or {}).get("conversations") or []:
+            turns = tuple(str(turn).strip() for turn in turns if str(turn).strip())
             if len(turns) >= 2:
-                documents.append(render_dialogue(tokenizer, turns))
-    return documents
+                found.append(turns)
+    return tuple(found)
 
 
 def render_dialogue(tokenizer: object, turns: list[str]) -> str:
@@ -213,8 +220,12 @@ def domain_windows(tokenizer, spec: str, *, samples: int, seq_len: int) -> tuple
             continue
         digest.update(f"\0{name}\0".encode())
 
-        def read(documents: list[str] = documents) -> Iterator[str]:
-            for chunk in whole_token_chunks(paragraphs_joined(iter(documents)), 1 << 18):
+        # Chunks of about 8 characters per token needed (more than any tokenizer's average): a small request
+        # does not tokenize a whole CHUNK_CHARS of text.
+        size = min(CHUNK_CHARS, max(1 << 12, 8 * counts[name] * seq_len))
+
+        def read(documents: list[str] = documents, size: int = size) -> Iterator[str]:
+            for chunk in whole_token_chunks(paragraphs_joined(iter(documents)), size):
                 digest.update(chunk.encode("utf-8"))
                 yield chunk
 
