@@ -121,14 +121,20 @@ def test_ascend_reader_with_c8_reproduces_the_fake_quant_program(tmp_path, dtype
             assert relative(read(input_ids=ids, use_cache=False).logits, expected) > 1e-3
 
 
-def test_mindie_description_names_c8_tensors_under_the_k_and_v_projections(tmp_path):
-    model = tiny_causal_lm("glm4_moe")
+def export_c8(family: str, tmp_path: Path):
+    """A tiny `family` model compiled W8A8 static with C8 and exported by the mindie backend: (model, program, out)."""
+    model = tiny_causal_lm(family)
     program, _ = run_pipeline(model, c8_pipeline(), {"w8": W8A8_STATIC})
     program.source = ModelSource(path=tmp_path, gguf_file=None, config=model.config, architecture=type(model).__name__)
     model.config.save_pretrained(tmp_path)
     out = tmp_path / "mindie"
     out.mkdir()
     MindieBackend().export(program, out)
+    return model, program, out
+
+
+def test_mindie_description_names_c8_tensors_under_the_k_and_v_projections(tmp_path):
+    model, _, out = export_c8("glm4_moe", tmp_path)
     description = read_description(out)
     assert description["kv_cache_type"] == description["kv_quant_type"] == "C8"
     with safe_open(out / "quant_model_weights.safetensors", "pt") as f:
@@ -144,13 +150,7 @@ def test_mindie_description_names_c8_tensors_under_the_k_and_v_projections(tmp_p
 
 
 def test_verify_refuses_a_description_without_the_kv_cache_type(tmp_path):
-    model = tiny_causal_lm("llama")
-    program, _ = run_pipeline(model, c8_pipeline(), {"w8": W8A8_STATIC})
-    program.source = ModelSource(path=tmp_path, gguf_file=None, config=model.config, architecture=type(model).__name__)
-    model.config.save_pretrained(tmp_path)
-    out = tmp_path / "mindie"
-    out.mkdir()
-    MindieBackend().export(program, out)
+    _, program, out = export_c8("llama", tmp_path)
     path = out / "quant_model_description.json"
     description = json.loads(path.read_text())
     del description["kv_cache_type"]
