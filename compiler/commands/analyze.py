@@ -35,15 +35,9 @@ from slimc.numerics.calib import simulated_quantization
 from slimc.numerics.fidelity import json_safe, relative_error
 from slimc.pass_base import Context, Pass
 from slimc.passes.fake_quant import FakeQuant
-from slimc.patterns import (
-    find_kv_inputs,
-    find_linears,
-    find_ov_pairs,
-    find_shared_inputs,
-    find_up_down_pairs,
-)
+from slimc.patterns import find_linears, linear_roles
 from slimc.pipeline import Pipeline
-from slimc.report import RunReport
+from slimc.report import RunReport, plot_layer_errors
 
 OUTLIER_FACTOR = 8.0  # a channel is an outlier when its max |x| exceeds this many times the median channel's
 ANALYSIS_FILE = "analysis.json"
@@ -61,25 +55,6 @@ class LayerSensitivity:
     outlier_ratio: float  # share of input channels whose max |x| exceeds OUTLIER_FACTOR × the median channel's
     loss_delta: float | None = None  # next-token loss with only this layer quantized minus the float loss
     rank: int = 0  # 1: the most sensitive (largest block_error)
-
-
-def layer_kinds(gm: torch.fx.GraphModule) -> dict[str, str]:
-    """Each Linear's role, from the patterns found in the block's graph (not from its name): the projections
-    reaching the attention kernel (k, v) and the one reading its output (o), the Linears sharing k's input (q),
-    the MLP's gate, up and down; any other is `linear`."""
-    kinds: dict[str, str] = {}
-    for pair in find_up_down_pairs(gm):
-        kinds.update({pair.up: "up", pair.down: "down"} | ({pair.gate: "gate"} if pair.gate else {}))
-    for pair in find_ov_pairs(gm):
-        kinds.update({pair.v: "v", pair.o: "o"})
-    for kv in find_kv_inputs(gm):
-        kinds.update({kv.k: "k", kv.v: "v"})
-    linears = find_linears(gm)
-    for group in find_shared_inputs(gm, linears):
-        if any(kinds.get(target) in ("k", "v") for target in group):
-            for target in group:
-                kinds.setdefault(target, "q")
-    return {target: kinds.get(target, "linear") for target in linears}
 
 
 @dataclass
@@ -138,7 +113,7 @@ class Sensitivity(Pass):
         planned = {target: assigned for target, assigned in planned.items() if assigned is not None}
         if not planned:
             return
-        kinds = layer_kinds(gm)
+        kinds = linear_roles(gm)
         position = next(i for i, b in enumerate(ctx.program.blocks) if b is block)
         moments = {target: InputMoments() for target in planned}
         with temporary_hooks() as hooks:
@@ -233,28 +208,6 @@ def analyze_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
     report.finish()
     (out_dir / REPORT_FILE).write_text(report.to_json())  # timings; also what lets --overwrite replace the directory
     return analysis
-
-
-def plot_layer_errors(points: Sequence[tuple[str, int, float]], path: Path, ylabel: str) -> None:
-    """A PNG of layers' errors against their block's depth, one line per label: `points` are (label, block, error)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    from matplotlib import pyplot
-
-    figure, axes = pyplot.subplots(figsize=(8, 4.5), dpi=100)
-    for label in sorted({point[0] for point in points}):
-        line = sorted((block, error) for kind, block, error in points if kind == label)
-        axes.plot([p[0] for p in line], [p[1] for p in line], marker="o", markersize=3, label=label)
-    axes.set_xlabel("block")
-    axes.set_ylabel(ylabel)
-    if points and min(point[2] for point in points) > 0:
-        axes.set_yscale("log")
-    axes.legend(fontsize="small", ncol=2)
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, format="png")
-    pyplot.close(figure)
 
 
 def render_table(analysis: Analysis, rows: int | None = None) -> str:
