@@ -145,8 +145,10 @@ def test_a_config_without_fake_quant_is_refused(tmp_path, tiny_llama_dir):
     assert_user_error(result, "fake_quant")
 
 
-def test_top_below_one_and_an_existing_output_are_refused(tmp_path, tiny_llama_dir):
+def test_top_below_one_or_without_end_to_end_and_an_existing_output_are_refused(tmp_path, tiny_llama_dir):
     config = write_config(tmp_path)
+    assert_user_error(slimc("analyze", config, "--model", tiny_llama_dir, "--out", tmp_path / "out", "--top", "3"),
+                      "--end-to-end")
     assert_user_error(slimc("analyze", config, "--model", tiny_llama_dir, "--out", tmp_path / "out", "--end-to-end",
                             "--top", "0"), "--top")
     (tmp_path / "taken").mkdir()

@@ -172,6 +172,9 @@ class Analysis:
 def analyze_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path, end_to_end: bool = False,
                   top: int | None = None, overwrite: bool = False) -> Analysis:
     """Measure every planned Linear's sensitivity and write analysis.json and analysis.png in `out_dir`."""
+    if top is not None and not end_to_end:
+        raise ConfigError("--top K limits the --end-to-end measurement to the K layers of largest block error; "
+                          "add --end-to-end, or leave --top out")
     if top is not None and top < 1:
         raise ConfigError(f"--top must be at least 1, got {top}")
     check_device(config.model.device)
