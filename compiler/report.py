@@ -8,7 +8,7 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,28 @@ def peak_memory_bytes() -> dict[str, int]:
 
 def directory_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def plot_layer_errors(points: Sequence[tuple[str, int, float]], path: Path, ylabel: str) -> None:
+    """A PNG of layers' errors against their block's depth, one line per label: `points` are (label, block, error)."""
+    # A Figure of its own, not pyplot: drawing a file leaves the caller's backend and open figures alone.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(8, 4.5), dpi=100)
+    axes = figure.add_subplot()
+    for label in sorted({point[0] for point in points}):
+        line = sorted((block, error) for kind, block, error in points if kind == label)
+        axes.plot([p[0] for p in line], [p[1] for p in line], marker="o", markersize=3, label=label)
+    axes.set_xlabel("block")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylabel(ylabel)
+    if points and min(point[2] for point in points) > 0:
+        axes.set_yscale("log")
+    axes.legend(fontsize="small", ncol=2)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
 
 
 @dataclass

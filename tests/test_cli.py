@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 from cli_runs import assert_user_error, slimc, slimc_process
+from PIL import Image
 from tiny_models import tiny_causal_lm
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
-from slimc.commands.compile import compile_model
+from slimc.commands.compile import LAYER_PLOT_FILE, compile_model
 from slimc.config import load_config
 from slimc.errors import ExportError
 from slimc.frontends import supported_architectures
@@ -98,6 +99,12 @@ def test_compile_writes_the_mindie_description_the_weights_and_the_report(compil
     assert (out / "mindie" / "quant_model_weights.safetensors").stat().st_size > 0
     report = json.loads((out / "slimc_report.json").read_text())
     assert "mindie" in report["outputs"]
+
+
+def test_compile_writes_a_png_of_the_per_layer_errors_beside_the_report(compiled):
+    out, _ = compiled
+    with Image.open(out / LAYER_PLOT_FILE) as image:
+        assert image.format == "PNG" and min(image.size) > 100
 
 
 def test_compile_publishes_files_0644_and_directories_0755(compiled):

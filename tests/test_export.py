@@ -17,7 +17,7 @@ from slimc.backends.checkpoint import WrittenFiles
 from slimc.backends.mindie_reader import load_ascend_model
 from slimc.backends.vllm import VllmBackend
 from slimc.commands.cli import resolve_config_path
-from slimc.commands.compile import REPORT_FILE, compile_model
+from slimc.commands.compile import LAYER_PLOT_FILE, REPORT_FILE, compile_model
 from slimc.commands.export import MARKER_FILE
 from slimc.config import load_config
 from slimc.errors import ExportError
@@ -34,7 +34,7 @@ def test_every_listed_format_is_written_to_its_own_directory_and_reads_back(tmp_
     with pytest.warns(UserWarning, match="below the recommended"):
         compiled = compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "out")
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == sorted(["mindie", "vllm", "onnx", REPORT_FILE, MARKER_FILE])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["mindie", "vllm", "onnx", REPORT_FILE, MARKER_FILE, LAYER_PLOT_FILE])
     assert set(json.loads((out / REPORT_FILE).read_text())["outputs"]) == {"mindie", "vllm", "onnx"}
     ids = torch.randint(4, 512, (2, 16), generator=torch.Generator().manual_seed(1))
     expected = logits(compiled.program, ids)

@@ -89,6 +89,17 @@ def _dry_run(config: SlimcConfig, model_path: str | None, out: str | None) -> in
     return 1 if broken or diagnosis.problems else 0
 
 
+def _analyze(args: argparse.Namespace) -> None:
+    from slimc.commands.analyze import ANALYSIS_FILE, PLOT_FILE, analyze_model, render_table
+    from slimc.config import load_config
+
+    config = load_config(resolve_config_path(args.config), args.set)
+    analysis = analyze_model(config, model_path=args.model, out_dir=Path(args.out), end_to_end=args.end_to_end,
+                             top=args.top, overwrite=args.overwrite)
+    print(render_table(analysis))
+    print(f"\nwrote {Path(args.out) / ANALYSIS_FILE} and {Path(args.out) / PLOT_FILE}")
+
+
 def _eval(args: argparse.Namespace) -> None:
     from slimc.commands.compile import resolve_source
     from slimc.commands.evaluate import evaluate, render_results
@@ -201,6 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "its scheme or an export format cannot hold, the estimated peak memory, disk and output size, and "
                    "whether --out can be written, then exit (1 if anything falls short) without loading weights or calibrating")
     p.set_defaults(run=_compile)
+
+    p = sub.add_parser("analyze", help="measure each quantized layer's sensitivity alone (block-output error, optionally "
+                       "the model's loss) with activation outlier proxies; writes analysis.json and analysis.png",
+                       parents=[options])
+    p.add_argument("config", help="the compile config (path or shipped name) whose pipeline and schemes to measure")
+    p.add_argument("--model", help="model directory, .gguf file, or Hugging Face Hub id (default: the config's model.path)")
+    p.add_argument("--out", required=True, help="directory for analysis.json and analysis.png")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--end-to-end", action="store_true", help="also measure the model's next-token loss on the "
+                   "calibration batches with each layer alone quantized (a forward of the whole model per layer; the "
+                   "model is loaded whole)")
+    p.add_argument("--top", type=int, metavar="K", help="with --end-to-end, only the K layers of largest block error")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value (parsed as YAML)")
+    p.set_defaults(run=_analyze)
 
     p = sub.add_parser("record", help="run a diffusers pipeline on the calibration prompts and save its transformer inputs",
                        parents=[options])

@@ -28,6 +28,7 @@ from slimc.environment import require_extra
 from slimc.errors import ConfigError, ExportError
 from slimc.frontends import Frontend, check_builtin_dataset, frontend_for
 from slimc.ir import Program
+from slimc.ir.leaves import is_experts_module
 from slimc.ir.source import (
     ModelSource,
     check_finite_weights,
@@ -39,12 +40,14 @@ from slimc.ir.source import (
 from slimc.ir.streaming import BlockWeights, offload_device_map
 from slimc.journal import Journal
 from slimc.numerics.fidelity import json_safe
+from slimc.patterns import linear_roles
 from slimc.pipeline import Pipeline
 from slimc.progress import MESSAGES, Progress
-from slimc.report import RunReport, directory_size
+from slimc.report import LayerRecord, RunReport, directory_size, plot_layer_errors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GGUF_EXPANSION = 4  # GGUF weights (about 4 bits) are written back as int8 weights and float embeddings
+LAYER_PLOT_FILE = "layer_errors.png"  # beside the report: its per-layer errors across depth
 
 
 def model_dtype(config: SlimcConfig, source: ModelSource) -> torch.dtype:
@@ -202,6 +205,18 @@ def export_format(program: Program, backend: Backend, staging: Path, progress: P
     return partial.rename(staging / backend.format_name)
 
 
+def layer_error_points(program: Program, layers: list[LayerRecord]) -> list[tuple[str, int, float]]:
+    """(role, block position, error) of each layer the report measured: its role in the block's graph
+    (`linear_roles`), `experts` for fused experts, `linear` where the block was not traced in this run (resumed)."""
+    where: dict[str, tuple[str, int]] = {}
+    for position, block in enumerate(program.blocks):
+        roles = linear_roles(block.graph_module) if block.traced is not None else {}
+        for name, module in block.module.named_modules():
+            if name:
+                where[block.qualified(name)] = (roles.get(name, "experts" if is_experts_module(module) else "linear"), position)
+    return [(*where[layer.name], layer.relative_error) for layer in layers if layer.name in where]
+
+
 @dataclass
 class Compiled:
     program: Program
@@ -248,6 +263,9 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
                         exporting.advance()
                     report.finish()
                     (staging / REPORT_FILE).write_text(report.to_json())
+                    if report.layers:
+                        plot_layer_errors(layer_error_points(program, report.layers), staging / LAYER_PLOT_FILE,
+                                          "relative output error of the quantized layer")
                 report.location = out_dir / REPORT_FILE
             world.barrier()  # the other processes return once the outputs are written (or stop if writing failed)
         except BaseException:

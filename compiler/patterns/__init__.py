@@ -5,7 +5,7 @@ changes, whose nodes carry a `kind` (the leaf kinds shared with the tracer, `sli
 which quantizer nodes are seen through. The finders match one shape each:
 
 - `llm`: norm → consumers, the residual stream, v → o around the attention kernel, up → down, the k/v inputs
-  of the attention kernel and their projections;
+  of the attention kernel and their projections, and from these each Linear's role (q, k, v, o, gate, up, down);
 - `dit`: AdaLN-modulated norm → Linears, and Linears only an explicit multiply can scale;
 - `graph`: the Linears and the fused MoE experts a block calls, and which of them read the same tensor.
 
@@ -37,6 +37,7 @@ from slimc.patterns.llm import (
     find_ov_pairs,
     find_residual_stream,
     find_up_down_pairs,
+    linear_roles,
 )
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "find_shared_inputs",
     "find_up_down_pairs",
     "is_experts_module",
+    "linear_roles",
     "node_kind",
     "propagate_shapes",
 ]

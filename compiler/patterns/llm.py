@@ -7,7 +7,8 @@
   Linear reading the kernel's output;
 - up → down: a Linear whose output is multiplied by act(gate) and then read by another Linear;
 - k, v → the attention kernel: the key and value tensors the kernel reads (the keys after RoPE), and the one
-  Linear each is computed from, which a KV cache quantizer is named after.
+  Linear each is computed from, which a KV cache quantizer is named after;
+- each Linear's role (q, k, v, o, gate, up, down), from the patterns above.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from slimc.patterns.graph import (
     Consumer,
     block_graph,
     describe_node,
+    find_linears,
+    find_shared_inputs,
     is_add,
     is_cast,
     is_mul,
@@ -263,3 +266,22 @@ def find_kv_inputs(gm: fx.GraphModule) -> list[KVInputs]:
         if k is not None and v is not None and k is not v:
             found.append(KVInputs(kernel, k.target, v.target, heads=shapes[1][1], head_dim=shapes[1][3]))
     return found
+
+
+def linear_roles(gm: fx.GraphModule) -> dict[str, str]:
+    """Each Linear's role, from the patterns found in the block's graph (not from its name): the projections
+    reaching the attention kernel (k, v) and the one reading its output (o), the Linears sharing k's input (q),
+    the MLP's gate, up and down; any other is `linear`."""
+    kinds: dict[str, str] = {}
+    for pair in find_up_down_pairs(gm):
+        kinds.update({pair.up: "up", pair.down: "down"} | ({pair.gate: "gate"} if pair.gate else {}))
+    for pair in find_ov_pairs(gm):
+        kinds.update({pair.v: "v", pair.o: "o"})
+    for kv in find_kv_inputs(gm):
+        kinds.update({kv.k: "k", kv.v: "v"})
+    linears = find_linears(gm)
+    for group in find_shared_inputs(gm, linears):
+        if any(kinds.get(target) in ("k", "v") for target in group):
+            for target in group:
+                kinds.setdefault(target, "q")
+    return {target: kinds.get(target, "linear") for target in linears}
