@@ -7,6 +7,7 @@ import contextlib
 import json
 import resource
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,25 @@ def directory_size(path: Path) -> int:
 
 def plot_layer_errors(points: Sequence[tuple[str, int, float]], path: Path, ylabel: str) -> None:
     """A PNG of layers' errors against their block's depth, one line per label: `points` are (label, block, error)."""
+    # On a thread of its own: the first drawing imports matplotlib's backend and PIL's plugins, and the import errors
+    # they catch leave reference cycles through every calling frame; from the compile's frame they would keep its
+    # Program (and the spilled blocks' directory) alive until the next garbage collection.
+    errors: list[BaseException] = []
+
+    def draw() -> None:
+        try:
+            _draw_layer_errors(points, path, ylabel)
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=draw, name="slimc-plot")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _draw_layer_errors(points: Sequence[tuple[str, int, float]], path: Path, ylabel: str) -> None:
     # A Figure of its own, not pyplot: drawing a file leaves the caller's backend and open figures alone.
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -55,6 +75,8 @@ class LayerRecord:
     name: str
     scheme: str
     relative_error: float
+    role: str = "linear"  # from the block's graph when it was measured (slimc.patterns.linear_roles), or "experts"
+    block: int = 0  # the block's position in the program
 
 
 @dataclass

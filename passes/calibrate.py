@@ -26,7 +26,7 @@ from slimc.numerics.modules import EXPERT_WEIGHTS, FakeQuantExperts, FakeQuantiz
 from slimc.numerics.observers import reduce_observers
 from slimc.numerics.quant import dequantize_weight, quantize_weight
 from slimc.pass_base import Context, Pass, register_pass
-from slimc.patterns import find_shared_inputs
+from slimc.patterns import find_shared_inputs, linear_roles
 from slimc.report import LayerRecord
 from slimc.schemes import TensorScheme
 
@@ -78,11 +78,16 @@ class Calibrate(Pass):
         before = {target: self._layer_outputs(module, samples[target], block, target, quantize_inputs=False)
                   for target, module in layers.items()}
         self._quantize_weights(block, ctx, layers, hessians)
+        # Roles and depth are recorded now, while the block's graph is here: a resumed or streamed compile has
+        # released it by the time the report is plotted.
+        roles = linear_roles(block.graph_module)
+        position = next(i for i, candidate in enumerate(ctx.program.blocks) if candidate is block)
         for target, module in layers.items():
             after = self._layer_outputs(module, samples[target], block, target, quantize_inputs=True)
             spec = ctx.program.quant_specs[block.qualified(target)]
             spec.output_error = ctx.world.worst([relative_error(a, b) for a, b in zip(after, before[target])])
-            ctx.report.layers.append(LayerRecord(block.qualified(target), spec.scheme.label, spec.output_error))
+            role = "experts" if isinstance(module, FakeQuantExperts) else roles.get(target, "linear")
+            ctx.report.layers.append(LayerRecord(block.qualified(target), spec.scheme.label, spec.output_error, role, position))
 
     def _observe(self, block: Block, ctx: Context, layers: dict, quantizers: list[FakeQuantize]) -> tuple[dict[str, list], dict]:
         """Keep the layers' float inputs of the first batches, then observe static quantizers (and

@@ -159,7 +159,7 @@ def test_top_below_one_or_without_end_to_end_and_an_existing_output_are_refused(
 @pytest.mark.filterwarnings("ignore:.*recommended.*calibration set")
 def test_the_compile_reports_layer_errors_plotted_by_role_and_depth(tmp_path, tiny_llama_dir):
     compiled = compile_model(load_config(write_config(tmp_path)), model_path=str(tiny_llama_dir), out_dir=tmp_path / "out")
-    points = layer_error_points(compiled.program, compiled.report.layers)
+    points = layer_error_points(compiled.report.layers)
     assert [error for *_, error in points] == [layer.relative_error for layer in compiled.report.layers]
     by_name = {layer.name: point for layer, point in zip(compiled.report.layers, points)}
     assert by_name["model.layers.1.self_attn.o_proj"][:2] == ("o", 1)

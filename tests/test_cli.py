@@ -228,7 +228,7 @@ def test_an_unknown_yaml_key_gives_its_file_line_and_the_allowed_keys(tmp_path, 
     result = compile_with(tmp_path, tiny_llama_dir, text)
     assert_user_error(
         result, f"config.yaml:{line_of(text, 'sample_count')}", "unknown key 'sample_count'",
-        "allowed keys: dataset, samples, seq_len, batch_size",
+        "allowed keys: dataset, split, column, samples, seq_len, batch_size",
     )
 
 

@@ -28,7 +28,6 @@ from slimc.environment import require_extra
 from slimc.errors import ConfigError, ExportError
 from slimc.frontends import Frontend, check_builtin_dataset, frontend_for
 from slimc.ir import Program
-from slimc.ir.leaves import is_experts_module
 from slimc.ir.source import (
     ModelSource,
     check_finite_weights,
@@ -40,7 +39,6 @@ from slimc.ir.source import (
 from slimc.ir.streaming import BlockWeights, offload_device_map
 from slimc.journal import Journal
 from slimc.numerics.fidelity import json_safe
-from slimc.patterns import linear_roles
 from slimc.pipeline import Pipeline
 from slimc.progress import MESSAGES, Progress
 from slimc.report import LayerRecord, RunReport, directory_size, plot_layer_errors
@@ -205,16 +203,9 @@ def export_format(program: Program, backend: Backend, staging: Path, progress: P
     return partial.rename(staging / backend.format_name)
 
 
-def layer_error_points(program: Program, layers: list[LayerRecord]) -> list[tuple[str, int, float]]:
-    """(role, block position, error) of each layer the report measured: its role in the block's graph
-    (`linear_roles`), `experts` for fused experts, `linear` where the block was not traced in this run (resumed)."""
-    where: dict[str, tuple[str, int]] = {}
-    for position, block in enumerate(program.blocks):
-        roles = linear_roles(block.graph_module) if block.traced is not None else {}
-        for name, module in block.module.named_modules():
-            if name:
-                where[block.qualified(name)] = (roles.get(name, "experts" if is_experts_module(module) else "linear"), position)
-    return [(*where[layer.name], layer.relative_error) for layer in layers if layer.name in where]
+def layer_error_points(layers: list[LayerRecord]) -> list[tuple[str, int, float]]:
+    """(role, block position, error) of each layer the report measured, as calibrate recorded them."""
+    return [(layer.role, layer.block, layer.relative_error) for layer in layers]
 
 
 @dataclass
@@ -264,7 +255,7 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
                     report.finish()
                     (staging / REPORT_FILE).write_text(report.to_json())
                     if report.layers:
-                        plot_layer_errors(layer_error_points(program, report.layers), staging / LAYER_PLOT_FILE,
+                        plot_layer_errors(layer_error_points(report.layers), staging / LAYER_PLOT_FILE,
                                           "relative output error of the quantized layer")
                 report.location = out_dir / REPORT_FILE
             world.barrier()  # the other processes return once the outputs are written (or stop if writing failed)
