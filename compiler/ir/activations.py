@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils import _pytree as pytree
 
 from slimc.ir.capture import BlockInput
+from slimc.ir.source import storable_tensors
 
 GB = 2**30
 
@@ -163,18 +164,13 @@ class ActivationStore(Sequence[BlockInput]):
         leaves, spec = pytree.tree_flatten(batch)
         tensors: dict[str, torch.Tensor] = {}
         slots: dict[int, _Slot] = {}  # a tensor two leaves share is written once
-        storages: set[tuple] = set()
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor) and id(leaf) not in slots:
                 key = str(len(slots))
-                span = _span(leaf.detach())
-                storage = (leaf.device, leaf.untyped_storage().data_ptr())
-                # safetensors refuses two entries over one storage; a copy of the span is written instead
-                tensors[key] = span.clone() if storage in storages else span
-                storages.add(storage)
+                tensors[key] = _span(leaf.detach())
                 slots[id(leaf)] = _Slot(key, tuple(leaf.shape), leaf.stride(), leaf.device)
         path = self.directory / f"batch-{next(self._names)}.safetensors"
-        save_file(tensors, path)
+        save_file(storable_tensors(tensors), path)
         return _Spilled(path, spec, [slots[id(leaf)] if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves])
 
 
