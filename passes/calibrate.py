@@ -81,7 +81,7 @@ class Calibrate(Pass):
         # Roles and depth are recorded now, while the block's graph is here: a resumed or streamed compile has
         # released it by the time the report is plotted.
         roles = linear_roles(block.graph_module)
-        position = next(i for i, candidate in enumerate(ctx.program.blocks) if candidate is block)
+        position = ctx.program.position(block)
         for target, module in layers.items():
             after = self._layer_outputs(module, samples[target], block, target, quantize_inputs=True)
             spec = ctx.program.quant_specs[block.qualified(target)]

@@ -114,7 +114,7 @@ class Sensitivity(Pass):
         if not planned:
             return
         kinds = linear_roles(gm)
-        position = next(i for i, b in enumerate(ctx.program.blocks) if b is block)
+        position = ctx.program.position(block)
         moments = {target: InputMoments() for target in planned}
         with temporary_hooks() as hooks:
             for target in planned:

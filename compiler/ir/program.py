@@ -259,6 +259,10 @@ class Program:
             for block in released:
                 self.weights.release(block.module)
 
+    def position(self, block: Block) -> int:
+        """The block's place among all the program's blocks, over its stages (its `index` counts in its container)."""
+        return next(i for i, candidate in enumerate(self.blocks) if candidate is block)
+
     def block_of(self, name: str) -> Block | None:
         """The block holding the qualified module or tensor name, None for one outside every block."""
         parts = name.split(".")
