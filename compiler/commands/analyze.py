@@ -23,7 +23,7 @@ import torch
 from pydantic import PrivateAttr
 
 from slimc.commands.compile import check_device, check_not_inside, load_program, resolve_source, streams
-from slimc.commands.export import REPORT_FILE, check_output_dir, scratch_directory
+from slimc.commands.export import REPORT_FILE, check_output_dir, scratch_directory, staged_output
 from slimc.commands.streamed_eval import next_token_nll
 from slimc.config import SlimcConfig
 from slimc.config.steps import AssignedScheme, PassStep
@@ -185,7 +185,6 @@ def analyze_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
     check_not_inside(source, out_dir)
     check_output_dir(out_dir, overwrite)
     report = RunReport()
-    out_dir.mkdir(parents=True, exist_ok=True)
     with scratch_directory(out_dir) as scratch:
         # the end-to-end loss runs the whole model after the blocks ran, so it needs the model held whole
         program = load_program(config, source, frontend, report,
@@ -205,11 +204,12 @@ def analyze_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
                     with simulated_quantization(block, {target: config.schemes[layer.scheme]}):
                         layer.loss_delta = model_loss(program, batches) - float_loss
     analysis = Analysis(layers, float_loss, report)
-    (out_dir / ANALYSIS_FILE).write_text(analysis.to_json())
-    plot_layer_errors([(layer.kind, layer.block, layer.block_error) for layer in layers], out_dir / PLOT_FILE,
-                      "block-output relative error, one layer quantized alone")
-    report.finish()
-    (out_dir / REPORT_FILE).write_text(report.to_json())  # timings; also what lets --overwrite replace the directory
+    with staged_output(out_dir, overwrite) as staging:  # the directory appears only with all its files
+        (staging / ANALYSIS_FILE).write_text(analysis.to_json())
+        plot_layer_errors([(layer.kind, layer.block, layer.block_error) for layer in layers], staging / PLOT_FILE,
+                          "block-output relative error, one layer quantized alone")
+        report.finish()
+        (staging / REPORT_FILE).write_text(report.to_json())
     return analysis
 
 
