@@ -1,6 +1,8 @@
 """The smoothing search on a token subset: which rows it runs, that the scales still come from every token, and
 that a subset as informative as the whole batch chooses what the whole batch chooses."""
 
+import operator
+
 import pytest
 import torch
 from programs import W8A8_DYNAMIC, calibration_ids, run_pipeline
@@ -136,3 +138,29 @@ def test_the_statistics_run_stops_before_the_last_linear_and_measures_what_whole
     assert len(seen["prefix"]) == len(seen["whole"]) > 0
     assert all(torch.equal(a, b) for a, b in zip(seen["prefix"], seen["whole"]))
     assert executed and all(ran < nodes for ran, nodes in executed)  # two batches per block, short of the output
+
+
+def _filled_in_place() -> torch.fx.GraphModule:
+    """Wan's rotary embedding in small, as slimc's tracer records it: a tensor from `torch.empty_like`, filled
+    through slice assignments (`operator.setitem` nodes, which no value reads), then read by the last Linear."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    h = graph.call_module("first", (x,))
+    out = graph.call_function(torch.empty_like, (h,))
+    odd, even = (graph.call_function(operator.getitem, (h, (Ellipsis, slice(start, None, 2)))) for start in (1, 0))
+    graph.call_function(operator.setitem, (out, (Ellipsis, slice(0, None, 2)), graph.call_function(operator.neg, (odd,))))
+    graph.call_function(operator.setitem, (out, (Ellipsis, slice(1, None, 2)), even))
+    graph.output(graph.call_module("last", (out,)))
+    torch.manual_seed(0)
+    return torch.fx.GraphModule(torch.nn.ModuleDict({"first": torch.nn.Linear(8, 8), "last": torch.nn.Linear(8, 8)}), graph)
+
+
+def test_a_value_filled_in_place_is_observed_as_a_whole_run_computes_it():
+    graph_module, x = _filled_in_place(), torch.randn(3, 8)
+    recorded: dict[str, torch.Tensor] = {}
+    ObservedPrefix.of(graph_module, {"last": "input"}).run([x], lambda leaf, value: recorded.setdefault(leaf, value.clone()))
+    h = graph_module.first(x)
+    assert torch.equal(recorded["last"], torch.stack([-h[..., 1::2], h[..., 0::2]], dim=-1).flatten(-2))
+    # A trial recomputing from `first` would keep `out` from the first run while writing into it again: whole runs.
+    assert PartialRuns.reading(graph_module, [graph_module.first.weight]) is None
+    assert PartialRuns.reading(graph_module, [graph_module.last.weight]) is None

@@ -5,12 +5,17 @@ The graph nodes those tensors do not reach compute the same values on every tria
 the recomputed nodes read, and later runs execute only the nodes downstream of the tensors, by the same calls
 the graph's generated code makes, so their outputs are those of a whole run, bit for bit. A statistics run that
 needs only the inputs of some leaves stops there (`ObservedPrefix`).
+
+Both rest on a value depending only on the nodes it reads, which in-place writes break: Wan's rotary embedding
+fills a `torch.empty_like` tensor through `out[..., 0::2] = ...`, a node no value reads. So a statistics run
+executes every node before its last observed value, and a graph holding an in-place write gets whole runs.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+import operator
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +47,8 @@ class PartialRuns:
     def reading(cls, graph_module: fx.GraphModule, tensors: Iterable[torch.Tensor]) -> PartialRuns | None:
         """Runs recomputing from the nodes that read any of `tensors` (a module call reads its module's tensors, a
         get_attr the attribute's); None where some tensor is read by no node of the graph (nothing to go by)."""
+        if any(mutates_in_place(node) for node in graph_module.graph.nodes):
+            return None
         wanted = {id(tensor) for tensor in tensors}
         found: set[int] = set()
         reached: set[fx.Node] = set()
@@ -84,51 +91,46 @@ class PartialRuns:
 class ObservedPrefix:
     """Runs of a block graph that stop once the inputs or outputs of some of its leaves are computed: what
     statistics of those values need (channel maxima before the last Linear skip the Linear and what follows).
-    The leaves a run calls are seen by their module hooks as in a whole run; the inputs of those it stops before
-    go to `run`'s `record`."""
+    A run executes every node before the last observed call, as a whole run does, so values filled in place are
+    complete; the leaves it calls are seen by their module hooks, the input of the call it stops before goes to
+    `run`'s `record`."""
 
-    def __init__(self, graph_module: fx.GraphModule, points: dict[fx.Node, list[tuple[str, fx.Node]]]) -> None:
+    def __init__(self, graph_module: fx.GraphModule, calls: list[tuple[str, fx.Node, str]]) -> None:
         self.graph_module = graph_module
-        needed: set[fx.Node] = set()
-        pending = list(points)
-        while pending:
-            node = pending.pop()
-            if node not in needed:
-                needed.add(node)
-                pending.extend(node.all_input_nodes)
-        self._order = [node for node in graph_module.graph.nodes if node in needed]
-        self._points = {node: [target for target, call in observed if call not in needed] for node, observed in points.items()}
+        nodes = list(graph_module.graph.nodes)
+        self._order = nodes[:max(nodes.index(call) + (where == "output") for _, call, where in calls)]
+        ran = set(self._order)
+        self._recorded = [(target, call.args[0]) for target, call, _ in calls if call not in ran]
 
     @classmethod
     def of(cls, graph_module: fx.GraphModule, targets: dict[str, str]) -> ObservedPrefix | None:
         """`targets` maps a leaf to "input" (its first argument) or "output"; None where some leaf is not called by
         the graph, or is also called inside another leaf (module hooks see those calls, the graph's values not)."""
-        points: dict[fx.Node, list[str]] = {}
+        calls: list[tuple[str, fx.Node, str]] = []
         modules = {node: graph_module.get_submodule(node.target) for node in graph_module.graph.nodes if node.op == "call_module"}
         for target, where in targets.items():
             leaf = graph_module.get_submodule(target)
-            calls = [node for node, module in modules.items() if module is leaf]
+            called = [node for node, module in modules.items() if module is leaf]
             inside = any(module is not leaf and any(sub is leaf for sub in module.modules()) for module in modules.values())
-            if not calls or inside or (where == "input" and not all(call.args and isinstance(call.args[0], fx.Node) for call in calls)):
+            if not called or inside or (where == "input" and not all(call.args and isinstance(call.args[0], fx.Node) for call in called)):
                 return None
-            for call in calls:
-                points.setdefault(call.args[0] if where == "input" else call, []).append((target, call))
-        return cls(graph_module, points)
+            calls.extend((target, call, where) for call in called)
+        return cls(graph_module, calls)
 
     def run(self, flat_inputs: list[torch.Tensor], record: Callable[[str, torch.Tensor], None]) -> None:
-        """Run the graph as far as the observed values; `record(leaf, x)` gets the inputs of the leaves it stops before."""
-        def observe(node: fx.Node, value: Any) -> None:
-            for target in self._points.get(node, ()):
-                record(target, value)
-
+        """Run the graph as far as the observed values; `record(leaf, x)` gets the input of the call it stops before."""
         placeholders = [node for node in self.graph_module.graph.nodes if node.op == "placeholder"]
-        execute(self.graph_module, self._order, dict(zip(placeholders, flat_inputs)), observe)
+        env = dict(zip(placeholders, flat_inputs))
+        execute(self.graph_module, self._order, env, retain={value for _, value in self._recorded})
+        for target, value in self._recorded:
+            record(target, env[value])
 
 
 def execute(graph_module: fx.GraphModule, order: list[fx.Node], env: dict[fx.Node, Any],
-            visit: Callable[[fx.Node, Any], None] | None = None) -> Any:
+            visit: Callable[[fx.Node, Any], None] | None = None, retain: Collection[fx.Node] = ()) -> Any:
     """Execute `order`'s nodes (in graph order) by the calls the graph's generated code makes, with `env` holding
-    the values they read from nodes outside it; `visit` sees each value. A value is dropped after its last reader.
+    the values they read from nodes outside it; `visit` sees each value. A value is dropped from `env` after its last
+    reader, unless `retain` holds it.
     Returns the output node's value, None where `order` stops before it."""
     last_reader: dict[fx.Node, fx.Node] = {}
     for node in order:
@@ -157,8 +159,17 @@ def execute(graph_module: fx.GraphModule, order: list[fx.Node], env: dict[fx.Nod
         if visit is not None:
             visit(node, result)
         for value in dead_after.get(node, ()):
-            env.pop(value, None)
+            if value not in retain:
+                env.pop(value, None)
     return None
+
+
+def mutates_in_place(node: fx.Node) -> bool:
+    """Whether the node writes into a tensor it reads (`x[i] = y`, `x.add_(y)`, `torch.relu_(x)`)."""
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target is operator.setitem or (name.endswith("_") and not name.endswith("__"))
+    return node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__")
 
 
 def _attribute(module: torch.nn.Module, target: str) -> Any:
