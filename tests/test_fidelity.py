@@ -46,6 +46,19 @@ def test_relative_error_is_the_error_norm_over_the_float_norm(pair):
     assert relative_error(q, f) == pytest.approx(float((q - f).norm() / f.norm()), rel=1e-6)
 
 
+def test_relative_error_equals_the_one_from_all_the_sums_bit_for_bit(pair, monkeypatch):
+    q, f = pair
+    monkeypatch.setattr(slimc.numerics.fidelity, "CHUNK", 16)  # several chunks, summed in the same order
+    for quantized in (q, q.to(torch.bfloat16), f.clone(), torch.zeros_like(f)):
+        assert relative_error(quantized, f) == metrics_of(tensor_sums(quantized, f)).relative_error
+
+
+def test_relative_error_of_tensors_of_different_shapes_is_an_error(pair):
+    q, f = pair
+    with pytest.raises(DataError, match="shape"):
+        relative_error(q[:2], f)
+
+
 def test_psnr_is_ten_log10_of_the_squared_float_range_over_the_mse(pair):
     q, f = pair
     expected = 10 * math.log10(float(f.max() - f.min()) ** 2 / float(((q - f) ** 2).mean()))

@@ -144,6 +144,18 @@ def test_fake_quantized_weight_is_the_dequantized_codes_row_chunk_by_row_chunk(s
     assert got.dtype == dtype and torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("scheme", [
+    TensorScheme(dtype="int8", granularity="per_tensor"),
+    TensorScheme(dtype="int4", granularity="per_token", dynamic=True),
+], ids=lambda s: f"{s.dtype}-{s.granularity}")
+def test_symmetric_fake_quantize_equals_the_round_trip_through_a_zero_offset(scheme):
+    x = torch.randn(4, 64) * 3
+    x[0, :8] = torch.tensor([-1e-4, 1e-4, -0.0, 0.0, 5.0, -5.0, 1e-3, -1e-3])  # codes of -0 and 0, and the extremes
+    scale, offset = qparams_from_range(*quant.act_range(x, scheme), scheme)
+    expected = (torch.clamp(torch.round(x / scale + offset), scheme.qmin, scheme.qmax) - offset) * scale
+    assert torch.equal(quant.fake_quantize(x, scale, offset, scheme), expected)
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_dynamic_fake_quantize_is_the_textbook_round_trip(symmetric):
     x = torch.randn(2, 5, 32) * 4 + (0 if symmetric else 1)

@@ -8,6 +8,7 @@ import torch
 from programs import W8A8_DYNAMIC, calibration_ids, run_pipeline
 from tiny_models import tiny_causal_lm
 
+import slimc.numerics.calib as calib
 import slimc.passes.smooth as smooth
 from slimc.ir.calls import spread_rows, take_rows
 from slimc.ir.partial import ObservedPrefix, PartialRuns
@@ -115,6 +116,23 @@ def test_search_trials_recompute_only_what_the_group_reaches_and_measure_what_wh
     assert errors["partial"] == errors["whole"] and len(errors["whole"]) > 0
     later = [ran for ran, nodes in executed if ran < nodes]
     assert later and min(later) < max(nodes for _, nodes in executed) / 2  # the MLP's groups skip the attention
+
+
+def test_linears_reading_one_tensor_quantize_it_once_in_a_trial_with_the_same_errors(monkeypatch):
+    """q, k and v (gate and up) read one activation: a search trial quantizes it once for all of them, and measures
+    what quantizing it for each gives, bit for bit."""
+    batches = calibration_ids(512, batches=2, batch_size=4, seq_len=24)
+    errors: dict[str, list[float]] = {"shared": [], "each": []}
+    quantized = {"shared": 0, "each": 0}
+    original_error, original_act = smooth.relative_error, calib.simulate_act
+    for mode in ("shared", "each"):
+        monkeypatch.setattr(smooth, "relative_error", lambda q, f, m=mode: errors[m].append(original_error(q, f)) or errors[m][-1])
+        monkeypatch.setattr(calib, "simulate_act", lambda x, s, m=mode: quantized.__setitem__(m, quantized[m] + 1) or original_act(x, s))
+        if mode == "each":
+            monkeypatch.setattr(calib._LastSimulated, "__call__", lambda self, x, s: calib.simulate_act(x, s))
+        search(tiny_causal_lm("llama"), batches)
+    assert errors["shared"] == errors["each"] and len(errors["each"]) > 0
+    assert 0 < quantized["shared"] < quantized["each"]
 
 
 def test_the_statistics_run_stops_before_the_last_linear_and_measures_what_whole_runs_measure(monkeypatch):
