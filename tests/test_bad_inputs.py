@@ -32,7 +32,7 @@ from slimc.commands.export import MARKER_FILE, REPORT_FILE
 from slimc.errors import SlimcError
 from slimc.frontends import diffusion_data
 from slimc.frontends.data import MAX_LINE_CHARS, corpus_token_samples
-from slimc.ir.source import load_model, resolve_model_source
+from slimc.ir.source import check_finite_weights, load_model, resolve_model_source
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -404,6 +404,23 @@ def test_nan_and_inf_weights_are_named_at_load_not_blamed_on_a_pass(capsys, conf
     message = assert_user_error(capsys, compile_args(config, llama, tmp_path / "out"), "NaN or Inf", "2 tensors",
                                 "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight")
     assert "smooth" not in message
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_finite_check_finds_nan_and_inf_and_passes_large_values_whose_sum_overflows(dtype, tmp_path):
+    def layer(weight: torch.Tensor) -> torch.nn.Module:
+        linear = torch.nn.Linear(8, 4, bias=False, dtype=dtype)
+        linear.weight.data = weight.to(dtype)
+        return linear
+
+    large = torch.full((4, 8), torch.finfo(dtype).max, dtype=dtype)  # finite; the sum of a slice is not
+    for finite in (large, torch.randn(4, 8)):
+        check_finite_weights(layer(finite), tmp_path, chunk=5)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for weight in (large.clone(), torch.randn(4, 8).to(dtype)):
+            weight[3, 7] = bad
+            with pytest.raises(SlimcError, match="NaN or Inf values in 1 tensor"):
+                check_finite_weights(layer(weight), tmp_path, chunk=5)
 
 
 def test_an_unreadable_weight_file_says_it_cannot_be_read(capsys, config, llama, tmp_path, monkeypatch):
