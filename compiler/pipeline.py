@@ -39,6 +39,7 @@ from slimc.ir.capture import BlockInput, StageInputs, StageNotReached, capture_s
 from slimc.ir.tracer import trace_block
 from slimc.journal import BlockState, Journal
 from slimc.numerics.fidelity import relative_error
+from slimc.numerics.modules import reusing_within_runs
 from slimc.pass_base import Context, Pass
 from slimc.patterns import propagate_shapes
 from slimc.progress import Progress
@@ -243,7 +244,7 @@ class Pipeline:
             if reference is not None:
                 with ctx.report.timed("equivalence check"):
                     self._check_equivalence(step, block, ctx, reference)
-        with torch.no_grad(), ctx.report.timed("block outputs"):  # the next block's calibration inputs
+        with torch.no_grad(), ctx.report.timed("block outputs"), reusing_within_runs(block.graph_module):  # the next block's inputs
             following = ctx.inputs.like()
             for index, (args, kwargs) in enumerate(ctx.inputs.drain()):  # each batch released as the next is made
                 outputs = block.traced(*args, **kwargs)

@@ -1,5 +1,7 @@
 """The built-in passes: what each promises, checked against the float model or a plain formula."""
 
+import contextlib
+
 import pytest
 import torch
 from programs import (
@@ -15,6 +17,7 @@ from programs import (
 from tiny_models import FAMILIES, tiny_causal_lm
 from torch import nn
 
+import slimc.numerics.modules as modules
 from slimc.config import config_from_data
 from slimc.errors import ConfigError, PassError
 from slimc.ir import Block
@@ -214,6 +217,31 @@ def test_lowering_computes_what_the_fake_quantized_model_computed(family, scheme
     assert relative(lowered, fake) < 1e-5
     assert any(isinstance(m, QuantizedLinear) for m in program.model.modules())
     assert not any(n.target.startswith("act_quant.") for b in program.blocks for n in b.graph_module.graph.nodes if n.op == "call_module")
+
+
+@pytest.mark.parametrize("lowered", [False, True], ids=["fake_quant", "lowered"])
+def test_blocks_reusing_within_runs_compute_the_same_with_fewer_quantizations(monkeypatch, lowered):
+    """q, k and v (gate and up) read one activation: within `reusing_within_runs` it is quantized once per call, and
+    lowered weights are dequantized once; the logits are the same bit for bit."""
+    program, _ = run_pipeline(tiny_causal_lm("llama"), QUANTIZE_ALL[:2 + lowered], {"w8": W8A8_DYNAMIC})
+    ids = calibration_ids(program.model.config.vocab_size, batches=1, seed=5)[0]
+    counts = {"quantized": 0, "dequantized": 0}
+    original_quantize, original_dequantize = modules.dynamic_fake_quantize, modules.dequantize_weight
+
+    def counted(name, function):
+        return lambda *args: counts.__setitem__(name, counts[name] + 1) or function(*args)
+
+    monkeypatch.setattr(modules, "dynamic_fake_quantize", counted("quantized", original_quantize))
+    monkeypatch.setattr(modules, "dequantize_weight", counted("dequantized", original_dequantize))
+    expected, each = logits(program, ids), dict(counts)
+    counts.update(quantized=0, dequantized=0)
+    with contextlib.ExitStack() as stack:
+        for block in program.blocks:
+            stack.enter_context(modules.reusing_within_runs(block.graph_module))
+        assert torch.equal(logits(program, ids), expected) and torch.equal(logits(program, ids), expected)
+    linears = 7 * len(program.blocks)
+    assert each["quantized"] == linears and counts["quantized"] == 2 * 4 * len(program.blocks)  # q k v, o, gate up, down
+    assert (each["dequantized"], counts["dequantized"]) == ((linears, linears) if lowered else (0, 0))
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe"])

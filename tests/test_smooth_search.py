@@ -129,7 +129,7 @@ def test_linears_reading_one_tensor_quantize_it_once_in_a_trial_with_the_same_er
         monkeypatch.setattr(smooth, "relative_error", lambda q, f, m=mode: errors[m].append(original_error(q, f)) or errors[m][-1])
         monkeypatch.setattr(calib, "simulate_act", lambda x, s, m=mode: quantized.__setitem__(m, quantized[m] + 1) or original_act(x, s))
         if mode == "each":
-            monkeypatch.setattr(calib._LastSimulated, "__call__", lambda self, x, s: calib.simulate_act(x, s))
+            monkeypatch.setattr(calib.LastQuantized, "__call__", lambda self, x, s: self._quantize(x, s))
         search(tiny_causal_lm("llama"), batches)
     assert errors["shared"] == errors["each"] and len(errors["each"]) > 0
     assert 0 < quantized["shared"] < quantized["each"]

@@ -14,12 +14,13 @@ import torch
 from slimc.ir import Block
 from slimc.ir.hooks import temporary_hooks
 from slimc.numerics.quant import (
+    LastQuantized,
     dynamic_fake_quantize,
     fake_quantize,
     fake_quantize_weight,
     qparams_from_range,
 )
-from slimc.schemes import QuantScheme, TensorScheme
+from slimc.schemes import QuantScheme
 
 
 def _channel_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -61,27 +62,11 @@ def simulate_act(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     return fake_quantize(x, scale, offset, act)
 
 
-class _LastSimulated:
-    """The activation last quantized by `simulate_act` and the result: Linears that read one tensor with one scheme
-    (q, k and v; gate and up) quantize it once. A tensor written in place since (its version moved) is quantized again."""
-
-    def __init__(self) -> None:
-        self._last: tuple[torch.Tensor, int, TensorScheme | None, torch.Tensor] | None = None
-
-    def __call__(self, x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-        last = self._last
-        if last is not None and last[0] is x and last[1] == x._version and last[2] == scheme.act:
-            return last[3]
-        result = simulate_act(x, scheme)
-        self._last = (x, x._version, scheme.act, result)
-        return result
-
-
 @contextlib.contextmanager
 def simulated_quantization(block: Block, linears: dict[str, QuantScheme]) -> Iterator[None]:
     """Temporarily quantize the given Linears (round-to-nearest weights, activations as planned)."""
     saved = {}
-    simulated = _LastSimulated()
+    simulated = LastQuantized(simulate_act)  # q, k and v read one activation: quantized once
     with temporary_hooks() as hooks:
         try:
             with torch.no_grad():

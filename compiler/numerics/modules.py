@@ -5,6 +5,9 @@ Backends read the lowered modules' buffers; nothing here knows about file format
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,6 +15,7 @@ from torch import nn
 from slimc.ir.leaves import register_leaf
 from slimc.numerics.observers import ChannelObserver, Observer
 from slimc.numerics.quant import (
+    LastQuantized,
     dequantize_weight,
     dynamic_fake_quantize,
     fake_quantize,
@@ -36,6 +40,7 @@ class FakeQuantize(nn.Module):
         self.observer: Observer | None = None if scheme.dynamic else Observer(scheme)
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("offset", torch.zeros(1))
+        self.shared: LastQuantized | None = None  # see `reusing_within_runs`
 
     def freeze(self) -> None:
         """End observation: fix the static scale and offset and start quantizing."""
@@ -53,7 +58,7 @@ class FakeQuantize(nn.Module):
         if self.mode == "off":
             return x
         if self.scheme.dynamic:
-            return dynamic_fake_quantize(x, self.scheme)
+            return (self.shared or dynamic_fake_quantize)(x, self.scheme)
         return fake_quantize(x, self.scale, self.offset, self.scheme)
 
     def extra_repr(self) -> str:
@@ -131,22 +136,53 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("input_offset", input_qparams[1].float().reshape(1))
         else:
             self.input_scale = self.input_offset = None
+        self.shared: LastQuantized | None = None  # see `reusing_within_runs`
+        self.held_weight: torch.Tensor | None = None
 
     def dequantized_weight(self) -> torch.Tensor:
+        if self.held_weight is not None:
+            return self.held_weight
         return dequantize_weight(self.weight, self.weight_scale, self.weight_offset, self.scheme.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self.scheme.act
-        x32 = x.float()
-        if act is not None:
-            if act.dynamic:
-                x32 = dynamic_fake_quantize(x32, act)
-            else:
-                x32 = fake_quantize(x32, self.input_scale, self.input_offset, act)
+        if act is None:
+            x32 = x.float()
+        elif act.dynamic:
+            x32 = (self.shared or dynamic_fake_quantize_float32)(x, act)
+        else:
+            x32 = fake_quantize(x.float(), self.input_scale, self.input_offset, act)
         return F.linear(x32, self.dequantized_weight(), self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.scheme.label}"
+
+
+def dynamic_fake_quantize_float32(x: torch.Tensor, scheme: TensorScheme) -> torch.Tensor:
+    """A lowered layer's dynamic activation quantization: of x in float32, in float32."""
+    return dynamic_fake_quantize(x.float(), scheme)
+
+
+@contextlib.contextmanager
+def reusing_within_runs(module: nn.Module) -> Iterator[None]:
+    """While `module` (a block) runs on batch after batch: its lowered Linears dequantize their weights once, and
+    its dynamic quantizers and lowered Linears that read one tensor with one scheme (q, k and v) quantize it once
+    per call. They compute the same values; meanwhile the lowered weights are held in float32 besides their codes."""
+    quantizers = [m for m in module.modules() if type(m) is FakeQuantize]
+    linears = [m for m in module.modules() if isinstance(m, QuantizedLinear)]
+    quantized, quantized_float32 = LastQuantized(dynamic_fake_quantize), LastQuantized(dynamic_fake_quantize_float32)
+    try:
+        for quantizer in quantizers:
+            quantizer.shared = quantized
+        for linear in linears:
+            linear.shared = quantized_float32
+            linear.held_weight = linear.dequantized_weight()
+        yield
+    finally:
+        for layer in (*quantizers, *linears):
+            layer.shared = None
+        for linear in linears:
+            linear.held_weight = None
 
 
 class ChannelScale(nn.Module):

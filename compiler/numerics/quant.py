@@ -9,6 +9,9 @@ Scales and offsets are float32 and broadcast against the tensor they belong to.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from slimc.schemes import TensorScheme
@@ -130,6 +133,24 @@ def dynamic_fake_quantize(x: torch.Tensor, scheme: TensorScheme) -> torch.Tensor
     """Quantize-dequantize an activation with scales computed from ``x`` itself (dynamic)."""
     scale, offset = qparams_from_range(*act_range(x, scheme), scheme)
     return fake_quantize(x, scale, offset, scheme)
+
+
+class LastQuantized:
+    """`quantize(x, scheme)` with its last result kept: Linears that read one tensor with one scheme (q, k and v;
+    gate and up) get it quantized once, the first of them. A tensor written in place since (its version moved) is
+    quantized again. Keeps that tensor and its result alive until the next call, or until it is dropped."""
+
+    def __init__(self, quantize: Callable[[torch.Tensor, Any], torch.Tensor]) -> None:
+        self._quantize = quantize
+        self._last: tuple[torch.Tensor, int, Any, torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor, scheme: Any) -> torch.Tensor:
+        last = self._last
+        if last is not None and last[0] is x and last[1] == x._version and last[2] == scheme:
+            return last[3]
+        result = self._quantize(x, scheme)
+        self._last = (x, x._version, scheme, result)
+        return result
 
 
 def clip_search_weight_qparams(
