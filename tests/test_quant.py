@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from slimc.numerics import quant
+from slimc.numerics.calib import activation_channel_absmax
 from slimc.numerics.modules import FakeQuantize
 from slimc.numerics.observers import Observer
 from slimc.numerics.quant import (
@@ -168,3 +169,12 @@ def test_dynamic_fake_quantize_is_the_textbook_round_trip(symmetric):
         offset = torch.round(-low / scale) - 128
     codes = torch.clamp(torch.round(x / scale + offset), -128, 127)
     assert torch.equal(dynamic_fake_quantize(x, scheme), (codes - offset) * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_channel_absmax_is_the_maximum_of_the_absolute_values_per_channel(dtype):
+    x = (torch.randn(3, 7, 16) * torch.rand(16) * 5).to(dtype)
+    x[..., 0] = -x[..., 0].abs()  # a channel of negative values only
+    x[..., 1] = 0.0
+    got = activation_channel_absmax(x)
+    assert got.dtype == torch.float32 and torch.equal(got, x.abs().float().reshape(-1, 16).amax(0))

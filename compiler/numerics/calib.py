@@ -23,8 +23,11 @@ from slimc.numerics.quant import (
 from slimc.schemes import QuantScheme
 
 
-def _channel_absmax(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().abs().float().reshape(-1, x.shape[-1]).amax(0)
+def activation_channel_absmax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| per channel (last dimension), float32: as max(max x, −min x), two reductions in x's dtype with no
+    |x| copy (a third of the time at SmolLM2's width)."""
+    rows = x.detach().reshape(-1, x.shape[-1])
+    return torch.maximum(rows.amax(0), rows.amin(0).neg_()).float()
 
 
 @torch.no_grad()
@@ -37,7 +40,7 @@ def channel_absmax(block: Block, batches: Sequence, targets: dict[str, str], run
     stats: dict[str, torch.Tensor] = {}
 
     def record(target: str, x: torch.Tensor) -> None:
-        current = _channel_absmax(x)
+        current = activation_channel_absmax(x)
         stats[target] = current if target not in stats else torch.maximum(stats[target], current)
 
     with temporary_hooks() as hooks:
