@@ -33,6 +33,8 @@ class FakeQuantize(nn.Module):
     Dynamic schemes need no calibration and start in ``quantize``.
     """
 
+    shared: LastQuantized | None = None  # set within `reusing_within_runs` (class defaults: journals pickle modules)
+
     def __init__(self, scheme: TensorScheme) -> None:
         super().__init__()
         self.scheme = scheme
@@ -40,7 +42,6 @@ class FakeQuantize(nn.Module):
         self.observer: Observer | None = None if scheme.dynamic else Observer(scheme)
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("offset", torch.zeros(1))
-        self.shared: LastQuantized | None = None  # see `reusing_within_runs`
 
     def freeze(self) -> None:
         """End observation: fix the static scale and offset and start quantizing."""
@@ -113,6 +114,9 @@ class QuantizedLinear(nn.Module):
     absent; static activations add ``input_scale``/``input_offset`` float32 (1,).
     """
 
+    shared: LastQuantized | None = None  # both set within `reusing_within_runs` (class defaults: journals pickle modules)
+    held_weight: torch.Tensor | None = None
+
     def __init__(
         self,
         scheme: QuantScheme,
@@ -136,8 +140,6 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("input_offset", input_qparams[1].float().reshape(1))
         else:
             self.input_scale = self.input_offset = None
-        self.shared: LastQuantized | None = None  # see `reusing_within_runs`
-        self.held_weight: torch.Tensor | None = None
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.held_weight is not None:
