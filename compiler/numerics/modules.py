@@ -114,8 +114,7 @@ class QuantizedLinear(nn.Module):
     absent; static activations add ``input_scale``/``input_offset`` float32 (1,).
     """
 
-    shared: LastQuantized | None = None  # both set within `reusing_within_runs` (class defaults: journals pickle modules)
-    held_weight: torch.Tensor | None = None
+    shared: LastQuantized | None = None  # set within `reusing_within_runs` (class defaults: journals pickle modules)
 
     def __init__(
         self,
@@ -142,8 +141,6 @@ class QuantizedLinear(nn.Module):
             self.input_scale = self.input_offset = None
 
     def dequantized_weight(self) -> torch.Tensor:
-        if self.held_weight is not None:
-            return self.held_weight
         return dequantize_weight(self.weight, self.weight_scale, self.weight_offset, self.scheme.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,9 +164,9 @@ def dynamic_fake_quantize_float32(x: torch.Tensor, scheme: TensorScheme) -> torc
 
 @contextlib.contextmanager
 def reusing_within_runs(module: nn.Module) -> Iterator[None]:
-    """While `module` (a block) runs on batch after batch: its lowered Linears dequantize their weights once, and
-    its dynamic quantizers and lowered Linears that read one tensor with one scheme (q, k and v) quantize it once
-    per call. They compute the same values; meanwhile the lowered weights are held in float32 besides their codes."""
+    """While `module` (a block) runs on batch after batch: its dynamic quantizers and lowered Linears that read one
+    tensor with one scheme (q, k and v) quantize it once per call, and compute the same values. Lowered weights are
+    still dequantized per call: holding a block's in float32 would add four bytes per weight to the peak."""
     quantizers = [m for m in module.modules() if type(m) is FakeQuantize]
     linears = [m for m in module.modules() if isinstance(m, QuantizedLinear)]
     quantized, quantized_float32 = LastQuantized(dynamic_fake_quantize), LastQuantized(dynamic_fake_quantize_float32)
@@ -178,13 +175,10 @@ def reusing_within_runs(module: nn.Module) -> Iterator[None]:
             quantizer.shared = quantized
         for linear in linears:
             linear.shared = quantized_float32
-            linear.held_weight = linear.dequantized_weight()
         yield
     finally:
         for layer in (*quantizers, *linears):
             layer.shared = None
-        for linear in linears:
-            linear.held_weight = None
 
 
 class ChannelScale(nn.Module):
