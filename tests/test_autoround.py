@@ -1,15 +1,22 @@
 """calibrate's `weight_algorithm: autoround`: rounding and range clipping learned per block by signed gradient descent
 on the block's output error, lowered and written as round-to-nearest results are."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
 from conftest import save_tiny_model
 from module_calls import module_calls
 from programs import calibration_ids, cosine, logits, relative, run_pipeline
+from test_distributed import environment, one_process
+from test_resume import compile_args
 from tiny_models import tiny_causal_lm
 
-from slimc.backends.mindie_reader import AscendLinear, load_ascend_model
+from slimc.backends.mindie_reader import AscendLinear, load_ascend_model, read_tensors
 from slimc.commands.cli import resolve_config_path
 from slimc.commands.compile import compile_model
 from slimc.config import config_from_data, load_config
@@ -58,6 +65,7 @@ def test_autoround_with_a_seed_learns_the_same_rounding_every_time():
     weights = lambda program: [p.detach().clone() for p in program.model.parameters()]  # noqa: E731
     assert all(torch.equal(a, b) for a, b in zip(weights(first), weights(again), strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(weights(first), weights(other), strict=True))
+    assert all(parameter.grad is None for parameter in first.model.parameters())  # only the learned tensors had gradients
 
 
 @pytest.mark.parametrize("config_name", ["llm/w4a4_quarot_gptq.yaml", "llm/w8a8_static.yaml"])
@@ -96,3 +104,25 @@ def test_bad_autoround_settings_are_a_config_error_naming_the_key(settings, mess
     with pytest.raises(ConfigError, match=message):
         config_from_data({"schemes": W4A8, "pipeline": [
             {"pass": "calibrate", "weight_algorithm": "autoround", "autoround": settings}]})
+
+
+def test_two_processes_learn_from_the_gradients_of_both_what_one_process_learns(tmp_path):
+    """2 gloo processes share 3 batches (process 0 runs 0 and 2, process 1 runs 1), every step on all of them: the
+    summed gradients are one process's, up to float rounding, and so are the written codes, nearly all of them."""
+    model = save_tiny_model(tmp_path / "model", "llama")
+    settings = ["calibration.samples=6", "calibration.seq_len=32", "calibration.batch_size=2",
+                "schemes.w4a16.weight.group_size=16", "pipeline.1.weight_algorithm=autoround",
+                "pipeline.1.autoround.iterations=8", "pipeline.1.autoround.batches_per_step=3"]
+    config = resolve_config_path("llm/w4a16_gptq.yaml")
+    (tmp_path / "jobs.json").write_text(json.dumps([[str(a) for a in compile_args(config, model, tmp_path / "two", settings)]]))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(Path(__file__).parent / "distributed_runs.py"), str(tmp_path / "jobs.json")],
+                         capture_output=True, text=True, timeout=300, env=environment())
+    assert run.returncode == 0, run.stderr[-3000:]
+    with pytest.warns(UserWarning, match="below the recommended"):
+        one_process("llm/w4a16_gptq.yaml", model, tmp_path / "one", settings)
+    two, one = read_tensors(tmp_path / "two" / "mindie"), read_tensors(tmp_path / "one" / "mindie")
+    codes = [name for name, tensor in one.items() if tensor.dtype == torch.int8]
+    assert codes and two.keys() == one.keys()
+    differing = sum(int((two[name] != one[name]).sum()) for name in codes)
+    assert differing <= 1e-3 * sum(one[name].numel() for name in codes)

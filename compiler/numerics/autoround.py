@@ -121,15 +121,16 @@ def learn_rounding(block: Block, inputs: Sequence[BlockInput], targets: Sequence
     with straight_through(quantizers):
         for step in range(iterations):
             picked = torch.randperm(len(inputs), generator=generator)[:batches_per_step].tolist()
-            loss = torch.zeros((), dtype=torch.float64)
+            gradients, loss = [torch.zeros_like(t) for t in learned], torch.zeros((), dtype=torch.float64)
             for index in picked:
                 args, kwargs = inputs[index]
                 weights = {names[key]: _substitute(group) for key, group in by_parameter.items()}
                 output = block_output(functional_call(block.traced, weights, args, kwargs, strict=False))
                 batch_loss = torch.nn.functional.mse_loss(output.float(), targets[index].float())
-                batch_loss.backward()
+                # the learned tensors' gradients only: the block's own parameters keep no .grad
+                for total, gradient in zip(gradients, torch.autograd.grad(batch_loss, learned, materialize_grads=True), strict=True):
+                    total += gradient
                 loss += batch_loss.detach().double().cpu()
-            gradients = [torch.zeros_like(t) if t.grad is None else t.grad for t in learned]
             summed = world.sum(torch.cat([g.reshape(-1) for g in gradients] + [loss.reshape(1).to(gradients[0])]))
             step_loss = float(summed[-1])
             if step_loss < best_loss:
@@ -138,7 +139,6 @@ def learn_rounding(block: Block, inputs: Sequence[BlockInput], targets: Sequence
             with torch.no_grad():
                 for tensor, gradient in zip(learned, summed[:-1].split([t.numel() for t in learned]), strict=True):
                     tensor.sub_(rate * gradient.reshape(tensor.shape).sign())
-                    tensor.grad = None
             for rounding in roundings:
                 rounding.clamp_()
     with torch.no_grad():
