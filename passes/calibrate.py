@@ -186,8 +186,6 @@ class Calibrate(Pass):
         """AutoRound: the rounding of every weight of the layers, by (target, weight name, expert or None), learned
         together to bring the block's output to the float block's on its calibration inputs, with the activation
         quantizers (frozen by now) quantizing. Every process learns the same, from the gradients of all."""
-        with _quantizer_modes(quantizers, "off"):
-            targets = ctx.run(block)
         options, roundings = self.autoround, {}
         for target, module in layers.items():
             scheme = ctx.program.quant_specs[block.qualified(target)].scheme.weight
@@ -196,6 +194,10 @@ class Calibrate(Pass):
                     roundings[target, name, expert] = LearnedRounding(getattr(module, name), expert, scheme, options.min_max_tuning)
                 except ValueError as error:
                     raise _layer_error(block, target, error) from None
+        if not roundings:  # a block whose only quantizers are its KV cache's
+            return roundings
+        with _quantizer_modes(quantizers, "off"):
+            targets = ctx.run(block)
         learn_rounding(block, ctx.inputs, targets, list(roundings.values()), quantizers, iterations=options.iterations,
                        lr=options.rate, batches_per_step=options.batches_per_step, seed=options.seed, world=ctx.world)
         return roundings

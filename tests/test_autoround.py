@@ -20,7 +20,7 @@ from slimc.backends.mindie_reader import AscendLinear, load_ascend_model, read_t
 from slimc.commands.cli import resolve_config_path
 from slimc.commands.compile import compile_model
 from slimc.config import config_from_data, load_config
-from slimc.errors import ConfigError
+from slimc.errors import ConfigError, PassError
 from slimc.schemes import QRANGES
 
 W4A8 = {"w4a8": {"weight": {"dtype": "int4", "granularity": "per_group", "group_size": 16},
@@ -126,3 +126,10 @@ def test_two_processes_learn_from_the_gradients_of_both_what_one_process_learns(
     assert codes and two.keys() == one.keys()
     differing = sum(int((two[name] != one[name]).sum()) for name in codes)
     assert differing <= 1e-3 * sum(one[name].numel() for name in codes)
+
+
+def test_a_group_size_that_does_not_divide_a_layer_names_the_layer():
+    schemes = {"w4a16": {"weight": {"dtype": "int4", "granularity": "per_group", "group_size": 48}}}
+    pipeline = [{"pass": "fake_quant", "rules": [{"scheme": "w4a16"}]}, {"pass": "calibrate", "weight_algorithm": "autoround"}]
+    with pytest.raises(PassError, match=r"model.layers.0.self_attn.\w+_proj: group_size 48 does not divide the input size 64"):
+        run_pipeline(tiny_causal_lm("llama"), pipeline, schemes=schemes)
