@@ -121,7 +121,8 @@ def learn_rounding(block: Block, inputs: Sequence[BlockInput], targets: Sequence
     with straight_through(quantizers):
         for step in range(iterations):
             picked = torch.randperm(len(inputs), generator=generator)[:batches_per_step].tolist()
-            gradients, loss = [torch.zeros_like(t) for t in learned], torch.zeros((), dtype=torch.float64)
+            gradients = [torch.zeros_like(t) for t in learned]
+            loss = torch.zeros((), dtype=torch.float64, device=gradients[0].device)
             for index in picked:
                 args, kwargs = inputs[index]
                 weights = {names[key]: _substitute(group) for key, group in by_parameter.items()}
@@ -130,21 +131,29 @@ def learn_rounding(block: Block, inputs: Sequence[BlockInput], targets: Sequence
                 # the learned tensors' gradients only: the block's own parameters keep no .grad
                 for total, gradient in zip(gradients, torch.autograd.grad(batch_loss, learned, materialize_grads=True), strict=True):
                     total += gradient
-                loss += batch_loss.detach().double().cpu()
-            summed = world.sum(torch.cat([g.reshape(-1) for g in gradients] + [loss.reshape(1).to(gradients[0])]))
-            step_loss = float(summed[-1])
-            if step_loss < best_loss:
-                best_loss, best = step_loss, [t.detach().clone() for t in learned]
+                loss += batch_loss.detach()
+            gradients, loss = _summed(gradients, loss, world)
+            if float(loss) < best_loss:
+                best_loss, best = float(loss), [t.detach().clone() for t in learned]
             rate = lr * (1 - step / iterations)
             with torch.no_grad():
-                for tensor, gradient in zip(learned, summed[:-1].split([t.numel() for t in learned]), strict=True):
-                    tensor.sub_(rate * gradient.reshape(tensor.shape).sign())
+                for tensor, gradient in zip(learned, gradients, strict=True):
+                    tensor.sub_(rate * gradient.sign())
             for rounding in roundings:
                 rounding.clamp_()
     with torch.no_grad():
         for tensor, kept in zip(learned, best, strict=True):
             tensor.copy_(kept)
     return best_loss
+
+
+def _summed(gradients: list[torch.Tensor], loss: torch.Tensor, world: World) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The gradients and the loss summed over the processes, in one collective."""
+    if world.size == 1:
+        return gradients, loss
+    summed = world.sum(torch.cat([g.reshape(-1) for g in gradients] + [loss.reshape(1).to(gradients[0])]))
+    parts = summed[:-1].split([g.numel() for g in gradients])
+    return [part.reshape(g.shape) for part, g in zip(parts, gradients, strict=True)], summed[-1]
 
 
 def _substitute(group: list[LearnedRounding]) -> torch.Tensor:
