@@ -58,8 +58,9 @@ def test_autoround_brings_the_first_block_nearer_the_float_block_than_round_to_n
 
 
 def test_autoround_with_a_seed_learns_the_same_rounding_every_time():
-    first, again = quantized("llama", "autoround", seed=3, batches_per_step=1), quantized("llama", "autoround", seed=3, batches_per_step=1)
-    other = quantized("llama", "autoround", seed=4, batches_per_step=1)
+    settings = {"iterations": 10, "batches_per_step": 1}
+    first, again = quantized("llama", "autoround", seed=3, **settings), quantized("llama", "autoround", seed=3, **settings)
+    other = quantized("llama", "autoround", seed=4, **settings)
     for name, spec in first.quant_specs.items():
         assert torch.equal(spec.weight_qparams["weight"][0], again.quant_specs[name].weight_qparams["weight"][0]), name
     weights = lambda program: [p.detach().clone() for p in program.model.parameters()]  # noqa: E731
