@@ -9,7 +9,8 @@ perplexity through the written Ascend files. Prints a table and one JSON object.
 
 `--variants` compiles each config as shipped and/or with its rotation and weight algorithm changed:
 `rtn` (no rotation, round to nearest), `rotation-rtn` (rotation, round to nearest), `gptq` (no
-rotation, GPTQ) — the rows of the low-bit table in docs/lowbit.md.
+rotation, GPTQ) — the rows of the low-bit table in docs/lowbit.md — and `autoround`, `rotation-autoround`
+(AutoRound with its default settings, without or with rotation).
 
 Each config is compiled in its own process so that peak memory is that config's own.
 """
@@ -30,6 +31,8 @@ VARIANTS = {  # variant -> (keep the rotate step, weight algorithm; None keeps t
     "rtn": (False, "rtn"),
     "rotation-rtn": (True, "rtn"),
     "gptq": (False, "gptq"),
+    "autoround": (False, "autoround"),
+    "rotation-autoround": (True, "autoround"),
 }
 
 CHILD = """
@@ -73,7 +76,7 @@ def variant_config(name: str, variant: str, directory: Path) -> str:
     for step in data["pipeline"]:
         if step["pass"] == "calibrate":
             step["weight_algorithm"] = algorithm
-            if algorithm == "rtn":
+            if algorithm != "gptq":
                 step.pop("gptq", None)
     path = directory / f"{Path(name).stem}-{variant}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))

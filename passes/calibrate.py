@@ -14,6 +14,7 @@ from torch import nn
 from slimc.errors import PassError
 from slimc.ir import Block
 from slimc.ir.hooks import temporary_hooks
+from slimc.numerics.autoround import LearnedRounding, learn_rounding
 from slimc.numerics.fidelity import relative_error
 from slimc.numerics.gptq import (
     HessianAccumulator,
@@ -42,14 +43,35 @@ class GPTQOptions(BaseModel):
     block_size: int = Field(128, ge=1)
 
 
+class AutoRoundOptions(BaseModel):
+    """AutoRound settings: `iterations` steps of signed gradient descent per block, each on `batches_per_step`
+    calibration batches (of `calibration.batch_size` samples) picked with `seed`, at a rate falling linearly from
+    `lr` (1 / iterations when not given, as in the paper) to 0; `min_max_tuning` also learns how far each weight
+    range is clipped, not only how each weight rounds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iterations: int = Field(200, ge=1)
+    lr: float | None = Field(None, gt=0.0, le=0.5)
+    batches_per_step: int = Field(2, ge=1)
+    min_max_tuning: bool = True
+    seed: int = Field(0, ge=0)
+
+    @property
+    def rate(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / self.iterations
+
+
 @register_pass("calibrate")
 class Calibrate(Pass):
     """Run the block on all its calibration inputs with the activation quantizers observing, fix
     their static scales, then quantize each weight at the scheme's granularity with its observer
-    (minmax, percentile or mse clipping search) by `weight_algorithm`: `rtn` (round to nearest) or
+    (minmax, percentile or mse clipping search) by `weight_algorithm`: `rtn` (round to nearest),
     `gptq` (error feedback through the Hessian of the layer's float inputs in this block, which
     already carry the quantization error of the blocks before it; per expert for fused MoE
-    experts, from the tokens routed to each). Each quantized layer's relative output error is
+    experts, from the tokens routed to each) or `autoround` (each weight's rounding and range
+    clipping learned by signed gradient descent on the block's output error, for all the block's
+    weights together, each expert's on its own). Each quantized layer's relative output error is
     measured on the first `error_batches` batches and reported.
 
     `route_all_experts` also sends every calibration token through every MoE expert (outputs
@@ -60,8 +82,9 @@ class Calibrate(Pass):
 
     route_all_experts: bool = False
     error_batches: int = Field(1, ge=1)
-    weight_algorithm: Literal["rtn", "gptq"] = "rtn"
+    weight_algorithm: Literal["rtn", "gptq", "autoround"] = "rtn"
     gptq: GPTQOptions = GPTQOptions()
+    autoround: AutoRoundOptions = AutoRoundOptions()
 
     def run_block(self, block: Block, ctx: Context) -> None:
         layers = {
@@ -77,7 +100,8 @@ class Calibrate(Pass):
         samples, hessians = self._observe(block, ctx, layers, quantizers)
         before = {target: self._layer_outputs(module, samples[target], block, target, quantize_inputs=False)
                   for target, module in layers.items()}
-        self._quantize_weights(block, ctx, layers, hessians)
+        learned = self._learn_rounding(block, ctx, layers, quantizers) if self.weight_algorithm == "autoround" else {}
+        self._quantize_weights(block, ctx, layers, hessians, learned)
         # Roles and depth are recorded now, while the block's graph is here: a resumed or streamed compile has
         # released it by the time the report is plotted.
         roles = linear_roles(block.graph_module)
@@ -158,11 +182,31 @@ class Calibrate(Pass):
                 raise PassError(f"calibrate: a quantizer in block {block.name} saw no data; the calibration inputs never reach it")
             q.freeze()
 
+    def _learn_rounding(self, block: Block, ctx: Context, layers: dict, quantizers: list[FakeQuantize]) -> dict:
+        """AutoRound: the rounding of every weight of the layers, by (target, weight name, expert or None), learned
+        together to bring the block's output to the float block's on its calibration inputs, with the activation
+        quantizers (frozen by now) quantizing. Every process learns the same, from the gradients of all."""
+        options, roundings = self.autoround, {}
+        for target, module in layers.items():
+            scheme = ctx.program.quant_specs[block.qualified(target)].scheme.weight
+            for name, expert, _, _ in _weights(module, None):
+                try:
+                    roundings[target, name, expert] = LearnedRounding(getattr(module, name), expert, scheme, options.min_max_tuning)
+                except ValueError as error:
+                    raise _layer_error(block, target, error) from None
+        if not roundings:  # a block whose only quantizers are its KV cache's
+            return roundings
+        with _quantizer_modes(quantizers, "off"):
+            targets = ctx.run(block)
+        learn_rounding(block, ctx.inputs, targets, list(roundings.values()), quantizers, iterations=options.iterations,
+                       lr=options.rate, batches_per_step=options.batches_per_step, seed=options.seed, world=ctx.world)
+        return roundings
+
     @torch.no_grad()
-    def _quantize_weights(self, block: Block, ctx: Context, layers: dict, hessians: dict) -> None:
-        """Quantize every weight of the layers in place (each expert of fused experts on its own), and record their
-        scales and offsets. In several processes each quantizes its share of the weights (the i-th on process
-        i % N) and all take the others' results."""
+    def _quantize_weights(self, block: Block, ctx: Context, layers: dict, hessians: dict, learned: dict) -> None:
+        """Quantize every weight of the layers in place (each expert of fused experts on its own) with its `learned`
+        rounding, GPTQ or to nearest, and record their scales and offsets. In several processes each quantizes its
+        share of the weights (the i-th on process i % N) and all take the others' results."""
         jobs = [(target, name, expert, weight, spec.scheme.weight, hessian)
                 for target, module in layers.items()
                 for spec in [ctx.program.quant_specs[block.qualified(target)]]
@@ -174,10 +218,11 @@ class Calibrate(Pass):
         readers, factors = Counter(id(job[-1]) for job in mine), {}
         for target, name, expert, weight, scheme, hessian in mine:
             try:
-                done[target, name, expert] = self._quantize_weight(weight, scheme, hessian, factors)
+                rounding = learned.get((target, name, expert))
+                done[target, name, expert] = (rounding.quantize() if rounding is not None
+                                              else self._quantize_weight(weight, scheme, hessian, factors))
             except ValueError as error:
-                raise PassError(f"calibrate: {block.qualified(target)}: {error}; choose a group_size that divides "
-                                "it, or leave this layer out with an exclude glob") from None
+                raise _layer_error(block, target, error) from None
             readers[id(hessian)] -= 1
             if not readers[id(hessian)]:
                 factors.pop(id(hessian), None)
@@ -225,6 +270,12 @@ class Calibrate(Pass):
                     args = (node_quantizer(args[0]), *args[1:])
                 outputs.append(module(*args))
             return outputs
+
+
+def _layer_error(block: Block, target: str, error: ValueError) -> PassError:
+    """A weight of the layer `target` cannot be quantized as its scheme says (a group size that does not divide)."""
+    return PassError(f"calibrate: {block.qualified(target)}: {error}; choose a group_size that divides it, or leave "
+                     "this layer out with an exclude glob")
 
 
 def _weights(module: nn.Module, hessians) -> list[tuple[str, int | None, torch.Tensor, HessianAccumulator | None]]:

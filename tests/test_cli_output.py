@@ -112,7 +112,7 @@ def test_passes_json_lists_every_registered_pass_with_parameter_types_allowed_va
     alpha = listing["smooth"]["parameters"]["alpha"]
     assert alpha["type"] == "float" and alpha["default"] == 0.5 and alpha["constraints"] == {"ge": 0.0, "le": 1.0}
     algorithm = listing["calibrate"]["parameters"]["weight_algorithm"]
-    assert algorithm["allowed"] == ["rtn", "gptq"] and algorithm["default"] == "rtn"
+    assert algorithm["allowed"] == ["rtn", "gptq", "autoround"] and algorithm["default"] == "rtn"
     assert listing["calibrate"]["parameters"]["gptq"]["fields"]["block_size"]["default"] == 128
     rules = listing["fake_quant"]["parameters"]["rules"]
     assert rules["type"] == "list[Rule]" and rules["required"]
@@ -126,7 +126,7 @@ def test_passes_shows_the_whole_first_paragraph_and_the_allowed_values():
     assert result.returncode == 0, result.stderr
     calibrate = " ".join(result.stdout[result.stdout.index("calibrate:"):result.stdout.index("fake_quant:")].split())
     assert "is measured on the first `error_batches` batches and reported." in calibrate  # the paragraph's end
-    assert "weight_algorithm: 'rtn' | 'gptq' (default 'rtn')" in calibrate
+    assert "weight_algorithm: 'rtn' | 'gptq' | 'autoround' (default 'rtn')" in calibrate
     assert "damp: float (default 0.01), > 0.0, <= 1.0" in calibrate
     fake_quant = result.stdout[result.stdout.index("fake_quant:"):result.stdout.index("lower:")]
     assert "rules: list[Rule] (required)" in fake_quant and "include: list[str] (default ['*'])" in fake_quant

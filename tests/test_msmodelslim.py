@@ -321,6 +321,27 @@ def test_mixed_gptq_and_minmax_steps_note_that_gptq_rounds_every_layer():
             "weight_algorithm is one for all layers and spec.process[0].configs[1] (type: linear_quant) asks for GPTQ") in notes
 
 
+
+def test_autoround_quant_converts_to_calibrate_with_autoround_for_its_iterations():
+    text = """\
+apiversion: modelslim_v1
+spec:
+  process:
+    - type: "autoround_quant"
+      iters: 50
+      strategies:
+        - qconfig:
+            act: {scope: "per_token", dtype: "int8", symmetric: True, method: "minmax"}
+            weight: {scope: "per_channel", dtype: "int8", symmetric: True, method: "minmax"}
+          include: ["*"]
+          exclude: ["*mlp.gate", "lm_head"]
+"""
+    data, notes, _, _ = convert(text)
+    calibrate = next(step for step in data["pipeline"] if step["pass"] == "calibrate")
+    assert calibrate["weight_algorithm"] == "autoround" and calibrate["autoround"] == {"iterations": 50}
+    assert ("spec.process[0] (type: autoround_quant): weights rounded by AutoRound (calibrate weight_algorithm: "
+            "autoround, 50 iterations); its other settings are slimc's defaults (docs/lowbit.md)") in notes
+
 # --- what is refused ----------------------------------------------------------------------------------
 
 

@@ -122,8 +122,9 @@ class _Converter:
         self.quant_steps = 0
         self.schemes: dict[str, dict] = {}
         self.rules: list[dict] = []  # msModelSlim's order (first wins); reversed for slimc (last wins)
-        self.weight_algorithms: dict[str, str] = {}  # step -> rtn | gptq
+        self.weight_algorithms: dict[str, str] = {}  # step -> rtn | gptq | autoround
         self.gptq: dict = {"damp": 0.01, "act_order": False}  # msModelSlim's GPTQ keeps the column order
+        self.autoround: dict = {"iterations": 10}  # msModelSlim's autoround_quant default iters
         self.rotation: list[dict] = []
         self.smooth: dict | None = None
         self.smooth_at = ""
@@ -147,8 +148,9 @@ class _Converter:
         elif kind == "linear_quant":
             self.linear_quant(step, here)
         elif kind == "autoround_quant":  # its strategies also go first-match-wins (_should_apply_strategy)
-            self.note(here, f"weights rounded by GPTQ (calibrate weight_algorithm: gptq), slimc's nearest to AutoRound's "
-                            f"learned rounding; iters {step.get('iters', 10)} and the tuning switches have no equivalent")
+            self.autoround["iterations"] = step.get("iters", self.autoround["iterations"])
+            self.note(here, f"weights rounded by AutoRound (calibrate weight_algorithm: autoround, {self.autoround['iterations']} "
+                            "iterations); its other settings are slimc's defaults (docs/lowbit.md)")
             for i, strategy in enumerate(step.get("strategies") or []):
                 self.linear_quant(strategy, f"{here} strategies[{i}]", autoround=True)
         elif kind in SMOOTHERS:
@@ -197,7 +199,8 @@ class _Converter:
         if any(glob.endswith("experts") for glob in rule["include"]):
             rule["optional"] = True  # of the two expert spellings (see globs) only one matches a given model
         self.rules.append(rule)
-        self.weight_algorithms[here] = "gptq" if autoround or qconfig["weight"]["method"] == "gptq" else "rtn"
+        method = "autoround" if autoround else qconfig["weight"]["method"]
+        self.weight_algorithms[here] = method if method in ("gptq", "autoround") else "rtn"
 
     def scheme(self, qconfig: dict, here: str) -> dict | None:
         """The slimc scheme of a LinearQConfig, or None (with a note) where slimc has no such dtype or scope."""
@@ -389,12 +392,14 @@ class _Converter:
 
     def config(self, api: str, export: list[dict]) -> dict:
         calibrate: dict[str, Any] = {"pass": "calibrate"}
-        gptq = [here for here, algorithm in self.weight_algorithms.items() if algorithm == "gptq"]
-        if gptq:
-            calibrate |= {"weight_algorithm": "gptq", "gptq": self.gptq}
-            for here in (h for h, algorithm in self.weight_algorithms.items() if algorithm == "rtn"):
-                self.note(here, f"weights rounded by GPTQ as well: calibrate's weight_algorithm is one for all layers "
-                                f"and {gptq[0]} asks for GPTQ")
+        asked = [(here, algorithm) for here, algorithm in self.weight_algorithms.items() if algorithm != "rtn"]
+        if asked:
+            first, algorithm = asked[0]
+            calibrate |= {"weight_algorithm": algorithm, algorithm: self.gptq if algorithm == "gptq" else self.autoround}
+            name = {"gptq": "GPTQ", "autoround": "AutoRound"}[algorithm]
+            for here in (h for h, other in self.weight_algorithms.items() if other != algorithm):
+                self.note(here, f"weights rounded by {name} as well: calibrate's weight_algorithm is one for all layers "
+                                f"and {first} asks for {name}")
         fake_quant = {"pass": "fake_quant", "rules": self.rules[::-1]} | ({"kv_cache": self.kv_cache} if self.kv_cache else {})
         steps = [*self.rotation, self.smooth, self.rotate_inputs, fake_quant, calibrate, {"pass": "lower"}]
         return {
