@@ -37,7 +37,7 @@ class Backend(BaseModel):
 
     def check(self, program: Program) -> None:
         """Raise ExportError if the format cannot hold this program; `export` asks before writing anything."""
-        from slimc.backends.checkpoint import kv_cache_quantizers
+        from slimc.backends.checkpoint import kv_cache_quantizers, qk_rotations
         from slimc.errors import ExportError
 
         for _, quantizer in kv_cache_quantizers(program)[:1]:
@@ -45,6 +45,15 @@ class Backend(BaseModel):
             if refusal:
                 raise ExportError(f"{self.format_name}: the program quantizes the KV cache to {quantizer.kv_scheme.dtype} "
                                   f"(fake_quant's kv_cache), which this format cannot hold: {refusal}")
+        refusal = self.qk_rotation_refusal() if qk_rotations(program) else None
+        if refusal:
+            raise ExportError(f"{self.format_name}: the program rotates the attention's queries and keys online "
+                              f"(rotate's online_qk), which this format cannot hold: {refusal}")
+
+    def qk_rotation_refusal(self) -> str | None:
+        """Why the format cannot hold an online Hadamard on the attention's queries and keys after RoPE (rotate's
+        `online_qk`, for a quantized KV cache); None where it can."""
+        return "it has no quantized KV cache"
 
     def kv_cache_refusal(self, scheme: KVCacheScheme) -> str | None:
         """Why the format cannot hold a KV cache quantized by `scheme` (fake_quant's `kv_cache`); None where it can."""

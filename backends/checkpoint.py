@@ -36,6 +36,7 @@ from slimc.numerics.modules import (
     EXPERT_WEIGHTS,
     FakeQuantize,
     KVCacheQuantize,
+    QKHadamard,
     QuantizedExperts,
     QuantizedLinear,
 )
@@ -135,7 +136,8 @@ def online_rotations(program: Program, parts: list[CheckpointLinear], fmt: str,
             continue
         gm = block.graph_module
         for node in gm.graph.nodes:
-            if node.op != "call_module" or not hasattr(gm.get_submodule(node.target), "kronecker_factors"):
+            module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            if not hasattr(module, "kronecker_factors") or isinstance(module, QKHadamard):  # that one feeds attention
                 continue
             for user in node.users:
                 while user.op == "call_module" and isinstance(gm.get_submodule(user.target), FakeQuantize):
@@ -153,6 +155,14 @@ def online_rotations(program: Program, parts: list[CheckpointLinear], fmt: str,
                                   "online rotations are recorded for quantized experts only")
             found.update(dict.fromkeys(prefixes, transform))
     return found
+
+
+def qk_rotations(program: Program, scope: Scope | None = None) -> list[tuple[Block, QKHadamard]]:
+    """The online Hadamards on attention queries and keys (rotate's online_qk) of the blocks' graphs (in `scope`),
+    with their blocks, in graph order."""
+    return [(block, module) for block in program.blocks if block.traced is not None
+            and (scope is None or scope.block is block)
+            for module in block.graph_module.modules() if isinstance(module, QKHadamard)]
 
 
 def kv_cache_quantizers(program: Program, scope: Scope | None = None) -> list[tuple[Block, KVCacheQuantize]]:

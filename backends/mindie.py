@@ -33,6 +33,7 @@ from slimc.backends.checkpoint import (
     kv_cache_quantizers,
     natural_key,
     online_rotations,
+    qk_rotations,
     same_bits,
     shard_bytes,
     source_tensors,
@@ -46,8 +47,10 @@ from slimc.backends.mindie_reader import (
     KV_CACHE_SUFFIXES,
     KV_CACHE_TYPE,
     MUL_SCALE_SUFFIX,
+    QK_ROTATION_SUFFIXES,
     QUANT_TYPE_PRIORITY,
     ROTATION_SUFFIXES,
+    UNTYPED_SUFFIXES,
     VERSION,
     WEIGHTS_FILE,
     WRAPPED_LINEAR,
@@ -108,6 +111,10 @@ class MindieBackend(Backend):
                     "kv_cache: {dtype: int8, granularity: per_channel}")
         return None
 
+    def qk_rotation_refusal(self) -> str | None:
+        """Written beside the C8 scales as `<attn>.qk_rotation_m` / `_n` (`_rotation_tensors`)."""
+        return None
+
     def write(self, program: Program, out_dir: Path) -> list[Path]:
         out_dir = Path(out_dir)
         before = set(out_dir.iterdir())
@@ -150,7 +157,7 @@ class MindieBackend(Backend):
         except SlimcError as e:
             raise ExportError(f"mindie: {e}") from e
         types = tensor_types(description)
-        rotation_names = {n for n in files if n.endswith(ROTATION_SUFFIXES)}
+        rotation_names = {n for n in files if n.endswith(UNTYPED_SUFFIXES)}
         _check_same_names("description", set(types), "safetensors", set(files) - rotation_names)
         _check_globals(description, types)
         stored = _StoredTensors(out_dir, files)
@@ -261,22 +268,42 @@ def runs_in_bfloat16(program: Program) -> bool:
 
 def _rotation_tensors(program: Program, parts: list[CheckpointLinear], scope: Scope) -> dict[str, torch.Tensor]:
     """`P.kronecker_rotation_m` (m, m) and `P.kronecker_rotation_n` (n, n) float32 per rotated Linear P:
-    the runtime reads P's input x (.., m·n) as X (m, n) and computes R_mᵀ · X · R_n (msModelSlim's layout)."""
+    the runtime reads P's input x (.., m·n) as X (m, n) and computes R_mᵀ · X · R_n (msModelSlim's layout).
+    In the same layout `<attn>.qk_rotation_m` / `_n` per attention whose queries and keys are rotated after RoPE
+    (rotate's online_qk), `<attn>` the checkpoint name its k_proj is written under, less `.k_proj`: the runtime
+    rotates each head's vector of both before the keys enter the C8 cache."""
     tensors = {}
     for prefix, transform in online_rotations(program, parts, "mindie", scope).items():
         r_m, r_n = transform.kronecker_factors()
-        tensors[f"{prefix}.kronecker_rotation_m"] = r_m.float().contiguous()
-        tensors[f"{prefix}.kronecker_rotation_n"] = r_n.float().contiguous()
+        tensors[prefix + ROTATION_SUFFIXES[0]] = r_m.float().contiguous()
+        tensors[prefix + ROTATION_SUFFIXES[1]] = r_n.float().contiguous()
+    for block, transform in qk_rotations(program, scope):
+        runtime = block.qualified(transform.key_projection)
+        prefixes = checkpoint_prefixes(program, parts, runtime)
+        if len(prefixes) != 1:
+            raise ExportError(f"mindie: the online query and key rotation is written under the attention's name, "
+                              f"found from its k_proj, but {runtime} is written as {', '.join(prefixes) or 'nothing'}")
+        attention = prefixes[0].rpartition(".")[0]
+        r_m, r_n = transform.kronecker_factors()
+        tensors[attention + QK_ROTATION_SUFFIXES[0]] = r_m.float().contiguous()
+        tensors[attention + QK_ROTATION_SUFFIXES[1]] = r_n.float().contiguous()
     return tensors
 
 
 def _metadata(program: Program, rotations: list[str]) -> dict:
     """The description's metadata: `quarot` lists the Linears with an online rotation (given its rotation tensors'
-    names). max_tp_size 1: the rotation mixes the whole input, so a tensor-parallel runtime must gather it first."""
+    names), max_tp_size 1 as the rotation mixes the whole input, so a tensor-parallel runtime must gather it first;
+    and under `qk_rotation` the attentions whose queries and keys are rotated (per head: no gather needed)."""
     metadata = dict(program.ascend_metadata)
-    layers = sorted({n.rpartition(".")[0] for n in rotations}, key=natural_key)
+    layers = sorted({n.rpartition(".")[0] for n in rotations if n.endswith(ROTATION_SUFFIXES)}, key=natural_key)
+    attentions = sorted({n.rpartition(".")[0] for n in rotations if n.endswith(QK_ROTATION_SUFFIXES)}, key=natural_key)
+    quarot = {}
     if layers:
-        metadata["quarot"] = {"max_tp_size": 1, "kronecker_rotation": {"layers": layers}}
+        quarot = {"max_tp_size": 1, "kronecker_rotation": {"layers": layers}}
+    if attentions:
+        quarot["qk_rotation"] = {"layers": attentions}
+    if quarot:
+        metadata["quarot"] = quarot
     return metadata
 
 

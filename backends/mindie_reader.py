@@ -45,6 +45,10 @@ LINEAR_TYPES: dict[str, tuple[int, int] | None] = {
 }
 # Online rotations: `P.kronecker_rotation_m` / `_n` beside a Linear P, listed in metadata.quarot, not typed.
 ROTATION_SUFFIXES = (".kronecker_rotation_m", ".kronecker_rotation_n")
+# The online Hadamard on an attention's queries and keys after RoPE (with C8): `<attn>.qk_rotation_m` / `_n` beside
+# its k_proj and v_proj, listed in metadata.quarot.qk_rotation, not typed; each head's vector X (m, n) -> R_mᵀ X R_n.
+QK_ROTATION_SUFFIXES = (".qk_rotation_m", ".qk_rotation_n")
+UNTYPED_SUFFIXES = ROTATION_SUFFIXES + QK_ROTATION_SUFFIXES
 # Explicit smoothing multiplies (msModelSlim's non-fusion smoothing): `P.div.mul_scale` (FLOAT, (in,)) multiplies
 # the input of Linear P, whose own tensors are then written under `P.linear.*`.
 MUL_SCALE_SUFFIX = ".div.mul_scale"
@@ -347,13 +351,27 @@ class AscendKVCache(nn.Module):
     """The int8 KV cache of one attention module: the keys (after RoPE) and values its kernel reads are what the
     runtime stores and reads back, ``q = clamp(round(x / scale + offset), -128, 127)``, ``(q - offset) · scale``,
     per channel (kv_heads · head_dim). Buffers (not saved) ``key_scale``, ``key_offset``, ``value_scale``,
-    ``value_offset`` float32; `implementation` is the attention kernel the module used before."""
+    ``value_offset`` float32; `implementation` is the attention kernel the module used before. With `qk_rotation`
+    (R_m, R_n) the queries and keys are first rotated per head, each head's vector X (m, n) -> R_mᵀ X R_n."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], implementation: str | None, eager: Callable | None) -> None:
+    def __init__(self, tensors: dict[str, torch.Tensor], implementation: str | None, eager: Callable | None,
+                 qk_rotation: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor.float().reshape(-1), persistent=False)
         self.implementation, self.eager = implementation, eager
+        self.register_buffer("r_m", None if qk_rotation is None else qk_rotation[0].float(), persistent=False)
+        self.register_buffer("r_n", None if qk_rotation is None else qk_rotation[1].float(), persistent=False)
+
+    def _rotated(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, heads, tokens, head_dim), each head's vector read as X (m, n), as R_mᵀ X R_n."""
+        if self.r_m is None:
+            return x
+        m, n = self.r_m.shape[0], self.r_n.shape[0]
+        if x.shape[-1] != m * n:
+            raise ModelLoadError(f"qk_rotation factors of orders {m} and {n} cannot rotate heads of {x.shape[-1]}")
+        grid = x.float().reshape(*x.shape[:-1], m, n)
+        return (self.r_m.T @ grid @ self.r_n).reshape(x.shape).to(x.dtype)
 
     @staticmethod
     def _stored(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -367,6 +385,7 @@ class AscendKVCache(nn.Module):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         kernel = ALL_ATTENTION_FUNCTIONS.get_interface(self.implementation, self.eager)
+        query, key = self._rotated(query), self._rotated(key)
         key = self._stored(key, self.key_scale, self.key_offset)
         value = self._stored(value, self.value_scale, self.value_offset)
         return kernel(module, query, key, value, *args, **kwargs)
@@ -377,10 +396,13 @@ def _c8_attention(module: nn.Module, *args, **kwargs):
 
 
 def install_kv_cache(model: nn.Module, tensors: dict[str, torch.Tensor], types: dict[str, str],
-                     within: Callable[[str], bool] = _everything) -> None:
+                     within: Callable[[str], bool] = _everything,
+                     qk_rotations: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
     """Give each attention module whose k_proj and v_proj have C8 scales an AscendKVCache, and route its attention
-    through it (its own copy of the config names the C8 kernel, which calls the module's previous one)."""
-    if not tensors:
+    through it (its own copy of the config names the C8 kernel, which calls the module's previous one).
+    `qk_rotations`: checkpoint attention name -> the (R_m, R_n) of its online query and key rotation."""
+    qk_rotations = qk_rotations or {}
+    if not tensors and not qk_rotations:
         return
     import sys
 
@@ -395,6 +417,7 @@ def install_kv_cache(model: nn.Module, tensors: dict[str, torch.Tensor], types: 
     except ValueError as e:
         raise ModelLoadError(f"cannot map {type(model).__name__}'s weights to checkpoint names: {e}") from e
     by_attention: dict[str, dict[str, torch.Tensor]] = {}
+    checkpoint_names: dict[str, str] = {}  # runtime attention -> its checkpoint name
     for name, tensor in tensors.items():
         projection, _, suffix = name.rpartition(".")
         where = layout.get(f"{projection}.weight")
@@ -403,6 +426,11 @@ def install_kv_cache(model: nn.Module, tensors: dict[str, torch.Tensor], types: 
             raise ModelLoadError(f"{name}: KV cache scales belong to a k_proj or v_proj Linear of the model")
         attention = where.runtime.removesuffix(".weight").rpartition(".")[0]
         by_attention.setdefault(attention, {})[f"{which}_{suffix.removeprefix('kv_cache_')}"] = tensor
+        checkpoint_names[attention] = projection.rpartition(".")[0]
+    alone = sorted(set(qk_rotations) - set(checkpoint_names.values()))
+    if alone:
+        raise ModelLoadError(f"{alone[0]}{QK_ROTATION_SUFFIXES[0]}: an online query and key rotation is written only "
+                             "with the attention's C8 scales (kv_cache_scale and kv_cache_offset beside its k_proj)")
     AttentionInterface.register(C8_ATTENTION, _c8_attention)
     for attention, own in by_attention.items():
         if len(own) != 4:
@@ -413,7 +441,8 @@ def install_kv_cache(model: nn.Module, tensors: dict[str, torch.Tensor], types: 
         previous = getattr(module, "ascend_kv_cache", None)  # installed before: keep the kernel it routes to
         implementation = config._attn_implementation if previous is None else previous.implementation
         eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        module.add_module("ascend_kv_cache", AscendKVCache(own, implementation, eager))
+        rotation = qk_rotations.get(checkpoint_names[attention])
+        module.add_module("ascend_kv_cache", AscendKVCache(own, implementation, eager, rotation))
         config._attn_implementation_internal = C8_ATTENTION
         module.config = config
 
@@ -493,10 +522,12 @@ class AscendOutput:
         description = _component_description(read_description(self.out_dir), self.prefix)
         self.types = tensor_types(description)
         self.group_size = int(description.get("group_size", 0))
-        self.rotated = description.get("metadata", {}).get("quarot", {}).get("kronecker_rotation", {}).get("layers", [])
+        quarot = description.get("metadata", {}).get("quarot", {})
+        self.rotated = quarot.get("kronecker_rotation", {}).get("layers", [])
+        self.qk_rotated = quarot.get("qk_rotation", {}).get("layers", [])
         self.files = {name.removeprefix(self.prefix): path for name, path in tensor_files(self.out_dir).items()
                       if name.startswith(self.prefix)}
-        typed = {name for name in self.files if not name.endswith(ROTATION_SUFFIXES)}
+        typed = {name for name in self.files if not name.endswith(UNTYPED_SUFFIXES)}
         if set(self.types) != typed:
             raise ModelLoadError(f"{out_dir}: description and safetensors disagree on {sorted(set(self.types) ^ typed)[:5]}")
         self.dtype = dtype or self._float_dtype()
@@ -534,7 +565,13 @@ class AscendOutput:
         tensors = dict(tensors)
         rotations = {n: tensors.pop(n) for n in [n for n in tensors if n.endswith(ROTATION_SUFFIXES)]}
         kv_cache = {n: tensors.pop(n) for n in [n for n in tensors if n.endswith(KV_CACHE_SUFFIXES)]}
-        install_kv_cache(model, kv_cache, {n: types[n] for n in kv_cache}, within)
+        qk = {n: tensors.pop(n) for n in [n for n in tensors if n.endswith(QK_ROTATION_SUFFIXES)]}
+        qk_rotated = [attention for attention in self.qk_rotated if within(attention)]
+        if sorted(qk_rotated) != sorted({n.rpartition(".")[0] for n in qk}):
+            raise ModelLoadError(f"{self.out_dir}: metadata.quarot.qk_rotation lists {len(qk_rotated)} attention modules, "
+                                 f"but the files hold query and key rotation tensors for {len(qk) // 2}")
+        qk_factors = {a: (qk[a + QK_ROTATION_SUFFIXES[0]], qk[a + QK_ROTATION_SUFFIXES[1]]) for a in qk_rotated}
+        install_kv_cache(model, kv_cache, {n: types[n] for n in kv_cache}, within, qk_factors)
         rotated = [layer for layer in self.rotated if within(layer)]
         if sorted(rotated) != sorted({n.rpartition(".")[0] for n in rotations}):
             raise ModelLoadError(f"{self.out_dir}: metadata.quarot lists online rotations of {len(rotated)} layers, "

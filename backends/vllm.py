@@ -104,6 +104,13 @@ class VllmBackend(Backend):
                     "per_tensor}, or export the int8 cache (C8) in the mindie format")
         return None
 
+    def qk_rotation_refusal(self) -> str | None:
+        """compressed-tensors can name such a transform (locations q_attn and k_cache), but vLLM does not apply it."""
+        return ("compressed-tensors can describe it (transform locations q_attn and k_cache), but vLLM applies "
+                "compressed-tensors transforms only to the inputs and outputs of Linear layers, so its cache would hold "
+                "unrotated keys under scales fitted to rotated ones; export it with format mindie, or compile for vllm "
+                "without rotate's online_qk")
+
     def write(self, program: Program, out_dir: Path) -> list[Path]:
         from compressed_tensors.compressors import ModelCompressor
 

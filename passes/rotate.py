@@ -7,6 +7,8 @@ spread activation outliers over all channels, so 4-bit activations and weights l
 - R2, offline: per attention head between v_proj and o_proj.
 - online: a Hadamard node before each down projection (MLP and MoE experts), computed at run
   time by a fast Walsh–Hadamard transform, its transpose fused into the down weights.
+- online_qk: a Hadamard per head on the queries and keys after RoPE (nothing to fuse: q·kᵀ is unchanged), so
+  that an int8 KV cache (fake_quant's kv_cache) stores keys whose outlier channels are spread over the head.
 The equivalence check confirms every block computes what it did, in the rotated basis.
 """
 
@@ -19,9 +21,16 @@ from torch import nn
 from slimc.errors import PassError
 from slimc.ir import Block, Program
 from slimc.numerics.hadamard import KroneckerRotation, OnlineHadamard, describe_hadamard, random_rotation
-from slimc.numerics.modules import FakeQuantExperts
+from slimc.numerics.modules import FakeQuantExperts, QKHadamard
 from slimc.pass_base import Context, Pass, register_pass
-from slimc.patterns import Consumer, find_experts, find_ov_pairs, find_residual_stream, find_up_down_pairs
+from slimc.patterns import (
+    Consumer,
+    find_experts,
+    find_kv_inputs,
+    find_ov_pairs,
+    find_residual_stream,
+    find_up_down_pairs,
+)
 from slimc.patterns.fold import consumer_weight, norm_has_affine_weight
 
 
@@ -73,8 +82,10 @@ def check_rotatable_norm(norm: nn.Module, name: str, rotation: torch.Tensor) -> 
 @register_pass("rotate")
 class Rotate(Pass):
     """QuaRot rotation: R1 on the residual stream (seeded by `seed`), R2 per attention head when
-    `heads`, and an online Hadamard before every down projection when `online_down`. Needs
-    `norm_fusion` before it; passes that gather statistics (smooth, fake_quant, calibrate) come after."""
+    `heads`, an online Hadamard before every down projection when `online_down`, and one on each text block's
+    attention queries and keys after RoPE when `online_qk` (for fake_quant's kv_cache, whose key scales are then
+    calibrated on the rotated keys). Needs `norm_fusion` before it; passes that gather statistics (smooth,
+    fake_quant, calibrate) come after."""
 
     requires = ("norm_fusion",)
     runs_before = ("smooth", "fake_quant", "calibrate", "lower")
@@ -84,6 +95,7 @@ class Rotate(Pass):
     seed: int = 0
     heads: bool = True
     online_down: bool = True
+    online_qk: bool = False
     _rotation: torch.Tensor | None = PrivateAttr(None)  # dense, for the calibration inputs and the equivalence check
     _factored: KroneckerRotation | None = PrivateAttr(None)  # the same R, for the weights
     _head_rotations: dict[int, KroneckerRotation] = PrivateAttr(default_factory=dict)
@@ -92,6 +104,10 @@ class Rotate(Pass):
         return self._rotation
 
     def prepare(self, program: Program, ctx: Context) -> None:
+        if self.online_qk and not any(getattr(step, "kv_cache", None) is not None for step in ctx.steps):
+            raise PassError("rotate: online_qk rotates the attention's queries and keys for a quantized KV cache, but no "
+                            "fake_quant step has kv_cache; add kv_cache: {dtype: int8, granularity: per_channel} to "
+                            "fake_quant, or remove online_qk")
         if not program.embeddings or program.head is None or len(program.stages) != 1:
             raise PassError(f"rotate: the {program.family} frontend does not give one residual stream from embeddings to "
                             "a head, so the stream cannot be rotated; remove the rotate pass")
@@ -145,6 +161,8 @@ class Rotate(Pass):
                 self._rotate_heads(block, pair.v, pair.o, pair.head_dim)
         if self.online_down:
             self._online_down(block, ctx)
+        if self.online_qk and block.role == "text":
+            self._online_qk(block, ctx)
 
     @staticmethod
     def _rotate_writer(block: Block, writer: Consumer, rotation: Rotation) -> None:
@@ -192,3 +210,16 @@ class Rotate(Pass):
         description = describe_hadamard(transform.order)
         ctx.report.note(f"rotate: online rotation before down projections of width {transform.order}: {description}")
         ctx.program.rotations.online[block.qualified(target)] = description
+
+    @staticmethod
+    def _online_qk(block: Block, ctx: Context) -> None:
+        """One Hadamard per attention kernel on its query and key inputs (after RoPE), where fake_quant's kv_cache
+        will put the key quantizer after it: the scales are calibrated on, and the cache holds, the rotated keys."""
+        for kv in find_kv_inputs(block.graph_module):
+            k_weight = block.leaf(kv.k).weight
+            transform = QKHadamard(kv.head_dim, kv.k).to(k_weight.device)
+            target = Block.qk_rotation_target(kv.kernel.name)
+            for index in (0, 1):  # the kernel's query and key
+                block.insert_argument_node(kv.kernel, index, target, transform)
+            ctx.report.note(f"rotate: online rotation of queries and keys after RoPE (head_dim {kv.head_dim}): "
+                            f"{describe_hadamard(kv.head_dim)}")

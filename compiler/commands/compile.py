@@ -119,6 +119,13 @@ def build_backends(config: SlimcConfig) -> list[Backend]:
                 raise ConfigError(f"{config.where('export', index, 'format')}: export.{index}: pipeline.{step_index}.kv_cache "
                                   f"quantizes the KV cache to {scheme.dtype}, which format {backend.format_name} cannot "
                                   f"hold: {refusal}")
+    qk_steps = [index for index, step in enumerate(config.pipeline) if getattr(step, "online_qk", False)]
+    for index, backend in enumerate(backends):
+        refusal = backend.qk_rotation_refusal() if qk_steps else None
+        if refusal:
+            raise ConfigError(f"{config.where('export', index, 'format')}: export.{index}: pipeline.{qk_steps[0]}.online_qk "
+                              f"rotates the attention's queries and keys online, which format {backend.format_name} "
+                              f"cannot hold: {refusal}")
     return backends
 
 

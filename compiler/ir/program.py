@@ -91,6 +91,11 @@ class Block:
         return "channel_scale." + re.sub(r"\W", "_", layer_target)
 
     @staticmethod
+    def qk_rotation_target(kernel: str) -> str:
+        """Where the online Hadamard on an attention kernel node's query and key inputs lives in the graph module."""
+        return "qk_rotation." + re.sub(r"\W", "_", kernel)
+
+    @staticmethod
     def kv_quantizer_target(kernel: str, projection: str) -> str:
         """Where the KV cache quantizer of an attention kernel node's key or value input (computed by the Linear
         `projection`) lives in the graph module."""
@@ -126,11 +131,14 @@ class Block:
         gm.recompile()
 
     def insert_argument_node(self, node: fx.Node, index: int, node_target: str, module: nn.Module) -> None:
-        """Put `module` (registered in the graph module as `node_target`) on positional argument `index` of `node`."""
+        """Put `module` (registered in the graph module as `node_target`) on positional argument `index` of `node`.
+        The module keeps its input's shape (a quantizer, a rotation): the node gets the argument's recorded shape."""
         gm = self.graph_module
         gm.add_submodule(node_target, module)
         with gm.graph.inserting_before(node):
             inserted = gm.graph.call_module(node_target, (node.args[index],))
+        if "tensor_meta" in node.args[index].meta:
+            inserted.meta["tensor_meta"] = node.args[index].meta["tensor_meta"]
         node.args = (*node.args[:index], inserted, *node.args[index + 1:])
         gm.recompile()
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimc.ir.leaves import register_leaf
+from slimc.numerics.hadamard import OnlineHadamard
 from slimc.numerics.observers import ChannelObserver, Observer
 from slimc.numerics.quant import (
     LastQuantized,
@@ -103,6 +104,20 @@ class KVCacheQuantize(FakeQuantize):
     def extra_repr(self) -> str:
         kv = self.kv_scheme
         return f"{kv.dtype}, {kv.granularity}, {'sym' if kv.symmetric else 'asym'}, mode={self.mode}, {self.which} of {self.projection}"
+
+
+class QKHadamard(OnlineHadamard):
+    """The online Hadamard on an attention kernel's queries and keys, after RoPE: (batch, heads, tokens, head_dim),
+    every head by H / √head_dim. q·kᵀ is unchanged (Hᵀ H = I); the keys the cache stores have flatter channels, so
+    their int8 per-channel scales fit better. One module, two graph nodes (query and key). `key_projection` is the
+    block's k_proj, by whose checkpoint name the attention is written."""
+
+    def __init__(self, head_dim: int, key_projection: str) -> None:
+        super().__init__(head_dim)
+        self.key_projection = key_projection
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.order}, {self.kind}, queries and keys of {self.key_projection}"
 
 
 @register_leaf("linear")
