@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from cli_runs import assert_user_error, slimc
+from test_streaming import same_files
 from tiny_models import tiny_causal_lm
 from tiny_tokenizer import tiny_tokenizer
 
 from slimc.commands.analyze import LayerSensitivity
-from slimc.commands.tune import next_moves
+from slimc.commands.compile import compile_model
+from slimc.commands.tune import next_moves, with_fallbacks
+from slimc.config import load_config
 from slimc.frontends.mix import text_windows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -21,8 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 EVALUATION = {"dataset": "builtin:text-eval", "samples": 4, "seq_len": 32}
 
 
-def config_text(tune: str) -> str:
-    """W4A4 dynamic (Ascend W4A4_DYNAMIC) on every Linear but the head, with the given `tune:` section."""
+def config_text(tune: str, rules: str = '[{scheme: w4a4, include: ["*"], exclude: ["lm_head"]}]') -> str:
+    """W4A4 dynamic (Ascend W4A4_DYNAMIC) on every Linear but the head (or as `rules` say), with the `tune:` section."""
     return f"""
 version: 2
 model: {{family: auto, dtype: float32}}
@@ -32,9 +35,11 @@ schemes:
   w4a4:
     weight: {{dtype: int4, granularity: per_channel, symmetric: true}}
     act: {{dtype: int4, granularity: per_token, symmetric: true, dynamic: true}}
+  w8:
+    weight: {{dtype: int8, granularity: per_channel, symmetric: true}}
 pipeline:
   - pass: fake_quant
-    rules: [{{scheme: w4a4, include: ["*"], exclude: ["lm_head"]}}]
+    rules: {rules}
   - pass: calibrate
   - pass: lower
 export: [{{format: mindie}}]
@@ -124,6 +129,24 @@ def test_an_unreachable_target_stops_at_the_size_budget_with_exit_1_and_keeps_th
     assert "the target was not met" in result.stdout
 
 
+def test_a_round_reuses_the_blocks_before_its_first_changed_one_and_writes_what_a_fresh_compile_writes(model, tmp_path):
+    # block 0 in int8 weights only (little error, ranked last), block 1 in W4A4: the fallbacks are all in block 1
+    rules = '[{scheme: w8, include: ["*layers.0.*"]}, {scheme: w4a4, include: ["*layers.1.*"]}]'
+    config = write(tmp_path, config_text("{max_ppl_increase: 0.000001, fallback: [float], step: 2, max_rounds: 2, "
+                                         "max_size_increase: 1.0}", rules))
+    out = tmp_path / "out"
+    result = slimc("compile", config, "--model", model, "--out", out)
+    report = json.loads((out / "slimc_report.json").read_text())
+    rounds, fallen = report["tune"]["rounds"], [item["layer"] for item in report["tune"]["fallen_back"]]
+    assert [entry["reused_blocks"] for entry in rounds] == [0, 1], result.stdout
+    assert all(name.startswith("model.layers.1.") for name in fallen) and len(fallen) == 2
+    assert report["tune"]["chosen_round"] == 1  # the two most sensitive layers of block 1 in float help
+    fresh = tmp_path / "fresh"
+    compile_model(with_fallbacks(load_config(config), dict.fromkeys(fallen, "float")), model_path=str(model),
+                  out_dir=fresh)
+    assert same_files(out, fresh) == []
+
+
 def test_fallbacks_go_breadth_first_in_ranked_order_skipping_a_layers_own_scheme():
     ranking = [LayerSensitivity(name, "linear", 0, scheme, error, 3.0, 0.0, rank=rank)
                for rank, (name, scheme, error) in enumerate([("a", "w4", 0.3), ("b", "w8", 0.2), ("c", "w4", 0.1)], 1)]
@@ -140,7 +163,7 @@ def test_fallbacks_go_breadth_first_in_ranked_order_skipping_a_layers_own_scheme
 def test_an_unknown_fallback_scheme_is_refused_with_its_line_and_the_choices(model, tmp_path):
     config = write(tmp_path, config_text("{max_ppl_increase: 0.01, fallback: [float, w9]}"))
     result = slimc("compile", config, "--model", model, "--out", tmp_path / "out")
-    assert_user_error(result, "config.yaml:16", "tune.fallback.1", "unknown scheme 'w9'", "known: w4a4, float")
+    assert_user_error(result, "config.yaml:18", "tune.fallback.1", "unknown scheme 'w9'", "known: w4a4, w8, float")
     assert not (tmp_path / "out").exists()
 
 

@@ -14,6 +14,7 @@ measurement that put it first in line, and the size it cost.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +22,11 @@ from slimc.commands.analyze import LayerSensitivity, measure_layers, measuring_p
 from slimc.commands.compile import REPORT_FILE, check_not_inside, compile_model, resolve_source, streams
 from slimc.commands.evaluate import check_held_out, evaluate
 from slimc.commands.export import check_output_dir, remove_dead_runs, scratch_directory, staged_output
+from slimc.commands.provenance import identity_config
 from slimc.config import FLOAT, SlimcConfig, config_from_data, with_evaluation
 from slimc.errors import ConfigError
 from slimc.frontends import frontend_for
+from slimc.journal import continue_from, journal_directory
 from slimc.numerics.fidelity import json_safe
 from slimc.passes.fake_quant import FakeQuant
 from slimc.report import RunReport
@@ -38,9 +41,11 @@ class Round:
     evaluation: dict
     report: RunReport
     directory: Path
+    reused_blocks: int  # blocks taken from the round before (those before the first with a layer it moved)
 
     def summary(self, first_size: int, budget: float) -> dict:
-        return {"round": self.number, "fallen_back": len(self.fallbacks), "ppl_increase": self.ppl_increase,
+        return {"round": self.number, "fallen_back": len(self.fallbacks), "reused_blocks": self.reused_blocks,
+                "ppl_increase": self.ppl_increase,
                 "size_bytes": self.size, "size_increase": self.size / first_size - 1.0,
                 "within_size_budget": self.size <= first_size * (1 + budget)}
 
@@ -87,6 +92,13 @@ def with_fallbacks(config: SlimcConfig, fallbacks: dict[str, str]) -> SlimcConfi
     return config_from_data(data, source=config.source_file, lines=config.lines)
 
 
+def block_before_change(blocks: list[str], changed: Collection[str]) -> set[str]:
+    """The block before the first of `blocks` holding a `changed` layer (none if that is the first): the next round
+    starts from the state after it."""
+    first = next((i for i, block in enumerate(blocks) if any(name.startswith(f"{block}.") for name in changed)), 0)
+    return {blocks[first - 1]} if first > 0 else set()
+
+
 def worst_increase(results: dict) -> float:
     """The largest relative perplexity change over the written formats: the target holds for every one."""
     return max(entry["relative_change"] for entry in results["quantized"].values())
@@ -119,29 +131,39 @@ def tune_compile(config: SlimcConfig, *, model_path: str | None, out_dir: Path, 
     rounds: list[Round] = []
     with scratch_directory(out_dir) as scratch:
         with ranking_report.timed("ranking"):
-            ranking = measure_layers(config, source, frontend, ranking_report,
-                                     scratch if streams(config, source, frontend) else None).layers
+            measured = measure_layers(config, source, frontend, ranking_report,
+                                      scratch if streams(config, source, frontend) else None)
+            ranking, blocks = measured.layers, [block.name for block in measured.program.blocks]
+            del measured
         fallbacks: dict[str, str] = {}
+        moves: dict[str, str] = {}
         stopped = f"tune.max_rounds ({tune.max_rounds}) compiles done"
         for number in range(tune.max_rounds):
             directory = scratch / f"round-{number}"
-            report = compile_model(with_fallbacks(config, fallbacks), model_path=model_path, out_dir=directory).report
+            round_config = with_fallbacks(config, fallbacks)
+            reused = 0
+            if rounds:  # a streamed compile's journal: the blocks before the first changed one are taken as they are
+                earlier = journal_directory(rounds[-1].directory)
+                reused = continue_from(earlier, directory, moves, identity_config(round_config.resolved()))
+                shutil.rmtree(earlier, ignore_errors=True)
+            moves = next_moves(ranking, fallbacks, tune.fallback, tune.step)  # the next round's, if there is one
+            report = compile_model(round_config, model_path=model_path, out_dir=directory, resume=reused > 0,
+                                   keep_journal=block_before_change(blocks, moves)).report
             results = evaluate(source, directory, evaluation_config, calibrated_on=config.calibration.dataset)
             rounds.append(Round(number, dict(fallbacks), worst_increase(results), sum(report.outputs.values()),
-                                results, report, directory))
+                                results, report, directory, reused))
+            discard_superseded(rounds, tune.max_size_increase)
             if rounds[-1].ppl_increase <= tune.max_ppl_increase:
                 stopped = "the target is met"
                 break
             if rounds[-1].size > rounds[0].size * (1 + tune.max_size_increase):
                 stopped = f"the output grew past tune.max_size_increase ({tune.max_size_increase:.0%})"
                 break
-            moves = next_moves(ranking, fallbacks, tune.fallback, tune.step)
             if not moves:
                 stopped = "every ranked layer has taken its last fallback"
                 break
             fallbacks.update(moves)
-        best = min((r for r in rounds if r.summary(rounds[0].size, tune.max_size_increase)["within_size_budget"]),
-                   key=lambda r: r.ppl_increase)
+        best = best_round(rounds, tune.max_size_increase)
         met = best.ppl_increase <= tune.max_ppl_increase
         report = best.report
         report.evaluation = json_safe(best.evaluation)
@@ -152,6 +174,19 @@ def tune_compile(config: SlimcConfig, *, model_path: str | None, out_dir: Path, 
             (staging / REPORT_FILE).write_text(report.to_json())
         report.location = out_dir / REPORT_FILE
     return Tuned(report, met, rounds)
+
+
+def best_round(rounds: list[Round], max_size_increase: float) -> Round:
+    """The round of smallest perplexity increase whose output is within the size budget (the first always is)."""
+    return min((r for r in rounds if r.size <= rounds[0].size * (1 + max_size_increase)), key=lambda r: r.ppl_increase)
+
+
+def discard_superseded(rounds: list[Round], max_size_increase: float) -> None:
+    """Remove the outputs no longer needed: all but the best round's and the last's."""
+    best = best_round(rounds, max_size_increase)
+    for earlier in rounds[:-1]:
+        if earlier is not best:
+            shutil.rmtree(earlier.directory, ignore_errors=True)
 
 
 def tune_section(config: SlimcConfig, ranking: list[LayerSensitivity], rounds: list[Round], best: Round, met: bool,
@@ -189,8 +224,9 @@ def render_tune(section: dict) -> str:
     for entry in section["rounds"]:
         budget = "" if entry["within_size_budget"] else "  over the size budget"
         chosen = "  <- written" if entry["round"] == section["chosen_round"] else ""
-        lines.append(f"  round {entry['round']}: {entry['fallen_back']:3d} fallen back  {entry['ppl_increase']:+.2%}  "
-                     f"{entry['size_bytes'] / 2**20:.2f} MiB ({entry['size_increase']:+.1%}){budget}{chosen}")
+        reused = f", {entry['reused_blocks']} blocks reused" if entry["reused_blocks"] else ""
+        lines.append(f"  round {entry['round']}: {entry['fallen_back']:3d} fallen back{reused}  {entry['ppl_increase']:+.2%}"
+                     f"  {entry['size_bytes'] / 2**20:.2f} MiB ({entry['size_increase']:+.1%}){budget}{chosen}")
     if section["fallen_back"]:
         lines.append("fallen back (why: the measured sensitivity that ranked it):")
         lines.extend(f"  {item['layer']}: {item['from']} -> {item['to']}  ({item['reason']})"
