@@ -8,7 +8,8 @@ layer takes its first fallback, most sensitive first, before any takes its secon
 It stops when the target is met, when an output grows past `tune.max_size_increase` of the first round's, after
 `tune.max_rounds` compiles, or when no layer has a fallback left. The round of smallest increase within the size
 budget is published, its report carrying the `tune` section: every round, every fallen-back layer with the
-measurement that put it first in line, and the size it cost.
+measurement that put it first in line, and the size it cost. A streamed compile's round starts from the journal of
+the round before (slimc.journal.continue_from): the blocks before the first that holds a moved layer are unchanged.
 """
 
 from __future__ import annotations
