@@ -213,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_global_options(options, defaults=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("compile", help="quantize a model as a YAML config says and write its outputs", parents=[options])
+    p = sub.add_parser("compile", help="quantize a model as a YAML config says and write its outputs", parents=[options],
+                       epilog="A config with a `tune:` section compiles in rounds, moving the most sensitive layers to "
+                       "its fallback schemes until the perplexity target is met; exit status 1 when it is not (the best "
+                       "round is written all the same; docs/accuracy.md)")
     p.add_argument("config", help="YAML config path, or a shipped config name such as llm/w8a8_dynamic.yaml")
     p.add_argument("--model", help="model directory, .gguf file, or Hugging Face Hub id org/name (from the cache unless HF_HUB_OFFLINE=0) "
                    "(default: the config's model.path, else SmolLM2-135M)")
