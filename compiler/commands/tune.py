@@ -30,6 +30,7 @@ from slimc.frontends import frontend_for
 from slimc.journal import continue_from, journal_directory
 from slimc.numerics.fidelity import json_safe
 from slimc.passes.fake_quant import FakeQuant
+from slimc.progress import MESSAGES
 from slimc.report import RunReport
 
 
@@ -154,6 +155,9 @@ def tune_compile(config: SlimcConfig, *, model_path: str | None, out_dir: Path, 
             rounds.append(Round(number, dict(fallbacks), worst_increase(results), sum(report.outputs.values()),
                                 results, report, directory, reused))
             discard_superseded(rounds, tune.max_size_increase)
+            MESSAGES.info("tune round %d: %d layers fallen back, perplexity %+.2f%% over float (target %+.2f%%), "
+                          "output %.2f MiB", number, len(fallbacks), 100 * rounds[-1].ppl_increase,
+                          100 * tune.max_ppl_increase, rounds[-1].size / 2**20)
             if rounds[-1].ppl_increase <= tune.max_ppl_increase:
                 stopped = "the target is met"
                 break
