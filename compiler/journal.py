@@ -18,7 +18,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,7 @@ class Journal:
         self.committed: list[str] = []
         self.identity: dict[str, Any] = {}
         self.begun = False  # `begin` accepted this compile: blocks it finishes are committed
+        self.kept_states: set[str] = set()  # blocks whose state and next inputs stay when later blocks commit
         self._state_applied = not resuming
 
     @classmethod
@@ -158,7 +159,7 @@ class Journal:
         previous = self.committed[-1] if self.committed else None
         self.committed.append(block.name)
         self._write_manifest()
-        if previous is not None:
+        if previous is not None and previous not in self.kept_states:
             self.block_file(previous, "state.pt").unlink(missing_ok=True)
             shutil.rmtree(self.block_file(previous, "inputs"), ignore_errors=True)
 
@@ -206,6 +207,45 @@ class Journal:
         temporary = self.directory / f".{MANIFEST}.{os.getpid()}"
         temporary.write_text(json.dumps(manifest, indent=1))
         os.replace(temporary, self.directory / MANIFEST)
+
+
+def continue_from(earlier: Path, out_dir: Path, changed: Collection[str], config: dict) -> int:
+    """Start the journal of a compile of `out_dir` with the blocks an earlier compile's journal (`earlier`) committed
+    before the first that holds a `changed` layer, as if a compile made from the resolved `config` (and the earlier
+    one's model, data and versions) had stopped after them; `--resume` continues it. Returns how many blocks it
+    holds: 0, with nothing written, where the earlier journal did not keep the state after the last of them
+    (`Journal.kept_states`). The files are hard links where the file system allows."""
+    manifest = read_manifest(earlier)
+    if manifest is None:
+        return 0
+    blocks = manifest["blocks"]
+    unchanged = next((i for i, block in enumerate(blocks) if any(name.startswith(f"{block}.") for name in changed)),
+                     len(blocks))
+    kept = blocks[:unchanged]
+    if not kept or not (earlier / f"{kept[-1]}.state.pt").is_file():
+        return 0
+    directory = journal_directory(out_dir)
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    names = [f"{block}.{kind}" for block in kept for kind in ("safetensors", "graph.pt")] + [f"{kept[-1]}.state.pt"]
+    for name in names:
+        if (earlier / name).is_file():
+            _link(earlier / name, directory / name)
+    (directory / f"{kept[-1]}.inputs").mkdir()
+    for batch in (earlier / f"{kept[-1]}.inputs").iterdir():
+        _link(batch, directory / f"{kept[-1]}.inputs" / batch.name)
+    journal = Journal(directory, out_dir, resuming=False)
+    journal.identity = {**manifest["identity"], "config": config}
+    journal.committed = kept
+    journal._write_manifest()
+    return len(kept)
+
+
+def _link(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(source, target)
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:

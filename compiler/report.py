@@ -1,5 +1,6 @@
 """What a run measured: time per step, peak memory, per-layer quantization error, output size; what it was made
-from (`provenance`: versions, resolved config, model and data hashes, device); the evaluation when one ran."""
+from (`provenance`: versions, resolved config, model and data hashes, device); the evaluation when one ran; the
+accuracy tuning's rounds when the config has a `tune:` section."""
 
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ class RunReport:
     peak_memory: dict[str, int] = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)  # slimc.commands.provenance
     evaluation: dict | None = None  # `compile --eval`'s results, as `slimc eval --json` prints them
+    tune: dict | None = None  # a compile with a `tune:` section: its rounds and fallbacks (slimc.commands.tune)
     location: Path | None = field(default=None, repr=False)  # where the report was published, if it was
 
     @contextlib.contextmanager

@@ -28,9 +28,10 @@ from slimc.commands.streamed_eval import next_token_nll
 from slimc.config import SlimcConfig
 from slimc.config.steps import AssignedScheme, PassStep
 from slimc.errors import ConfigError
-from slimc.frontends import check_builtin_dataset, frontend_for
+from slimc.frontends import Frontend, check_builtin_dataset, frontend_for
 from slimc.ir import Block, Program
 from slimc.ir.hooks import temporary_hooks
+from slimc.ir.source import ModelSource
 from slimc.numerics.calib import simulated_quantization
 from slimc.numerics.fidelity import json_safe, relative_error
 from slimc.pass_base import Context, Pass
@@ -169,6 +170,31 @@ class Analysis:
                            "layers": [json_safe(asdict(layer)) for layer in self.layers]}, indent=2)
 
 
+@dataclass
+class Measurement:
+    """What measuring the planned layers leaves: the program (its blocks as the passes before `fake_quant` left
+    them), the calibration batches, and the layers ranked most sensitive first."""
+
+    program: Program
+    batches: list[dict[str, Any]]
+    layers: list[LayerSensitivity]
+    sensitivity: Sensitivity
+
+
+def measure_layers(config: SlimcConfig, source: ModelSource, frontend: Frontend, report: RunReport,
+                   scratch: Path | None) -> Measurement:
+    """Load the model (streamed with a `scratch` directory where the config streams, whole without one), run the
+    measuring pipeline on the calibration data, and rank every planned Linear by its block error."""
+    pipeline, sensitivity = measuring_pipeline(config)
+    program = load_program(config, source, frontend, report, scratch)
+    batches = frontend.calibration_batches(config.calibration, source, program, report)
+    pipeline.run(program, config, batches, report)
+    layers = sorted(sensitivity.measured, key=lambda layer: -layer.block_error)
+    for rank, layer in enumerate(layers, 1):
+        layer.rank = rank
+    return Measurement(program, batches, layers, sensitivity)
+
+
 def analyze_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path, end_to_end: bool = False,
                   top: int | None = None, overwrite: bool = False) -> Analysis:
     """Measure every planned Linear's sensitivity and write analysis.json and analysis.png in `out_dir`."""
@@ -178,7 +204,7 @@ def analyze_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
     if top is not None and top < 1:
         raise ConfigError(f"--top must be at least 1, got {top}")
     check_device(config.model.device)
-    pipeline, sensitivity = measuring_pipeline(config)
+    measuring_pipeline(config)  # a config without fake_quant is refused before the model loads
     source = resolve_source(config, model_path)
     frontend = frontend_for(source, config.model.family)
     check_builtin_dataset(frontend, config.calibration.dataset, source.architecture, where=config.where("calibration", "dataset"))
@@ -187,19 +213,16 @@ def analyze_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
     report = RunReport()
     with scratch_directory(out_dir) as scratch:
         # the end-to-end loss runs the whole model after the blocks ran, so it needs the model held whole
-        program = load_program(config, source, frontend, report,
-                               None if end_to_end or not streams(config, source, frontend) else scratch)
-        batches = frontend.calibration_batches(config.calibration, source, program, report)
-        pipeline.run(program, config, batches, report)
-        layers = sorted(sensitivity.measured, key=lambda layer: -layer.block_error)
-        for rank, layer in enumerate(layers, 1):
-            layer.rank = rank
+        measured = measure_layers(config, source, frontend, report,
+                                  None if end_to_end or not streams(config, source, frontend) else scratch)
+        layers = measured.layers
         float_loss = None
         if end_to_end:
             with report.timed("end-to-end loss"):
+                program, batches = measured.program, measured.batches
                 float_loss = model_loss(program, batches)
                 for layer in layers[:top]:
-                    block = sensitivity.block_of(layer.name)
+                    block = measured.sensitivity.block_of(layer.name)
                     target = layer.name.removeprefix(block.name + ".")
                     with simulated_quantization(block, {target: config.schemes[layer.scheme]}):
                         layer.loss_delta = model_loss(program, batches) - float_loss

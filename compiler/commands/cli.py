@@ -36,6 +36,8 @@ def _compile(args: argparse.Namespace) -> int:
     config = load_config(resolve_config_path(args.config), args.set)
     if args.dry_run:
         return _dry_run(config, args.model, args.out)
+    if config.tune is not None:
+        return _tune(config, args)
     if args.eval and config.evaluation.dataset:
         check_held_out(config.evaluation.dataset, config.calibration.dataset)  # before the compile, not after
     if args.nproc > 1:
@@ -58,6 +60,23 @@ def _compile(args: argparse.Namespace) -> int:
         record_evaluation(report, results)
         print(render_results(results))
     return 0
+
+
+def _tune(config: SlimcConfig, args: argparse.Namespace) -> int:
+    """A compile with a `tune:` section: rounds of compile and evaluation; 1 when the target was not met (the best
+    round's output is written all the same)."""
+    from slimc.commands.evaluate import render_results
+    from slimc.commands.tune import render_tune, tune_compile
+
+    if args.nproc > 1 or args.resume:
+        raise SlimcError(f"{config.where('tune')}: tune compiles in rounds in one process and keeps no journal to "
+                         "resume; run without --nproc and --resume")
+    tuned = tune_compile(config, model_path=args.model, out_dir=Path(args.out), overwrite=args.overwrite)
+    print(tuned.report.render())
+    print(render_results(tuned.report.evaluation))
+    print(render_tune(tuned.report.tune))
+    print(f"\nwrote {args.out}" + ("" if tuned.met else " (the best round's output; the target was not met)"))
+    return 0 if tuned.met else 1
 
 
 def _dry_run(config: SlimcConfig, model_path: str | None, out: str | None) -> int:
@@ -194,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_global_options(options, defaults=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("compile", help="quantize a model as a YAML config says and write its outputs", parents=[options])
+    p = sub.add_parser("compile", help="quantize a model as a YAML config says and write its outputs", parents=[options],
+                       epilog="A config with a `tune:` section compiles in rounds, moving the most sensitive layers to "
+                       "its fallback schemes until the perplexity target is met; exit status 1 when it is not (the best "
+                       "round is written all the same; docs/accuracy.md)")
     p.add_argument("config", help="YAML config path, or a shipped config name such as llm/w8a8_dynamic.yaml")
     p.add_argument("--model", help="model directory, .gguf file, or Hugging Face Hub id org/name (from the cache unless HF_HUB_OFFLINE=0) "
                    "(default: the config's model.path, else SmolLM2-135M)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,10 +224,12 @@ class Compiled:
 
 
 def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path, overwrite: bool = False,
-                  resume: bool = False, world: World | None = None) -> Compiled:
+                  resume: bool = False, world: World | None = None, keep_journal: Collection[str] | None = None) -> Compiled:
     """Run the whole compile; the output directory appears only when complete. A streamed compile commits each
     finished block to its journal, which `resume` continues from. Started by torchrun (`world`: by default, as its
-    environment says), the processes share the calibration batches and the first writes the outputs."""
+    environment says), the processes share the calibration batches and the first writes the outputs. With
+    `keep_journal`, the journal stays once the output is written (the returned Program reads its blocks from it),
+    holding the state after each block named in it too, for a later compile to start from (slimc.journal.continue_from)."""
     world = join(config.model.device) if world is None else world
     if world.size > 1:
         config.model.device = local_device(config.model.device, world)
@@ -241,6 +244,8 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
     check_disk_space(out_dir, needed)  # before loading: a full disk should not cost a whole compile
     check_plan(quantization_plan(config, inputs), backends, config)  # nor should a layer that no format can hold
     journal = open_journal(config, source, frontend, out_dir, resume=resume, overwrite=overwrite, world=world)
+    if journal is not None and keep_journal is not None:
+        journal.kept_states = set(keep_journal)
     with scratch_directory(out_dir) as scratch:
         program = load_program(config, source, frontend, report, scratch)
         if journal is None and program.weights is not None:
@@ -276,7 +281,7 @@ def compile_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
             elif journal.begun and not journal.resuming:
                 journal.close()
             raise
-    if journal is not None:  # the returned Program reads its blocks from a directory of its own from now on
+    if journal is not None and keep_journal is None:  # the returned Program reads its blocks from a directory of its own
         program.weights.move_spill(spill_directory(out_dir))
         journal.close()
     report.finish()

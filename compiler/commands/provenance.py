@@ -53,16 +53,21 @@ def resume_identity(record: dict) -> dict:
     formats are left out: they are written after every block, so a compile that a format refused resumes with
     that format changed; and so is `memory.activations_gb`, which changes where activations wait, not their values
     (a compile that ran out of memory resumes with a budget)."""
-    config = {key: value for key, value in record["config"]["resolved"].items() if key != "export"}
-    config["memory"] = {key: value for key, value in config["memory"].items() if key != "activations_gb"}
     return {
         "slimc": record["slimc"],
         "libraries": record["libraries"],
-        "config": config,
+        "config": identity_config(record["config"]["resolved"]),
         "model": {key: record["model"][key] for key in ("architecture", "weight_index")},
         "calibration": record["calibration"],
         "device": {key: record["device"][key] for key in ("configured", "name")},
     }
+
+
+def identity_config(resolved: dict) -> dict:
+    """Of a resolved config, what a resumed compile must share (see `resume_identity`)."""
+    config = {key: value for key, value in resolved.items() if key != "export"}
+    config["memory"] = {key: value for key, value in config["memory"].items() if key != "activations_gb"}
+    return config
 
 
 def weight_index_digests(source: ModelSource) -> list[dict]:

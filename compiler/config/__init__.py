@@ -128,6 +128,22 @@ class MemoryConfig(_Strict):
         return value
 
 
+FLOAT = "float"  # a fallback that leaves the layer unquantized
+
+
+class TuneConfig(_Strict):
+    """Fall back from the configured schemes, most sensitive layers first, until the output meets an accuracy target
+    (slimc.commands.tune): after each compile the perplexity on the evaluation data is measured against float's."""
+
+    max_ppl_increase: float = Field(gt=0)  # relative: 0.01 allows the quantized perplexity 1% above float's
+    # schemes under `schemes:`, or `float`, tried in this order: each round moves layers one entry further down
+    fallback: list[str] = Field(min_length=1)
+    step: int = Field(1, gt=0)  # layers moved per round
+    max_size_increase: float = Field(0.25, gt=0)  # the output may grow by this fraction of the first round's size
+    max_rounds: int = Field(8, gt=0)  # compiles in all, the first (nothing fallen back) included
+    dataset: str | None = None  # the held-out data to measure on; None: evaluation.dataset (else the family's own)
+
+
 class SlimcConfig(_Strict):
     version: int = CONFIG_VERSION  # older versions are upgraded before validation
     model: ModelConfig = ModelConfig()
@@ -138,6 +154,7 @@ class SlimcConfig(_Strict):
     export: list[dict[str, Any]] = []
     checks: ChecksConfig = ChecksConfig()
     memory: MemoryConfig = MemoryConfig()
+    tune: TuneConfig | None = None
 
     source_file: str = Field("<config>", exclude=True)
     lines: dict[tuple, int] = Field(default_factory=dict, exclude=True)
@@ -351,7 +368,22 @@ def config_from_data(data: dict, *, source: str = "<config>", lines: dict[tuple,
         if "format" not in step:
             raise ConfigError(f"{config.where('export', index)}: export.{index}: each entry needs `format: NAME`")
     config.pipeline = typed_pipeline(written.pipeline, config)
+    check_tune(config)
     return config
+
+
+def check_tune(config: SlimcConfig) -> None:
+    """Each fallback names a scheme under `schemes:` or float, once."""
+    if config.tune is None:
+        return
+    for index, name in enumerate(config.tune.fallback):
+        where = f"{config.where('tune', 'fallback', index)}: tune.fallback.{index}"
+        if name != FLOAT and name not in config.schemes:
+            known = ", ".join([*sorted(config.schemes), FLOAT])
+            raise ConfigError(f"{where}: unknown scheme {name!r}; a fallback is a scheme under `schemes:` or "
+                              f"{FLOAT!r} (known: {known})")
+        if name in config.tune.fallback[:index]:
+            raise ConfigError(f"{where}: {name!r} is listed twice; each fallback is tried once, in order")
 
 
 def typed_pipeline(written: list[dict[str, Any]], config: SlimcConfig) -> list[PassStep]:
