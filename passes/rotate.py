@@ -21,6 +21,7 @@ from slimc.ir import Block, Program
 from slimc.numerics.hadamard import KroneckerRotation, OnlineHadamard, describe_hadamard, random_rotation
 from slimc.numerics.modules import FakeQuantExperts
 from slimc.pass_base import Context, Pass, register_pass
+from slimc.passes.learned_rotation import ResidualRotationLearner, RotationLearning
 from slimc.patterns import Consumer, find_experts, find_ov_pairs, find_residual_stream, find_up_down_pairs
 from slimc.patterns.fold import consumer_weight, norm_has_affine_weight
 
@@ -84,8 +85,9 @@ class Rotate(Pass):
     seed: int = 0
     heads: bool = True
     online_down: bool = True
+    learn: RotationLearning | None = None
     _rotation: torch.Tensor | None = PrivateAttr(None)  # dense, for the calibration inputs and the equivalence check
-    _factored: KroneckerRotation | None = PrivateAttr(None)  # the same R, for the weights
+    _factored: Rotation | None = PrivateAttr(None)  # the same R, for the weights (factored unless learned)
     _head_rotations: dict[int, KroneckerRotation] = PrivateAttr(default_factory=dict)
 
     def stream_rotation(self) -> torch.Tensor | None:
@@ -100,12 +102,25 @@ class Rotate(Pass):
         self._factored, description = random_rotation(hidden, self.seed)
         self._rotation = self._factored.matrix()
         ctx.report.note(f"rotate: residual stream ({hidden}) rotated by a {description}, seed {self.seed}")
+        if self.learn is not None:
+            description = self._learn(program, ctx, description)
         self._untie_head(program, ctx)
         self._rotate_head(program)
         for name in program.embeddings:
             rotate_inputs(model.get_submodule(name).weight, self._factored)
         ctx.rotate_stream(self._rotation)
         program.rotations.residual = description
+
+    def _learn(self, program: Program, ctx: Context, start: str) -> str:
+        """Replace the Hadamard R1 by the one learned from it; the description of what the stream is rotated by."""
+        learner = ResidualRotationLearner(program, ctx, self.learn, self.heads, self.online_down, self._head_rotation)
+        self._rotation, start_loss, loss = learner.learn(self._rotation)
+        self._factored = self._rotation
+        ctx.report.note(f"rotate: residual rotation learned from the Hadamard in {self.learn.iterations} Cayley steps "
+                        f"(lr {self.learn.lr}) on {len(learner.positions)} calibration batches: quantized-model KL to "
+                        f"float {start_loss:.4g} -> {loss:.4g}")
+        ctx.report.metrics["rotate.learn.kl_start"], ctx.report.metrics["rotate.learn.kl"] = start_loss, loss
+        return f"rotation learned from the {start}"
 
     def _untie_head(self, program: Program, ctx: Context) -> None:
         """The head will be (E∘g)·R and the embedding E·R: two different tensors from now on."""
