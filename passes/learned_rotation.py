@@ -43,7 +43,7 @@ from slimc.schemes import QuantScheme
 
 
 class RotationLearning(BaseModel):
-    """`rotate`'s `learn`: `iterations` Cayley steps on the first `samples` calibration sequences (rounded up to
+    """SpinQuant-style learning of rotate's R1: `iterations` Cayley steps on the first `samples` calibration sequences (rounded up to
     whole calibration batches), each turning R1 by about `lr` radians down the gradient, decaying linearly to 0."""
 
     model_config = ConfigDict(extra="forbid")
@@ -71,11 +71,10 @@ def _reader_weight(consumer: Consumer) -> str:
 
 
 def _writer_tensors(block: Block, consumer: Consumer) -> tuple[str, str | None]:
-    if consumer.kind == "experts":
-        weight, bias = f"{consumer.target}.down_proj", f"{consumer.target}.down_proj_bias"
-    else:
-        weight, bias = f"{consumer.target}.weight", f"{consumer.target}.bias"
-    return weight, bias if getattr(block.module.get_submodule(consumer.target), bias.rpartition(".")[2], None) is not None else None
+    """The names of a writer's weight and bias (None if it has none), as rotate's `_rotate_writer` rotates them."""
+    weight, bias = ("down_proj", "down_proj_bias") if consumer.kind == "experts" else ("weight", "bias")
+    has_bias = getattr(block.leaf(consumer.target), bias, None) is not None
+    return f"{consumer.target}.{weight}", f"{consumer.target}.{bias}" if has_bias else None
 
 
 @torch.no_grad()
@@ -128,7 +127,7 @@ class ResidualRotationLearner:
         """(the learned R1 with the lowest loss met, the loss of `start`, its loss), from the orthogonal `start`."""
         with self._head_on_device():
             self._float_reference()
-            rotation = start.to(self.device, torch.float64)
+            rotation = start.to(torch.float64)  # on the CPU, in float64: devices without float64 too
             losses, rotations = [], []
             for step in range(self.options.iterations):
                 loss, gradient = self._loss(rotation, gradient=True)
@@ -152,8 +151,8 @@ class ResidualRotationLearner:
 
     def _following(self, index: int, batch: int, outputs: Any) -> BlockInput | torch.Tensor:
         """What block `index`'s outputs on `batch` pass on: the next block's call, or the hidden states the head reads."""
-        if index + 1 < len(self.blocks):
-            return self.ctx.stage_inputs.next_inputs(index + 1, self.positions[batch], outputs)
+        if index + 1 < len(self.blocks):  # the leaves taken from the first block's call may be elsewhere
+            return to_device(self.ctx.stage_inputs.next_inputs(index + 1, self.positions[batch], outputs), self.device)
         return block_output(outputs)
 
     @contextlib.contextmanager
@@ -198,9 +197,13 @@ class ResidualRotationLearner:
     def _loss(self, rotation: torch.Tensor, gradient: bool) -> tuple[float, torch.Tensor | None]:
         """The quantized model's loss with R1 = `rotation` (summed over processes) and, if `gradient`, its gradient."""
         leaf = rotation.clone().requires_grad_(gradient)
+
+        def working() -> torch.Tensor:  # R1 as the model multiplies by it, a new node of each graph
+            return leaf.to(self.device, torch.float32)
+
         first = self._first_calls()
         with torch.no_grad():
-            r = leaf.float()
+            r = working()
             calls = [[rebind_hidden(call, (hidden_of(call).float() @ r).to(hidden_of(call).dtype)) for call in first]]
             for index, (block, layers) in enumerate(zip(self.blocks, self.layers, strict=True)):
                 with self._on_device(block), self._quantizers(layers):
@@ -210,7 +213,7 @@ class ResidualRotationLearner:
         for hidden, reference in zip(calls.pop(), self.reference, strict=True):
             hidden = hidden.detach().requires_grad_(gradient)
             with torch.set_grad_enabled(gradient):
-                loss = _kl(self._quantized_head(hidden, leaf.float()), reference) / self.batches
+                loss = _kl(self._quantized_head(hidden, working()), reference) / self.batches
             if gradient:
                 loss.backward()
                 grads.append(hidden.grad)
@@ -221,7 +224,7 @@ class ResidualRotationLearner:
         for index in reversed(range(len(self.blocks))):
             block, layers, block_calls = self.blocks[index], self.layers[index], calls.pop()
             with self._on_device(block), self._quantizers(layers):
-                overrides = self._rotated(layers, leaf.float())
+                overrides = self._rotated(layers, working())
                 for b, call in enumerate(block_calls):
                     hidden = hidden_of(call).detach().requires_grad_()
                     following = self._following(index, b, self._run(block, rebind_hidden(call, hidden), overrides))
@@ -230,8 +233,8 @@ class ResidualRotationLearner:
                     grads[b] = hidden.grad
         for call, grad in zip(first, grads, strict=True):
             embedded = hidden_of(call)
-            torch.autograd.backward((embedded.float() @ leaf.float()).to(embedded.dtype), grad)
-        return total, self.ctx.world.sum(leaf.grad)
+            torch.autograd.backward((embedded.float() @ working()).to(embedded.dtype), grad)
+        return total, self.ctx.world.sum(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))  # none: no batch here
 
     # --- the rotated, fake-quantized weights --------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 spread activation outliers over all channels, so 4-bit activations and weights lose far less.
 
 - R1, offline: the residual stream (hidden states between blocks) becomes x·R1, R1 a seeded
-  randomised Hadamard. Every layer reading the stream (through a scale-free RMS norm) takes W·R1,
+  randomised Hadamard, or one learned from it (`learn`, slimc.passes.learned_rotation). Every layer reading the stream (through a scale-free RMS norm) takes W·R1,
   every layer writing it R1ᵀ·W; the embeddings E·R1 and the head (W_head∘g)·R1 outside the blocks.
 - R2, offline: per attention head between v_proj and o_proj.
 - online: a Hadamard node before each down projection (MLP and MoE experts), computed at run
@@ -74,7 +74,8 @@ def check_rotatable_norm(norm: nn.Module, name: str, rotation: torch.Tensor) -> 
 @register_pass("rotate")
 class Rotate(Pass):
     """QuaRot rotation: R1 on the residual stream (seeded by `seed`), R2 per attention head when
-    `heads`, and an online Hadamard before every down projection when `online_down`. Needs
+    `heads`, and an online Hadamard before every down projection when `online_down`. With `learn`, R1 is
+    learned from the Hadamard for the quantized model (SpinQuant) before it is folded. Needs
     `norm_fusion` before it; passes that gather statistics (smooth, fake_quant, calibrate) come after."""
 
     requires = ("norm_fusion",)
