@@ -33,7 +33,7 @@ from slimc.ir.capture import BlockInput
 from slimc.ir.hooks import temporary_hooks
 from slimc.ir.tracer import trace_block
 from slimc.numerics.cayley import cayley_step
-from slimc.numerics.hadamard import KroneckerRotation, OnlineHadamard
+from slimc.numerics.hadamard import KroneckerRotation, OnlineHadamard, precise_dtype
 from slimc.numerics.quant import ste_dynamic_fake_quantize, ste_fake_quantize_weight
 from slimc.pass_base import Context
 from slimc.patterns import Consumer, find_ov_pairs, find_residual_stream, find_up_down_pairs
@@ -250,7 +250,8 @@ class ResidualRotationLearner:
 
         def weight(name: str) -> torch.Tensor:
             if name not in base:
-                base[name] = block.module.get_parameter(name).detach().double()
+                parameter = block.module.get_parameter(name).detach()
+                base[name] = parameter.to(precise_dtype(parameter.device))
             return base[name]
 
         for norm_target, weights in layers.norm_readers.items():
@@ -258,14 +259,15 @@ class ResidualRotationLearner:
             if norm_has_affine_weight(norm):
                 overrides[f"{norm_target}.weight"] = torch.ones_like(norm.weight)
                 for name in weights:
-                    base[name] = weight(name) * norm.weight.detach().double()
+                    base[name] = weight(name) * norm.weight.detach().to(base[name].dtype)
         for v_target, o_target, head_dim in layers.heads:
             r2 = self.head_rotation(head_dim)
             v = weight(f"{v_target}.weight")
             base[f"{v_target}.weight"] = r2.apply(v.reshape(-1, head_dim, v.shape[-1]).transpose(-1, -2)).transpose(-1, -2).reshape(v.shape)
             if block.leaf(v_target).bias is not None:
-                bias = block.leaf(v_target).bias.detach().double()
-                overrides[f"{v_target}.bias"] = r2.apply(bias.reshape(-1, head_dim)).reshape(bias.shape).to(bias.dtype)
+                bias = block.leaf(v_target).bias.detach()
+                bias = bias.to(precise_dtype(bias.device))
+                overrides[f"{v_target}.bias"] = r2.apply(bias.reshape(-1, head_dim)).reshape(bias.shape)
             o = weight(f"{o_target}.weight")
             base[f"{o_target}.weight"] = r2.apply(o.reshape(o.shape[0], -1, head_dim)).reshape(o.shape)
         for down, transform in layers.online.items():

@@ -18,18 +18,18 @@ from torch import nn
 
 from slimc.errors import PassError
 from slimc.ir import Block, Program
-from slimc.numerics.hadamard import KroneckerRotation, OnlineHadamard, describe_hadamard, random_rotation
+from slimc.numerics.hadamard import (
+    KroneckerRotation,
+    OnlineHadamard,
+    describe_hadamard,
+    precise_dtype,
+    random_rotation,
+)
 from slimc.numerics.modules import FakeQuantExperts
 from slimc.pass_base import Context, Pass, register_pass
 from slimc.passes.learned_rotation import ResidualRotationLearner, RotationLearning
 from slimc.patterns import Consumer, find_experts, find_ov_pairs, find_residual_stream, find_up_down_pairs
 from slimc.patterns.fold import consumer_weight, norm_has_affine_weight
-
-
-def _precise(device: torch.device) -> torch.dtype:
-    """float64 where the device has it (rotations are exact only up to the arithmetic), else float32."""
-    return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
-
 
 Rotation = torch.Tensor | KroneckerRotation  # dense (n, n), or factored: n·Σ(factor orders) per row instead of n²
 
@@ -44,13 +44,13 @@ def _right(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
 @torch.no_grad()
 def rotate_inputs(weight: torch.Tensor, rotation: Rotation) -> None:
     """W (..., in) -> W @ R: the layer now reads x·R and computes what it did on x."""
-    weight.copy_(_right(weight.to(_precise(weight.device)), rotation).to(weight.dtype))
+    weight.copy_(_right(weight.to(precise_dtype(weight.device)), rotation).to(weight.dtype))
 
 
 @torch.no_grad()
 def rotate_outputs(weight: torch.Tensor, bias: torch.Tensor | None, rotation: Rotation) -> None:
     """W (..., out, in) -> Rᵀ @ W and b -> b @ R: the layer now writes y·R."""
-    dtype = _precise(weight.device)
+    dtype = precise_dtype(weight.device)
     weight.copy_(_right(weight.to(dtype).transpose(-1, -2), rotation).transpose(-1, -2).to(weight.dtype))
     if bias is not None:
         bias.copy_(_right(bias.to(dtype), rotation).to(bias.dtype))
