@@ -9,8 +9,9 @@ perplexity through the written Ascend files. Prints a table and one JSON object.
 
 `--variants` compiles each config as shipped and/or with its rotation and weight algorithm changed:
 `rtn` (no rotation, round to nearest), `rotation-rtn` (rotation, round to nearest), `gptq` (no
-rotation, GPTQ) — the rows of the low-bit table in docs/lowbit.md — and `autoround`, `rotation-autoround`
-(AutoRound with its default settings, without or with rotation).
+rotation, GPTQ) — the rows of the low-bit table in docs/lowbit.md; `autoround` and `rotation-autoround`
+(AutoRound with its default settings, without or with rotation); `learned` and `learned-rtn` learn the
+residual rotation (`rotate: {learn: ...}` from `--learn`, e.g. `--learn iterations=20 samples=8`).
 
 Each config is compiled in its own process so that peak memory is that config's own.
 """
@@ -26,13 +27,15 @@ from pathlib import Path
 
 import yaml
 
-VARIANTS = {  # variant -> (keep the rotate step, weight algorithm; None keeps the config's)
-    "shipped": (True, None),
-    "rtn": (False, "rtn"),
-    "rotation-rtn": (True, "rtn"),
-    "gptq": (False, "gptq"),
-    "autoround": (False, "autoround"),
-    "rotation-autoround": (True, "autoround"),
+VARIANTS = {  # variant -> (the rotate step: dropped, kept, or kept and learned; weight algorithm, None keeps the config's)
+    "shipped": ("keep", None),
+    "rtn": ("drop", "rtn"),
+    "rotation-rtn": ("keep", "rtn"),
+    "gptq": ("drop", "gptq"),
+    "learned": ("learn", None),
+    "learned-rtn": ("learn", "rtn"),
+    "autoround": ("drop", "autoround"),
+    "rotation-autoround": ("keep", "autoround"),
 }
 
 CHILD = """
@@ -64,17 +67,20 @@ print(json.dumps({"config": name, "compile_seconds": seconds, "peak_memory_bytes
 """
 
 
-def variant_config(name: str, variant: str, directory: Path) -> str:
-    """The config `name` changed as `variant` says, written to `directory`; the name itself when shipped."""
+def variant_config(name: str, variant: str, directory: Path, learn: dict) -> str:
+    """The config `name` changed as `variant` says (`learn`: the rotate step's learn settings), written to
+    `directory`; the name itself when shipped."""
     if variant == "shipped":
         return name
     from slimc.commands.cli import resolve_config_path
 
-    keep_rotation, algorithm = VARIANTS[variant]
+    rotation, algorithm = VARIANTS[variant]
     data = yaml.safe_load(Path(resolve_config_path(name)).read_text())
-    data["pipeline"] = [step for step in data["pipeline"] if keep_rotation or step["pass"] != "rotate"]
+    data["pipeline"] = [step for step in data["pipeline"] if rotation != "drop" or step["pass"] != "rotate"]
     for step in data["pipeline"]:
-        if step["pass"] == "calibrate":
+        if step["pass"] == "rotate" and rotation == "learn":
+            step["learn"] = learn
+        if step["pass"] == "calibrate" and algorithm is not None:
             step["weight_algorithm"] = algorithm
             if algorithm != "gptq":
                 step.pop("gptq", None)
@@ -93,13 +99,16 @@ def main() -> None:
                         "builtin:eval adds a perplexity table per domain")
     parser.add_argument("--calibration", default="", help="calibration data (default: the config's calibration.dataset)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["shipped"])
+    parser.add_argument("--learn", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="the learned variants' rotate.learn settings (iterations, lr, samples; defaults otherwise)")
     args = parser.parse_args()
+    learn = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.learn)}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs:
             for variant in args.variants:
                 out = Path(tmp) / f"out{len(rows)}"
-                config = variant_config(name, variant, Path(tmp))
+                config = variant_config(name, variant, Path(tmp), learn)
                 done = subprocess.run(
                     [sys.executable, "-c", CHILD, config, args.model, str(out), str(args.samples), str(args.eval_samples),
                      args.eval_corpus, args.calibration],

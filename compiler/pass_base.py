@@ -14,7 +14,7 @@ import torch
 from slimc.config.steps import PassStep, register
 from slimc.distributed import SINGLE, World
 from slimc.ir.calls import block_output, hidden_of, rebind_hidden, rotate_hidden
-from slimc.ir.capture import BlockInput
+from slimc.ir.capture import BlockInput, StageInputs
 from slimc.numerics.observers import observed_batch
 from slimc.plan import QuantPlan
 from slimc.report import RunReport
@@ -83,6 +83,9 @@ class Context:
         self.device = torch.device(config.model.device)
         # a list, or an ActivationStore that keeps some of them on disk (memory.activations_gb): read them in order
         self.inputs: Sequence[BlockInput] = []
+        # How the stage's later blocks are called, from the block before's outputs (`next_inputs`), while the passes
+        # prepare: for a pass that runs the whole stage itself (rotate's learning); None when resuming.
+        self.stage_inputs: StageInputs | None = None
 
     @torch.no_grad()
     def run(self, block: Block, batches: Sequence[BlockInput] | None = None, keep: int | None = None) -> list[torch.Tensor]:

@@ -144,7 +144,9 @@ class Pipeline:
                 self._leave_unreached(stage, ctx, unreached, journal)
                 blocks_done.skip(len(stage.blocks))
                 continue
+            ctx.stage_inputs = stage_inputs
             self._prepare(program, ctx, journal)
+            ctx.stage_inputs = None
             for block in committed:  # after the capture, which runs the stage's blocks as loaded
                 journal.restore_block(program, block)
             if committed:

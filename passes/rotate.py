@@ -2,7 +2,7 @@
 spread activation outliers over all channels, so 4-bit activations and weights lose far less.
 
 - R1, offline: the residual stream (hidden states between blocks) becomes x·R1, R1 a seeded
-  randomised Hadamard. Every layer reading the stream (through a scale-free RMS norm) takes W·R1,
+  randomised Hadamard, or one learned from it (`learn`, slimc.passes.learned_rotation). Every layer reading the stream (through a scale-free RMS norm) takes W·R1,
   every layer writing it R1ᵀ·W; the embeddings E·R1 and the head (W_head∘g)·R1 outside the blocks.
 - R2, offline: per attention head between v_proj and o_proj.
 - online: a Hadamard node before each down projection (MLP and MoE experts), computed at run
@@ -20,9 +20,16 @@ from torch import nn
 
 from slimc.errors import PassError
 from slimc.ir import Block, Program
-from slimc.numerics.hadamard import KroneckerRotation, OnlineHadamard, describe_hadamard, random_rotation
+from slimc.numerics.hadamard import (
+    KroneckerRotation,
+    OnlineHadamard,
+    describe_hadamard,
+    precise_dtype,
+    random_rotation,
+)
 from slimc.numerics.modules import FakeQuantExperts, QKHadamard
 from slimc.pass_base import Context, Pass, register_pass
+from slimc.passes.learned_rotation import ResidualRotationLearner, RotationLearning
 from slimc.patterns import (
     Consumer,
     find_experts,
@@ -32,12 +39,6 @@ from slimc.patterns import (
     find_up_down_pairs,
 )
 from slimc.patterns.fold import consumer_weight, norm_has_affine_weight
-
-
-def _precise(device: torch.device) -> torch.dtype:
-    """float64 where the device has it (rotations are exact only up to the arithmetic), else float32."""
-    return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
-
 
 Rotation = torch.Tensor | KroneckerRotation  # dense (n, n), or factored: n·Σ(factor orders) per row instead of n²
 
@@ -52,13 +53,13 @@ def _right(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
 @torch.no_grad()
 def rotate_inputs(weight: torch.Tensor, rotation: Rotation) -> None:
     """W (..., in) -> W @ R: the layer now reads x·R and computes what it did on x."""
-    weight.copy_(_right(weight.to(_precise(weight.device)), rotation).to(weight.dtype))
+    weight.copy_(_right(weight.to(precise_dtype(weight.device)), rotation).to(weight.dtype))
 
 
 @torch.no_grad()
 def rotate_outputs(weight: torch.Tensor, bias: torch.Tensor | None, rotation: Rotation) -> None:
     """W (..., out, in) -> Rᵀ @ W and b -> b @ R: the layer now writes y·R."""
-    dtype = _precise(weight.device)
+    dtype = precise_dtype(weight.device)
     weight.copy_(_right(weight.to(dtype).transpose(-1, -2), rotation).transpose(-1, -2).to(weight.dtype))
     if bias is not None:
         bias.copy_(_right(bias.to(dtype), rotation).to(bias.dtype))
@@ -84,7 +85,8 @@ class Rotate(Pass):
     """QuaRot rotation: R1 on the residual stream (seeded by `seed`), R2 per attention head when
     `heads`, an online Hadamard before every down projection when `online_down`, and one on each text block's
     attention queries and keys after RoPE when `online_qk` (for fake_quant's kv_cache, whose key scales are then
-    calibrated on the rotated keys). Needs `norm_fusion` before it; passes that gather statistics (smooth,
+    calibrated on the rotated keys). With `learn`, R1 is learned from the Hadamard for the quantized model
+    (SpinQuant) before it is folded. Needs `norm_fusion` before it; passes that gather statistics (smooth,
     fake_quant, calibrate) come after."""
 
     requires = ("norm_fusion",)
@@ -96,8 +98,9 @@ class Rotate(Pass):
     heads: bool = True
     online_down: bool = True
     online_qk: bool = False
+    learn: RotationLearning | None = None
     _rotation: torch.Tensor | None = PrivateAttr(None)  # dense, for the calibration inputs and the equivalence check
-    _factored: KroneckerRotation | None = PrivateAttr(None)  # the same R, for the weights
+    _factored: Rotation | None = PrivateAttr(None)  # the same R, for the weights (factored unless learned)
     _head_rotations: dict[int, KroneckerRotation] = PrivateAttr(default_factory=dict)
 
     def stream_rotation(self) -> torch.Tensor | None:
@@ -116,12 +119,25 @@ class Rotate(Pass):
         self._factored, description = random_rotation(hidden, self.seed)
         self._rotation = self._factored.matrix()
         ctx.report.note(f"rotate: residual stream ({hidden}) rotated by a {description}, seed {self.seed}")
+        if self.learn is not None:
+            description = self._learn(program, ctx, description)
         self._untie_head(program, ctx)
         self._rotate_head(program)
         for name in program.embeddings:
             rotate_inputs(model.get_submodule(name).weight, self._factored)
         ctx.rotate_stream(self._rotation)
         program.rotations.residual = description
+
+    def _learn(self, program: Program, ctx: Context, start: str) -> str:
+        """Replace the Hadamard R1 by the one learned from it; the description of what the stream is rotated by."""
+        learner = ResidualRotationLearner(program, ctx, self.learn, self.heads, self.online_down, self._head_rotation)
+        self._rotation, start_loss, loss = learner.learn(self._rotation)
+        self._factored = self._rotation
+        ctx.report.note(f"rotate: residual rotation learned from the Hadamard in {self.learn.iterations} Cayley steps "
+                        f"(lr {self.learn.lr}) on {len(learner.positions)} calibration batches: quantized-model KL to "
+                        f"float {start_loss:.4g} -> {loss:.4g}")
+        ctx.report.metrics["rotate.learn.kl_start"], ctx.report.metrics["rotate.learn.kl"] = start_loss, loss
+        return f"rotation learned from the {start}"
 
     def _untie_head(self, program: Program, ctx: Context) -> None:
         """The head will be (E∘g)·R and the embedding E·R: two different tensors from now on."""

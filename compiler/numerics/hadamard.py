@@ -270,6 +270,11 @@ class KroneckerRotation:
         return y if self.signs is None else y * self.signs.to(y.device, y.dtype)
 
 
+def precise_dtype(device: torch.device) -> torch.dtype:
+    """float64 where the device has it (rotations are exact only up to the arithmetic), else float32."""
+    return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+
+
 def random_rotation(n: int, seed: int) -> tuple[KroneckerRotation, str]:
     """Offline rotation R for the residual stream, factored, and how it was built.
 

@@ -226,6 +226,33 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
     return dequantize(q, expand_to_weight(scale, q.shape, scheme), expand_to_weight(offset, q.shape, scheme))
 
 
+def ste_fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, scheme: TensorScheme) -> torch.Tensor:
+    """`fake_quantize` with a gradient (for learning what feeds a quantizer): the rounding passes the gradient
+    straight through, the clamp stops it outside the range, and the scale, if computed from ``x``, gets the gradient
+    of the error it causes. Float32 out."""
+    values = x.float() / scale + offset
+    values = values + (values.round() - values).detach()
+    return (values.clamp(scheme.qmin, scheme.qmax) - offset) * scale
+
+
+def ste_fake_quantize_weight(w: torch.Tensor, scheme: TensorScheme) -> torch.Tensor:
+    """Round-to-nearest quantize-dequantize of a weight (out, in) from its min/max range, with a gradient
+    (`ste_fake_quantize`); float32 out. The `mse` and `percentile` observers search without gradients and are not
+    applied here."""
+    scale, offset = qparams_from_range(*weight_range(w, scheme), scheme)
+    if scheme.granularity == "per_group":
+        values = ste_fake_quantize(grouped(w, scheme.group_size), scale[..., None], offset[..., None], scheme)
+        return values.reshape(w.shape)
+    return ste_fake_quantize(w, scale, offset, scheme)
+
+
+def ste_dynamic_fake_quantize(x: torch.Tensor, scheme: TensorScheme) -> torch.Tensor:
+    """`dynamic_fake_quantize` with a gradient (`ste_fake_quantize`), in the dtype of ``x``. A static scheme is
+    quantized with the range of ``x`` itself, as its observer would measure it on this batch."""
+    scale, offset = qparams_from_range(*act_range(x, scheme), scheme)
+    return ste_fake_quantize(x, scale, offset, scheme).to(x.dtype)
+
+
 FAKE_QUANT_CHUNK = 1 << 20  # weight elements per float32 working chunk of fake_quantize_weight
 
 

@@ -1,0 +1,325 @@
+"""Learning rotate's residual rotation R1 (SpinQuant-style) before it is folded: the helper of `rotate: {learn: ...}`.
+
+R1 starts from the randomized Hadamard and descends an end-to-end loss: the KL divergence, on calibration
+sequences, of the next-token distribution of the model as it will be quantized (in the basis x·R1, with the per-head
+R2 and the online Hadamard before the down projections that rotate adds, weights and activations fake-quantized
+by the plan's schemes with straight-through rounding) from the float model's. Each step is a Cayley transform on
+the orthogonal group, so R1 stays a rotation and folding it leaves the float function unchanged.
+
+The model runs block by block, as the compile does: a forward without gradients keeps each block's call (its
+hidden states in), then the backward goes from the head to the embeddings one block at a time, recomputing that
+block with gradients for R1 only. So memory holds one block's weights and activations, the calls of every block on
+the learning sequences and the float model's log-probabilities on them, and a streamed model is read twice a step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.func import functional_call
+
+from slimc.errors import PassError
+from slimc.ir import Block, Program
+from slimc.ir.calls import block_output, hidden_of, rebind_hidden, row_count, to_device
+from slimc.ir.capture import BlockInput
+from slimc.ir.hooks import temporary_hooks
+from slimc.ir.tracer import trace_block
+from slimc.numerics.cayley import cayley_step
+from slimc.numerics.hadamard import KroneckerRotation, OnlineHadamard, precise_dtype
+from slimc.numerics.quant import ste_dynamic_fake_quantize, ste_fake_quantize_weight
+from slimc.pass_base import Context
+from slimc.patterns import Consumer, find_ov_pairs, find_residual_stream, find_up_down_pairs
+from slimc.patterns.fold import norm_has_affine_weight
+from slimc.patterns.graph import propagate_shapes
+from slimc.schemes import QuantScheme
+
+
+class RotationLearning(BaseModel):
+    """SpinQuant-style learning of rotate's R1: `iterations` Cayley steps on the first `samples` calibration sequences (rounded up to
+    whole calibration batches), each turning R1 by about `lr` radians down the gradient, decaying linearly to 0."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iterations: int = Field(20, ge=1)
+    lr: float = Field(0.2, gt=0.0)
+    samples: int = Field(8, ge=1)
+
+
+@dataclass
+class _StreamLayers:
+    """What of one block the rotations reach: parameter names (in the block) of the stream's readers and writers,
+    the norms before the readers, and the rotations rotate adds inside the block."""
+
+    block: Block
+    norm_readers: dict[str, list[str]] = field(default_factory=dict)  # norm target -> the weights it feeds
+    readers: list[str] = field(default_factory=list)  # every weight reading the stream (norm_readers' too)
+    writers: list[tuple[str, str | None]] = field(default_factory=list)  # (weight, bias) writing the stream
+    heads: list[tuple[str, str, int]] = field(default_factory=list)  # (v_proj, o_proj, head_dim)
+    online: dict[str, OnlineHadamard] = field(default_factory=dict)  # down projection -> its online Hadamard
+
+
+def _reader_weight(consumer: Consumer) -> str:
+    return {"linear": f"{consumer.target}.weight", "experts": f"{consumer.target}.gate_up_proj"}.get(consumer.kind, consumer.target)
+
+
+def _writer_tensors(block: Block, consumer: Consumer) -> tuple[str, str | None]:
+    """The names of a writer's weight and bias (None if it has none), as rotate's `_rotate_writer` rotates them."""
+    weight, bias = ("down_proj", "down_proj_bias") if consumer.kind == "experts" else ("weight", "bias")
+    has_bias = getattr(block.leaf(consumer.target), bias, None) is not None
+    return f"{consumer.target}.{weight}", f"{consumer.target}.{bias}" if has_bias else None
+
+
+@torch.no_grad()
+def _find_layers(block: Block, call: BlockInput, heads: bool, online_down: bool) -> _StreamLayers:
+    traced = trace_block(block.module, *call, name=block.name)  # for the patterns only: the pipeline traces its own
+    propagate_shapes(traced.graph_module, traced.flatten_inputs(*call))
+    gm = traced.graph_module
+    stream = find_residual_stream(gm)
+    if stream.problem:
+        raise PassError(f"rotate: block {block.name}: {stream.problem}, so the residual stream cannot be rotated")
+    layers = _StreamLayers(block)
+    for group in stream.norms:
+        layers.norm_readers[group.norm] = [_reader_weight(c) for c in group.consumers]
+    layers.readers = [w for weights in layers.norm_readers.values() for w in weights] + \
+        [_reader_weight(c) for c in stream.direct_readers]
+    layers.writers = [_writer_tensors(block, c) for c in stream.writers]
+    if heads:
+        layers.heads = [(pair.v, pair.o, pair.head_dim) for pair in find_ov_pairs(gm)]
+    if online_down:
+        for pair in find_up_down_pairs(gm):
+            layers.online[pair.down] = OnlineHadamard(block.leaf(pair.down).in_features)
+    return layers
+
+
+def _kl(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(p_reference || p_logits), both given as (..., vocab); reference as log-probabilities."""
+    log_q = F.log_softmax(logits.float(), dim=-1)
+    return (reference.exp() * (reference - log_q)).sum(-1).mean()
+
+
+class ResidualRotationLearner:
+    """Learns R1 for `program` on `ctx`'s first calibration batches; `head_rotation(head_dim)` is rotate's R2."""
+
+    def __init__(self, program: Program, ctx: Context, options: RotationLearning, heads: bool, online_down: bool,
+                 head_rotation: Callable[[int], KroneckerRotation]) -> None:
+        if ctx.stage_inputs is None or not len(ctx.inputs):
+            raise PassError("rotate: learn needs the calibration inputs of the first block, which a resumed compile "
+                            "does not have; compile again without --resume, or drop `learn`")
+        self.program, self.ctx, self.options = program, ctx, options
+        self.device = ctx.device
+        self.heads, self.online_down, self.head_rotation = heads, online_down, head_rotation
+        count = math.ceil(options.samples / row_count(ctx.inputs[0]))  # calibration batches are of equal size
+        self.positions = [p for p, index in enumerate(ctx.batch_ids) if index < count]
+        self.batches = ctx.world.sum(torch.tensor(float(len(self.positions)))).item()
+        self.blocks = program.stages[0].blocks
+        self.layers: list[_StreamLayers] = []
+        self.reference: list[torch.Tensor] = []  # the float model's log-probabilities, per batch
+
+    def learn(self, start: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        """(the learned R1 with the lowest loss met, the loss of `start`, its loss), from the orthogonal `start`."""
+        with self._head_on_device():
+            self._float_reference()
+            rotation = start.to(torch.float64)  # on the CPU, in float64: devices without float64 too
+            losses, rotations = [], []
+            for step in range(self.options.iterations):
+                loss, gradient = self._loss(rotation, gradient=True)
+                losses.append(loss)
+                rotations.append(rotation)
+                rotation = cayley_step(rotation, gradient, self.options.lr * (1 - step / self.options.iterations))
+            losses.append(self._loss(rotation, gradient=False)[0])
+            rotations.append(rotation)
+        best = min(range(len(losses)), key=losses.__getitem__)  # the first of equals: the start if no step helped
+        return rotations[best].cpu(), losses[0], losses[best]
+
+    # --- the model, block by block -------------------------------------------------------------------------
+
+    def _first_calls(self) -> list[BlockInput]:
+        return [to_device(self.ctx.inputs[p], self.device) for p in self.positions]
+
+    def _run(self, block: Block, call: BlockInput, overrides: dict[str, torch.Tensor] | None = None) -> Any:
+        if overrides is None:
+            return block.module(*call[0], **call[1])
+        return functional_call(block.module, overrides, call[0], call[1], strict=False)
+
+    def _following(self, index: int, batch: int, outputs: Any) -> BlockInput | torch.Tensor:
+        """What block `index`'s outputs on `batch` pass on: the next block's call, or the hidden states the head reads."""
+        if index + 1 < len(self.blocks):  # the leaves taken from the first block's call may be elsewhere
+            return to_device(self.ctx.stage_inputs.next_inputs(index + 1, self.positions[batch], outputs), self.device)
+        return block_output(outputs)
+
+    @contextlib.contextmanager
+    def _on_device(self, block: Block) -> Iterator[None]:
+        """The block's weights while inside: read if streamed, on the processing device (both undone after)."""
+        moved = self.device.type != "cpu"
+        with self.program.reading(block):
+            if moved:
+                block.module.to(self.device)
+            try:
+                yield
+            finally:
+                if moved:
+                    block.module.to("cpu")
+
+    @contextlib.contextmanager
+    def _head_on_device(self) -> Iterator[None]:
+        head, norm = self._head()
+        device = head.weight.device
+        head.to(self.device), norm.to(self.device)
+        try:
+            yield
+        finally:
+            head.to(device), norm.to(device)
+
+    @torch.no_grad()
+    def _float_reference(self) -> None:
+        """The float model's log-probabilities on the learning batches, and each block's layers from its graph."""
+        calls = self._first_calls()
+        for index, block in enumerate(self.blocks):
+            with self._on_device(block):
+                self.layers.append(_find_layers(block, calls[0], self.heads, self.online_down))
+                calls = [self._following(index, b, self._run(block, call)) for b, call in enumerate(calls)]
+        head, norm = self._head()
+        self.reference = [F.log_softmax(head(norm(hidden)).float(), dim=-1) for hidden in calls]
+
+    def _head(self) -> tuple[nn.Module, nn.Module]:
+        model = self.program.model
+        norm = model.get_submodule(self.program.head_norm) if self.program.head_norm is not None else nn.Identity()
+        return model.get_submodule(self.program.head), norm
+
+    def _loss(self, rotation: torch.Tensor, gradient: bool) -> tuple[float, torch.Tensor | None]:
+        """The quantized model's loss with R1 = `rotation` (summed over processes) and, if `gradient`, its gradient."""
+        leaf = rotation.clone().requires_grad_(gradient)
+
+        def working() -> torch.Tensor:  # R1 as the model multiplies by it, a new node of each graph
+            return leaf.to(self.device, torch.float32)
+
+        first = self._first_calls()
+        with torch.no_grad():
+            r = working()
+            calls = [[rebind_hidden(call, (hidden_of(call).float() @ r).to(hidden_of(call).dtype)) for call in first]]
+            for index, (block, layers) in enumerate(zip(self.blocks, self.layers, strict=True)):
+                with self._on_device(block), self._quantizers(layers):
+                    overrides = self._rotated(layers, r)
+                    calls.append([self._following(index, b, self._run(block, call, overrides)) for b, call in enumerate(calls[-1])])
+        total, grads = 0.0, []
+        for hidden, reference in zip(calls.pop(), self.reference, strict=True):
+            hidden = hidden.detach().requires_grad_(gradient)
+            with torch.set_grad_enabled(gradient):
+                loss = _kl(self._quantized_head(hidden, working()), reference) / self.batches
+            if gradient:
+                loss.backward()
+                grads.append(hidden.grad)
+            total += loss.item()
+        total = self.ctx.world.sum(torch.tensor(total)).item()
+        if not gradient:
+            return total, None
+        for index in reversed(range(len(self.blocks))):
+            block, layers, block_calls = self.blocks[index], self.layers[index], calls.pop()
+            with self._on_device(block), self._quantizers(layers):
+                overrides = self._rotated(layers, working())
+                for b, call in enumerate(block_calls):
+                    hidden = hidden_of(call).detach().requires_grad_()
+                    following = self._following(index, b, self._run(block, rebind_hidden(call, hidden), overrides))
+                    passed = following if isinstance(following, torch.Tensor) else hidden_of(following)
+                    torch.autograd.backward(passed, grads[b], retain_graph=b + 1 < len(block_calls))
+                    grads[b] = hidden.grad
+        for call, grad in zip(first, grads, strict=True):
+            embedded = hidden_of(call)
+            torch.autograd.backward((embedded.float() @ working()).to(embedded.dtype), grad)
+        return total, self.ctx.world.sum(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))  # none: no batch here
+
+    # --- the rotated, fake-quantized weights --------------------------------------------------------------
+
+    def _scheme(self, block: Block, target: str) -> QuantScheme | None:
+        assigned = self.ctx.plan.scheme(block.qualified(target))
+        return None if assigned is None else assigned.scheme
+
+    def _rotated(self, layers: _StreamLayers, r: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The block's tensors as rotate will leave them, R1 = r, fake-quantized where the plan quantizes them."""
+        block = layers.block
+        base: dict[str, torch.Tensor] = {}
+        overrides: dict[str, torch.Tensor] = {}
+
+        def weight(name: str) -> torch.Tensor:
+            if name not in base:
+                parameter = block.module.get_parameter(name).detach()
+                base[name] = parameter.to(precise_dtype(parameter.device))
+            return base[name]
+
+        for norm_target, weights in layers.norm_readers.items():
+            norm = block.leaf(norm_target)
+            if norm_has_affine_weight(norm):
+                overrides[f"{norm_target}.weight"] = torch.ones_like(norm.weight)
+                for name in weights:
+                    base[name] = weight(name) * norm.weight.detach().to(base[name].dtype)
+        for v_target, o_target, head_dim in layers.heads:
+            r2 = self.head_rotation(head_dim)
+            v = weight(f"{v_target}.weight")
+            base[f"{v_target}.weight"] = r2.apply(v.reshape(-1, head_dim, v.shape[-1]).transpose(-1, -2)).transpose(-1, -2).reshape(v.shape)
+            if block.leaf(v_target).bias is not None:
+                bias = block.leaf(v_target).bias.detach()
+                bias = bias.to(precise_dtype(bias.device))
+                overrides[f"{v_target}.bias"] = r2.apply(bias.reshape(-1, head_dim)).reshape(bias.shape)
+            o = weight(f"{o_target}.weight")
+            base[f"{o_target}.weight"] = r2.apply(o.reshape(o.shape[0], -1, head_dim)).reshape(o.shape)
+        for down, transform in layers.online.items():
+            base[f"{down}.weight"] = transform.rotation().apply(weight(f"{down}.weight"))
+        for name in layers.readers:
+            overrides[name] = weight(name).float() @ r
+        for name, bias in layers.writers:
+            overrides[name] = (weight(name).float().transpose(-1, -2) @ r).transpose(-1, -2)
+            if bias is not None:
+                overrides[bias] = block.module.get_parameter(bias).float() @ r
+        for name, tensor in base.items():
+            overrides.setdefault(name, tensor.float())
+        for target, module in block.module.named_modules():
+            scheme = self._scheme(block, target)
+            name = f"{target}.weight"
+            if isinstance(module, nn.Linear) and scheme is not None:
+                overrides[name] = ste_fake_quantize_weight(overrides.get(name, module.weight), scheme.weight)
+        return {name: tensor.to(block.module.get_parameter(name).dtype) for name, tensor in overrides.items()}
+
+    @contextlib.contextmanager
+    def _quantizers(self, layers: _StreamLayers) -> Iterator[None]:
+        """Hooks quantizing the inputs of the block's quantized Linears, behind the online Hadamard where it has one."""
+        block = layers.block
+        with temporary_hooks() as hooks:
+            for target, module in block.module.named_modules():
+                scheme = self._scheme(block, target) if isinstance(module, nn.Linear) else None
+                transform = layers.online.get(target)
+                act = None if scheme is None else scheme.act
+                if transform is None and act is None:
+                    continue
+
+                def before(_module, args, transform=transform, act=act):
+                    x = args[0] if transform is None else transform.to(args[0].device)(args[0])
+                    return (x if act is None else ste_dynamic_fake_quantize(x, act), *args[1:])
+
+                hooks.before(module, before)
+            yield
+
+    def _quantized_head(self, hidden: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The logits of the head as rotate leaves it (the final norm's scale in its weight, which reads x·R1)."""
+        head, norm = self._head()
+        weight = head.weight.float()
+        if norm_has_affine_weight(norm):
+            weight = weight * norm.weight.float()
+            normed = functional_call(norm, {"weight": torch.ones_like(norm.weight)}, (hidden,))
+        else:
+            normed = norm(hidden)
+        weight = weight @ r
+        scheme = self.ctx.plan.scheme(self.program.head)
+        if scheme is not None:
+            weight = ste_fake_quantize_weight(weight, scheme.scheme.weight)
+            if scheme.scheme.act is not None:
+                normed = ste_dynamic_fake_quantize(normed, scheme.scheme.act)
+        return F.linear(normed, weight.to(head.weight.dtype), head.bias)
+
