@@ -10,6 +10,7 @@ from module_calls import module_calls
 from tiny_models import tiny_causal_lm
 from torch import nn
 
+from slimc.backends.mindie import MindieBackend
 from slimc.config import config_from_data
 from slimc.frontends.llm import DecoderLLM
 from slimc.ir import Program
@@ -160,6 +161,18 @@ def program_of(model: nn.Module, tmp_path: Path, **fields) -> Program:
     model.config.save_pretrained(source_dir)
     source = ModelSource(path=source_dir, gguf_file=None, config=model.config, architecture=model.config.architectures[0])
     return Program(model=model, family="llm", source=source, stages=[], **fields)
+
+
+def compiled_to_mindie(model: nn.Module, pipeline: list[dict], schemes: dict, directory: Path) -> tuple[Program, Path]:
+    """`model` compiled by `pipeline` and exported by the mindie backend to directory/mindie (its config.json saved in
+    `directory`, where the export reads it): (program, out)."""
+    program, _ = run_pipeline(model, pipeline, schemes)
+    program.source = ModelSource(path=directory, gguf_file=None, config=model.config, architecture=type(model).__name__)
+    model.config.save_pretrained(directory)
+    out = directory / "mindie"
+    out.mkdir()
+    MindieBackend().export(program, out)
+    return program, out
 
 
 def everything_but_head(scheme: QuantScheme):

@@ -17,6 +17,7 @@ from programs import (
     W8A8_DYNAMIC,
     W8A8_STATIC,
     calibration_ids,
+    compiled_to_mindie,
     logits,
     relative,
     rounding_bound,
@@ -124,12 +125,7 @@ def test_ascend_reader_with_c8_reproduces_the_fake_quant_program(tmp_path, dtype
 def export_c8(family: str, tmp_path: Path):
     """A tiny `family` model compiled W8A8 static with C8 and exported by the mindie backend: (model, program, out)."""
     model = tiny_causal_lm(family)
-    program, _ = run_pipeline(model, c8_pipeline(), {"w8": W8A8_STATIC})
-    program.source = ModelSource(path=tmp_path, gguf_file=None, config=model.config, architecture=type(model).__name__)
-    model.config.save_pretrained(tmp_path)
-    out = tmp_path / "mindie"
-    out.mkdir()
-    MindieBackend().export(program, out)
+    program, out = compiled_to_mindie(model, c8_pipeline(), {"w8": W8A8_STATIC}, tmp_path)
     return model, program, out
 
 

@@ -11,7 +11,15 @@ import pytest
 import torch
 from compile_settings import SMALL_CALIBRATION
 from conftest import save_tiny_model
-from programs import W8A8_DYNAMIC, calibration_ids, logits, relative, rounding_bound, run_pipeline
+from programs import (
+    W8A8_DYNAMIC,
+    calibration_ids,
+    compiled_to_mindie,
+    logits,
+    relative,
+    rounding_bound,
+    run_pipeline,
+)
 from safetensors import safe_open
 from tiny_models import tiny_causal_lm
 
@@ -22,7 +30,6 @@ from slimc.commands.cli import resolve_config_path
 from slimc.commands.compile import build_backends, compile_model
 from slimc.config import load_config
 from slimc.errors import ConfigError, ExportError, ModelLoadError, PassError
-from slimc.ir.source import ModelSource
 from slimc.numerics.hadamard import hadamard_matrix
 from slimc.numerics.modules import KVCacheQuantize, QKHadamard
 
@@ -42,12 +49,7 @@ def rotated_c8(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rotated_c8")
     model = tiny_causal_lm("llama")
     float_model = copy.deepcopy(model)
-    program, _ = run_pipeline(model, rotated_c8_pipeline(), {"w8": W8A8_DYNAMIC})
-    program.source = ModelSource(path=tmp, gguf_file=None, config=model.config, architecture=type(model).__name__)
-    model.config.save_pretrained(tmp)
-    out = tmp / "mindie"
-    out.mkdir()
-    MindieBackend().export(program, out)
+    program, out = compiled_to_mindie(model, rotated_c8_pipeline(), {"w8": W8A8_DYNAMIC}, tmp)
     return float_model, program, out
 
 
@@ -94,12 +96,7 @@ def test_rotated_c8_files_reproduce_the_program_with_k_norm_and_partial_rope(tmp
     """Qwen3 normalises keys per head before RoPE, GLM-4.7 rotates half of each head: the rotation still comes
     after both, in the program and through the files."""
     model = tiny_causal_lm(family)
-    program, _ = run_pipeline(model, rotated_c8_pipeline(), {"w8": W8A8_DYNAMIC})
-    program.source = ModelSource(path=tmp_path, gguf_file=None, config=model.config, architecture=type(model).__name__)
-    model.config.save_pretrained(tmp_path)
-    out = tmp_path / "mindie"
-    out.mkdir()
-    MindieBackend().export(program, out)
+    program, out = compiled_to_mindie(model, rotated_c8_pipeline(), {"w8": W8A8_DYNAMIC}, tmp_path)
     ids = calibration_ids(model.config.vocab_size, batches=1, seed=5)[0]
     with torch.no_grad():
         assert relative(load_ascend_model(out)(input_ids=ids, use_cache=False).logits, logits(program, ids)) < 1e-5
