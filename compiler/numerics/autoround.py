@@ -28,15 +28,10 @@ from slimc.ir import Block
 from slimc.ir.calls import block_output
 from slimc.ir.capture import BlockInput
 from slimc.ir.hooks import temporary_hooks
-from slimc.numerics.quant import expand_to_weight, qparams_from_range, weight_range
+from slimc.numerics.quant import expand_to_weight, qparams_from_range, round_through, weight_range
 from slimc.schemes import TensorScheme
 
 SMALLEST_FACTOR = 0.5  # the range may shrink to half its minimum and maximum, as in the paper
-
-
-def round_through(x: torch.Tensor) -> torch.Tensor:
-    """round(x), whose gradient is taken as that of x (the straight-through estimator)."""
-    return x + (torch.round(x) - x).detach()
 
 
 class LearnedRounding:

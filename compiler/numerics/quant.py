@@ -226,12 +226,16 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
     return dequantize(q, expand_to_weight(scale, q.shape, scheme), expand_to_weight(offset, q.shape, scheme))
 
 
+def round_through(x: torch.Tensor) -> torch.Tensor:
+    """round(x), whose gradient is taken as that of x (the straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
 def ste_fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, scheme: TensorScheme) -> torch.Tensor:
     """`fake_quantize` with a gradient (for learning what feeds a quantizer): the rounding passes the gradient
     straight through, the clamp stops it outside the range, and the scale, if computed from ``x``, gets the gradient
     of the error it causes. Float32 out."""
-    values = x.float() / scale + offset
-    values = values + (values.round() - values).detach()
+    values = round_through(x.float() / scale + offset)
     return (values.clamp(scheme.qmin, scheme.qmax) - offset) * scale
 
 
