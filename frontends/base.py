@@ -37,7 +37,8 @@ class Frontend:
     # Calibration settings for `slimc trace`: the smallest batches that still reach every stage.
     trace_calibration: ClassVar[dict] = {"seq_len": 32}
     # Every built-in dataset the family reads; another family's is refused before the model loads.
-    builtin_datasets: ClassVar[tuple[str, ...]] = ("builtin:text", "builtin:text-eval", "builtin:mix", "builtin:eval")
+    builtin_datasets: ClassVar[tuple[str, ...]] = ("builtin:text", "builtin:text-eval", "builtin:mix", "builtin:eval",
+                                                   "builtin:validation")
 
     def load(self, source: ModelSource, *, dtype: torch.dtype, device: str | dict[str, str] = "cpu",
              trust_remote_code: bool = False, offload_folder: Path | None = None) -> nn.Module:

@@ -32,8 +32,8 @@ from slimc.config import HF_PREFIX
 from slimc.errors import DataError
 from slimc.frontends.hub_data import hub_texts
 
-# builtin:mix and builtin:eval (slimc.frontends.mix) draw on several domains; the other two are one stream of text.
-BUILTIN_SPECS = ("builtin:text", "builtin:text-eval", "builtin:mix", "builtin:eval")
+# builtin:mix, builtin:eval and builtin:validation (slimc.frontends.mix) draw on several domains; the other two are one stream of text.
+BUILTIN_SPECS = ("builtin:text", "builtin:text-eval", "builtin:mix", "builtin:eval", "builtin:validation")
 RECOMMENDED_SAMPLES = 128
 RECOMMENDED_SEQ_LEN = 512
 # Data files are read as they are used: text in blocks of READ_BYTES, tokenized in chunks of about CHUNK_CHARS
@@ -262,10 +262,10 @@ def _source_paragraphs(source: str) -> Iterator[str]:
         except ImportError:
             return
         for name in sorted(topics):
-            yield from _paragraphs(topics[name])
+            yield from paragraphs(topics[name])
         return
     for file in module_files(source):
-        yield from (p for doc in _docstrings(file) for p in _paragraphs(doc))
+        yield from (p for doc in docstrings(file) for p in paragraphs(doc))
 
 
 def module_files(name: str) -> list[Path]:
@@ -279,7 +279,7 @@ def module_files(name: str) -> list[Path]:
     return []
 
 
-def _docstrings(file: Path) -> Iterator[str]:
+def docstrings(file: Path) -> Iterator[str]:
     """Module, class and function docstrings in source order."""
     try:
         tree = ast.parse(file.read_text(encoding="utf-8"))
@@ -292,7 +292,7 @@ def _docstrings(file: Path) -> Iterator[str]:
             yield doc
 
 
-def _paragraphs(text: str) -> Iterator[str]:
+def paragraphs(text: str) -> Iterator[str]:
     """Prose paragraphs of a docstring or help topic, each on one line."""
     for block in re.split(r"\n\s*\n", text):
         lines = [line.strip() for line in block.splitlines() if line.strip()]

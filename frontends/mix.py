@@ -11,6 +11,12 @@ anyway is dropped, so no evaluation text is calibration text.
     builtin:eval  reference  40%  the language reference of pydoc_data (builtin:text-eval, less what calibration holds)
                   code       40%  networkx's source files
                   humour     20%  pyjokes's English jokes
+    builtin:validation
+                  technical  50%  docstrings of sympy.physics (sympy and Jinja2 come with torch)
+                  code       50%  Jinja2's source files
+
+builtin:validation is for choosing among compiles (`tune:`): it shares no source with either of the others, so
+what tuning selects on it can still be judged on builtin:eval.
 
 A domain's documents are put in an order drawn with MIX_SEED (so a window covers more than the first
 book or module), joined by blank lines, tokenized and cut into windows of their own: no window spans two
@@ -39,8 +45,10 @@ from slimc.frontends.data import (
     RECOMMENDED_SEQ_LEN,
     builtin_documents,
     corpus_token_samples,
+    docstrings,
     jsonl_records,
     module_files,
+    paragraphs,
     paragraphs_joined,
     token_windows,
     warn_below_recommended,
@@ -131,11 +139,23 @@ def render_dialogue(tokenizer: object, turns: list[str]) -> str:
     return "\n".join(f"{roles[i % 2].capitalize()}: {turn}" for i, turn in enumerate(turns))
 
 
+def _package_files(distribution: str, folder: str) -> list[Path]:
+    """The Python files under a folder of an installed distribution, in sorted order, tests excluded."""
+    root = _installed_file(distribution, folder)
+    return sorted(f for f in root.rglob("*.py") if not _SKIP_DIRS.intersection(f.relative_to(root).parts))
+
+
 def networkx_code(tokenizer: object = None) -> list[str]:
-    """The source of each file of the networkx package, tests excluded."""
-    package = _installed_file("networkx", "networkx")
-    files = sorted(f for f in package.rglob("*.py") if not _SKIP_DIRS.intersection(f.relative_to(package).parts))
-    return [file.read_text(encoding="utf-8").strip() for file in files]
+    return [file.read_text(encoding="utf-8").strip() for file in _package_files("networkx", "networkx")]
+
+
+def jinja2_code(tokenizer: object = None) -> list[str]:
+    return [file.read_text(encoding="utf-8").strip() for file in _package_files("Jinja2", "jinja2")]
+
+
+def sympy_physics_docstrings(tokenizer: object = None) -> list[str]:
+    """The prose paragraphs of sympy.physics' docstrings (read, not imported: importing sympy takes seconds)."""
+    return [p for file in _package_files("sympy", "sympy/physics") for doc in docstrings(file) for p in paragraphs(doc)]
 
 
 def jokes(tokenizer: object = None) -> list[str]:
@@ -158,11 +178,15 @@ MIXES: dict[str, tuple[Domain, ...]] = {
         Domain("code", 0.4, networkx_code),
         Domain("humour", 0.2, jokes),  # 5,669 SmolLM2 tokens in all: 8 of the default 40 windows of 512 fit
     ),
+    "builtin:validation": (
+        Domain("technical", 0.5, sympy_physics_docstrings),
+        Domain("code", 0.5, jinja2_code),
+    ),
 }
 
 
 # An evaluation mix and the calibration mix it must not share text with.
-HELD_OUT_FROM = {"builtin:eval": "builtin:mix"}
+HELD_OUT_FROM = {"builtin:eval": "builtin:mix", "builtin:validation": "builtin:mix"}
 # The single-text built-in splits whose text a mix holds as one of its domains.
 HOLDS = {"builtin:mix": ("builtin:text",), "builtin:eval": ("builtin:text-eval",)}
 

@@ -34,7 +34,7 @@ def paragraphs(spec):
 
 
 def test_builtin_specs_are_the_calibration_and_evaluation_splits_and_the_two_mixes():
-    assert BUILTIN_SPECS == ("builtin:text", "builtin:text-eval", "builtin:mix", "builtin:eval")
+    assert BUILTIN_SPECS == ("builtin:text", "builtin:text-eval", "builtin:mix", "builtin:eval", "builtin:validation")
     assert tuple(SPLITS) == ("builtin:text", "builtin:text-eval")  # one text each; the mixes: test_mix.py
     assert all(load_corpus(spec) for spec in SPLITS)
 

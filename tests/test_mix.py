@@ -44,6 +44,7 @@ def calibration_text(tokenizer):
 def test_the_calibration_mix_draws_on_prose_technical_code_and_dialogue_and_evaluation_on_three_others():
     assert [d.name for d in MIXES["builtin:mix"]] == ["prose", "technical", "code", "dialogue"]
     assert [d.name for d in MIXES["builtin:eval"]] == ["reference", "code", "humour"]
+    assert [d.name for d in MIXES["builtin:validation"]] == ["technical", "code"]
     for spec in MIXES:
         assert sum(d.share for d in MIXES[spec]) == pytest.approx(1.0)
 
@@ -78,16 +79,27 @@ def test_each_domain_window_is_text_of_that_domain_alone(tokenizer):
         assert all(tokenizer.decode(row) in text for row in ids.tolist()), name
 
 
-def test_no_evaluation_document_is_calibration_text(tokenizer, calibration_text):
-    for name, documents in domain_documents("builtin:eval", tokenizer).items():
+@pytest.mark.parametrize("held_out", ["builtin:eval", "builtin:validation"])
+def test_no_held_out_document_is_calibration_text(tokenizer, calibration_text, held_out):
+    for name, documents in domain_documents(held_out, tokenizer).items():
         shared = [doc for doc in documents if doc in calibration_text]
         assert not shared, (name, shared[:3])
 
 
-def test_no_evaluation_window_appears_in_the_calibration_text(tokenizer, calibration_text):
-    windows, _ = domain_windows(tokenizer, "builtin:eval", samples=60, seq_len=24)
+@pytest.mark.parametrize("held_out", ["builtin:eval", "builtin:validation"])
+def test_no_held_out_window_appears_in_the_calibration_text(tokenizer, calibration_text, held_out):
+    windows, _ = domain_windows(tokenizer, held_out, samples=60, seq_len=24)
     for name, ids in windows.items():
         found = [text for text in map(tokenizer.decode, ids.tolist()) if text in calibration_text]
+        assert not found, (name, found[:3])
+
+
+def test_no_validation_window_appears_in_the_evaluation_text(tokenizer):
+    evaluation_text = "\n\n".join(doc for docs in domain_documents("builtin:eval", tokenizer).values() for doc in docs)
+    windows, _ = domain_windows(tokenizer, "builtin:validation", samples=60, seq_len=24)
+    assert {name: ids.shape[0] for name, ids in windows.items()} == {"technical": 30, "code": 30}
+    for name, ids in windows.items():
+        found = [text for text in map(tokenizer.decode, ids.tolist()) if text in evaluation_text]
         assert not found, (name, found[:3])
 
 
@@ -122,8 +134,9 @@ def test_evaluating_on_text_the_calibration_held_is_refused(evaluated, calibrate
         check_held_out(evaluated, calibrated)
 
 
-def test_the_evaluation_mix_after_a_calibration_on_the_mix_is_allowed():
+def test_the_evaluation_and_validation_mixes_after_a_calibration_on_the_mix_are_allowed():
     check_held_out("builtin:eval", "builtin:mix")
+    check_held_out("builtin:validation", "builtin:mix")
     check_held_out("builtin:text-eval", "builtin:mix")
 
 

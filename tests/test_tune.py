@@ -87,7 +87,7 @@ def analysis_ranking(model: Path, config: Path, out: Path) -> list[str]:
 
 
 def test_a_target_that_needs_fallback_moves_the_ranked_layers_and_meets_it(model, tmp_path):
-    config = write(tmp_path, config_text("{max_ppl_increase: 0.001, fallback: [float], step: 2, max_rounds: 4, "
+    config = write(tmp_path, config_text("{dataset: builtin:text-eval, max_ppl_increase: 0.001, fallback: [float], step: 2, max_rounds: 4, "
                                          "max_size_increase: 1.0}"))
     out = tmp_path / "out"
     result = slimc("compile", config, "--model", model, "--out", out)
@@ -110,7 +110,7 @@ def test_a_target_that_needs_fallback_moves_the_ranked_layers_and_meets_it(model
 
 
 def test_an_unreachable_target_stops_at_the_size_budget_with_exit_1_and_keeps_the_best_round(model, tmp_path):
-    config = write(tmp_path, config_text("{max_ppl_increase: 0.000001, fallback: [float], step: 2, max_rounds: 8, "
+    config = write(tmp_path, config_text("{dataset: builtin:text-eval, max_ppl_increase: 0.000001, fallback: [float], step: 2, max_rounds: 8, "
                                          "max_size_increase: 0.1}"))
     out = tmp_path / "out"
     result = slimc("compile", config, "--model", model, "--out", out)
@@ -132,7 +132,7 @@ def test_an_unreachable_target_stops_at_the_size_budget_with_exit_1_and_keeps_th
 def test_a_round_reuses_the_blocks_before_its_first_changed_one_and_writes_what_a_fresh_compile_writes(model, tmp_path):
     # block 0 in int8 weights only (little error, ranked last), block 1 in W4A4: the fallbacks are all in block 1
     rules = '[{scheme: w8, include: ["*layers.0.*"]}, {scheme: w4a4, include: ["*layers.1.*"]}]'
-    config = write(tmp_path, config_text("{max_ppl_increase: 0.000001, fallback: [float], step: 2, max_rounds: 2, "
+    config = write(tmp_path, config_text("{dataset: builtin:text-eval, max_ppl_increase: 0.000001, fallback: [float], step: 2, max_rounds: 2, "
                                          "max_size_increase: 1.0}", rules))
     out = tmp_path / "out"
     result = slimc("compile", config, "--model", model, "--out", out)
@@ -161,7 +161,7 @@ def test_fallbacks_go_breadth_first_in_ranked_order_skipping_a_layers_own_scheme
 
 
 def test_an_unknown_fallback_scheme_is_refused_with_its_line_and_the_choices(model, tmp_path):
-    config = write(tmp_path, config_text("{max_ppl_increase: 0.01, fallback: [float, w9]}"))
+    config = write(tmp_path, config_text("{dataset: builtin:text-eval, max_ppl_increase: 0.01, fallback: [float, w9]}"))
     result = slimc("compile", config, "--model", model, "--out", tmp_path / "out")
     assert_user_error(result, "config.yaml:18", "tune.fallback.1", "unknown scheme 'w9'", "known: w4a4, w8, float")
     assert not (tmp_path / "out").exists()
@@ -171,3 +171,15 @@ def test_a_tune_section_without_a_target_names_the_missing_key(model, tmp_path):
     config = write(tmp_path, config_text("{fallback: [float]}"))
     result = slimc("compile", config, "--model", model, "--out", tmp_path / "out")
     assert_user_error(result, "tune.max_ppl_increase", "required key is missing")
+
+
+def test_rounds_are_measured_on_the_validation_text_unless_the_config_names_other_held_out_data(tmp_path):
+    config = load_config(write(tmp_path, config_text("{max_ppl_increase: 0.01, fallback: [float]}")))
+    assert config.tune.dataset == "builtin:validation"
+
+
+def test_tuning_on_the_calibration_text_is_refused(model, tmp_path):
+    config = write(tmp_path, config_text("{dataset: builtin:text, max_ppl_increase: 0.01, fallback: [float]}"))
+    result = slimc("compile", config, "--model", model, "--out", tmp_path / "out")
+    assert_user_error(result, "evaluation dataset builtin:text is the calibration dataset")
+    assert not (tmp_path / "out").exists()

@@ -127,8 +127,7 @@ def tune_compile(config: SlimcConfig, *, model_path: str | None, out_dir: Path, 
         raise ConfigError(f"{config.where('tune')}: tune: the target is a perplexity increase, and {source.architecture} "
                           f"is evaluated by {frontend.evaluation_metric}; remove the tune section for this model")
     evaluation_config = with_evaluation(config, dataset=tune.dataset)
-    dataset = evaluation_config.evaluation.dataset or frontend.evaluation_dataset
-    check_held_out(dataset, config.calibration.dataset)
+    check_held_out(tune.dataset, config.calibration.dataset)
     ranking_report = RunReport()
     rounds: list[Round] = []
     with scratch_directory(out_dir) as scratch:

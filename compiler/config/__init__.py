@@ -129,6 +129,7 @@ class MemoryConfig(_Strict):
 
 
 FLOAT = "float"  # a fallback that leaves the layer unquantized
+VALIDATION_DATASET = "builtin:validation"
 
 
 class TuneConfig(_Strict):
@@ -141,7 +142,9 @@ class TuneConfig(_Strict):
     step: int = Field(1, gt=0)  # layers moved per round
     max_size_increase: float = Field(0.25, gt=0)  # the output may grow by this fraction of the first round's size
     max_rounds: int = Field(8, gt=0)  # compiles in all, the first (nothing fallen back) included
-    dataset: str | None = None  # the held-out data to measure on; None: evaluation.dataset (else the family's own)
+    # The held-out data the rounds are measured on: by default text no calibration or evaluation spec holds, so
+    # a choice made on it can still be judged on the evaluation data.
+    dataset: str = VALIDATION_DATASET
 
 
 class SlimcConfig(_Strict):
