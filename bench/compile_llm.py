@@ -13,6 +13,10 @@ rotation, GPTQ) — the rows of the low-bit table in docs/lowbit.md; `autoround`
 (AutoRound with its default settings, without or with rotation); `learned` and `learned-rtn` learn the
 residual rotation (`rotate: {learn: ...}` from `--learn`, e.g. `--learn iterations=20 samples=8`).
 
+`--tune KEY=VALUE ...` adds a `tune:` section (e.g. `--tune max_ppl_increase=0.004 "fallback=[float]" step=4`):
+the rounds are measured on `builtin:validation` unless `dataset=` says otherwise, and the written round is then
+evaluated on `--eval-corpus` like any other row; the row adds the rounds, the fallen-back layers and their size cost.
+
 Each config is compiled in its own process so that peak memory is that config's own.
 """
 
@@ -43,17 +47,23 @@ import json, sys, time, warnings
 from pathlib import Path
 from slimc.commands.cli import resolve_config_path
 from slimc.commands.compile import compile_model, resolve_source
+from slimc.commands.tune import tune_compile
 from slimc.config import load_config
 from slimc.commands.evaluate import evaluate_perplexity
 from slimc.report import peak_memory_bytes
 
 name, model, out, samples, eval_samples = sys.argv[1], sys.argv[2] or None, Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-eval_corpus, calibration = sys.argv[6] or None, sys.argv[7]
+eval_corpus, calibration, tune = sys.argv[6] or None, sys.argv[7], sys.argv[8:]
 warnings.simplefilter("ignore")
 config = load_config(resolve_config_path(name), [f"calibration.samples={samples}",
-                                                *([f"calibration.dataset={calibration}"] if calibration else [])])
+                                                *([f"calibration.dataset={calibration}"] if calibration else []),
+                                                *(f"tune.{setting}" for setting in tune)])
 start = time.perf_counter()
-compiled = compile_model(config, model_path=model, out_dir=out)
+if config.tune is None:
+    report, tuned = compile_model(config, model_path=model, out_dir=out).report, {}
+else:
+    report = tune_compile(config, model_path=model, out_dir=out).report
+    tuned = {key: report.tune[key] for key in ("rounds", "fallen_back", "size_cost", "outcome")}
 seconds = time.perf_counter() - start
 peak = peak_memory_bytes()["host"]
 ppl = evaluate_perplexity(resolve_source(config, model), out, corpus=eval_corpus or config.evaluation.dataset,
@@ -61,9 +71,9 @@ ppl = evaluate_perplexity(resolve_source(config, model), out, corpus=eval_corpus
 domains = {domain: {"float_ppl": figures["float_ppl"], **ppl["quantized"]["mindie"]["domains"][domain]}
            for domain, figures in ppl.get("domains", {}).items()}
 print(json.dumps({"config": name, "compile_seconds": seconds, "peak_memory_bytes": peak,
-                  "output_bytes": compiled.report.outputs.get("mindie"), "eval_corpus": ppl["corpus"],
+                  "output_bytes": report.outputs.get("mindie"), "eval_corpus": ppl["corpus"],
                   "float_ppl": ppl["float_ppl"], "quantized_ppl": ppl["quantized"]["mindie"]["quantized_ppl"],
-                  "relative_change": ppl["quantized"]["mindie"]["relative_change"], "domains": domains}))
+                  "relative_change": ppl["quantized"]["mindie"]["relative_change"], "domains": domains, "tune": tuned}))
 """
 
 
@@ -99,6 +109,8 @@ def main() -> None:
                         "builtin:eval adds a perplexity table per domain")
     parser.add_argument("--calibration", default="", help="calibration data (default: the config's calibration.dataset)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["shipped"])
+    parser.add_argument("--tune", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="add a tune: section with these settings (max_ppl_increase and fallback at least)")
     parser.add_argument("--learn", nargs="*", default=[], metavar="KEY=VALUE",
                         help="the learned variants' rotate.learn settings (iterations, lr, samples; defaults otherwise)")
     args = parser.parse_args()
@@ -111,7 +123,7 @@ def main() -> None:
                 config = variant_config(name, variant, Path(tmp), learn)
                 done = subprocess.run(
                     [sys.executable, "-c", CHILD, config, args.model, str(out), str(args.samples), str(args.eval_samples),
-                     args.eval_corpus, args.calibration],
+                     args.eval_corpus, args.calibration, *args.tune],
                     check=True, capture_output=True, text=True,
                 )
                 rows.append({**json.loads(done.stdout.strip().splitlines()[-1]), "config": name, "variant": variant})
@@ -122,6 +134,11 @@ def main() -> None:
         print(f"{r['config']:28s} {r['variant']:13s} {r['compile_seconds']:9.1f} {r['peak_memory_bytes'] / 2**20:9.0f} "
               f"{r['output_bytes'] / 2**20:8.1f} {r['float_ppl']:10.4f} {r['quantized_ppl']:10.4f} {1 + r['relative_change']:8.3f}")
     print_domains(rows)
+    for r in rows:
+        if r["tune"]:
+            print(f"\n{r['config']} tune: {r['tune']['outcome']}")
+            for item in r["tune"]["fallen_back"]:
+                print(f"  {item['layer']}: {item['from']} -> {item['to']} ({item['reason']})")
     print(json.dumps({"results": rows}))
 
 
