@@ -13,11 +13,14 @@ from test_streaming import same_files
 from tiny_models import tiny_causal_lm
 from tiny_tokenizer import tiny_tokenizer
 
+import slimc.commands.evaluate as evaluate_module
 from slimc.commands.analyze import LayerSensitivity
 from slimc.commands.compile import compile_model
-from slimc.commands.tune import next_moves, with_fallbacks
-from slimc.config import load_config
+from slimc.commands.evaluate import evaluate
+from slimc.commands.tune import next_moves, tune_compile, with_fallbacks
+from slimc.config import load_config, with_evaluation
 from slimc.frontends.mix import text_windows
+from slimc.ir.source import resolve_model_source
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -183,3 +186,16 @@ def test_tuning_on_the_calibration_text_is_refused(model, tmp_path):
     result = slimc("compile", config, "--model", model, "--out", tmp_path / "out")
     assert_user_error(result, "evaluation dataset builtin:text is the calibration dataset")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_float_model_is_measured_once_and_every_round_is_compared_with_the_same_figure(model, tmp_path, monkeypatch):
+    measured = []
+    float_nlls = evaluate_module._float_nlls
+    monkeypatch.setattr(evaluate_module, "_float_nlls", lambda *args: measured.append(args) or float_nlls(*args))
+    config = load_config(write(tmp_path, config_text("{dataset: builtin:text-eval, max_ppl_increase: 0.000001, "
+                                                     "fallback: [float], step: 2, max_rounds: 2, max_size_increase: 1.0}")))
+    tuned = tune_compile(config, model_path=str(model), out_dir=tmp_path / "out")
+    assert len(tuned.rounds) == 2 and len(measured) == 1
+    assert tuned.rounds[0].evaluation["float_ppl"] == tuned.rounds[1].evaluation["float_ppl"]
+    fresh = evaluate(resolve_model_source(str(model)), None, with_evaluation(config, dataset="builtin:text-eval"))
+    assert tuned.rounds[1].evaluation["float_ppl"] == fresh["float_ppl"]

@@ -75,13 +75,16 @@ def check_windows(input_ids: torch.Tensor, batch_size: int) -> None:
 
 def evaluate_perplexity(
     source: ModelSource, quantized: Path | None, *, corpus: str, samples: int, seq_len: int, batch_size: int = 4,
-    config: SlimcConfig | None = None,
+    config: SlimcConfig | None = None, float_losses: dict | None = None,
 ) -> dict:
     """Perplexity of the float model, in the compile's dtype (`model.dtype`), and, if given, of each format of the
     quantized model rebuilt from its files (`config`: the model settings, such as that dtype). Where the compile
     streams its blocks (`memory.stream_blocks`), the float model and the mindie format are evaluated block by
     block (slimc.commands.streamed_eval), to the same figures. A corpus of several domains (`builtin:eval`)
-    has each domain's perplexity under `domains` too; the overall one weighs every token the same."""
+    has each domain's perplexity under `domains` too; the overall one weighs every token the same.
+
+    `float_losses`, where given, keeps the float model's losses between calls on the same model and settings
+    (tune's rounds): the first call fills it, later ones skip the float model."""
     config = config or SlimcConfig()
     frontend = frontend_for(source, config.model.family)
     formats = written_formats(quantized) if quantized is not None else {}
@@ -95,13 +98,11 @@ def evaluate_perplexity(
     results: dict = {"corpus": corpus, "tokens": tokens, "samples": sum(int(ids.shape[0]) for ids in domains.values()),
                      "seq_len": seq_len}
     streamed = streams(config, source, frontend)
-    if streamed:
-        with streamed_float_program(config, source, frontend) as program:
-            float_nlls = streamed_nlls(program, reading_float(program), batches, progress=True)
-    else:
-        float_model = frontend.load(source, dtype=model_dtype(config, source), trust_remote_code=config.model.trust_remote_code)
-        float_nlls = batch_nlls(float_model, batches, progress=True)
-        del float_model
+    float_nlls = (float_losses or {}).get("nlls")
+    if float_nlls is None:
+        float_nlls = _float_nlls(config, source, frontend, batches, streamed)
+        if float_losses is not None:
+            float_losses["nlls"] = float_nlls
     results["float_ppl"] = perplexity_of(float_nlls)
     by_domain = corpus in MIXES
     if by_domain:
@@ -162,8 +163,17 @@ def streamed_ascend_nlls(directory: Path, frontend: Frontend, batches: list[torc
     return streamed_nlls(program, lambda block: reader.reading(block.name), batches, progress=progress)
 
 
+def _float_nlls(config: SlimcConfig, source: ModelSource, frontend: Frontend, batches: list[torch.Tensor],
+                streamed: bool) -> list[tuple[float, int]]:
+    if streamed:
+        with streamed_float_program(config, source, frontend) as program:
+            return streamed_nlls(program, reading_float(program), batches, progress=True)
+    float_model = frontend.load(source, dtype=model_dtype(config, source), trust_remote_code=config.model.trust_remote_code)
+    return batch_nlls(float_model, batches, progress=True)
+
+
 def evaluate(source: ModelSource, quantized: Path | None, config: SlimcConfig, *, fidelity: bool = False,
-             calibrated_on: str | None = None) -> dict:
+             calibrated_on: str | None = None, float_losses: dict | None = None) -> dict:
     """Perplexity or fidelity (as the frontend says, or fidelity when asked) on the evaluation dataset.
 
     `calibrated_on` is the calibration dataset of the output (by default read from its slimc_report.json);
@@ -178,7 +188,7 @@ def evaluate(source: ModelSource, quantized: Path | None, config: SlimcConfig, *
     if frontend.evaluation_metric == "perplexity" and not fidelity:
         ev = config.evaluation
         results = evaluate_perplexity(source, quantized, corpus=dataset, samples=ev.samples, seq_len=ev.seq_len,
-                                      batch_size=ev.batch_size, config=config)
+                                      batch_size=ev.batch_size, config=config, float_losses=float_losses)
         return {"metric": "perplexity", **results}
     if quantized is None:
         raise DataError(f"{source.architecture} is evaluated by fidelity to the float model, which needs the quantized "

@@ -138,6 +138,7 @@ def tune_compile(config: SlimcConfig, *, model_path: str | None, out_dir: Path, 
             del measured
         fallbacks: dict[str, str] = {}
         moves: dict[str, str] = {}
+        float_losses: dict = {}  # the float model's, measured in round 0 and reused
         stopped = f"tune.max_rounds ({tune.max_rounds}) compiles done"
         for number in range(tune.max_rounds):
             directory = scratch / f"round-{number}"
@@ -150,7 +151,8 @@ def tune_compile(config: SlimcConfig, *, model_path: str | None, out_dir: Path, 
             moves = next_moves(ranking, fallbacks, tune.fallback, tune.step)  # the next round's, if there is one
             report = compile_model(round_config, model_path=model_path, out_dir=directory, resume=reused > 0,
                                    keep_journal=block_before_change(blocks, moves)).report
-            results = evaluate(source, directory, evaluation_config, calibrated_on=config.calibration.dataset)
+            results = evaluate(source, directory, evaluation_config, calibrated_on=config.calibration.dataset,
+                               float_losses=float_losses)
             rounds.append(Round(number, dict(fallbacks), worst_increase(results), sum(report.outputs.values()),
                                 results, report, directory, reused))
             discard_superseded(rounds, tune.max_size_increase)
