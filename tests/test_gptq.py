@@ -205,3 +205,15 @@ def test_gptq_with_the_textbook_factor_gives_nearly_the_same_codes(monkeypatch):
     ours = output_error(x, weight, dequantize_weight(codes, scale, offset, INT4_CHANNEL_MSE))
     textbook = output_error(x, weight, dequantize_weight(textbook_codes, textbook_scale, textbook_offset, INT4_CHANNEL_MSE))
     assert abs(ours - textbook) < 0.01 * textbook
+
+
+@pytest.mark.parametrize("size", [5, 700, 1031])
+def test_the_upper_triangular_inverse_by_halves_is_the_inverse_to_float32_rounding(size):
+    generator = torch.Generator().manual_seed(size)
+    x = torch.randn(size, 2 * size, generator=generator, dtype=torch.float64)
+    upper = torch.linalg.cholesky(x @ x.T / size + torch.eye(size, dtype=torch.float64), upper=True)
+    inverse = gptq.upper_triangular_inverse(upper.float())
+    reference = torch.linalg.solve_triangular(upper, torch.eye(size, dtype=torch.float64), upper=True)
+    assert torch.equal(inverse, inverse.triu())
+    error = (inverse.double() - reference).abs().max() / reference.abs().max()
+    assert error < 4 * torch.finfo(torch.float32).eps * size**0.5
