@@ -33,6 +33,13 @@ from slimc.ir.capture import BlockInput
 from slimc.ir.hooks import temporary_hooks
 from slimc.ir.tracer import trace_block
 from slimc.numerics.cayley import cayley_step
+from slimc.numerics.folding import (
+    rotated_head_reader,
+    rotated_head_values,
+    rotated_inputs,
+    rotated_outputs,
+    scaled_inputs,
+)
 from slimc.numerics.hadamard import KroneckerRotation, OnlineHadamard, precise_dtype
 from slimc.numerics.quant import ste_dynamic_fake_quantize, ste_fake_quantize_weight
 from slimc.pass_base import Context
@@ -248,10 +255,12 @@ class ResidualRotationLearner:
         base: dict[str, torch.Tensor] = {}
         overrides: dict[str, torch.Tensor] = {}
 
+        def precise(parameter: torch.Tensor) -> torch.Tensor:
+            return parameter.detach().to(precise_dtype(parameter.device))
+
         def weight(name: str) -> torch.Tensor:
             if name not in base:
-                parameter = block.module.get_parameter(name).detach()
-                base[name] = parameter.to(precise_dtype(parameter.device))
+                base[name] = precise(block.module.get_parameter(name))
             return base[name]
 
         for norm_target, weights in layers.norm_readers.items():
@@ -259,25 +268,23 @@ class ResidualRotationLearner:
             if norm_has_affine_weight(norm):
                 overrides[f"{norm_target}.weight"] = torch.ones_like(norm.weight)
                 for name in weights:
-                    base[name] = weight(name) * norm.weight.detach().to(base[name].dtype)
+                    base[name] = scaled_inputs(weight(name), norm.weight.detach())
         for v_target, o_target, head_dim in layers.heads:
-            r2 = self.head_rotation(head_dim)
-            v = weight(f"{v_target}.weight")
-            base[f"{v_target}.weight"] = r2.apply(v.reshape(-1, head_dim, v.shape[-1]).transpose(-1, -2)).transpose(-1, -2).reshape(v.shape)
-            if block.leaf(v_target).bias is not None:
-                bias = block.leaf(v_target).bias.detach()
-                bias = bias.to(precise_dtype(bias.device))
-                overrides[f"{v_target}.bias"] = r2.apply(bias.reshape(-1, head_dim)).reshape(bias.shape)
-            o = weight(f"{o_target}.weight")
-            base[f"{o_target}.weight"] = r2.apply(o.reshape(o.shape[0], -1, head_dim)).reshape(o.shape)
+            r2, bias = self.head_rotation(head_dim), block.leaf(v_target).bias
+            base[f"{v_target}.weight"], v_bias = rotated_head_values(
+                weight(f"{v_target}.weight"), None if bias is None else precise(bias), r2, head_dim)
+            if v_bias is not None:
+                overrides[f"{v_target}.bias"] = v_bias
+            base[f"{o_target}.weight"] = rotated_head_reader(weight(f"{o_target}.weight"), r2, head_dim)
         for down, transform in layers.online.items():
-            base[f"{down}.weight"] = transform.rotation().apply(weight(f"{down}.weight"))
+            base[f"{down}.weight"] = rotated_inputs(weight(f"{down}.weight"), transform.rotation())
         for name in layers.readers:
-            overrides[name] = weight(name).float() @ r
+            overrides[name] = rotated_inputs(weight(name).float(), r)
         for name, bias in layers.writers:
-            overrides[name] = (weight(name).float().transpose(-1, -2) @ r).transpose(-1, -2)
+            overrides[name], folded_bias = rotated_outputs(
+                weight(name).float(), None if bias is None else block.module.get_parameter(bias).float(), r)
             if bias is not None:
-                overrides[bias] = block.module.get_parameter(bias).float() @ r
+                overrides[bias] = folded_bias
         for name, tensor in base.items():
             overrides.setdefault(name, tensor.float())
         for target, module in block.module.named_modules():
@@ -311,11 +318,11 @@ class ResidualRotationLearner:
         head, norm = self._head()
         weight = head.weight.float()
         if norm_has_affine_weight(norm):
-            weight = weight * norm.weight.float()
+            weight = scaled_inputs(weight, norm.weight)
             normed = functional_call(norm, {"weight": torch.ones_like(norm.weight)}, (hidden,))
         else:
             normed = norm(hidden)
-        weight = weight @ r
+        weight = rotated_inputs(weight, r)
         scheme = self.ctx.plan.scheme(self.program.head)
         if scheme is not None:
             weight = ste_fake_quantize_weight(weight, scheme.scheme.weight)

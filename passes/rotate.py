@@ -14,12 +14,23 @@ The equivalence check confirms every block computes what it did, in the rotated 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from pydantic import PrivateAttr
 from torch import nn
 
 from slimc.errors import PassError
 from slimc.ir import Block, Program
+from slimc.numerics.folding import (
+    Rotation,
+    rotated_head_reader,
+    rotated_head_values,
+    rotated_inputs,
+    rotated_outputs,
+    scaled_inputs,
+)
 from slimc.numerics.hadamard import (
     KroneckerRotation,
     OnlineHadamard,
@@ -40,29 +51,25 @@ from slimc.patterns import (
 )
 from slimc.patterns.fold import consumer_weight, norm_has_affine_weight
 
-Rotation = torch.Tensor | KroneckerRotation  # dense (n, n), or factored: n·Σ(factor orders) per row instead of n²
-
-
-def _right(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
-    """x @ R over the last dim, in x's dtype."""
-    if isinstance(rotation, KroneckerRotation):
-        return rotation.apply(x)
-    return x @ rotation.to(x.device, x.dtype)
-
 
 @torch.no_grad()
+def _fold(fold: Callable, *parameters: torch.Tensor | None, **settings: Any) -> None:
+    """Replace `parameters` (None where absent) by what `fold` makes of them, computed in float64 where the device
+    has it and stored in each one's dtype."""
+    folded = fold(*(None if p is None else p.to(precise_dtype(p.device)) for p in parameters), **settings)
+    for parameter, tensor in zip(parameters, folded if isinstance(folded, tuple) else (folded,), strict=True):
+        if parameter is not None:
+            parameter.copy_(tensor.to(parameter.dtype))
+
+
 def rotate_inputs(weight: torch.Tensor, rotation: Rotation) -> None:
-    """W (..., in) -> W @ R: the layer now reads x·R and computes what it did on x."""
-    weight.copy_(_right(weight.to(precise_dtype(weight.device)), rotation).to(weight.dtype))
+    """In place: W (..., in) -> W @ R, the layer now reads x·R and computes what it did on x."""
+    _fold(rotated_inputs, weight, rotation=rotation)
 
 
-@torch.no_grad()
 def rotate_outputs(weight: torch.Tensor, bias: torch.Tensor | None, rotation: Rotation) -> None:
-    """W (..., out, in) -> Rᵀ @ W and b -> b @ R: the layer now writes y·R."""
-    dtype = precise_dtype(weight.device)
-    weight.copy_(_right(weight.to(dtype).transpose(-1, -2), rotation).transpose(-1, -2).to(weight.dtype))
-    if bias is not None:
-        bias.copy_(_right(bias.to(dtype), rotation).to(bias.dtype))
+    """In place: W (..., out, in) -> Rᵀ @ W and b -> b @ R, the layer now writes y·R."""
+    _fold(rotated_outputs, weight, bias, rotation=rotation)
 
 
 def check_rotatable_norm(norm: nn.Module, name: str, rotation: torch.Tensor) -> None:
@@ -155,7 +162,7 @@ class Rotate(Pass):
         if program.head_norm is not None:
             norm = program.model.get_submodule(program.head_norm)
             if norm_has_affine_weight(norm):
-                head.weight.copy_((head.weight.float() * norm.weight.float()).to(head.weight.dtype))
+                head.weight.copy_(scaled_inputs(head.weight.float(), norm.weight).to(head.weight.dtype))
                 norm.weight.fill_(1.0)
             check_rotatable_norm(norm, program.head_norm, self._rotation)
         rotate_inputs(head.weight, self._factored)
@@ -193,14 +200,12 @@ class Rotate(Pass):
             self._head_rotations[head_dim] = random_rotation(head_dim, self.seed + 1)[0]
         return self._head_rotations[head_dim]
 
-    @torch.no_grad()
     def _rotate_heads(self, block: Block, v_target: str, o_target: str, head_dim: int) -> None:
         """Each head's values become v·R2 (v_proj rows) and o_proj reads them back (its columns per head)."""
         r2 = self._head_rotation(head_dim)
         v, o = block.leaf(v_target), block.leaf(o_target)
-        v_rows = v.weight.view(-1, head_dim, v.weight.shape[-1])
-        rotate_outputs(v_rows, None if v.bias is None else v.bias.view(-1, head_dim), r2)
-        rotate_inputs(o.weight.view(o.weight.shape[0], -1, head_dim), r2)
+        _fold(rotated_head_values, v.weight, v.bias, rotation=r2, head_dim=head_dim)
+        _fold(rotated_head_reader, o.weight, rotation=r2, head_dim=head_dim)
 
     def _online_down(self, block: Block, ctx: Context) -> None:
         gm = block.graph_module
