@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
+from torch import fx, nn
 from torch.func import functional_call
 
 from slimc.errors import PassError
@@ -44,7 +44,7 @@ from slimc.numerics.hadamard import KroneckerRotation, OnlineHadamard, precise_d
 from slimc.numerics.quant import ste_dynamic_fake_quantize, ste_fake_quantize_weight
 from slimc.pass_base import Context
 from slimc.patterns import Consumer, find_ov_pairs, find_residual_stream, find_up_down_pairs
-from slimc.patterns.fold import norm_has_affine_weight
+from slimc.patterns.fold import consumer_weight_name, norm_has_affine_weight
 from slimc.patterns.graph import propagate_shapes
 from slimc.schemes import QuantScheme
 
@@ -61,9 +61,10 @@ class RotationLearning(BaseModel):
 
 
 @dataclass
-class _StreamLayers:
-    """What of one block the rotations reach: parameter names (in the block) of the stream's readers and writers,
-    the norms before the readers, and the rotations rotate adds inside the block."""
+class StreamLayers:
+    """What of one block the rotations reach, which rotate folds into and the learner models: parameter names (in
+    the block) of the stream's readers and writers, the norms before the readers, and the rotations rotate adds
+    inside the block."""
 
     block: Block
     norm_readers: dict[str, list[str]] = field(default_factory=dict)  # norm target -> the weights it feeds
@@ -72,31 +73,28 @@ class _StreamLayers:
     heads: list[tuple[str, str, int]] = field(default_factory=list)  # (v_proj, o_proj, head_dim)
     online: dict[str, OnlineHadamard] = field(default_factory=dict)  # down projection -> its online Hadamard
 
-
-def _reader_weight(consumer: Consumer) -> str:
-    return {"linear": f"{consumer.target}.weight", "experts": f"{consumer.target}.gate_up_proj"}.get(consumer.kind, consumer.target)
+    def parameter(self, name: str | None) -> torch.Tensor | None:
+        return None if name is None else self.block.module.get_parameter(name)
 
 
 def _writer_tensors(block: Block, consumer: Consumer) -> tuple[str, str | None]:
-    """The names of a writer's weight and bias (None if it has none), as rotate's `_rotate_writer` rotates them."""
+    """The names of a writer's weight and bias (None if it has none)."""
     weight, bias = ("down_proj", "down_proj_bias") if consumer.kind == "experts" else ("weight", "bias")
     has_bias = getattr(block.leaf(consumer.target), bias, None) is not None
     return f"{consumer.target}.{weight}", f"{consumer.target}.{bias}" if has_bias else None
 
 
-@torch.no_grad()
-def _find_layers(block: Block, call: BlockInput, heads: bool, online_down: bool) -> _StreamLayers:
-    traced = trace_block(block.module, *call, name=block.name)  # for the patterns only: the pipeline traces its own
-    propagate_shapes(traced.graph_module, traced.flatten_inputs(*call))
-    gm = traced.graph_module
+def stream_layers(block: Block, gm: fx.GraphModule, heads: bool, online_down: bool) -> StreamLayers:
+    """What rotate folds into in `block`, whose graph (with shapes propagated) is `gm`: R2 on `heads`, the online
+    Hadamard before the down projections if `online_down`."""
     stream = find_residual_stream(gm)
     if stream.problem:
         raise PassError(f"rotate: block {block.name}: {stream.problem}, so the residual stream cannot be rotated")
-    layers = _StreamLayers(block)
+    layers = StreamLayers(block)
     for group in stream.norms:
-        layers.norm_readers[group.norm] = [_reader_weight(c) for c in group.consumers]
+        layers.norm_readers[group.norm] = [consumer_weight_name(c) for c in group.consumers]
     layers.readers = [w for weights in layers.norm_readers.values() for w in weights] + \
-        [_reader_weight(c) for c in stream.direct_readers]
+        [consumer_weight_name(c) for c in stream.direct_readers]
     layers.writers = [_writer_tensors(block, c) for c in stream.writers]
     if heads:
         layers.heads = [(pair.v, pair.o, pair.head_dim) for pair in find_ov_pairs(gm)]
@@ -104,6 +102,13 @@ def _find_layers(block: Block, call: BlockInput, heads: bool, online_down: bool)
         for pair in find_up_down_pairs(gm):
             layers.online[pair.down] = OnlineHadamard(block.leaf(pair.down).in_features)
     return layers
+
+
+@torch.no_grad()
+def _find_layers(block: Block, call: BlockInput, heads: bool, online_down: bool) -> StreamLayers:
+    traced = trace_block(block.module, *call, name=block.name)  # for the patterns only: the pipeline traces its own
+    propagate_shapes(traced.graph_module, traced.flatten_inputs(*call))
+    return stream_layers(block, traced.graph_module, heads, online_down)
 
 
 def _kl(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -127,7 +132,7 @@ class ResidualRotationLearner:
         self.positions = [p for p, index in enumerate(ctx.batch_ids) if index < count]
         self.batches = ctx.world.sum(torch.tensor(float(len(self.positions)))).item()
         self.blocks = program.stages[0].blocks
-        self.layers: list[_StreamLayers] = []
+        self.layers: list[StreamLayers] = []
         self.reference: list[torch.Tensor] = []  # the float model's log-probabilities, per batch
 
     def learn(self, start: torch.Tensor) -> tuple[torch.Tensor, float, float]:
@@ -249,7 +254,7 @@ class ResidualRotationLearner:
         assigned = self.ctx.plan.scheme(block.qualified(target))
         return None if assigned is None else assigned.scheme
 
-    def _rotated(self, layers: _StreamLayers, r: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _rotated(self, layers: StreamLayers, r: torch.Tensor) -> dict[str, torch.Tensor]:
         """The block's tensors as rotate will leave them, R1 = r, fake-quantized where the plan quantizes them."""
         block = layers.block
         base: dict[str, torch.Tensor] = {}
@@ -260,7 +265,7 @@ class ResidualRotationLearner:
 
         def weight(name: str) -> torch.Tensor:
             if name not in base:
-                base[name] = precise(block.module.get_parameter(name))
+                base[name] = precise(layers.parameter(name))
             return base[name]
 
         for norm_target, weights in layers.norm_readers.items():
@@ -282,7 +287,7 @@ class ResidualRotationLearner:
             overrides[name] = rotated_inputs(weight(name).float(), r)
         for name, bias in layers.writers:
             overrides[name], folded_bias = rotated_outputs(
-                weight(name).float(), None if bias is None else block.module.get_parameter(bias).float(), r)
+                weight(name).float(), None if bias is None else layers.parameter(bias).float(), r)
             if bias is not None:
                 overrides[bias] = folded_bias
         for name, tensor in base.items():
@@ -292,10 +297,10 @@ class ResidualRotationLearner:
             name = f"{target}.weight"
             if isinstance(module, nn.Linear) and scheme is not None:
                 overrides[name] = ste_fake_quantize_weight(overrides.get(name, module.weight), scheme.weight)
-        return {name: tensor.to(block.module.get_parameter(name).dtype) for name, tensor in overrides.items()}
+        return {name: tensor.to(layers.parameter(name).dtype) for name, tensor in overrides.items()}
 
     @contextlib.contextmanager
-    def _quantizers(self, layers: _StreamLayers) -> Iterator[None]:
+    def _quantizers(self, layers: StreamLayers) -> Iterator[None]:
         """Hooks quantizing the inputs of the block's quantized Linears, behind the online Hadamard where it has one."""
         block = layers.block
         with temporary_hooks() as hooks:

@@ -40,16 +40,14 @@ from slimc.numerics.hadamard import (
 )
 from slimc.numerics.modules import FakeQuantExperts, QKHadamard
 from slimc.pass_base import Context, Pass, register_pass
-from slimc.passes.learned_rotation import ResidualRotationLearner, RotationLearning
-from slimc.patterns import (
-    Consumer,
-    find_experts,
-    find_kv_inputs,
-    find_ov_pairs,
-    find_residual_stream,
-    find_up_down_pairs,
+from slimc.passes.learned_rotation import (
+    ResidualRotationLearner,
+    RotationLearning,
+    StreamLayers,
+    stream_layers,
 )
-from slimc.patterns.fold import consumer_weight, norm_has_affine_weight
+from slimc.patterns import find_experts, find_kv_inputs
+from slimc.patterns.fold import norm_has_affine_weight
 
 
 @torch.no_grad()
@@ -168,32 +166,19 @@ class Rotate(Pass):
         rotate_inputs(head.weight, self._factored)
 
     def run_block(self, block: Block, ctx: Context) -> None:
-        gm = block.graph_module
-        stream = find_residual_stream(gm)
-        if stream.problem:
-            raise PassError(f"rotate: block {block.name}: {stream.problem}, so the residual stream cannot be rotated")
-        for group in stream.norms:
-            check_rotatable_norm(block.leaf(group.norm), block.qualified(group.norm), self._rotation)
-        readers = [c for group in stream.norms for c in group.consumers] + stream.direct_readers
-        for consumer in readers:
-            rotate_inputs(consumer_weight(block, consumer), self._factored)
-        for writer in stream.writers:
-            self._rotate_writer(block, writer, self._factored)
-        if self.heads:
-            for pair in find_ov_pairs(gm):
-                self._rotate_heads(block, pair.v, pair.o, pair.head_dim)
+        layers = stream_layers(block, block.graph_module, self.heads, self.online_down)
+        for norm in layers.norm_readers:
+            check_rotatable_norm(block.leaf(norm), block.qualified(norm), self._rotation)
+        for name in layers.readers:
+            rotate_inputs(layers.parameter(name), self._factored)
+        for weight, bias in layers.writers:
+            rotate_outputs(layers.parameter(weight), layers.parameter(bias), self._factored)
+        for v_target, o_target, head_dim in layers.heads:
+            self._rotate_heads(block, v_target, o_target, head_dim)
         if self.online_down:
-            self._online_down(block, ctx)
+            self._online_down(layers, ctx)
         if self.online_qk and block.role == "text":
             self._online_qk(block, ctx)
-
-    @staticmethod
-    def _rotate_writer(block: Block, writer: Consumer, rotation: Rotation) -> None:
-        module = block.leaf(writer.target)
-        if writer.kind == "experts":
-            rotate_outputs(module.down_proj, getattr(module, "down_proj_bias", None), rotation)
-        else:
-            rotate_outputs(module.weight, module.bias, rotation)
 
     def _head_rotation(self, head_dim: int) -> KroneckerRotation:
         if head_dim not in self._head_rotations:
@@ -207,15 +192,14 @@ class Rotate(Pass):
         _fold(rotated_head_values, v.weight, v.bias, rotation=r2, head_dim=head_dim)
         _fold(rotated_head_reader, o.weight, rotation=r2, head_dim=head_dim)
 
-    def _online_down(self, block: Block, ctx: Context) -> None:
-        gm = block.graph_module
-        for pair in find_up_down_pairs(gm):
-            down = block.leaf(pair.down)
-            transform = OnlineHadamard(down.in_features).to(down.weight.device)
+    def _online_down(self, layers: StreamLayers, ctx: Context) -> None:
+        block = layers.block
+        for target, transform in layers.online.items():
+            down = block.leaf(target)
             rotate_inputs(down.weight, transform.rotation())
-            block.insert_input_node(pair.down, block.rotation_target(pair.down), transform)
-            self._record(block, ctx, pair.down, transform)
-        for target in find_experts(gm):
+            block.insert_input_node(target, block.rotation_target(target), transform.to(down.weight.device))
+            self._record(block, ctx, target, transform)
+        for target in find_experts(block.graph_module):
             experts = block.leaf(target)
             if getattr(experts, "down_transform", None) is not None:
                 continue
