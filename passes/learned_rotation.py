@@ -28,19 +28,13 @@ from torch.func import functional_call
 
 from slimc.errors import PassError
 from slimc.ir import Block, Program
-from slimc.ir.calls import block_output, hidden_of, rebind_hidden, row_count, to_device
+from slimc.ir.calls import block_output, hidden_of, rebind_hidden, rotate_hidden, row_count, to_device
 from slimc.ir.capture import BlockInput
 from slimc.ir.hooks import temporary_hooks
 from slimc.ir.tracer import trace_block
+from slimc.numerics import folding
 from slimc.numerics.cayley import cayley_step
-from slimc.numerics.folding import (
-    rotated_head_reader,
-    rotated_head_values,
-    rotated_inputs,
-    rotated_outputs,
-    scaled_inputs,
-)
-from slimc.numerics.hadamard import KroneckerRotation, OnlineHadamard, precise_dtype
+from slimc.numerics.hadamard import KroneckerRotation, OnlineHadamard
 from slimc.numerics.quant import ste_dynamic_fake_quantize, ste_fake_quantize_weight
 from slimc.pass_base import Context
 from slimc.patterns import Consumer, find_ov_pairs, find_residual_stream, find_up_down_pairs
@@ -62,9 +56,8 @@ class RotationLearning(BaseModel):
 
 @dataclass
 class StreamLayers:
-    """What of one block the rotations reach, which rotate folds into and the learner models: parameter names (in
-    the block) of the stream's readers and writers, the norms before the readers, and the rotations rotate adds
-    inside the block."""
+    """What of one block the rotations reach (rotate folds into it, the learner models it): parameter names (in the
+    block) of the stream's readers and writers, the norms before the readers, and the rotations added inside."""
 
     block: Block
     norm_readers: dict[str, list[str]] = field(default_factory=dict)  # norm target -> the weights it feeds
@@ -102,13 +95,6 @@ def stream_layers(block: Block, gm: fx.GraphModule, heads: bool, online_down: bo
         for pair in find_up_down_pairs(gm):
             layers.online[pair.down] = OnlineHadamard(block.leaf(pair.down).in_features)
     return layers
-
-
-@torch.no_grad()
-def _find_layers(block: Block, call: BlockInput, heads: bool, online_down: bool) -> StreamLayers:
-    traced = trace_block(block.module, *call, name=block.name)  # for the patterns only: the pipeline traces its own
-    propagate_shapes(traced.graph_module, traced.flatten_inputs(*call))
-    return stream_layers(block, traced.graph_module, heads, online_down)
 
 
 def _kl(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -196,7 +182,9 @@ class ResidualRotationLearner:
         calls = self._first_calls()
         for index, block in enumerate(self.blocks):
             with self._on_device(block):
-                self.layers.append(_find_layers(block, calls[0], self.heads, self.online_down))
+                traced = trace_block(block.module, *calls[0], name=block.name)  # for the patterns: the pipeline traces its own
+                propagate_shapes(traced.graph_module, traced.flatten_inputs(*calls[0]))
+                self.layers.append(stream_layers(block, traced.graph_module, self.heads, self.online_down))
                 calls = [self._following(index, b, self._run(block, call)) for b, call in enumerate(calls)]
         head, norm = self._head()
         self.reference = [F.log_softmax(head(norm(hidden)).float(), dim=-1) for hidden in calls]
@@ -216,7 +204,7 @@ class ResidualRotationLearner:
         first = self._first_calls()
         with torch.no_grad():
             r = working()
-            calls = [[rebind_hidden(call, (hidden_of(call).float() @ r).to(hidden_of(call).dtype)) for call in first]]
+            calls = [[rebind_hidden(call, rotate_hidden(hidden_of(call), r)) for call in first]]
             for index, (block, layers) in enumerate(zip(self.blocks, self.layers, strict=True)):
                 with self._on_device(block), self._quantizers(layers):
                     overrides = self._rotated(layers, r)
@@ -244,8 +232,7 @@ class ResidualRotationLearner:
                     torch.autograd.backward(passed, grads[b], retain_graph=b + 1 < len(block_calls))
                     grads[b] = hidden.grad
         for call, grad in zip(first, grads, strict=True):
-            embedded = hidden_of(call)
-            torch.autograd.backward((embedded.float() @ working()).to(embedded.dtype), grad)
+            torch.autograd.backward(rotate_hidden(hidden_of(call), working()), grad)
         return total, self.ctx.world.sum(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))  # none: no batch here
 
     # --- the rotated, fake-quantized weights --------------------------------------------------------------
@@ -260,12 +247,9 @@ class ResidualRotationLearner:
         base: dict[str, torch.Tensor] = {}
         overrides: dict[str, torch.Tensor] = {}
 
-        def precise(parameter: torch.Tensor) -> torch.Tensor:
-            return parameter.detach().to(precise_dtype(parameter.device))
-
         def weight(name: str) -> torch.Tensor:
             if name not in base:
-                base[name] = precise(layers.parameter(name))
+                base[name] = folding.precise(layers.parameter(name))
             return base[name]
 
         for norm_target, weights in layers.norm_readers.items():
@@ -273,20 +257,19 @@ class ResidualRotationLearner:
             if norm_has_affine_weight(norm):
                 overrides[f"{norm_target}.weight"] = torch.ones_like(norm.weight)
                 for name in weights:
-                    base[name] = scaled_inputs(weight(name), norm.weight.detach())
+                    base[name] = folding.scaled_inputs(weight(name), norm.weight.detach())
         for v_target, o_target, head_dim in layers.heads:
             r2, bias = self.head_rotation(head_dim), block.leaf(v_target).bias
-            base[f"{v_target}.weight"], v_bias = rotated_head_values(
-                weight(f"{v_target}.weight"), None if bias is None else precise(bias), r2, head_dim)
+            base[f"{v_target}.weight"], v_bias = folding.rotated_outputs(weight(f"{v_target}.weight"), folding.precise(bias), r2)
             if v_bias is not None:
                 overrides[f"{v_target}.bias"] = v_bias
-            base[f"{o_target}.weight"] = rotated_head_reader(weight(f"{o_target}.weight"), r2, head_dim)
+            base[f"{o_target}.weight"] = folding.rotated_inputs(weight(f"{o_target}.weight"), r2)
         for down, transform in layers.online.items():
-            base[f"{down}.weight"] = rotated_inputs(weight(f"{down}.weight"), transform.rotation())
+            base[f"{down}.weight"] = folding.rotated_inputs(weight(f"{down}.weight"), transform.rotation())
         for name in layers.readers:
-            overrides[name] = rotated_inputs(weight(name).float(), r)
+            overrides[name] = folding.rotated_inputs(weight(name).float(), r)
         for name, bias in layers.writers:
-            overrides[name], folded_bias = rotated_outputs(
+            overrides[name], folded_bias = folding.rotated_outputs(
                 weight(name).float(), None if bias is None else layers.parameter(bias).float(), r)
             if bias is not None:
                 overrides[bias] = folded_bias
@@ -323,11 +306,11 @@ class ResidualRotationLearner:
         head, norm = self._head()
         weight = head.weight.float()
         if norm_has_affine_weight(norm):
-            weight = scaled_inputs(weight, norm.weight)
+            weight = folding.scaled_inputs(weight, norm.weight)
             normed = functional_call(norm, {"weight": torch.ones_like(norm.weight)}, (hidden,))
         else:
             normed = norm(hidden)
-        weight = rotated_inputs(weight, r)
+        weight = folding.rotated_inputs(weight, r)
         scheme = self.ctx.plan.scheme(self.program.head)
         if scheme is not None:
             weight = ste_fake_quantize_weight(weight, scheme.scheme.weight)

@@ -14,60 +14,35 @@ The equivalence check confirms every block computes what it did, in the rotated 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 from pydantic import PrivateAttr
 from torch import nn
 
 from slimc.errors import PassError
 from slimc.ir import Block, Program
-from slimc.numerics.folding import (
-    Rotation,
-    rotated_head_reader,
-    rotated_head_values,
-    rotated_inputs,
-    rotated_outputs,
-    scaled_inputs,
-)
-from slimc.numerics.hadamard import (
-    KroneckerRotation,
-    OnlineHadamard,
-    describe_hadamard,
-    precise_dtype,
-    random_rotation,
-)
+from slimc.numerics import folding
+from slimc.numerics.hadamard import KroneckerRotation, OnlineHadamard, describe_hadamard, random_rotation
 from slimc.numerics.modules import FakeQuantExperts, QKHadamard
 from slimc.pass_base import Context, Pass, register_pass
-from slimc.passes.learned_rotation import (
-    ResidualRotationLearner,
-    RotationLearning,
-    StreamLayers,
-    stream_layers,
-)
+from slimc.passes.learned_rotation import ResidualRotationLearner, RotationLearning, stream_layers
 from slimc.patterns import find_experts, find_kv_inputs
 from slimc.patterns.fold import norm_has_affine_weight
 
 
 @torch.no_grad()
-def _fold(fold: Callable, *parameters: torch.Tensor | None, **settings: Any) -> None:
-    """Replace `parameters` (None where absent) by what `fold` makes of them, computed in float64 where the device
-    has it and stored in each one's dtype."""
-    folded = fold(*(None if p is None else p.to(precise_dtype(p.device)) for p in parameters), **settings)
-    for parameter, tensor in zip(parameters, folded if isinstance(folded, tuple) else (folded,), strict=True):
-        if parameter is not None:
-            parameter.copy_(tensor.to(parameter.dtype))
+def rotate_inputs(weight: torch.Tensor, rotation: folding.Rotation) -> None:
+    """In place, computed in float64 where the device has it: W (..., in) -> W·(I ⊗ R), the layer now reads x·(I ⊗ R)
+    and computes what it did on x (numerics.folding.rotated_inputs)."""
+    weight.copy_(folding.rotated_inputs(folding.precise(weight), rotation).to(weight.dtype))
 
 
-def rotate_inputs(weight: torch.Tensor, rotation: Rotation) -> None:
-    """In place: W (..., in) -> W @ R, the layer now reads x·R and computes what it did on x."""
-    _fold(rotated_inputs, weight, rotation=rotation)
-
-
-def rotate_outputs(weight: torch.Tensor, bias: torch.Tensor | None, rotation: Rotation) -> None:
-    """In place: W (..., out, in) -> Rᵀ @ W and b -> b @ R, the layer now writes y·R."""
-    _fold(rotated_outputs, weight, bias, rotation=rotation)
+@torch.no_grad()
+def rotate_outputs(weight: torch.Tensor, bias: torch.Tensor | None, rotation: folding.Rotation) -> None:
+    """In place, likewise: W (..., out, in) -> (I ⊗ R)ᵀ·W and b -> b·(I ⊗ R), the layer now writes y·(I ⊗ R)."""
+    folded, folded_bias = folding.rotated_outputs(folding.precise(weight), folding.precise(bias), rotation)
+    weight.copy_(folded.to(weight.dtype))
+    if bias is not None:
+        bias.copy_(folded_bias.to(bias.dtype))
 
 
 def check_rotatable_norm(norm: nn.Module, name: str, rotation: torch.Tensor) -> None:
@@ -105,7 +80,7 @@ class Rotate(Pass):
     online_qk: bool = False
     learn: RotationLearning | None = None
     _rotation: torch.Tensor | None = PrivateAttr(None)  # dense, for the calibration inputs and the equivalence check
-    _factored: Rotation | None = PrivateAttr(None)  # the same R, for the weights (factored unless learned)
+    _factored: folding.Rotation | None = PrivateAttr(None)  # the same R, for the weights (factored unless learned)
     _head_rotations: dict[int, KroneckerRotation] = PrivateAttr(default_factory=dict)
 
     def stream_rotation(self) -> torch.Tensor | None:
@@ -160,7 +135,7 @@ class Rotate(Pass):
         if program.head_norm is not None:
             norm = program.model.get_submodule(program.head_norm)
             if norm_has_affine_weight(norm):
-                head.weight.copy_(scaled_inputs(head.weight.float(), norm.weight).to(head.weight.dtype))
+                head.weight.copy_(folding.scaled_inputs(head.weight.float(), norm.weight).to(head.weight.dtype))
                 norm.weight.fill_(1.0)
             check_rotatable_norm(norm, program.head_norm, self._rotation)
         rotate_inputs(head.weight, self._factored)
@@ -173,10 +148,12 @@ class Rotate(Pass):
             rotate_inputs(layers.parameter(name), self._factored)
         for weight, bias in layers.writers:
             rotate_outputs(layers.parameter(weight), layers.parameter(bias), self._factored)
-        for v_target, o_target, head_dim in layers.heads:
-            self._rotate_heads(block, v_target, o_target, head_dim)
+        for v_target, o_target, head_dim in layers.heads:  # each head's values become v·R2, which o_proj reads back
+            v, r2 = block.leaf(v_target), self._head_rotation(head_dim)
+            rotate_outputs(v.weight, v.bias, r2)
+            rotate_inputs(block.leaf(o_target).weight, r2)
         if self.online_down:
-            self._online_down(layers, ctx)
+            self._online_down(block, layers.online, ctx)
         if self.online_qk and block.role == "text":
             self._online_qk(block, ctx)
 
@@ -185,16 +162,8 @@ class Rotate(Pass):
             self._head_rotations[head_dim] = random_rotation(head_dim, self.seed + 1)[0]
         return self._head_rotations[head_dim]
 
-    def _rotate_heads(self, block: Block, v_target: str, o_target: str, head_dim: int) -> None:
-        """Each head's values become v·R2 (v_proj rows) and o_proj reads them back (its columns per head)."""
-        r2 = self._head_rotation(head_dim)
-        v, o = block.leaf(v_target), block.leaf(o_target)
-        _fold(rotated_head_values, v.weight, v.bias, rotation=r2, head_dim=head_dim)
-        _fold(rotated_head_reader, o.weight, rotation=r2, head_dim=head_dim)
-
-    def _online_down(self, layers: StreamLayers, ctx: Context) -> None:
-        block = layers.block
-        for target, transform in layers.online.items():
+    def _online_down(self, block: Block, online: dict[str, OnlineHadamard], ctx: Context) -> None:
+        for target, transform in online.items():
             down = block.leaf(target)
             rotate_inputs(down.weight, transform.rotation())
             block.insert_input_node(target, block.rotation_target(target), transform.to(down.weight.device))

@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from slimc.numerics.hadamard import KroneckerRotation
+from slimc.numerics.hadamard import KroneckerRotation, precise_dtype
 
 Rotation = torch.Tensor | KroneckerRotation  # dense (n, n), or factored: n·Σ(factor orders) per row instead of n²
+
+
+def precise(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The tensor detached, in float64 where its device has it (the folding is exact only up to the arithmetic)."""
+    return None if tensor is None else tensor.detach().to(precise_dtype(tensor.device))
 
 
 def scaled_inputs(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -16,27 +21,25 @@ def scaled_inputs(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return weight * scale.to(weight)
 
 
+def _order(rotation: Rotation) -> int:
+    return rotation.order if isinstance(rotation, KroneckerRotation) else rotation.shape[0]
+
+
 def rotated_inputs(weight: torch.Tensor, rotation: Rotation) -> torch.Tensor:
-    """W (..., in) -> W @ R: the layer reads x·R and computes what it did on x (a bias b (in,) written as y·R: b @ R)."""
+    """W (..., in) -> W·(I ⊗ R): the layer reads x·(I ⊗ R) and computes what it did on x, R (n, n) turning each group
+    of n channels (all of them for R1, each attention head's for R2). A bias b written as y·(I ⊗ R) folds alike."""
+    if weight.shape[-1] != _order(rotation):
+        return rotated_inputs(weight.reshape(*weight.shape[:-1], -1, _order(rotation)), rotation).reshape(weight.shape)
     if isinstance(rotation, KroneckerRotation):
         return rotation.apply(weight)
     return weight @ rotation.to(weight.device, weight.dtype)
 
 
 def rotated_outputs(weight: torch.Tensor, bias: torch.Tensor | None, rotation: Rotation) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """W (..., out, in) -> Rᵀ @ W and b (..., out) -> b @ R: the layer writes y·R."""
-    folded = rotated_inputs(weight.transpose(-1, -2), rotation).transpose(-1, -2)
-    return folded, None if bias is None else rotated_inputs(bias, rotation)
-
-
-def rotated_head_values(weight: torch.Tensor, bias: torch.Tensor | None, rotation: Rotation,
-                        head_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """v_proj's W (heads·head_dim, in) and b: each head's values become v·R (R of order head_dim)."""
-    folded, folded_bias = rotated_outputs(weight.reshape(-1, head_dim, weight.shape[-1]),
-                                          None if bias is None else bias.reshape(-1, head_dim), rotation)
-    return folded.reshape(weight.shape), None if bias is None else folded_bias.reshape(bias.shape)
-
-
-def rotated_head_reader(weight: torch.Tensor, rotation: Rotation, head_dim: int) -> torch.Tensor:
-    """o_proj's W (out, heads·head_dim) -> reads each head's values v·R back."""
-    return rotated_inputs(weight.reshape(weight.shape[0], -1, head_dim), rotation).reshape(weight.shape)
+    """W (..., out, in) -> (I ⊗ R)ᵀ·W and b (out,) -> b·(I ⊗ R): the layer writes y·(I ⊗ R), R (n, n) turning each
+    group of n output channels."""
+    folded_bias = None if bias is None else rotated_inputs(bias, rotation)
+    if weight.shape[-2] != _order(rotation):
+        rows = weight.reshape(*weight.shape[:-2], -1, _order(rotation), weight.shape[-1])
+        return rotated_outputs(rows, None, rotation)[0].reshape(weight.shape), folded_bias
+    return rotated_inputs(weight.transpose(-1, -2), rotation).transpose(-1, -2), folded_bias
