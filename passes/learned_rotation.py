@@ -4,7 +4,8 @@ R1 starts from the randomized Hadamard and descends an end-to-end loss: the KL d
 sequences, of the next-token distribution of the model as it will be quantized (in the basis x·R1, with the per-head
 R2 and the online Hadamard before the down projections that rotate adds, weights and activations fake-quantized
 by the plan's schemes with straight-through rounding) from the float model's. Each step is a Cayley transform on
-the orthogonal group, so R1 stays a rotation and folding it leaves the float function unchanged.
+the orthogonal group, so R1 stays a rotation and folding it leaves the float function unchanged. The model as it
+will be is rotate's folding itself: the same layers (`stream_layers`) and the same functions (numerics.folding).
 
 The model runs block by block, as the compile does: a forward without gradients keeps each block's call (its
 hidden states in), then the backward goes from the head to the embeddings one block at a time, recomputing that
