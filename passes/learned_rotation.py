@@ -4,7 +4,8 @@ R1 starts from the randomized Hadamard and descends an end-to-end loss: the KL d
 sequences, of the next-token distribution of the model as it will be quantized (in the basis x·R1, with the per-head
 R2 and the online Hadamard before the down projections that rotate adds, weights and activations fake-quantized
 by the plan's schemes with straight-through rounding) from the float model's. Each step is a Cayley transform on
-the orthogonal group, so R1 stays a rotation and folding it leaves the float function unchanged.
+the orthogonal group, so R1 stays a rotation and folding it leaves the float function unchanged. The model as it
+will be is rotate's folding itself: the same layers (`stream_layers`) and the same functions (numerics.folding).
 
 The model runs block by block, as the compile does: a forward without gradients keeps each block's call (its
 hidden states in), then the backward goes from the head to the embeddings one block at a time, recomputing that
@@ -23,21 +24,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
+from torch import fx, nn
 from torch.func import functional_call
 
 from slimc.errors import PassError
 from slimc.ir import Block, Program
-from slimc.ir.calls import block_output, hidden_of, rebind_hidden, row_count, to_device
+from slimc.ir.calls import block_output, hidden_of, rebind_hidden, rotate_hidden, row_count, to_device
 from slimc.ir.capture import BlockInput
 from slimc.ir.hooks import temporary_hooks
 from slimc.ir.tracer import trace_block
+from slimc.numerics import folding
 from slimc.numerics.cayley import cayley_step
-from slimc.numerics.hadamard import KroneckerRotation, OnlineHadamard, precise_dtype
+from slimc.numerics.hadamard import KroneckerRotation, OnlineHadamard
 from slimc.numerics.quant import ste_dynamic_fake_quantize, ste_fake_quantize_weight
 from slimc.pass_base import Context
 from slimc.patterns import Consumer, find_ov_pairs, find_residual_stream, find_up_down_pairs
-from slimc.patterns.fold import norm_has_affine_weight
+from slimc.patterns.fold import consumer_weight_name, norm_has_affine_weight
 from slimc.patterns.graph import propagate_shapes
 from slimc.schemes import QuantScheme
 
@@ -54,9 +56,9 @@ class RotationLearning(BaseModel):
 
 
 @dataclass
-class _StreamLayers:
-    """What of one block the rotations reach: parameter names (in the block) of the stream's readers and writers,
-    the norms before the readers, and the rotations rotate adds inside the block."""
+class StreamLayers:
+    """What of one block the rotations reach (rotate folds into it, the learner models it): parameter names (in the
+    block) of the stream's readers and writers, the norms before the readers, and the rotations added inside."""
 
     block: Block
     norm_readers: dict[str, list[str]] = field(default_factory=dict)  # norm target -> the weights it feeds
@@ -65,31 +67,28 @@ class _StreamLayers:
     heads: list[tuple[str, str, int]] = field(default_factory=list)  # (v_proj, o_proj, head_dim)
     online: dict[str, OnlineHadamard] = field(default_factory=dict)  # down projection -> its online Hadamard
 
-
-def _reader_weight(consumer: Consumer) -> str:
-    return {"linear": f"{consumer.target}.weight", "experts": f"{consumer.target}.gate_up_proj"}.get(consumer.kind, consumer.target)
+    def parameter(self, name: str | None) -> torch.Tensor | None:
+        return None if name is None else self.block.module.get_parameter(name)
 
 
 def _writer_tensors(block: Block, consumer: Consumer) -> tuple[str, str | None]:
-    """The names of a writer's weight and bias (None if it has none), as rotate's `_rotate_writer` rotates them."""
+    """The names of a writer's weight and bias (None if it has none)."""
     weight, bias = ("down_proj", "down_proj_bias") if consumer.kind == "experts" else ("weight", "bias")
     has_bias = getattr(block.leaf(consumer.target), bias, None) is not None
     return f"{consumer.target}.{weight}", f"{consumer.target}.{bias}" if has_bias else None
 
 
-@torch.no_grad()
-def _find_layers(block: Block, call: BlockInput, heads: bool, online_down: bool) -> _StreamLayers:
-    traced = trace_block(block.module, *call, name=block.name)  # for the patterns only: the pipeline traces its own
-    propagate_shapes(traced.graph_module, traced.flatten_inputs(*call))
-    gm = traced.graph_module
+def stream_layers(block: Block, gm: fx.GraphModule, heads: bool, online_down: bool) -> StreamLayers:
+    """What rotate folds into in `block`, whose graph (with shapes propagated) is `gm`: R2 on `heads`, the online
+    Hadamard before the down projections if `online_down`."""
     stream = find_residual_stream(gm)
     if stream.problem:
         raise PassError(f"rotate: block {block.name}: {stream.problem}, so the residual stream cannot be rotated")
-    layers = _StreamLayers(block)
+    layers = StreamLayers(block)
     for group in stream.norms:
-        layers.norm_readers[group.norm] = [_reader_weight(c) for c in group.consumers]
+        layers.norm_readers[group.norm] = [consumer_weight_name(c) for c in group.consumers]
     layers.readers = [w for weights in layers.norm_readers.values() for w in weights] + \
-        [_reader_weight(c) for c in stream.direct_readers]
+        [consumer_weight_name(c) for c in stream.direct_readers]
     layers.writers = [_writer_tensors(block, c) for c in stream.writers]
     if heads:
         layers.heads = [(pair.v, pair.o, pair.head_dim) for pair in find_ov_pairs(gm)]
@@ -120,7 +119,7 @@ class ResidualRotationLearner:
         self.positions = [p for p, index in enumerate(ctx.batch_ids) if index < count]
         self.batches = ctx.world.sum(torch.tensor(float(len(self.positions)))).item()
         self.blocks = program.stages[0].blocks
-        self.layers: list[_StreamLayers] = []
+        self.layers: list[StreamLayers] = []
         self.reference: list[torch.Tensor] = []  # the float model's log-probabilities, per batch
 
     def learn(self, start: torch.Tensor) -> tuple[torch.Tensor, float, float]:
@@ -184,7 +183,9 @@ class ResidualRotationLearner:
         calls = self._first_calls()
         for index, block in enumerate(self.blocks):
             with self._on_device(block):
-                self.layers.append(_find_layers(block, calls[0], self.heads, self.online_down))
+                traced = trace_block(block.module, *calls[0], name=block.name)  # for the patterns: the pipeline traces its own
+                propagate_shapes(traced.graph_module, traced.flatten_inputs(*calls[0]))
+                self.layers.append(stream_layers(block, traced.graph_module, self.heads, self.online_down))
                 calls = [self._following(index, b, self._run(block, call)) for b, call in enumerate(calls)]
         head, norm = self._head()
         self.reference = [F.log_softmax(head(norm(hidden)).float(), dim=-1) for hidden in calls]
@@ -204,7 +205,7 @@ class ResidualRotationLearner:
         first = self._first_calls()
         with torch.no_grad():
             r = working()
-            calls = [[rebind_hidden(call, (hidden_of(call).float() @ r).to(hidden_of(call).dtype)) for call in first]]
+            calls = [[rebind_hidden(call, rotate_hidden(hidden_of(call), r)) for call in first]]
             for index, (block, layers) in enumerate(zip(self.blocks, self.layers, strict=True)):
                 with self._on_device(block), self._quantizers(layers):
                     overrides = self._rotated(layers, r)
@@ -232,8 +233,7 @@ class ResidualRotationLearner:
                     torch.autograd.backward(passed, grads[b], retain_graph=b + 1 < len(block_calls))
                     grads[b] = hidden.grad
         for call, grad in zip(first, grads, strict=True):
-            embedded = hidden_of(call)
-            torch.autograd.backward((embedded.float() @ working()).to(embedded.dtype), grad)
+            torch.autograd.backward(rotate_hidden(hidden_of(call), working()), grad)
         return total, self.ctx.world.sum(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))  # none: no batch here
 
     # --- the rotated, fake-quantized weights --------------------------------------------------------------
@@ -242,7 +242,7 @@ class ResidualRotationLearner:
         assigned = self.ctx.plan.scheme(block.qualified(target))
         return None if assigned is None else assigned.scheme
 
-    def _rotated(self, layers: _StreamLayers, r: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _rotated(self, layers: StreamLayers, r: torch.Tensor) -> dict[str, torch.Tensor]:
         """The block's tensors as rotate will leave them, R1 = r, fake-quantized where the plan quantizes them."""
         block = layers.block
         base: dict[str, torch.Tensor] = {}
@@ -250,8 +250,7 @@ class ResidualRotationLearner:
 
         def weight(name: str) -> torch.Tensor:
             if name not in base:
-                parameter = block.module.get_parameter(name).detach()
-                base[name] = parameter.to(precise_dtype(parameter.device))
+                base[name] = folding.precise(layers.parameter(name))
             return base[name]
 
         for norm_target, weights in layers.norm_readers.items():
@@ -259,25 +258,22 @@ class ResidualRotationLearner:
             if norm_has_affine_weight(norm):
                 overrides[f"{norm_target}.weight"] = torch.ones_like(norm.weight)
                 for name in weights:
-                    base[name] = weight(name) * norm.weight.detach().to(base[name].dtype)
+                    base[name] = folding.scaled_inputs(weight(name), norm.weight.detach())
         for v_target, o_target, head_dim in layers.heads:
-            r2 = self.head_rotation(head_dim)
-            v = weight(f"{v_target}.weight")
-            base[f"{v_target}.weight"] = r2.apply(v.reshape(-1, head_dim, v.shape[-1]).transpose(-1, -2)).transpose(-1, -2).reshape(v.shape)
-            if block.leaf(v_target).bias is not None:
-                bias = block.leaf(v_target).bias.detach()
-                bias = bias.to(precise_dtype(bias.device))
-                overrides[f"{v_target}.bias"] = r2.apply(bias.reshape(-1, head_dim)).reshape(bias.shape)
-            o = weight(f"{o_target}.weight")
-            base[f"{o_target}.weight"] = r2.apply(o.reshape(o.shape[0], -1, head_dim)).reshape(o.shape)
+            r2, bias = self.head_rotation(head_dim), block.leaf(v_target).bias
+            base[f"{v_target}.weight"], v_bias = folding.rotated_outputs(weight(f"{v_target}.weight"), folding.precise(bias), r2)
+            if v_bias is not None:
+                overrides[f"{v_target}.bias"] = v_bias
+            base[f"{o_target}.weight"] = folding.rotated_inputs(weight(f"{o_target}.weight"), r2)
         for down, transform in layers.online.items():
-            base[f"{down}.weight"] = transform.rotation().apply(weight(f"{down}.weight"))
+            base[f"{down}.weight"] = folding.rotated_inputs(weight(f"{down}.weight"), transform.rotation())
         for name in layers.readers:
-            overrides[name] = weight(name).float() @ r
+            overrides[name] = folding.rotated_inputs(weight(name).float(), r)
         for name, bias in layers.writers:
-            overrides[name] = (weight(name).float().transpose(-1, -2) @ r).transpose(-1, -2)
+            overrides[name], folded_bias = folding.rotated_outputs(
+                weight(name).float(), None if bias is None else layers.parameter(bias).float(), r)
             if bias is not None:
-                overrides[bias] = block.module.get_parameter(bias).float() @ r
+                overrides[bias] = folded_bias
         for name, tensor in base.items():
             overrides.setdefault(name, tensor.float())
         for target, module in block.module.named_modules():
@@ -285,10 +281,10 @@ class ResidualRotationLearner:
             name = f"{target}.weight"
             if isinstance(module, nn.Linear) and scheme is not None:
                 overrides[name] = ste_fake_quantize_weight(overrides.get(name, module.weight), scheme.weight)
-        return {name: tensor.to(block.module.get_parameter(name).dtype) for name, tensor in overrides.items()}
+        return {name: tensor.to(layers.parameter(name).dtype) for name, tensor in overrides.items()}
 
     @contextlib.contextmanager
-    def _quantizers(self, layers: _StreamLayers) -> Iterator[None]:
+    def _quantizers(self, layers: StreamLayers) -> Iterator[None]:
         """Hooks quantizing the inputs of the block's quantized Linears, behind the online Hadamard where it has one."""
         block = layers.block
         with temporary_hooks() as hooks:
@@ -311,11 +307,11 @@ class ResidualRotationLearner:
         head, norm = self._head()
         weight = head.weight.float()
         if norm_has_affine_weight(norm):
-            weight = weight * norm.weight.float()
+            weight = folding.scaled_inputs(weight, norm.weight)
             normed = functional_call(norm, {"weight": torch.ones_like(norm.weight)}, (hidden,))
         else:
             normed = norm(hidden)
-        weight = weight @ r
+        weight = folding.rotated_inputs(weight, r)
         scheme = self.ctx.plan.scheme(self.program.head)
         if scheme is not None:
             weight = ste_fake_quantize_weight(weight, scheme.scheme.weight)

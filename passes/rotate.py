@@ -20,49 +20,29 @@ from torch import nn
 
 from slimc.errors import PassError
 from slimc.ir import Block, Program
-from slimc.numerics.hadamard import (
-    KroneckerRotation,
-    OnlineHadamard,
-    describe_hadamard,
-    precise_dtype,
-    random_rotation,
-)
+from slimc.numerics import folding
+from slimc.numerics.hadamard import KroneckerRotation, OnlineHadamard, describe_hadamard, random_rotation
 from slimc.numerics.modules import FakeQuantExperts, QKHadamard
 from slimc.pass_base import Context, Pass, register_pass
-from slimc.passes.learned_rotation import ResidualRotationLearner, RotationLearning
-from slimc.patterns import (
-    Consumer,
-    find_experts,
-    find_kv_inputs,
-    find_ov_pairs,
-    find_residual_stream,
-    find_up_down_pairs,
-)
-from slimc.patterns.fold import consumer_weight, norm_has_affine_weight
-
-Rotation = torch.Tensor | KroneckerRotation  # dense (n, n), or factored: n·Σ(factor orders) per row instead of n²
-
-
-def _right(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
-    """x @ R over the last dim, in x's dtype."""
-    if isinstance(rotation, KroneckerRotation):
-        return rotation.apply(x)
-    return x @ rotation.to(x.device, x.dtype)
+from slimc.passes.learned_rotation import ResidualRotationLearner, RotationLearning, stream_layers
+from slimc.patterns import find_experts, find_kv_inputs
+from slimc.patterns.fold import norm_has_affine_weight
 
 
 @torch.no_grad()
-def rotate_inputs(weight: torch.Tensor, rotation: Rotation) -> None:
-    """W (..., in) -> W @ R: the layer now reads x·R and computes what it did on x."""
-    weight.copy_(_right(weight.to(precise_dtype(weight.device)), rotation).to(weight.dtype))
+def rotate_inputs(weight: torch.Tensor, rotation: folding.Rotation) -> None:
+    """In place, computed in float64 where the device has it: W (..., in) -> W·(I ⊗ R), the layer now reads x·(I ⊗ R)
+    and computes what it did on x (numerics.folding.rotated_inputs)."""
+    weight.copy_(folding.rotated_inputs(folding.precise(weight), rotation).to(weight.dtype))
 
 
 @torch.no_grad()
-def rotate_outputs(weight: torch.Tensor, bias: torch.Tensor | None, rotation: Rotation) -> None:
-    """W (..., out, in) -> Rᵀ @ W and b -> b @ R: the layer now writes y·R."""
-    dtype = precise_dtype(weight.device)
-    weight.copy_(_right(weight.to(dtype).transpose(-1, -2), rotation).transpose(-1, -2).to(weight.dtype))
+def rotate_outputs(weight: torch.Tensor, bias: torch.Tensor | None, rotation: folding.Rotation) -> None:
+    """In place, likewise: W (..., out, in) -> (I ⊗ R)ᵀ·W and b -> b·(I ⊗ R), the layer now writes y·(I ⊗ R)."""
+    folded, folded_bias = folding.rotated_outputs(folding.precise(weight), folding.precise(bias), rotation)
+    weight.copy_(folded.to(weight.dtype))
     if bias is not None:
-        bias.copy_(_right(bias.to(dtype), rotation).to(bias.dtype))
+        bias.copy_(folded_bias.to(bias.dtype))
 
 
 def check_rotatable_norm(norm: nn.Module, name: str, rotation: torch.Tensor) -> None:
@@ -100,7 +80,7 @@ class Rotate(Pass):
     online_qk: bool = False
     learn: RotationLearning | None = None
     _rotation: torch.Tensor | None = PrivateAttr(None)  # dense, for the calibration inputs and the equivalence check
-    _factored: Rotation | None = PrivateAttr(None)  # the same R, for the weights (factored unless learned)
+    _factored: folding.Rotation | None = PrivateAttr(None)  # the same R, for the weights (factored unless learned)
     _head_rotations: dict[int, KroneckerRotation] = PrivateAttr(default_factory=dict)
 
     def stream_rotation(self) -> torch.Tensor | None:
@@ -155,62 +135,40 @@ class Rotate(Pass):
         if program.head_norm is not None:
             norm = program.model.get_submodule(program.head_norm)
             if norm_has_affine_weight(norm):
-                head.weight.copy_((head.weight.float() * norm.weight.float()).to(head.weight.dtype))
+                head.weight.copy_(folding.scaled_inputs(head.weight.float(), norm.weight).to(head.weight.dtype))
                 norm.weight.fill_(1.0)
             check_rotatable_norm(norm, program.head_norm, self._rotation)
         rotate_inputs(head.weight, self._factored)
 
     def run_block(self, block: Block, ctx: Context) -> None:
-        gm = block.graph_module
-        stream = find_residual_stream(gm)
-        if stream.problem:
-            raise PassError(f"rotate: block {block.name}: {stream.problem}, so the residual stream cannot be rotated")
-        for group in stream.norms:
-            check_rotatable_norm(block.leaf(group.norm), block.qualified(group.norm), self._rotation)
-        readers = [c for group in stream.norms for c in group.consumers] + stream.direct_readers
-        for consumer in readers:
-            rotate_inputs(consumer_weight(block, consumer), self._factored)
-        for writer in stream.writers:
-            self._rotate_writer(block, writer, self._factored)
-        if self.heads:
-            for pair in find_ov_pairs(gm):
-                self._rotate_heads(block, pair.v, pair.o, pair.head_dim)
+        layers = stream_layers(block, block.graph_module, self.heads, self.online_down)
+        for norm in layers.norm_readers:
+            check_rotatable_norm(block.leaf(norm), block.qualified(norm), self._rotation)
+        for name in layers.readers:
+            rotate_inputs(layers.parameter(name), self._factored)
+        for weight, bias in layers.writers:
+            rotate_outputs(layers.parameter(weight), layers.parameter(bias), self._factored)
+        for v_target, o_target, head_dim in layers.heads:  # each head's values become v·R2, which o_proj reads back
+            v, r2 = block.leaf(v_target), self._head_rotation(head_dim)
+            rotate_outputs(v.weight, v.bias, r2)
+            rotate_inputs(block.leaf(o_target).weight, r2)
         if self.online_down:
-            self._online_down(block, ctx)
+            self._online_down(block, layers.online, ctx)
         if self.online_qk and block.role == "text":
             self._online_qk(block, ctx)
-
-    @staticmethod
-    def _rotate_writer(block: Block, writer: Consumer, rotation: Rotation) -> None:
-        module = block.leaf(writer.target)
-        if writer.kind == "experts":
-            rotate_outputs(module.down_proj, getattr(module, "down_proj_bias", None), rotation)
-        else:
-            rotate_outputs(module.weight, module.bias, rotation)
 
     def _head_rotation(self, head_dim: int) -> KroneckerRotation:
         if head_dim not in self._head_rotations:
             self._head_rotations[head_dim] = random_rotation(head_dim, self.seed + 1)[0]
         return self._head_rotations[head_dim]
 
-    @torch.no_grad()
-    def _rotate_heads(self, block: Block, v_target: str, o_target: str, head_dim: int) -> None:
-        """Each head's values become v·R2 (v_proj rows) and o_proj reads them back (its columns per head)."""
-        r2 = self._head_rotation(head_dim)
-        v, o = block.leaf(v_target), block.leaf(o_target)
-        v_rows = v.weight.view(-1, head_dim, v.weight.shape[-1])
-        rotate_outputs(v_rows, None if v.bias is None else v.bias.view(-1, head_dim), r2)
-        rotate_inputs(o.weight.view(o.weight.shape[0], -1, head_dim), r2)
-
-    def _online_down(self, block: Block, ctx: Context) -> None:
-        gm = block.graph_module
-        for pair in find_up_down_pairs(gm):
-            down = block.leaf(pair.down)
-            transform = OnlineHadamard(down.in_features).to(down.weight.device)
+    def _online_down(self, block: Block, online: dict[str, OnlineHadamard], ctx: Context) -> None:
+        for target, transform in online.items():
+            down = block.leaf(target)
             rotate_inputs(down.weight, transform.rotation())
-            block.insert_input_node(pair.down, block.rotation_target(pair.down), transform)
-            self._record(block, ctx, pair.down, transform)
-        for target in find_experts(gm):
+            block.insert_input_node(target, block.rotation_target(target), transform.to(down.weight.device))
+            self._record(block, ctx, target, transform)
+        for target in find_experts(block.graph_module):
             experts = block.leaf(target)
             if getattr(experts, "down_transform", None) is not None:
                 continue

@@ -11,6 +11,7 @@ from torch import nn
 from slimc.backends.mindie import MindieBackend
 from slimc.backends.mindie_reader import load_ascend_model
 from slimc.errors import ConfigError, ExportError, ModelLoadError, PassError
+from slimc.numerics.folding import rotated_inputs, rotated_outputs
 from slimc.numerics.hadamard import OnlineHadamard, random_orthogonal, random_rotation
 from slimc.numerics.quant import dynamic_fake_quantize
 from slimc.passes.rotate import check_rotatable_norm, rotate_inputs, rotate_outputs
@@ -186,3 +187,14 @@ def test_factored_weight_rotation_matches_the_dense_matrix_to_one_rounding(n, dt
     rotate_outputs(torch.zeros(n, 1, dtype=dtype), rotated_bias, rotation)
     assert ((rotated_bias.float() - reference_bias.float()).abs()
             <= torch.finfo(dtype).eps * reference_bias.float().abs().clamp_min(torch.finfo(dtype).tiny)).all()
+
+
+def test_a_rotation_of_fewer_channels_than_the_layer_turns_each_group_of_them():
+    """R2's fold: a rotation R of order head_dim on v_proj's rows (and bias) and o_proj's columns is I ⊗ R."""
+    rotation = random_rotation(4, seed=2)[0]
+    block_diagonal = torch.block_diag(*[rotation.matrix()] * 3)
+    weight, bias = torch.randn(12, 5, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    folded, folded_bias = rotated_outputs(weight, bias, rotation)
+    assert torch.allclose(folded, block_diagonal.T @ weight)
+    assert torch.allclose(folded_bias, bias @ block_diagonal)
+    assert torch.allclose(rotated_inputs(weight.T, rotation), weight.T @ block_diagonal)

@@ -13,13 +13,13 @@ from slimc.ir import Block
 from slimc.patterns.graph import Consumer
 
 
+def consumer_weight_name(consumer: Consumer) -> str:
+    """The name in the block of the weight whose last dimension is the consumer's input channels ((out, in) or (E, out, in))."""
+    return {"linear": f"{consumer.target}.weight", "experts": f"{consumer.target}.gate_up_proj"}.get(consumer.kind, consumer.target)
+
+
 def consumer_weight(block: Block, consumer: Consumer) -> torch.Tensor:
-    """The weight whose last dimension is the consumer's input channels ((out, in) or (E, out, in))."""
-    if consumer.kind == "linear":
-        return block.leaf(consumer.target).weight
-    if consumer.kind == "experts":
-        return block.leaf(consumer.target).gate_up_proj
-    return block.module.get_parameter(consumer.target)
+    return block.module.get_parameter(consumer_weight_name(consumer))
 
 
 def input_channel_absmax(block: Block, consumers: list[Consumer]) -> torch.Tensor:
