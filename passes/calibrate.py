@@ -254,7 +254,9 @@ class Calibrate(Pass):
             return quantize_weight(weight, scheme)
         options = self.gptq
         if id(hessian) not in factors:
-            factors[id(hessian)] = factor_hessian(hessian.hessian(), damp=options.damp, act_order=options.act_order)
+            # the float64 sum is released: only the factor is read from here on
+            factors[id(hessian)] = factor_hessian(hessian.hessian(release=True), damp=options.damp,
+                                                  act_order=options.act_order)
         return gptq_quantize(weight, factors[id(hessian)], scheme, block_size=options.block_size)
 
     @staticmethod

@@ -1,5 +1,7 @@
 """GPTQ: error feedback through the input Hessian beats round-to-nearest, stays on the format's grid."""
 
+import copy
+
 import pytest
 import torch
 from conftest import save_tiny_model
@@ -160,7 +162,7 @@ def test_a_shared_hessian_is_factored_once_with_the_codes_of_one_factor_per_line
     assert len(factored) == 4 * layers
     unshared = calibrate.Calibrate._quantize_weight
     monkeypatch.setattr(calibrate.Calibrate, "_quantize_weight",
-                        lambda self, weight, scheme, hessian, factors: unshared(self, weight, scheme, hessian, {}))
+                        lambda self, weight, scheme, hessian, factors: unshared(self, weight, scheme, copy.deepcopy(hessian), {}))
     factored.clear()
     with pytest.warns(UserWarning, match="below the recommended"):
         compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "separate")
@@ -217,3 +219,14 @@ def test_the_upper_triangular_inverse_by_halves_is_the_inverse_to_float32_roundi
     assert torch.equal(inverse, inverse.triu())
     error = (inverse.double() - reference).abs().max() / reference.abs().max()
     assert error < 4 * torch.finfo(torch.float32).eps * size**0.5
+
+
+def test_the_hessian_is_the_float64_sum_rounded_once_built_by_rows_and_release_frees_the_sum(monkeypatch):
+    monkeypatch.setattr(gptq, "HESSIAN_ROWS", 7)  # several row blocks, the last one short
+    accumulator = HessianAccumulator()
+    accumulator.add(torch.randn(3, 40, 20, generator=torch.Generator().manual_seed(0)))
+    expected = (accumulator.sum * (2.0 / accumulator.count)).float()
+    assert torch.equal(accumulator.hessian(), expected) and accumulator.sum is not None
+    assert torch.equal(accumulator.hessian(release=True), expected) and accumulator.sum is None
+    with pytest.raises(ValueError, match="no inputs were seen"):
+        accumulator.hessian()

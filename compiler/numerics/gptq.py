@@ -16,6 +16,8 @@ from slimc.distributed import World
 from slimc.numerics.quant import expand_to_weight, fake_quantize, group_count, quantize, weight_qparams
 from slimc.schemes import TensorScheme
 
+HESSIAN_ROWS = 1024  # rows of the float64 sum scaled at a time when the float32 Hessian is made
+
 
 class HessianAccumulator:
     """Running ``2/N · Σ x xᵀ`` of a layer's inputs (..., in), summed in float64 on the inputs' device: the sum of
@@ -33,10 +35,17 @@ class HessianAccumulator:
         self.sum.addmm_(x.T, x)
         self.count += x.shape[0]
 
-    def hessian(self) -> torch.Tensor:
+    def hessian(self, release: bool = False) -> torch.Tensor:
+        """The float32 Hessian, each element the float64 one rounded once, built a block of rows at a time (no
+        float64 copy of the whole: 2.9 GB at a 7B model's 18944 columns). `release` then frees the float64 sum."""
         if self.sum is None or self.count == 0:
             raise ValueError("no inputs were seen")
-        return (self.sum * (2.0 / self.count)).float()
+        hessian = torch.empty(self.sum.shape, dtype=torch.float32, device=self.sum.device)
+        for rows in range(0, self.sum.shape[0], HESSIAN_ROWS):
+            hessian[rows:rows + HESSIAN_ROWS] = self.sum[rows:rows + HESSIAN_ROWS] * (2.0 / self.count)
+        if release:
+            self.sum = None
+        return hessian
 
 
 def reduce_hessians(hessians: dict, world: World) -> None:
@@ -124,12 +133,11 @@ class HessianFactor:
 def factor_hessian(hessian: torch.Tensor, *, damp: float = 0.01, act_order: bool = False) -> HessianFactor:
     """The factor of a Hessian (in, in) for `gptq_quantize`. With `act_order`, columns are processed in order of
     decreasing Hessian diagonal (the most informative inputs first)."""
-    h = hessian.detach().to(torch.float32, copy=True)
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    in_features = h.shape[0]
-    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(in_features, device=h.device)
-    h = h[order][:, order]  # replaces h, so the unordered copy is freed before the factor is built
+    dead = hessian.diagonal() == 0
+    diagonal = hessian.diagonal().float().masked_fill(dead, 1.0)  # a dead column gets a unit diagonal
+    order = torch.argsort(diagonal, descending=True) if act_order else torch.arange(len(diagonal), device=diagonal.device)
+    h = hessian.detach()[order][:, order].float()  # the one copy the factor works on
+    h.diagonal().copy_(diagonal[order])
     return HessianFactor(dead, order, _inverse_hessian_factor(h, damp))
 
 
