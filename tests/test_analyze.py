@@ -156,6 +156,21 @@ def test_top_below_one_or_without_end_to_end_and_an_existing_output_are_refused(
 
 
 
+
+def test_batches_measures_the_block_errors_on_the_first_batches_alone(tmp_path, tiny_llama_dir):
+    """Two batches measured on the first: the errors of a calibration set of that one batch (nothing before
+    fake_quant here, so the steps before the measurement do not depend on the batches either)."""
+    errors = {}
+    for name, arguments in {"first": ["--batches", "1"], "one batch": ["--set", "calibration.samples=2"],
+                            "both": []}.items():
+        out = tmp_path / name.replace(" ", "-")
+        result = slimc("analyze", write_config(tmp_path), "--model", tiny_llama_dir, "--out", out, *arguments)
+        assert result.returncode == 0, result.stderr
+        errors[name] = {layer["name"]: layer["block_error"] for layer in read_analysis(out)["layers"]}
+    assert errors["first"] == errors["one batch"]
+    assert errors["first"] != errors["both"]
+    assert_user_error(slimc("analyze", write_config(tmp_path), "--model", tiny_llama_dir, "--out", tmp_path / "zero",
+                            "--batches", "0"), "--batches must be at least 1")
 @pytest.mark.filterwarnings("ignore:.*recommended.*calibration set")
 def test_the_compile_reports_layer_errors_plotted_by_role_and_depth(tmp_path, tiny_llama_dir):
     compiled = compile_model(load_config(write_config(tmp_path)), model_path=str(tiny_llama_dir), out_dir=tmp_path / "out")

@@ -94,6 +94,7 @@ class Sensitivity(Pass):
     answers the plan with the schemes of the steps it replaces, so the passes before it aim for them as in a compile."""
 
     name: ClassVar[str] = "sensitivity"
+    batches: int | None = None  # measure on the first this many calibration batches; None: on all of them
     _assigners: list[PassStep] = PrivateAttr(default_factory=list)
     _blocks: dict[str, Block] = PrivateAttr(default_factory=dict)
     _measured: list[LayerSensitivity] = PrivateAttr(default_factory=list)
@@ -117,13 +118,14 @@ class Sensitivity(Pass):
         kinds = linear_roles(gm)
         position = ctx.program.position(block)
         moments = {target: InputMoments() for target in planned}
+        measured = None if self.batches is None else ctx.leading(self.batches)
         with temporary_hooks() as hooks:
             for target in planned:
                 hooks.before(block.leaf(target), lambda m, args, t=target: moments[t].add(args[0]))
-            reference = ctx.run(block)
+            reference = ctx.run(block, measured)
         for target, (scheme_name, scheme) in planned.items():
             with simulated_quantization(block, {target: scheme}):
-                outputs = ctx.run(block)
+                outputs = ctx.run(block, measured)
             error = ctx.world.worst([relative_error(o, r) for o, r in zip(outputs, reference)])
             name = block.qualified(target)
             self._blocks[name] = block
@@ -131,14 +133,15 @@ class Sensitivity(Pass):
                                                   moments[target].kurtosis(), moments[target].outlier_ratio()))
 
 
-def measuring_pipeline(config: SlimcConfig) -> tuple[Pipeline, Sensitivity]:
-    """The config's steps before its first `fake_quant`, then the measuring step in its place."""
+def measuring_pipeline(config: SlimcConfig, batches: int | None = None) -> tuple[Pipeline, Sensitivity]:
+    """The config's steps before its first `fake_quant`, then the measuring step in its place (measuring on the first
+    `batches` calibration batches, or on all; the steps before it see all of them, as in a compile)."""
     steps = Pipeline.from_config(config).steps
     cut = next((i for i, step in enumerate(steps) if isinstance(step, FakeQuant)), None)
     if cut is None:
         raise ConfigError(f"{config.where('pipeline')}: pipeline: analyze measures the layers a fake_quant step "
                           "quantizes, and this config has none")
-    sensitivity = Sensitivity()
+    sensitivity = Sensitivity(batches=batches)
     sensitivity._assigners = steps[cut:]
     return Pipeline(steps[:cut] + [sensitivity]), sensitivity
 
@@ -182,10 +185,11 @@ class Measurement:
 
 
 def measure_layers(config: SlimcConfig, source: ModelSource, frontend: Frontend, report: RunReport,
-                   scratch: Path | None) -> Measurement:
+                   scratch: Path | None, batches: int | None = None) -> Measurement:
     """Load the model (streamed with a `scratch` directory where the config streams, whole without one), run the
-    measuring pipeline on the calibration data, and rank every planned Linear by its block error."""
-    pipeline, sensitivity = measuring_pipeline(config)
+    measuring pipeline on the calibration data, and rank every planned Linear by its block error on the first
+    `batches` calibration batches (all by default)."""
+    pipeline, sensitivity = measuring_pipeline(config, batches)
     program = load_program(config, source, frontend, report, scratch)
     batches = frontend.calibration_batches(config.calibration, source, program, report)
     pipeline.run(program, config, batches, report)
@@ -196,13 +200,16 @@ def measure_layers(config: SlimcConfig, source: ModelSource, frontend: Frontend,
 
 
 def analyze_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path, end_to_end: bool = False,
-                  top: int | None = None, overwrite: bool = False) -> Analysis:
-    """Measure every planned Linear's sensitivity and write analysis.json and analysis.png in `out_dir`."""
+                  top: int | None = None, batches: int | None = None, overwrite: bool = False) -> Analysis:
+    """Measure every planned Linear's sensitivity (block errors on the first `batches` calibration batches, or all)
+    and write analysis.json and analysis.png in `out_dir`."""
     if top is not None and not end_to_end:
         raise ConfigError("--top K limits the --end-to-end measurement to the K layers of largest block error; "
                           "add --end-to-end, or leave --top out")
     if top is not None and top < 1:
         raise ConfigError(f"--top must be at least 1, got {top}")
+    if batches is not None and batches < 1:
+        raise ConfigError(f"--batches must be at least 1, got {batches}")
     check_device(config.model.device)
     measuring_pipeline(config)  # a config without fake_quant is refused before the model loads
     source = resolve_source(config, model_path)
@@ -214,7 +221,7 @@ def analyze_model(config: SlimcConfig, *, model_path: str | None, out_dir: Path,
     with scratch_directory(out_dir) as scratch:
         # the end-to-end loss runs the whole model after the blocks ran, so it needs the model held whole
         measured = measure_layers(config, source, frontend, report,
-                                  None if end_to_end or not streams(config, source, frontend) else scratch)
+                                  None if end_to_end or not streams(config, source, frontend) else scratch, batches)
         layers = measured.layers
         float_loss = None
         if end_to_end:

@@ -114,7 +114,7 @@ def _analyze(args: argparse.Namespace) -> None:
 
     config = load_config(resolve_config_path(args.config), args.set)
     analysis = analyze_model(config, model_path=args.model, out_dir=Path(args.out), end_to_end=args.end_to_end,
-                             top=args.top, overwrite=args.overwrite)
+                             top=args.top, batches=args.batches, overwrite=args.overwrite)
     print(render_table(analysis))
     print(f"\nwrote {Path(args.out) / ANALYSIS_FILE} and {Path(args.out) / PLOT_FILE}")
 
@@ -246,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "calibration batches with each layer alone quantized (a forward of the whole model per layer; the "
                    "model is loaded whole)")
     p.add_argument("--top", type=int, metavar="K", help="with --end-to-end, only the K layers of largest block error")
+    p.add_argument("--batches", type=int, metavar="N", help="measure the block errors on the first N calibration batches "
+                   "(default: all; the passes before fake_quant see all of them either way)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value (parsed as YAML)")
     p.set_defaults(run=_analyze)
 

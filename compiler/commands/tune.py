@@ -133,7 +133,7 @@ def tune_compile(config: SlimcConfig, *, model_path: str | None, out_dir: Path, 
     with scratch_directory(out_dir) as scratch:
         with ranking_report.timed("ranking"):
             measured = measure_layers(config, source, frontend, ranking_report,
-                                      scratch if streams(config, source, frontend) else None)
+                                      scratch if streams(config, source, frontend) else None, tune.rank_batches)
             ranking, blocks = measured.layers, [block.name for block in measured.program.blocks]
             del measured
         fallbacks: dict[str, str] = {}
@@ -216,7 +216,7 @@ def tune_section(config: SlimcConfig, ranking: list[LayerSensitivity], rounds: l
                    f"back, output {cost / first:+.1%}), was written")
     return json_safe({
         "max_ppl_increase": tune.max_ppl_increase, "fallback": tune.fallback, "step": tune.step,
-        "max_size_increase": tune.max_size_increase, "ranked_by": "block_error",
+        "max_size_increase": tune.max_size_increase, "ranked_by": "block_error", "rank_batches": tune.rank_batches,
         "ranking_seconds": ranking_report.seconds.get("ranking"),
         "rounds": [r.summary(first, tune.max_size_increase) for r in rounds],
         "chosen_round": best.number, "met": met, "stopped": stopped,

@@ -142,6 +142,9 @@ class TuneConfig(_Strict):
     step: int = Field(1, gt=0)  # layers moved per round
     max_size_increase: float = Field(0.25, gt=0)  # the output may grow by this fraction of the first round's size
     max_rounds: int = Field(8, gt=0)  # compiles in all, the first (nothing fallen back) included
+    # The ranking measures each layer's block error on the first this many calibration batches (null: all): every
+    # batch costs one block run per layer, and a ranking needs far fewer tokens than the scales do.
+    rank_batches: int | None = Field(8, gt=0)
     # The held-out data the rounds are measured on: by default text no calibration or evaluation spec holds, so
     # a choice made on it can still be judged on the evaluation data.
     dataset: str = VALIDATION_DATASET
