@@ -265,7 +265,7 @@ def _source_paragraphs(source: str) -> Iterator[str]:
             yield from paragraphs(topics[name])
         return
     for file in module_files(source):
-        yield from (p for doc in docstrings(file) for p in paragraphs(doc))
+        yield from docstring_paragraphs(file)
 
 
 def module_files(name: str) -> list[Path]:
@@ -277,6 +277,11 @@ def module_files(name: str) -> list[Path]:
         files = (stdlib / name).rglob("*.py")
         return sorted(f for f in files if not _SKIP_DIRS.intersection(f.relative_to(stdlib).parts))
     return []
+
+
+def docstring_paragraphs(file: Path) -> Iterator[str]:
+    """The prose paragraphs of a source file's docstrings."""
+    return (p for doc in docstrings(file) for p in paragraphs(doc))
 
 
 def docstrings(file: Path) -> Iterator[str]:

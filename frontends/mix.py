@@ -45,10 +45,9 @@ from slimc.frontends.data import (
     RECOMMENDED_SEQ_LEN,
     builtin_documents,
     corpus_token_samples,
-    docstrings,
+    docstring_paragraphs,
     jsonl_records,
     module_files,
-    paragraphs,
     paragraphs_joined,
     token_windows,
     warn_below_recommended,
@@ -155,7 +154,7 @@ def jinja2_code(tokenizer: object = None) -> list[str]:
 
 def sympy_physics_docstrings(tokenizer: object = None) -> list[str]:
     """The prose paragraphs of sympy.physics' docstrings (read, not imported: importing sympy takes seconds)."""
-    return [p for file in _package_files("sympy", "sympy/physics") for doc in docstrings(file) for p in paragraphs(doc)]
+    return [p for file in _package_files("sympy", "sympy/physics") for p in docstring_paragraphs(file)]
 
 
 def jokes(tokenizer: object = None) -> list[str]:
