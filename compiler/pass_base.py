@@ -13,6 +13,7 @@ import torch
 
 from slimc.config.steps import PassStep, register
 from slimc.distributed import SINGLE, World
+from slimc.ir.activations import FloatOutputs
 from slimc.ir.calls import block_output, hidden_of, rebind_hidden, rotate_hidden
 from slimc.ir.capture import BlockInput, StageInputs
 from slimc.numerics.observers import observed_batch
@@ -86,6 +87,8 @@ class Context:
         # How the stage's later blocks are called, from the block before's outputs (`next_inputs`), while the passes
         # prepare: for a pass that runs the whole stage itself (rotate's learning); None when resuming.
         self.stage_inputs: StageInputs | None = None
+        # With calibration.propagate "float", while a block runs: the next block's inputs, from the block as loaded
+        self.float_outputs: FloatOutputs | None = None
 
     @torch.no_grad()
     def run(self, block: Block, batches: Sequence[BlockInput] | None = None, keep: int | None = None) -> list[torch.Tensor]:

@@ -24,7 +24,7 @@ from slimc.config import SlimcConfig
 from slimc.distributed import SINGLE, World
 from slimc.errors import ConfigError, DataError, PassError
 from slimc.ir import Block, Program, Stage
-from slimc.ir.activations import GB, ActivationStore
+from slimc.ir.activations import GB, ActivationStore, FloatOutputs
 from slimc.ir.calls import (
     hidden_of,
     perturbed,
@@ -234,7 +234,11 @@ class Pipeline:
                 args, kwargs = ctx.inputs[0]
                 block.traced = trace_block(block.module, args, kwargs, name=block.name)
                 propagate_shapes(block.traced.graph_module, block.traced.flatten_inputs(args, kwargs))
+        if next_inputs is not None and ctx.config.calibration.propagate == "float":
+            ctx.float_outputs = FloatOutputs(ctx.inputs.like(), next_inputs, len(ctx.inputs))
         for step in self.steps:
+            if ctx.float_outputs is not None and not step.preserves_function:
+                self._complete_float_outputs(block, ctx)
             progress.doing(f"{block.name}: {step.name}")
             checked = step.preserves_function and ctx.config.checks.equivalence
             reference = None
@@ -246,15 +250,32 @@ class Pipeline:
             if reference is not None:
                 with ctx.report.timed("equivalence check"):
                     self._check_equivalence(step, block, ctx, reference)
-        with torch.no_grad(), ctx.report.timed("block outputs"), reusing_within_runs(block.graph_module):  # the next block's inputs
-            following = ctx.inputs.like()
-            for index, (args, kwargs) in enumerate(ctx.inputs.drain()):  # each batch released as the next is made
-                outputs = block.traced(*args, **kwargs)
-                if next_inputs is not None:
-                    following.append(next_inputs(index, outputs))
-            ctx.inputs = following
+        if ctx.float_outputs is not None:
+            self._complete_float_outputs(block, ctx)  # where every pass preserved the function
+            ctx.inputs.close()
+            ctx.inputs, ctx.float_outputs = ctx.float_outputs.store, None
+        elif next_inputs is None:
+            ctx.inputs.close()
+        else:
+            with torch.no_grad(), ctx.report.timed("block outputs"), reusing_within_runs(block.graph_module):
+                following = ctx.inputs.like()
+                for index, (args, kwargs) in enumerate(ctx.inputs.drain()):  # each batch released as the next is made
+                    following.append(next_inputs(index, block.traced(*args, **kwargs)))
+                ctx.inputs = following
         if moved:
             block.module.to("cpu")
+
+    @staticmethod
+    @torch.no_grad()
+    def _complete_float_outputs(block: Block, ctx: Context) -> None:
+        """Run the block, still as loaded, on the batches whose outputs no pass has offered to `ctx.float_outputs`."""
+        missing = ctx.float_outputs.missing()
+        if not missing:
+            return
+        with ctx.report.timed("block outputs"):
+            for position in missing:
+                args, kwargs = ctx.inputs[position]
+                ctx.float_outputs.offer(position, block.traced(*args, **kwargs))
 
     @staticmethod
     def _check_rows(block: Block, ctx: Context) -> list[int] | None:

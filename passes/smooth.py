@@ -98,19 +98,24 @@ class Smooth(Pass):
             return
         targets = dict(m.observe for m in migrations)
         searched = len(ctx.leading(self.search_batches)) if self.search else 0
-        # the other batches run only as far as the last observed value (before SmolLM2's down_proj: a fifth of a run)
+        # the other batches run only as far as the last observed value (before SmolLM2's down_proj: a fifth of a run),
+        # unless the pipeline takes the block's outputs as the next block's inputs (calibration.propagate: float)
         prefix = ObservedPrefix.of(block.graph_module, targets)
         outputs: list[torch.Tensor] = []
+        float_outputs = ctx.float_outputs
 
         @torch.no_grad()
         def run(block: Block, batches: Sequence[BlockInput], record: Callable[[str, torch.Tensor], None]) -> None:
-            for index, batch in enumerate(batches):  # one at a time: a store may hold some on disk
-                if index < searched:  # whole: the float outputs the search measures against
-                    outputs.extend(ctx.run(block, [batch]))
-                elif prefix is None:
-                    ctx.run(block, [batch], keep=0)
+            for index, (args, kwargs) in enumerate(batches):  # one at a time: a store may hold some on disk
+                offered = float_outputs is not None and float_outputs.wants(index)
+                if index < searched or offered or prefix is None:
+                    whole = block.traced(*args, **kwargs)
+                    if offered:
+                        float_outputs.offer(index, whole)
+                    if index < searched:  # the float outputs the search measures against
+                        outputs.append(block_output(whole))
                 else:
-                    prefix.run(block.traced.flatten_inputs(*batch), record)
+                    prefix.run(block.traced.flatten_inputs(args, kwargs), record)
 
         stats = channel_absmax(block, ctx.inputs, targets, run)
         stats = {target: ctx.world.max(stats[target]) for target in sorted(stats)}

@@ -88,6 +88,10 @@ class CalibrationConfig(_Dataset):
     # audio encoder the same number of attention chunks.
     audio_seconds: float = Field(10.0, gt=0)
     diffusion: DiffusionSampling = DiffusionSampling()
+    # What the next block of a stage is calibrated on: the outputs of this block as quantized (its quantization
+    # error propagates, as at run time; what GPTQ and AutoRound correct for), or of this block as loaded (the float
+    # model's activations, as SmoothQuant's statistics; one block run fewer per calibration batch).
+    propagate: Literal["quantized", "float"] = "quantized"
 
 
 class EvaluationConfig(_Dataset):

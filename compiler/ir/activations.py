@@ -187,3 +187,26 @@ def _read(entry: _Spilled) -> BlockInput:
 
     return pytree.tree_unflatten([restore(leaf) for leaf in entry.leaves], entry.spec)
 
+
+
+class FloatOutputs:
+    """With `calibration.propagate: float`, the next block's calibration inputs: made by `next_inputs(position,
+    outputs)` from the outputs of the block as loaded (before any pass changes what it computes) on each of its
+    `count` batches, in order. A pass that runs the unchanged block whole over the batches anyway (smoothing's
+    statistics) offers its outputs, which spares the pipeline a run of its own; the pipeline runs what is missing."""
+
+    def __init__(self, store: ActivationStore, next_inputs: Callable[[int, Any], BlockInput], count: int) -> None:
+        self.store = store
+        self._next_inputs = next_inputs
+        self._count = count
+
+    def wants(self, position: int) -> bool:
+        return position == len(self.store) < self._count
+
+    def offer(self, position: int, outputs: Any) -> None:
+        """The block graph's outputs on batch `position`: taken if it is the next one wanted, else ignored."""
+        if self.wants(position):
+            self.store.append(self._next_inputs(position, outputs))
+
+    def missing(self) -> range:
+        return range(len(self.store), self._count)
