@@ -3,7 +3,8 @@
 Calibration data enters each stage (vision tower, text decoder, DiT blocks) through a forward of
 the model, which runs the stages before it as already rewritten; each later block's inputs are
 the previous block's outputs, computed after that block's passes (so quantization error
-propagates as it will at run time). Only one block's calibration activations are held at a
+propagates as it will at run time), or with `calibration.propagate: float` before any pass changes
+what it computes (`FloatOutputs`). Only one block's calibration activations are held at a
 time: outputs replace inputs batch by batch, in an `ActivationStore` that keeps those beyond
 `memory.activations_gb` on disk; and, when the program streams its weights, only
 one block's weights: a finished block is spilled to disk (`Program.finish_block`).
