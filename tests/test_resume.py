@@ -27,6 +27,8 @@ TESTS = Path(__file__).parent
 # case: (model and settings from test_streaming.CASES, where the compile is killed, the blocks committed by then)
 KILLS = {
     "llama-w8a8-static-mid-way": ("llama-w8a8", "llm/w8a8_static.yaml", "model.layers.1", ["model.layers.0"]),
+    "llama-w8a8-float-propagation-mid-way": ("llama-w8a8-float-propagation", "llm/w8a8_dynamic.yaml", "model.layers.1",
+                                             ["model.layers.0"]),
     "glm4_moe-c8-mid-way": ("glm4_moe", "glm4_moe/w8a8_c8.yaml", "model.layers.1", ["model.layers.0"]),
     "llama-at-the-first-block": ("llama-w8a8", "llm/w8a8_static.yaml", "model.layers.0", []),
     "llama-w4a4-rotated-before-export": ("llama-w4a4-rotated", "llm/w4a4_quarot_gptq.yaml", END,

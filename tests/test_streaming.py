@@ -43,6 +43,8 @@ def save_llm(family: str, directory: Path) -> Path:
 
 CASES = {
     "llama-w8a8": (lambda d: save_llm("llama", d), "llm/w8a8_dynamic.yaml", SMALL),
+    "llama-w8a8-float-propagation": (lambda d: save_llm("llama", d), "llm/w8a8_dynamic.yaml",
+                                     [*SMALL, "calibration.propagate=float"]),
     "llama-w4a4-rotated": (lambda d: save_llm("llama", d), "llm/w4a4_quarot_gptq.yaml", SMALL),
     "qwen3_moe-w8a8": (lambda d: save_llm("qwen3_moe", d), "llm/w8a8_dynamic.yaml", SMALL),
     "glm4_moe": (lambda d: save_llm("glm4_moe", d), "glm4_moe/w8a8.yaml", SMALL),
