@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from slimc.ir.source import ModelSource
     from slimc.report import RunReport
 
+# The built-in text datasets (slimc.frontends.data reads them); here, so the contract needs no data imports.
+BUILTIN_SPECS = ("builtin:text", "builtin:text-eval", "builtin:mix", "builtin:eval", "builtin:validation")
+
 
 class Frontend:
     """Base class: `architectures` lists the transformers/diffusers class names the frontend cuts.
@@ -37,8 +40,7 @@ class Frontend:
     # Calibration settings for `slimc trace`: the smallest batches that still reach every stage.
     trace_calibration: ClassVar[dict] = {"seq_len": 32}
     # Every built-in dataset the family reads; another family's is refused before the model loads.
-    builtin_datasets: ClassVar[tuple[str, ...]] = ("builtin:text", "builtin:text-eval", "builtin:mix", "builtin:eval",
-                                                   "builtin:validation")
+    builtin_datasets: ClassVar[tuple[str, ...]] = BUILTIN_SPECS
 
     def load(self, source: ModelSource, *, dtype: torch.dtype, device: str | dict[str, str] = "cpu",
              trust_remote_code: bool = False, offload_folder: Path | None = None) -> nn.Module:

@@ -30,10 +30,10 @@ import torch
 
 from slimc.config import HF_PREFIX
 from slimc.errors import DataError
+from slimc.frontends.base import BUILTIN_SPECS
 from slimc.frontends.hub_data import hub_texts
 
 # builtin:mix, builtin:eval and builtin:validation (slimc.frontends.mix) draw on several domains; the other two are one stream of text.
-BUILTIN_SPECS = ("builtin:text", "builtin:text-eval", "builtin:mix", "builtin:eval", "builtin:validation")
 RECOMMENDED_SAMPLES = 128
 RECOMMENDED_SEQ_LEN = 512
 # Data files are read as they are used: text in blocks of READ_BYTES, tokenized in chunks of about CHUNK_CHARS
