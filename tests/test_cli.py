@@ -304,7 +304,7 @@ def test_configs_lists_the_shipped_llm_configs():
     assert result.returncode == 0, result.stderr
     names = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
     assert {"llm/w8a8_dynamic.yaml", "llm/w8a8_static.yaml", "llm/w4a4_quarot_gptq.yaml", "llm/w4a8_quarot_gptq.yaml",
-            "llm/w4a16_gptq.yaml"} <= names
+            "llm/w4a16_gptq.yaml", "llm/w8a8_dynamic_quarot.yaml"} <= names
 
 
 def test_trace_prints_the_blocks_and_the_dense_patterns(tiny_llama_dir):

@@ -13,7 +13,8 @@ from slimc.config import load_config
 
 SMALL_CALIBRATION = ["calibration.samples=4", "calibration.seq_len=32", "calibration.batch_size=2"]
 # How close the quantized tiny model's logits stay to the float model's (cosine similarity).
-FIDELITY = {"llm/w8a8_dynamic.yaml": 0.99, "llm/w8a8_static.yaml": 0.99, "llm/w4a16_gptq.yaml": 0.98,
+FIDELITY = {"llm/w8a8_dynamic.yaml": 0.99, "llm/w8a8_dynamic_quarot.yaml": 0.99, "llm/w8a8_static.yaml": 0.99,
+            "llm/w4a16_gptq.yaml": 0.98,
             "llm/w4a8_quarot_gptq.yaml": 0.98, "llm/w4a4_quarot_gptq.yaml": 0.9}
 
 

@@ -47,6 +47,7 @@ QUAROT = {
     "llama-sylvester": ("llama", "llm/w4a8_quarot_gptq.yaml", 128, Transform("hadamard", None, 128)),
     "qwen2-paley": ("qwen2", "llm/w4a4_quarot_gptq.yaml", 96, Transform("random-hadamard", None, 96)),
     "qwen3-blocks": ("qwen3", "llm/w4a8_quarot_gptq.yaml", 184, Transform("hadamard", 8, 8)),
+    "llama-w8a8-sylvester": ("llama", "llm/w8a8_dynamic_quarot.yaml", 128, Transform("hadamard", None, 128)),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
