@@ -19,14 +19,14 @@ QUANTIZE = [{"pass": "fake_quant", "rules": [{"scheme": "w8", "exclude": ["*mlp.
 SMOOTH = {"pass": "smooth", "search": True, "search_grid": [0.5, 0.8]}
 
 
-def compile_recording(model, batches, pipeline, propagate):
-    """The hidden states each block's passes saw, per block, and the run's report."""
+def compile_recording(model, batches, pipeline, propagate, **config):
+    """The hidden states the last recording pass saw, per block, and the run's report."""
     cfg = config_from_data({"schemes": {"w8": W8A8_DYNAMIC}, "pipeline": [RECORD, *pipeline],
-                            "calibration": {"propagate": propagate}})
+                            "calibration": {"propagate": propagate}, **config})
     steps = Pipeline.from_config(cfg)
     report = RunReport()
     steps.run(llm_program(model), cfg, [{"input_ids": ids} for ids in batches], report)
-    return steps.steps[0].hidden, report
+    return [step for step in steps.steps if hasattr(step, "hidden")][-1].hidden, report
 
 
 @torch.no_grad()
@@ -52,6 +52,19 @@ def test_float_propagation_calibrates_every_block_on_the_float_models_hidden_sta
 
     quantized, _ = compile_recording(copy.deepcopy(model), batches, pipeline, "quantized")
     assert not torch.allclose(list(quantized.values())[1][0], expected[1][0])
+
+
+def test_float_propagation_with_every_batch_spilled_to_disk_gives_what_it_gives_in_memory():
+    """The next block's store fills while the block's own is still read: their spill files must not collide."""
+    model = tiny_causal_lm("llama")
+    batches = calibration_ids(model.config.vocab_size, batches=3)
+    pipeline = [SMOOTH, *QUANTIZE, RECORD]  # what the passes after smoothing's offering read
+    in_memory, _ = compile_recording(copy.deepcopy(model), batches, pipeline, "float")
+    spilled, _ = compile_recording(copy.deepcopy(model), batches, pipeline, "float", memory={"activations_gb": 1e-9})
+    assert in_memory.keys() == spilled.keys()
+    for block in in_memory:
+        for kept, read_back in zip(in_memory[block], spilled[block], strict=True):
+            assert torch.equal(kept, read_back)
 
 
 def test_propagate_is_float_or_quantized():

@@ -10,7 +10,8 @@ one tensor again, so everything computed from it is the same to the bit.
 
 from __future__ import annotations
 
-import itertools
+import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,6 @@ class ActivationStore(Sequence[BlockInput]):
         self.spilled_bytes = 0  # what the files hold
         self._entries: list[BlockInput | _Spilled] = []
         self._sizes: list[int] = []
-        self._names = itertools.count()
 
     def like(self) -> ActivationStore:
         """An empty store with this one's budget, directory and device (for the next block's batches)."""
@@ -169,7 +169,10 @@ class ActivationStore(Sequence[BlockInput]):
                 key = str(len(slots))
                 tensors[key] = _span(leaf.detach())
                 slots[id(leaf)] = _Slot(key, tuple(leaf.shape), leaf.stride(), leaf.device)
-        path = self.directory / f"batch-{next(self._names)}.safetensors"
+        # a name no other store in the directory holds (the next block's store fills while this one is read)
+        handle, name = tempfile.mkstemp(prefix="batch-", suffix=".safetensors", dir=self.directory)
+        os.close(handle)
+        path = Path(name)
         save_file(storable_tensors(tensors), path)
         return _Spilled(path, spec, [slots[id(leaf)] if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves])
 
@@ -186,7 +189,6 @@ def _read(entry: _Spilled) -> BlockInput:
         return tensors[leaf.key]
 
     return pytree.tree_unflatten([restore(leaf) for leaf in entry.leaves], entry.spec)
-
 
 
 class FloatOutputs:
