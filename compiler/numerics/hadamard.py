@@ -124,7 +124,9 @@ def _base_matrix(p: int) -> torch.Tensor:
     return paley_matrix(q, kind)
 
 
+@functools.cache
 def _sylvester(m: int) -> torch.Tensor:
+    """Cached ±1 Sylvester matrix of order m (a power of two), float64; callers must not mutate it."""
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < m:
         h = torch.kron(torch.tensor(_H2, dtype=torch.float64), h)
@@ -185,12 +187,12 @@ def fast_hadamard_transform(x: torch.Tensor, base: torch.Tensor | None = None) -
         raise ValueError(f"last dim {n} is not {p} × a power of two")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = x.to(dtype).reshape(-1, p, m)
-    h = 1
-    while h < m:  # butterfly on bit log2(h) of the index: (a, b) → (a + b, a − b)
-        pairs = y.reshape(-1, p, m // (2 * h), 2, h)
-        a, b = pairs[..., 0, :], pairs[..., 1, :]
-        y = torch.cat((a + b, a - b), dim=-1).reshape(-1, p, m)
-        h *= 2
+    # H_{2^j} = H_a ⊗ H_b with a·b = 2^j, each about its square root: two small matmuls, n·(a + b) multiply-adds
+    # per row, where the butterfly's log2(m) passes over memory cost as much as a Linear of the same width
+    # (x @ kron(A, B) read as (a, b) is Aᵀ X B, and Sylvester matrices are symmetric)
+    a = 1 << (m.bit_length() // 2)
+    b = m // a
+    y = (_sylvester(a).to(y) @ y.reshape(-1, p, a, b) @ _sylvester(b).to(y)).reshape(-1, p, m)
     if base is not None:
         y = base.to(y).T @ y  # (x @ kron(A, B)) read as (p, m) is Aᵀ X B
     return (y / math.sqrt(n)).reshape(x.shape).to(x.dtype)
