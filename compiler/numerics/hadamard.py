@@ -2,8 +2,8 @@
 
 A Hadamard matrix H of order n has entries ±1 and H Hᵀ = n·I, so H / √n is orthonormal. Model widths are
 rarely powers of two (576 = 9·64, 18944 = 37·512), so H_n is built as a Kronecker product of a small dense
-Paley base H_p and a Sylvester H_{2^j}; the fast transform applies the 2^j part with an O(n log n)
-butterfly and the base with a p×p matmul.
+Paley base H_p and a Sylvester H_{2^j}; the fast transform applies the 2^j part as two Sylvester matrices of
+about its square root each (H_{2^j} = H_a ⊗ H_b) and the base with a p×p matmul.
 
 Kronecker convention: H_n = torch.kron(H_p, H_{2^j}), i.e. a length-n vector is read as a row-major
 (p, 2^j) array, index i = a·2^j + b. Sylvester matrices are symmetric, Paley I bases are not, so the
