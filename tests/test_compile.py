@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import save_tiny_model
 from programs import cosine, logits, relative, rounding_bound
+from test_streaming import same_files
 from tiny_models import FAMILIES
 
 from slimc.backends.mindie_reader import load_ascend_model
@@ -65,8 +66,6 @@ def test_glm_4_7_moe_config_compiles_a_glm4_moe_model_and_the_ascend_files_repro
 
 def test_the_rotated_w8a8_config_writes_the_same_files_whatever_the_calibration_data(tmp_path):
     """llm/w8a8_dynamic_quarot.yaml has no data-dependent step (rotation, round to nearest, dynamic activations)."""
-    from test_streaming import same_files
-
     model_dir = save_tiny_model(tmp_path / "model", "llama", torch.bfloat16)
     for dataset in ("builtin:text", "builtin:mix"):
         config = load_config(resolve_config_path("llm/w8a8_dynamic_quarot.yaml"),

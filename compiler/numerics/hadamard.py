@@ -188,7 +188,7 @@ def fast_hadamard_transform(x: torch.Tensor, base: torch.Tensor | None = None) -
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = x.to(dtype).reshape(-1, p, m)
     # H_{2^j} = H_a ⊗ H_b with a·b = 2^j, each about its square root: two small matmuls, n·(a + b) multiply-adds
-    # per row, where the butterfly's log2(m) passes over memory cost as much as a Linear of the same width
+    # per row; a butterfly's log2(m) passes over memory cost on CPU about as much as a Linear of the same width
     # (x @ kron(A, B) read as (a, b) is Aᵀ X B, and Sylvester matrices are symmetric)
     a = 1 << (m.bit_length() // 2)
     b = m // a
