@@ -58,7 +58,10 @@ def lower_experts(experts: FakeQuantExperts, spec: QuantSpec, dtype: torch.dtype
     for name in EXPERT_WEIGHTS:
         weight = getattr(experts, name)
         scale, offset = spec.weight_qparams[name]
-        tensors[name] = torch.stack([_codes(weight[e], scale[e], offset[e], spec) for e in range(weight.shape[0])])
+        codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)  # filled per expert: no second copy to stack
+        for expert in range(weight.shape[0]):
+            codes[expert] = _codes(weight[expert], scale[expert], offset[expert], spec)
+        tensors[name] = codes
         tensors[f"{name}_scale"], tensors[f"{name}_offset"] = scale.float(), offset.float()
         bias = getattr(experts, f"{name}_bias")
         if bias is not None:

@@ -26,23 +26,22 @@ from slimc.numerics.modules import FakeQuantExperts, QKHadamard
 from slimc.pass_base import Context, Pass, register_pass
 from slimc.passes.learned_rotation import ResidualRotationLearner, RotationLearning, stream_layers
 from slimc.patterns import find_experts, find_kv_inputs
-from slimc.patterns.fold import norm_has_affine_weight
+from slimc.patterns.fold import norm_has_affine_weight, update_in_parts
 
 
 @torch.no_grad()
 def rotate_inputs(weight: torch.Tensor, rotation: folding.Rotation) -> None:
     """In place, computed in float64 where the device has it: W (..., in) -> W·(I ⊗ R), the layer now reads x·(I ⊗ R)
     and computes what it did on x (numerics.folding.rotated_inputs)."""
-    weight.copy_(folding.rotated_inputs(folding.precise(weight), rotation).to(weight.dtype))
+    update_in_parts(weight, lambda part: folding.rotated_inputs(folding.precise(part), rotation).to(part.dtype))
 
 
 @torch.no_grad()
 def rotate_outputs(weight: torch.Tensor, bias: torch.Tensor | None, rotation: folding.Rotation) -> None:
     """In place, likewise: W (..., out, in) -> (I ⊗ R)ᵀ·W and b -> b·(I ⊗ R), the layer now writes y·(I ⊗ R)."""
-    folded, folded_bias = folding.rotated_outputs(folding.precise(weight), folding.precise(bias), rotation)
-    weight.copy_(folded.to(weight.dtype))
+    update_in_parts(weight, lambda part: folding.rotated_outputs(folding.precise(part), None, rotation)[0].to(part.dtype), trailing=2)
     if bias is not None:
-        bias.copy_(folded_bias.to(bias.dtype))
+        bias.copy_(folding.rotated_inputs(folding.precise(bias), rotation).to(bias.dtype))
 
 
 def check_rotatable_norm(norm: nn.Module, name: str, rotation: torch.Tensor) -> None:

@@ -6,11 +6,36 @@ columns, fused experts' `gate_up_proj[:, :, cols]`, or a parameter used by `F.li
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterator
+
 import torch
 from torch import nn
 
 from slimc.ir import Block
 from slimc.patterns.graph import Consumer
+
+# The rows a working copy is made of at a time: 16M elements, 128 MiB in float64. Fused MoE experts (E, out, in) and
+# a large vocabulary's embedding are gigabytes in bf16, so a whole-tensor float32/float64 copy would be several times that.
+PART_ELEMENTS = 1 << 24
+
+
+def tensor_parts(tensor: torch.Tensor, trailing: int = 1) -> Iterator[torch.Tensor]:
+    """Views of `tensor` that cover it, each whole slices of its last `trailing` dimensions and at most about
+    PART_ELEMENTS elements (one slice where a slice is larger); the tensor itself when it cannot be viewed so."""
+    if tensor.dim() <= trailing or not tensor.is_contiguous():
+        yield tensor
+        return
+    slices = tensor.view(-1, *tensor.shape[tensor.dim() - trailing:])
+    yield from slices.split(max(1, PART_ELEMENTS // slices[0].numel()))
+
+
+@torch.no_grad()
+def update_in_parts(tensor: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor], trailing: int = 1) -> None:
+    """tensor <- transform(tensor) in place, part by part (`tensor_parts`): `transform` must treat each slice of the
+    last `trailing` dimensions on its own, so the result is the whole-tensor one with bounded working copies."""
+    for part in tensor_parts(tensor, trailing):
+        part.copy_(transform(part))
 
 
 def consumer_weight_name(consumer: Consumer) -> str:
@@ -26,8 +51,8 @@ def input_channel_absmax(block: Block, consumers: list[Consumer]) -> torch.Tenso
     """max |W[..., j]| over all consumers' weights, per input channel j."""
     maxima = []
     for consumer in consumers:
-        weight = consumer_weight(block, consumer).detach()
-        maxima.append(weight.abs().float().reshape(-1, weight.shape[-1]).amax(0))
+        for part in tensor_parts(consumer_weight(block, consumer).detach()):
+            maxima.append(part.abs().reshape(-1, part.shape[-1]).amax(0).float())
     return torch.stack(maxima).amax(0)
 
 
@@ -36,7 +61,11 @@ def scale_input_channels(block: Block, consumers: list[Consumer], scale: torch.T
     """Multiply every consumer's input channels by `scale` (weights computed in float32)."""
     for consumer in consumers:
         weight = consumer_weight(block, consumer)
-        weight.copy_((weight.float() * scale.to(weight.device)).to(weight.dtype))
+        update_in_parts(weight, functools.partial(_scaled, scale=scale.to(weight.device)))
+
+
+def _scaled(part: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (part.float() * scale).to(part.dtype)
 
 
 @torch.no_grad()
