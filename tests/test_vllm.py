@@ -19,6 +19,7 @@ from compile_settings import (
     SMALL_CALIBRATION,
     VLLM_ONLY,
 )
+from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.quantization import QuantizationConfig
 from conftest import save_tiny_model
 from programs import CHECK_IDS, W8A8_DYNAMIC, logits, relative, run_pipeline
@@ -91,7 +92,10 @@ def test_static_w8a8_checkpoint_keeps_input_scales_and_zero_points(tmp_path, vll
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
 def test_w4a16_groups_are_pack_quantized_and_load_exactly(tmp_path, family):
-    compiled = compile_tiny(tmp_path, family, "llm/w4a16_gptq.yaml", ("schemes.w4a16.weight.group_size=16",))
+    """Symmetric groups: transformers cannot build asymmetric pack-quantized Linears (it expects their packed zero
+    points unpacked: transformers#47430, llm-compressor#1618), so its end-to-end load is checked on these."""
+    compiled = compile_tiny(tmp_path, family, "llm/w4a16_gptq.yaml",
+                            ("schemes.w4a16.weight.group_size=16", "schemes.w4a16.weight.symmetric=true"))
     config = json.loads((tmp_path / "out" / "vllm" / "config.json").read_text())["quantization_config"]
     group = config["config_groups"]["group_0"]
     assert config["format"] == "pack-quantized" and group["targets"] == ["Linear"]
@@ -100,6 +104,27 @@ def test_w4a16_groups_are_pack_quantized_and_load_exactly(tmp_path, family):
     with torch.no_grad():
         loaded = load_with_transformers(tmp_path / "out")(input_ids=CHECK_IDS, use_cache=False).logits
     assert relative(loaded, logits(compiled.program, CHECK_IDS)) < 1e-6
+
+
+def test_asymmetric_w4a16_groups_decompress_with_their_packed_zero_points(tmp_path):
+    """The shipped W4A16 (asymmetric groups): compressed-tensors' own compressor, which packs zero points as vLLM
+    reads them (eight int4 rows per int32), gives back each lowered weight exactly."""
+    compiled = compile_tiny(tmp_path, "llama", "llm/w4a16_gptq.yaml",
+                            ("schemes.w4a16.weight.group_size=16", "memory.stream_blocks=false"))  # keeps the lowered weights
+    out = tmp_path / "out" / "vllm"
+    config = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    group = config.config_groups["group_0"]
+    assert group.weights.symmetric is False
+    prefix = "model.layers.0.self_attn.q_proj"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        stored = {k.removeprefix(f"{prefix}."): f.get_tensor(k) for k in f.keys() if k.startswith(f"{prefix}.weight")}
+    lowered = compiled.program.model.get_submodule(prefix)
+    assert set(stored) == {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape"}
+    assert stored["weight_zero_point"].shape == (lowered.out_features // 8, lowered.in_features // 16)
+    compressor = BaseCompressor.get_value_from_registry(config.format)
+    weight = compressor.decompress(stored, group)["weight"]
+    assert torch.equal(weight.float(), lowered.dequantized_weight())
+    assert bool((lowered.weight_offset != 0).any())  # the groups are really offset
 
 
 def test_moe_experts_are_written_per_expert_under_the_names_vllm_loads(tmp_path):
