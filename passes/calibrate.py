@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import Counter
 from collections.abc import Iterator
 from typing import Literal
@@ -128,7 +129,7 @@ class Calibrate(Pass):
                 with _quantizer_modes(static, "observe"), self._hessians(block, layers) as hessians:
                     self._run_all(block, ctx, layers)
         reduce_observers([q.observer for q in quantizers if q.observer is not None], ctx.world)
-        reduce_hessians(hessians, ctx.world)
+        reduce_hessians({t: h for t, h in hessians.items() if not isinstance(h, RoutedCalls)}, ctx.world)
         self._freeze(block, ctx, quantizers, layers)
         return samples, hessians
 
@@ -146,18 +147,13 @@ class Calibrate(Pass):
         with temporary_hooks() as hooks:
             for target, module in layers.items():
                 if isinstance(module, FakeQuantExperts):
-                    per_expert = hessians[target] = {}
-                    module.capture = lambda e, name, x, d=per_expert: d.setdefault((name, e), HessianAccumulator()).add(x)
+                    routed = hessians[target] = RoutedCalls(module)
+                    hooks.before(module, routed.record, with_kwargs=True)
             for group in find_shared_inputs(block.graph_module, linears):
                 accumulator = HessianAccumulator()
                 hessians.update(dict.fromkeys(group, accumulator))
                 hooks.before(layers[group[0]], lambda m, args, a=accumulator: a.add(args[0]))
-            try:
-                yield hessians
-            finally:
-                for module in layers.values():
-                    if isinstance(module, FakeQuantExperts):
-                        module.capture = None
+            yield hessians
 
     def _run_all(self, block: Block, ctx: Context, layers: dict) -> None:
         """All calibration batches through the block, so static observers see the whole set."""
@@ -207,25 +203,23 @@ class Calibrate(Pass):
         """Quantize every weight of the layers in place (each expert of fused experts on its own) with its `learned`
         rounding, GPTQ or to nearest, and record their scales and offsets. In several processes each quantizes its
         share of the weights (the i-th on process i % N) and all take the others' results."""
-        jobs = [(target, name, expert, weight, spec.scheme.weight, hessian)
-                for target, module in layers.items()
-                for spec in [ctx.program.quant_specs[block.qualified(target)]]
-                for name, expert, weight, hessian in _weights(module, hessians.get(target))]
-        world, done = ctx.world, {}
-        mine = [job for index, job in enumerate(jobs) if index % world.size == world.rank]
-        # A Hessian shared by several Linears (q, k, v) is factored once on each process that quantizes one of
-        # them, and its factor dropped after the last.
-        readers, factors = Counter(id(job[-1]) for job in mine), {}
-        for target, name, expert, weight, scheme, hessian in mine:
-            try:
-                rounding = learned.get((target, name, expert))
-                done[target, name, expert] = (rounding.quantize() if rounding is not None
-                                              else self._quantize_weight(weight, scheme, hessian, factors))
-            except ValueError as error:
-                raise _layer_error(block, target, error) from None
-            readers[id(hessian)] -= 1
-            if not readers[id(hessian)]:
-                factors.pop(id(hessian), None)
+        world, done, jobs = ctx.world, {}, []
+        for group in _job_groups(block, ctx, layers, hessians):
+            jobs += group
+            mine = [job for index, job in enumerate(group) if index % world.size == world.rank]
+            # A Hessian shared by several Linears (q, k, v) is factored once on each process that quantizes one of
+            # them, and its factor dropped after the last.
+            readers, factors = Counter(id(job[-1]) for job in mine), {}
+            for target, name, expert, weight, scheme, hessian in mine:
+                try:
+                    rounding = learned.get((target, name, expert))
+                    done[target, name, expert] = (rounding.quantize() if rounding is not None
+                                                  else self._quantize_weight(weight, scheme, hessian, factors))
+                except ValueError as error:
+                    raise _layer_error(block, target, error) from None
+                readers[id(hessian)] -= 1
+                if not readers[id(hessian)]:
+                    factors.pop(id(hessian), None)
         if world.size > 1:
             done = {key: result for process in world.gather(done) for key, result in process.items()}
         for target, module in layers.items():
@@ -239,12 +233,10 @@ class Calibrate(Pass):
                 qparams = [results[name, expert][1:] for (n, expert) in results if n == name]
                 spec.weight_qparams[name] = (qparams[0] if not isinstance(module, FakeQuantExperts) else
                                              (torch.stack([q[0] for q in qparams]), torch.stack([q[1] for q in qparams])))
-            entry = hessians.get(target)
-            if isinstance(module, FakeQuantExperts) and self.weight_algorithm == "gptq":
-                unrouted = sum((name, e) not in (entry or {}) for name in EXPERT_WEIGHTS for e in range(module.num_experts))
-                if unrouted:
-                    ctx.report.note(f"calibrate: {block.qualified(target)}: {unrouted // 2} experts got no routed "
-                                    "calibration tokens; their weights were rounded to nearest instead of GPTQ")
+            routed = hessians.get(target)
+            if isinstance(routed, RoutedCalls) and routed.unrouted:
+                ctx.report.note(f"calibrate: {block.qualified(target)}: {routed.unrouted} experts got no routed "
+                                "calibration tokens; their weights were rounded to nearest instead of GPTQ")
 
     def _quantize_weight(self, weight: torch.Tensor, scheme: TensorScheme, hessian: HessianAccumulator | None,
                          factors: dict[int, HessianFactor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -280,13 +272,79 @@ def _layer_error(block: Block, target: str, error: ValueError) -> PassError:
                      "this layer out with an exclude glob")
 
 
-def _weights(module: nn.Module, hessians) -> list[tuple[str, int | None, torch.Tensor, HessianAccumulator | None]]:
+# The expert Hessians held at once, in bytes: an expert's are (H² + I²) float64, 38 MB at Qwen3-30B-A3B's widths and
+# 228 MB at GLM-4.7's, so a whole layer's would be 4.9 GB and 36 GB.
+EXPERT_HESSIAN_BYTES = 1 << 30
+
+
+class RoutedCalls:
+    """A fused experts module's calls in the calibration run (its tokens and their routing), from which its experts'
+    GPTQ Hessians are accumulated afterwards a few experts at a time (`EXPERT_HESSIAN_BYTES`), each expert's from its
+    routed tokens call by call as the run would have: the same float64 sums, a fraction of the memory."""
+
+    def __init__(self, module: FakeQuantExperts) -> None:
+        self.module = module
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.routed: set[int] = set()  # the experts some process routed tokens to, over the chunks accumulated so far
+
+    def record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        self.calls.append((bound["hidden_states"].detach(), bound["top_k_index"].detach()))
+
+    def chunks(self, processes: int) -> list[range]:
+        """Runs of experts whose Hessians fit the budget together (at least one expert per process)."""
+        hidden, inner = self.module.down_proj.shape[-2:]
+        size = max(processes, EXPERT_HESSIAN_BYTES // ((hidden * hidden + inner * inner) * 8))
+        return [range(first, min(first + size, self.module.num_experts)) for first in range(0, self.module.num_experts, size)]
+
+    @torch.no_grad()
+    def hessians(self, experts: range, world) -> dict[tuple[str, int], HessianAccumulator]:
+        """The Hessians of `experts`' weights by (weight name, expert), summed over the processes."""
+        found: dict[tuple[str, int], HessianAccumulator] = {}
+        module = self.module
+        module.capture = lambda expert, name, x: found.setdefault((name, expert), HessianAccumulator()).add(x)
+        try:
+            with _quantizer_modes([m for m in module.modules() if isinstance(m, FakeQuantize)], "off"):
+                for hidden_states, top_k_index in self.calls:
+                    for expert in torch.unique(top_k_index).tolist():
+                        if expert in experts:
+                            tokens, _ = torch.where(top_k_index == expert)
+                            module.expert_forward(expert, hidden_states[tokens])
+        finally:
+            module.capture = None
+        reduce_hessians({"experts": found}, world)
+        self.routed.update(expert for _, expert in found)
+        return found
+
+    @property
+    def unrouted(self) -> int:
+        return self.module.num_experts - len(self.routed)
+
+
+def _job_groups(block: Block, ctx: Context, layers: dict, hessians: dict) -> Iterator[list[tuple]]:
+    """The weights to quantize, each (target, weight name, expert or None, weight, scheme, Hessian or None), in
+    groups that every process walks alike: the layers whose statistics exist, then per fused experts module
+    (GPTQ) each chunk of experts, its Hessians accumulated as the group is reached and dropped with it."""
+    def scheme(target: str) -> TensorScheme:
+        return ctx.program.quant_specs[block.qualified(target)].scheme.weight
+
+    routed = {target: calls for target, calls in hessians.items() if isinstance(calls, RoutedCalls)}
+    yield [(target, name, expert, weight, scheme(target), hessian)
+           for target, module in layers.items() if target not in routed
+           for name, expert, weight, hessian in _weights(module, hessians.get(target))]
+    for target, calls in routed.items():
+        for experts in calls.chunks(ctx.world.size):
+            found = calls.hessians(experts, ctx.world)
+            yield [(target, name, expert, getattr(calls.module, name)[expert], scheme(target), found.get((name, expert)))
+                   for expert in experts for name in EXPERT_WEIGHTS]
+
+
+def _weights(module: nn.Module, hessian: HessianAccumulator | None) -> list[tuple[str, int | None, torch.Tensor, HessianAccumulator | None]]:
     """A layer's weights to quantize, each (name, expert or None, weight, its GPTQ statistics or None): a Linear's
-    `weight`; each expert's slice of fused experts' weights."""
+    `weight` with `hessian`; each expert's slice of fused experts' weights, without (theirs: `RoutedCalls`)."""
     if not isinstance(module, FakeQuantExperts):
-        return [("weight", None, module.weight, hessians)]
-    return [(name, expert, getattr(module, name)[expert], None if hessians is None else hessians.get((name, expert)))
-            for name in EXPERT_WEIGHTS for expert in range(module.num_experts)]
+        return [("weight", None, module.weight, hessian)]
+    return [(name, expert, getattr(module, name)[expert], None) for name in EXPERT_WEIGHTS for expert in range(module.num_experts)]
 
 
 @contextlib.contextmanager

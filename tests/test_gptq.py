@@ -230,3 +230,39 @@ def test_the_hessian_is_the_float64_sum_rounded_once_built_by_rows_and_release_f
     assert torch.equal(accumulator.hessian(release=True), expected) and accumulator.sum is None
     with pytest.raises(ValueError, match="no inputs were seen"):
         accumulator.hessian()
+
+
+def test_expert_hessians_accumulated_a_few_experts_at_a_time_give_the_codes_of_one_pass(tmp_path, monkeypatch):
+    """Fused experts' Hessians come from the routed calls recorded in the calibration run, a chunk of experts at a
+    time (`EXPERT_HESSIAN_BYTES`): one expert per chunk writes the files of all experts in one chunk, byte for byte."""
+    import slimc.passes.calibrate as calibrate
+
+    model_dir = save_tiny_model(tmp_path / "model", "qwen3_moe")
+    config = load_config(resolve_config_path("llm/w4a16_gptq.yaml"),
+                         ["calibration.samples=4", "calibration.seq_len=32", "calibration.batch_size=2",
+                          "schemes.w4a16.weight.group_size=16"])
+    chunks = []
+    accumulate = calibrate.RoutedCalls.hessians
+
+    def recorded(self, experts, world):
+        found = accumulate(self, experts, world)
+        chunks.append((len(experts), len(found)))
+        return found
+
+    monkeypatch.setattr(calibrate.RoutedCalls, "hessians", recorded)
+    with pytest.warns(UserWarning, match="below the recommended"):
+        whole = compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "whole")
+    experts = whole.program.model.config.num_experts
+    assert {size for size, _ in chunks} == {experts} and all(found > 0 for _, found in chunks)
+    chunks.clear()
+    monkeypatch.setattr(calibrate, "EXPERT_HESSIAN_BYTES", 1)
+    with pytest.warns(UserWarning, match="below the recommended"):
+        compile_model(config, model_path=str(model_dir), out_dir=tmp_path / "chunked")
+    assert {size for size, _ in chunks} == {1} and max(found for _, found in chunks) == 2  # gate_up and down of one
+    written = sorted((tmp_path / "whole" / "mindie").glob("*.safetensors"))
+    assert written
+    for file in written:
+        ours, theirs = load_file(file), load_file(tmp_path / "chunked" / "mindie" / file.name)
+        assert ours.keys() == theirs.keys()
+        for name, tensor in ours.items():
+            assert torch.equal(tensor, theirs[name]), name
