@@ -266,3 +266,24 @@ def test_expert_hessians_accumulated_a_few_experts_at_a_time_give_the_codes_of_o
         assert ours.keys() == theirs.keys()
         for name, tensor in ours.items():
             assert torch.equal(tensor, theirs[name]), name
+
+
+def test_routed_calls_give_each_routed_expert_the_hessians_of_its_tokens_and_count_the_others():
+    import slimc.passes.calibrate as calibrate
+    from slimc.distributed import SINGLE
+    from slimc.numerics.modules import FakeQuantExperts
+
+    model = tiny_causal_lm("qwen3_moe")
+    experts = FakeQuantExperts(model.model.layers[0].mlp.experts, None)
+    routed = calibrate.RoutedCalls(experts)
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, experts.gate_up_proj.shape[-1], generator=generator)
+    top_k_index = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0], [0, 1], [1, 0]])
+    routed.record(experts, (hidden, top_k_index), {"top_k_weights": torch.full((6, 2), 0.5)})
+    found = routed.hessians(range(experts.num_experts), SINGLE)
+    assert set(found) == {(name, expert) for name in ("gate_up_proj", "down_proj") for expert in (0, 1)}
+    assert routed.unrouted == experts.num_experts - 2
+    assert torch.allclose(found["gate_up_proj", 0].hessian(), hessian_of(hidden))  # every token reaches expert 0
+    gate, up = (hidden @ experts.gate_up_proj[1].T).chunk(2, dim=-1)
+    assert torch.allclose(found["down_proj", 1].hessian(), hessian_of(experts.act_fn(gate) * up), rtol=1e-4)
+    assert routed.hessians(range(1, 2), SINGLE).keys() == {("gate_up_proj", 1), ("down_proj", 1)}
