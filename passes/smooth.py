@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,6 +14,7 @@ from torch import fx
 from slimc.ir import Block, Program
 from slimc.ir.calls import block_output, row_count, spread_rows, take_rows, tokens_per_row
 from slimc.ir.capture import BlockInput
+from slimc.ir.hooks import temporary_hooks
 from slimc.ir.partial import ObservedPrefix, PartialRuns
 from slimc.numerics.calib import channel_absmax, simulated_quantization
 from slimc.numerics.fidelity import relative_error
@@ -53,6 +55,8 @@ class Migration:
     tensors: Callable[[], list[torch.Tensor]]  # what `apply` changes, to undo a search trial
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
     discard: Callable[[], None] = lambda: None  # undo what `apply` did besides `tensors` (inserted nodes)
+    # the same migration with only some of its readers, where the producer allows it (a norm)
+    restricted: Callable[[list[Consumer]], Migration] | None = None
 
 
 @register_pass("smooth")
@@ -161,11 +165,17 @@ class Smooth(Pass):
                 planned[reader.target] = found.scheme
         if not planned:
             return self.alpha
-        saved = [t.detach().clone() for t in migration.tensors()]
+        # Readers a trial keeps float (fused experts beside a quantized shared expert) have their inputs multiplied
+        # back by the scales instead of their weights by them: no copy of those weights to undo a trial with, nor a
+        # rewrite of them per trial (a GLM-4.7 layer's experts are 5 GB in bf16).
+        kept = [r for r in migration.readers if r.kind != "weight" and r.target not in planned]
+        trial = migration.restricted([r for r in migration.readers if r not in kept]) if kept and migration.restricted else migration
+        kept = kept if trial is not migration else []
+        saved = [t.detach().clone() for t in trial.tensors()]
         weight_absmax = migration.weight_absmax()  # each trial is undone, so the readers' weights are these again
         # a trial changes only the migration's tensors (an explicit multiply also inserts nodes: those run whole), so
         # the trials after the first recompute only the nodes downstream of them, with the same results
-        partial = None if migration.kind == "multiply" else PartialRuns.reading(block.graph_module, migration.tensors())
+        partial = None if migration.kind == "multiply" else PartialRuns.reading(block.graph_module, trial.tensors())
         flat_calls = [block.traced.flatten_inputs(args, kwargs) for args, kwargs in calls]
 
         def quantized_error() -> float:
@@ -175,12 +185,14 @@ class Smooth(Pass):
 
         best_alpha, best_error = None, quantized_error()
         for alpha in self.search_grid:
-            migration.apply(smoothing_scales(act_absmax, weight_absmax, alpha))
-            error = quantized_error()
+            scales = smoothing_scales(act_absmax, weight_absmax, alpha)
+            trial.apply(scales)
+            with _inputs_scaled(block, kept, scales):
+                error = quantized_error()
             if error < best_error:
                 best_alpha, best_error = alpha, error
             with torch.no_grad():
-                for tensor, original in zip(migration.tensors(), saved):
+                for tensor, original in zip(trial.tensors(), saved):
                     tensor.copy_(original)
         if best_alpha is None:
             migration.discard()
@@ -250,7 +262,26 @@ def _norm_migration(block: Block, norm_target: str, readers: list[Consumer]) -> 
         bias = getattr(norm, "bias", None)
         return [norm.weight, *([bias] if isinstance(bias, torch.Tensor) else []), *(consumer_weight(block, r) for r in readers)]
 
-    return Migration("norm-linear", (norm_target, "output"), readers, lambda: input_channel_absmax(block, readers), apply, tensors)
+    return Migration("norm-linear", (norm_target, "output"), readers, lambda: input_channel_absmax(block, readers), apply, tensors,
+                     restricted=lambda subset: _norm_migration(block, norm_target, subset))
+
+
+@contextlib.contextmanager
+def _inputs_scaled(block: Block, readers: list[Consumer], scales: torch.Tensor) -> Iterator[None]:
+    """The readers' first inputs (positional, or the first keyword) multiplied by `scales` (per channel) while open."""
+    def scale(x: torch.Tensor) -> torch.Tensor:
+        return (x.float() * scales.to(x.device)).to(x.dtype)
+
+    def scaled(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (scale(args[0]), *args[1:]), kwargs
+        first = next(iter(kwargs))
+        return args, {**kwargs, first: scale(kwargs[first])}
+
+    with temporary_hooks() as hooks:
+        for reader in readers:
+            hooks.before(block.leaf(reader.target), scaled, with_kwargs=True)
+        yield
 
 
 def _ov_migration(block: Block, v_target: str, o_target: str, head_dim: int) -> Migration:

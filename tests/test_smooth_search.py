@@ -182,3 +182,33 @@ def test_a_value_filled_in_place_is_observed_as_a_whole_run_computes_it():
     # A trial recomputing from `first` would keep `out` from the first run while writing into it again: whole runs.
     assert PartialRuns.reading(graph_module, [graph_module.first.weight]) is None
     assert PartialRuns.reading(graph_module, [graph_module.last.weight]) is None
+
+
+def test_experts_beside_a_quantized_shared_expert_take_trials_on_their_inputs_not_their_weights(monkeypatch):
+    """GLM-4.7's MLP norm feeds a quantized shared expert and float fused experts: a trial multiplies the experts'
+    inputs back by the scales instead of rewriting (and copying, to undo) their weights. It measures what scaling
+    their weights measures, to float32 rounding, so the choices and the smoothed model are the same."""
+    import dataclasses
+
+    batches = calibration_ids(512, batches=2, batch_size=4, seq_len=24)
+    errors: dict[str, list[float]] = {"inputs": [], "weights": []}
+    trial_tensors: dict[str, list[int]] = {"inputs": [], "weights": []}
+    original_error, original_reading, original_migration = smooth.relative_error, PartialRuns.reading, smooth._norm_migration
+    results = {}
+    for mode in ("inputs", "weights"):
+        monkeypatch.setattr(smooth, "relative_error", lambda q, f, m=mode: errors[m].append(original_error(q, f)) or errors[m][-1])
+        monkeypatch.setattr(PartialRuns, "reading", classmethod(
+            lambda cls, gm, tensors, m=mode: trial_tensors[m].append(max(t.numel() for t in tensors)) or original_reading(gm, tensors)))
+        if mode == "weights":
+            monkeypatch.setattr(smooth, "_norm_migration", lambda *args: dataclasses.replace(original_migration(*args), restricted=None))
+        model = tiny_causal_lm("glm4_moe")
+        experts = [m for name, m in model.named_modules() if name.endswith("mlp.experts")]
+        assert experts and all(hasattr(m, "gate_up_proj") for m in experts)
+        report = search(model, batches)
+        results[mode] = (report.details["smooth_alpha"], {k: v.clone() for k, v in model.state_dict().items()})
+    assert results["inputs"][0] == results["weights"][0]
+    assert torch.allclose(torch.tensor(errors["inputs"]), torch.tensor(errors["weights"]), rtol=1e-4)
+    experts_size = experts[0].gate_up_proj.numel()
+    assert max(trial_tensors["weights"]) == experts_size > max(trial_tensors["inputs"])
+    for name, tensor in results["inputs"][1].items():
+        assert torch.equal(tensor, results["weights"][1][name]), name
