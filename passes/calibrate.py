@@ -203,9 +203,9 @@ class Calibrate(Pass):
         """Quantize every weight of the layers in place (each expert of fused experts on its own) with its `learned`
         rounding, GPTQ or to nearest, and record their scales and offsets. In several processes each quantizes its
         share of the weights (the i-th on process i % N) and all take the others' results."""
-        world, done, jobs = ctx.world, {}, []
+        world, done, keys = ctx.world, {}, []
         for group in _job_groups(block, ctx, layers, hessians):
-            jobs += group
+            keys += [job[:3] for job in group]  # not the jobs: a chunk's Hessians go with its group
             mine = [job for index, job in enumerate(group) if index % world.size == world.rank]
             # A Hessian shared by several Linears (q, k, v) is factored once on each process that quantizes one of
             # them, and its factor dropped after the last.
@@ -225,7 +225,7 @@ class Calibrate(Pass):
         for target, module in layers.items():
             spec = ctx.program.quant_specs[block.qualified(target)]
             scheme = spec.scheme.weight
-            results = {(name, expert): done[target, name, expert] for t, name, expert, *_ in jobs if t == target}
+            results = {(name, expert): done[target, name, expert] for t, name, expert in keys if t == target}
             for (name, expert), (codes, _, _) in results.items():
                 weight = getattr(module, name) if expert is None else getattr(module, name)[expert]
                 weight.copy_(dequantize_weight(codes, *results[name, expert][1:], scheme).to(weight.dtype))
