@@ -168,9 +168,8 @@ class Smooth(Pass):
         # Readers a trial keeps float (fused experts beside a quantized shared expert) have their inputs multiplied
         # back by the scales instead of their weights by them: no copy of those weights to undo a trial with, nor a
         # rewrite of them per trial (a GLM-4.7 layer's experts are 5 GB in bf16).
-        kept = [r for r in migration.readers if r.kind != "weight" and r.target not in planned]
-        trial = migration.restricted([r for r in migration.readers if r not in kept]) if kept and migration.restricted else migration
-        kept = kept if trial is not migration else []
+        kept = [r for r in migration.readers if r.kind != "weight" and r.target not in planned] if migration.restricted else []
+        trial = migration.restricted([r for r in migration.readers if r not in kept]) if kept else migration
         saved = [t.detach().clone() for t in trial.tensors()]
         weight_absmax = migration.weight_absmax()  # each trial is undone, so the readers' weights are these again
         # a trial changes only the migration's tensors (an explicit multiply also inserts nodes: those run whole), so
