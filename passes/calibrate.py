@@ -24,7 +24,7 @@ from slimc.numerics.gptq import (
     gptq_quantize,
     reduce_hessians,
 )
-from slimc.numerics.modules import EXPERT_WEIGHTS, FakeQuantExperts, FakeQuantize
+from slimc.numerics.modules import EXPERT_WEIGHTS, FakeQuantExperts, FakeQuantize, routed_tokens
 from slimc.numerics.observers import reduce_observers
 from slimc.numerics.quant import dequantize_weight, quantize_weight
 from slimc.pass_base import Context, Pass, register_pass
@@ -305,10 +305,9 @@ class RoutedCalls:
         module.capture = lambda expert, name, x: found.setdefault((name, expert), HessianAccumulator()).add(x)
         try:
             with _quantizer_modes([m for m in module.modules() if isinstance(m, FakeQuantize)], "off"):
-                for hidden_states, top_k_index in self.calls:
-                    for expert in torch.unique(top_k_index).tolist():
+                for hidden_states, top_k_index in self.calls:  # the tokens in the order the run gave them
+                    for expert, tokens, _ in routed_tokens(top_k_index, module.num_experts):
                         if expert in experts:
-                            tokens, _ = torch.where(top_k_index == expert)
                             module.expert_forward(expert, hidden_states[tokens])
         finally:
             module.capture = None

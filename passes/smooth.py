@@ -268,8 +268,10 @@ def _norm_migration(block: Block, norm_target: str, readers: list[Consumer]) -> 
 @contextlib.contextmanager
 def _inputs_scaled(block: Block, readers: list[Consumer], scales: torch.Tensor) -> Iterator[None]:
     """The readers' first inputs (positional, or the first keyword) multiplied by `scales` (per channel) while open."""
+    multiply = ChannelScale(scales)
+
     def scale(x: torch.Tensor) -> torch.Tensor:
-        return (x.float() * scales.to(x.device)).to(x.dtype)
+        return multiply.to(x.device)(x)
 
     def scaled(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if args:

@@ -215,15 +215,21 @@ class ChannelScale(nn.Module):
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # the fused weights of transformers' *Experts modules
 
 
+def routed_tokens(top_k_index: torch.Tensor, num_experts: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Each expert that tokens are routed to, in increasing order, with those tokens' indices and routing slots."""
+    for expert in torch.unique(top_k_index).tolist():
+        if 0 <= expert < num_experts:
+            token_idx, slot = torch.where(top_k_index == expert)
+            yield expert, token_idx, slot
+
+
 def combine_experts(expert_forward, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Run each routed expert on its tokens and sum the outputs weighted by the router."""
     out = torch.zeros_like(hidden_states)
-    for expert in torch.unique(top_k_index).tolist():
-        if 0 <= expert < num_experts:
-            token_idx, slot = torch.where(top_k_index == expert)
-            y = expert_forward(expert, hidden_states[token_idx]) * top_k_weights[token_idx, slot, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
+    for expert, token_idx, slot in routed_tokens(top_k_index, num_experts):
+        y = expert_forward(expert, hidden_states[token_idx]) * top_k_weights[token_idx, slot, None]
+        out.index_add_(0, token_idx, y.to(out.dtype))
     return out
 
 

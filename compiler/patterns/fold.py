@@ -6,13 +6,13 @@ columns, fused experts' `gate_up_proj[:, :, cols]`, or a parameter used by `F.li
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from slimc.ir import Block
+from slimc.numerics.modules import ChannelScale
 from slimc.patterns.graph import Consumer
 
 # The rows a working copy is made of at a time: 16M elements, 128 MiB in float64. Fused MoE experts (E, out, in) and
@@ -61,11 +61,7 @@ def scale_input_channels(block: Block, consumers: list[Consumer], scale: torch.T
     """Multiply every consumer's input channels by `scale` (weights computed in float32)."""
     for consumer in consumers:
         weight = consumer_weight(block, consumer)
-        update_in_parts(weight, functools.partial(_scaled, scale=scale.to(weight.device)))
-
-
-def _scaled(part: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (part.float() * scale).to(part.dtype)
+        update_in_parts(weight, ChannelScale(scale.to(weight.device)))
 
 
 @torch.no_grad()
