@@ -29,6 +29,7 @@ from slimc.patterns import (
     find_norm_linear_groups,
     find_ov_pairs,
     find_up_down_pairs,
+    sublayer_output,
 )
 from slimc.patterns.fold import (
     consumer_weight,
@@ -75,7 +76,10 @@ class Smooth(Pass):
     group where every alpha is worse than no migration is left as it is. The search runs on the first
     `search_batches` calibration batches, and of them on at most `search_tokens` tokens (whole rows,
     evenly spread over each batch, at least one row of each; null: every token); the channel maxima that
-    the scales come from are measured on all calibration tokens.
+    the scales come from are measured on all calibration tokens. With `search_scope: sublayer` a group's error is
+    measured at the output of the sublayer it feeds (`patterns.sublayer_output`: o_proj for the attention's
+    groups, down_proj for the MLP's, as AWQ measures), and a trial runs only that sublayer; where no Linear closes
+    the sublayer (fused MoE experts), and with `block`, at the block's output.
     """
 
     preserves_function = True
@@ -85,6 +89,7 @@ class Smooth(Pass):
     search_grid: list[float] = [round(0.1 * i, 1) for i in range(11)]
     search_batches: int = Field(1, ge=1)
     search_tokens: int | None = Field(2048, ge=1)
+    search_scope: Literal["sublayer", "block"] = "sublayer"
     subgraphs: list[Subgraph] = ["norm-linear", "v-o", "up-down", "modulation", "multiply"]
     _chosen: dict[str, float | None] = PrivateAttr(default_factory=dict)
     _multiplied: int = PrivateAttr(0)
@@ -176,6 +181,11 @@ class Smooth(Pass):
         # the trials after the first recompute only the nodes downstream of them, with the same results
         partial = None if migration.kind == "multiply" else PartialRuns.reading(block.graph_module, trial.tensors())
         flat_calls = [block.traced.flatten_inputs(args, kwargs) for args, kwargs in calls]
+        scope = sublayer_output(block.graph_module, partial.reached) if partial and self.search_scope == "sublayer" else None
+        if scope is not None:  # the trials measure the sublayer's output, against the float one
+            partial = partial.ending_at(scope)
+            with torch.no_grad():
+                reference = partial.run(flat_calls)
 
         def quantized_error() -> float:
             with simulated_quantization(block, planned), torch.no_grad():

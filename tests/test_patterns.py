@@ -22,6 +22,7 @@ from slimc.patterns import (
     find_shared_inputs,
     find_up_down_pairs,
     propagate_shapes,
+    sublayer_output,
 )
 from slimc.patterns import graph as block_graphs
 from slimc.schemes import TensorScheme
@@ -48,6 +49,31 @@ def test_dense_layers_have_the_three_groups(family):
     (ud,) = find_up_down_pairs(gm)
     assert (ud.gate, ud.up, ud.down) == ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     assert find_experts(gm) == []
+
+
+def calls_of(gm, *targets):
+    return [node for node in gm.graph.nodes if node.op == "call_module" and node.target in targets]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "glm4_moe"])
+def test_a_sublayer_ends_at_the_linear_every_path_from_its_inputs_passes(family):
+    """The attention's norm with q/k/v, and v, end at o_proj; the MLP's norm with gate/up, and up, at down_proj."""
+    gm = traced_blocks(family)[0].graph_module
+    (o_proj,), (down_proj,) = calls_of(gm, "self_attn.o_proj"), calls_of(gm, "mlp.down_proj")
+    assert sublayer_output(gm, calls_of(gm, "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")) is o_proj
+    assert sublayer_output(gm, calls_of(gm, "self_attn.v_proj", "self_attn.o_proj")) is o_proj
+    assert sublayer_output(gm, calls_of(gm, "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj")) is down_proj
+    assert sublayer_output(gm, calls_of(gm, "mlp.up_proj", "mlp.down_proj")) is down_proj
+
+
+def test_fused_experts_beside_a_router_close_no_sublayer_before_the_block_output():
+    """Qwen3-MoE's MLP norm feeds the router and the experts, which meet in the routing's sum: no Linear is on every
+    path, so a search measures the block's output there; the attention still ends at o_proj."""
+    gm = traced_blocks("qwen3_moe")[0].graph_module
+    norm = calls_of(gm, "post_attention_layernorm")
+    assert len(norm) == 1 and sublayer_output(gm, norm + calls_of(gm, "mlp.experts")) is None
+    attention = calls_of(gm, "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    assert sublayer_output(gm, attention) is calls_of(gm, "self_attn.o_proj")[0]
 
 
 def test_qwen3_q_and_k_norms_after_the_projections_are_not_foldable_groups():

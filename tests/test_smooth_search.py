@@ -11,6 +11,7 @@ from tiny_models import tiny_causal_lm
 import slimc.numerics.calib as calib
 import slimc.passes.smooth as smooth
 from slimc.ir.calls import spread_rows, take_rows
+from slimc.ir.hooks import temporary_hooks
 from slimc.ir.partial import ObservedPrefix, PartialRuns
 
 SCHEMES = {"w8": W8A8_DYNAMIC}
@@ -111,11 +112,40 @@ def test_search_trials_recompute_only_what_the_group_reaches_and_measure_what_wh
         monkeypatch.setattr(smooth, "relative_error", lambda q, f, m=mode: errors[m].append(original_error(q, f)) or errors[m][-1])
         if mode == "whole":
             monkeypatch.setattr(PartialRuns, "reading", classmethod(lambda cls, gm, tensors: None))
-        report = search(tiny_causal_lm("llama"), batches)
+        report = search(tiny_causal_lm("llama"), batches, search_scope="block")
         assert any(alpha is not None for alpha in report.details["smooth_alpha"].values())
     assert errors["partial"] == errors["whole"] and len(errors["whole"]) > 0
     later = [ran for ran, nodes in executed if ran < nodes]
     assert later and min(later) < max(nodes for _, nodes in executed) / 2  # the MLP's groups skip the attention
+
+
+def test_sublayer_trials_run_only_the_sublayer_and_measure_its_output_as_whole_runs_compute_it(monkeypatch):
+    """With `search_scope: sublayer` a group's trials end at o_proj (attention) or down_proj (MLP): they execute
+    only what that output needs, and their errors are those of the same Linear's outputs in whole block runs."""
+    batches = calibration_ids(512, batches=2, batch_size=4, seq_len=24)
+    errors: dict[str, list[float]] = {"sublayer": [], "whole": []}
+    ends: list[tuple[str, int, int]] = []
+    original_error, original_run = smooth.relative_error, PartialRuns.run
+
+    def run(self, calls):
+        ends.append((self.until.target, len(self._all), len(self.graph_module.graph.nodes)))
+        return original_run(self, calls)
+
+    def whole_run(self, calls):  # the whole block, the sublayer's output taken by a hook on its Linear
+        seen = []
+        with temporary_hooks() as hooks:
+            hooks.after(self.graph_module.get_submodule(self.until.target), lambda m, args, out: seen.append(out))
+            for flat in calls:
+                self.graph_module(*flat)
+        return seen
+
+    for mode, runner in (("sublayer", run), ("whole", whole_run)):
+        monkeypatch.setattr(smooth, "relative_error", lambda q, f, m=mode: errors[m].append(original_error(q, f)) or errors[m][-1])
+        monkeypatch.setattr(PartialRuns, "run", runner)
+        search(tiny_causal_lm("llama"), batches)
+    assert errors["sublayer"] == errors["whole"] and len(errors["whole"]) > 0
+    assert {end for end, _, _ in ends} == {"self_attn.o_proj", "mlp.down_proj"}
+    assert all(ran < nodes for end, ran, nodes in ends if end == "self_attn.o_proj")  # the MLP is not run
 
 
 def test_linears_reading_one_tensor_quantize_it_once_in_a_trial_with_the_same_errors(monkeypatch):

@@ -3,8 +3,9 @@
 A search tries several values of a few tensors (a norm's weight and the Linears reading it) on the same calls.
 The graph nodes those tensors do not reach compute the same values on every trial: the first run keeps the ones
 the recomputed nodes read, and later runs execute only the nodes downstream of the tensors, by the same calls
-the graph's generated code makes, so their outputs are those of a whole run, bit for bit. A statistics run that
-needs only the inputs of some leaves stops there (`ObservedPrefix`).
+the graph's generated code makes, so their outputs are those of a whole run, bit for bit. A search that measures
+one node's value runs only what that value needs; a statistics run that needs only the inputs of some leaves
+stops there (`ObservedPrefix`).
 
 Both rest on a value depending only on the nodes it reads, which in-place writes break: Wan's rotary embedding
 fills a `torch.empty_like` tensor through `out[..., 0::2] = ...`, a node no value reads. So a statistics run
@@ -29,14 +30,20 @@ class PartialRuns:
     The first `run` executes every node and keeps the values its recomputed nodes read from the others
     (the frontier); every later `run` on the same calls executes only the recomputed nodes. The tensors' values
     and the hooks of the modules holding them may change between runs; nothing else in the graph may.
+    Runs `until` a node return its value and execute only what it needs.
     """
 
-    def __init__(self, graph_module: fx.GraphModule, reached: set[fx.Node]) -> None:
-        self.graph_module = graph_module
+    def __init__(self, graph_module: fx.GraphModule, reached: set[fx.Node], until: fx.Node | None = None) -> None:
+        self.graph_module, self.reached, self.until = graph_module, reached, until
         nodes = list(graph_module.graph.nodes)
+        self._placeholders = [node for node in nodes if node.op == "placeholder"]
+        if until is not None:
+            needed = _needed_by(until)
+            nodes = [node for node in nodes if node in needed]
+        end = until if until is not None else nodes[-1]
         affected: set[fx.Node] = set()
         for node in nodes:
-            if node in reached or node.op == "output" or any(arg in affected for arg in node.all_input_nodes):
+            if node in reached or node is end or any(arg in affected for arg in node.all_input_nodes):
                 affected.add(node)
         self._all = nodes
         self._recomputed = [node for node in nodes if node in affected]
@@ -65,18 +72,19 @@ class PartialRuns:
                 found |= hit
         return cls(graph_module, reached) if found == wanted else None
 
+    def ending_at(self, until: fx.Node) -> PartialRuns:
+        """The same trials, run only as far as `until`, whose value they return."""
+        return PartialRuns(self.graph_module, self.reached, until)
+
     def run(self, calls: Sequence[list[torch.Tensor]]) -> list[Any]:
-        """The graph's outputs on each call's flat inputs (the same calls every time)."""
+        """The graph's outputs (or `until`'s value) on each call's flat inputs (the same calls every time)."""
         if self._saved is None:
             self._saved = [{} for _ in calls]
-            return [self._execute(self._all, dict(zip(self._placeholders(), flat)), saved)
+            return [self._execute(self._all, dict(zip(self._placeholders, flat)), saved)
                     for flat, saved in zip(calls, self._saved, strict=True)]
         if len(calls) != len(self._saved):
             raise ValueError(f"partial runs were set up on {len(self._saved)} calls, given {len(calls)}")
         return [self._execute(self._recomputed, dict(saved), None) for saved in self._saved]
-
-    def _placeholders(self) -> list[fx.Node]:
-        return [node for node in self._all if node.op == "placeholder"]
 
     def _execute(self, order: list[fx.Node], env: dict[fx.Node, Any], keep: dict[fx.Node, Any] | None) -> Any:
         """Execute `order` with `env` holding the values it reads from other nodes; the first run (`keep`) keeps
@@ -85,7 +93,10 @@ class PartialRuns:
             if node in self._frontier:
                 keep[node] = value
 
-        return execute(self.graph_module, order, env, kept if keep is not None else None)
+        if self.until is None:
+            return execute(self.graph_module, order, env, kept if keep is not None else None)
+        execute(self.graph_module, order, env, kept if keep is not None else None, retain=(self.until,))
+        return env[self.until]
 
 
 class ObservedPrefix:
@@ -162,6 +173,17 @@ def execute(graph_module: fx.GraphModule, order: list[fx.Node], env: dict[fx.Nod
             if value not in retain:
                 env.pop(value, None)
     return None
+
+
+def _needed_by(node: fx.Node) -> set[fx.Node]:
+    """`node` and every node whose value it reads, directly or not."""
+    needed, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in needed:
+            needed.add(current)
+            stack.extend(current.all_input_nodes)
+    return needed
 
 
 def mutates_in_place(node: fx.Node) -> bool:

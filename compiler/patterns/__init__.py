@@ -25,6 +25,7 @@ from slimc.patterns.graph import (
     find_shared_inputs,
     node_kind,
     propagate_shapes,
+    sublayer_output,
 )
 from slimc.patterns.llm import (
     KVInputs,
@@ -65,4 +66,5 @@ __all__ = [
     "linear_roles",
     "node_kind",
     "propagate_shapes",
+    "sublayer_output",
 ]

@@ -215,6 +215,28 @@ def find_experts(gm: fx.GraphModule) -> list[str]:
     return [node.target for node in block_graph(gm).of_kind("experts")]
 
 
+def sublayer_output(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> fx.Node | None:
+    """The nearest Linear call that every path from `nodes` to the block's output passes through (one of `nodes`
+    where it is such a Linear): the output projection of the sublayer they compute (o_proj for a norm and the
+    q/k/v reading it, or for v; down_proj for gate/up, or for up). None where no Linear is (fused MoE experts
+    and their router meet the shared expert in a sum), or some node does not reach the output. Shape queries carry
+    no values and are no paths."""
+    graph, nodes = block_graph(gm), list(nodes)
+    output = next(node for node in graph.nodes if node.op == "output")
+    backwards = graph.digraph.subgraph(n for n in graph.nodes if not is_shape_query(n)).reverse(copy=False)
+    after = nx.immediate_dominators(backwards, output)  # dominators of the reversed graph: post-dominators
+    if not nodes or any(node not in after for node in nodes):
+        return None
+    chains = []
+    for node in nodes:
+        chain = [node]
+        while chain[-1] is not output:
+            chain.append(after[chain[-1]])
+        chains.append(chain)
+    on_every_path = set.intersection(*(set(chain) for chain in chains))
+    return next((node for node in chains[0] if node in on_every_path and graph.kind(node) == "linear"), None)
+
+
 def find_shared_inputs(gm: fx.GraphModule, targets: Iterable[str]) -> list[list[str]]:
     """`targets` (modules the graph calls) grouped by the tensor they read, in graph order: modules called once
     whose first argument, behind any quantizer, is the same node (q/k/v after one norm, gate/up) form one group;
