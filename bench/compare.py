@@ -23,7 +23,9 @@ are the same.
   torch first (a bare `torch` would pull a CUDA build), then llmcompressor from PyPI.
 
 Wall time is each child's, from its start (imports included) to its quantized model (the compile's files
-written and checked; llm-compressor's model in memory), without the evaluation; peak RSS is the child's.
+written and checked; llm-compressor's model in memory), without the evaluation; CPU time is the child's (all its
+threads) over the same span, which other jobs on the machine stretch much less than the wall time; peak RSS is
+the child's.
 """
 
 from __future__ import annotations
@@ -92,13 +94,13 @@ work, model_dir, samples, settings = Path(sys.argv[1]), sys.argv[2], int(sys.arg
 warnings.simplefilter("ignore")
 config = load_config(resolve_config_path("llm/w8a8_dynamic.yaml"), [f"calibration.samples={samples}", *settings])
 compiled = compile_model(config, model_path=model_dir, out_dir=work / "slimc-out", overwrite=True)
-seconds = time.time() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+seconds, usage = time.time() - started, resource.getrusage(resource.RUSAGE_SELF)
+peak, cpu_seconds = usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 tokens = load_file(str(work / "tokens.safetensors"))
 assert compiled.report.metrics["calibration_tokens"] == tokens["calibration"].numel()
 float_ppl = perplexity(load_model(resolve_model_source(model_dir), dtype=torch.float32), tokens["evaluation"])
 quantized = load_quantized_model("mindie", work / "slimc-out" / "mindie", config)
-print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak, "float_ppl": float_ppl,
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_bytes": peak, "float_ppl": float_ppl,
                   "quantized_ppl": perplexity(quantized, tokens["evaluation"]), "passes": compiled.report.seconds}))
 '''
 
@@ -124,12 +126,13 @@ recipe = [SmoothQuantModifier(smoothing_strength=0.8),
           QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
 model = oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=calibration.shape[1],
                 num_calibration_samples=calibration.shape[0])
-seconds = time.time() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+seconds, usage = time.time() - started, resource.getrusage(resource.RUSAGE_SELF)
+peak, cpu_seconds = usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 quantized_ppl = perplexity(model, tokens["evaluation"])
 del model
 float_ppl = perplexity(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tokens["evaluation"])
-print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak, "float_ppl": float_ppl, "quantized_ppl": quantized_ppl}))
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_bytes": peak, "float_ppl": float_ppl,
+                  "quantized_ppl": quantized_ppl}))
 '''
 
 
@@ -172,11 +175,11 @@ def main() -> None:
         results[f"slimc ({' '.join(settings)})"] = run_child(Path(sys.executable), SLIMC, *common, *settings)
     results["llm-compressor"] = run_child(llmc, LLMCOMPRESSOR, *common)
     print(f"SmolLM2-135M, W8A8 dynamic, {args.samples} x 512 calibration tokens, {args.eval_samples} x 512 evaluation tokens")
-    print("| tool | wall time | peak RSS | float ppl | quantized ppl | change |")
-    print("|---|---|---|---|---|---|")
+    print("| tool | wall time | CPU time | peak RSS | float ppl | quantized ppl | change |")
+    print("|---|---|---|---|---|---|---|")
     for tool, r in results.items():
         change = r["quantized_ppl"] / r["float_ppl"] - 1
-        print(f"| {tool} | {r['seconds']:.0f} s | {r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['float_ppl']:.4f} | "
+        print(f"| {tool} | {r['seconds']:.0f} s | {r['cpu_seconds']:.0f} s | {r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['float_ppl']:.4f} | "
               f"{r['quantized_ppl']:.4f} | {change:+.2%} |")
     print(json.dumps({"samples": args.samples, "eval_samples": args.eval_samples, "results": results}))
 

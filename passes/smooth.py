@@ -79,7 +79,9 @@ class Smooth(Pass):
     the scales come from are measured on all calibration tokens. With `search_scope: sublayer` a group's error is
     measured at the output of the sublayer it feeds (`patterns.sublayer_output`: o_proj for the attention's
     groups, down_proj for the MLP's, as AWQ measures), and a trial runs only that sublayer; where no Linear closes
-    the sublayer (fused MoE experts), and with `block`, at the block's output.
+    the sublayer (fused MoE experts), and with `block`, at the block's output. `search_method: descent` walks the
+    sorted grid from its middle alpha towards lower errors and stops where both neighbours are worse (3 to 5 trials
+    of 7 where the error is unimodal in alpha); `grid` tries every alpha.
     """
 
     preserves_function = True
@@ -90,6 +92,7 @@ class Smooth(Pass):
     search_batches: int = Field(1, ge=1)
     search_tokens: int | None = Field(2048, ge=1)
     search_scope: Literal["sublayer", "block"] = "sublayer"
+    search_method: Literal["descent", "grid"] = "descent"
     subgraphs: list[Subgraph] = ["norm-linear", "v-o", "up-down", "modulation", "multiply"]
     _chosen: dict[str, float | None] = PrivateAttr(default_factory=dict)
     _multiplied: int = PrivateAttr(0)
@@ -192,17 +195,19 @@ class Smooth(Pass):
                 outputs = [block_output(o) for o in partial.run(flat_calls)] if partial else ctx.run(block, calls)
             return ctx.world.worst([relative_error(o, r) for o, r in zip(outputs, reference)])
 
-        best_alpha, best_error = None, quantized_error()
-        for alpha in self.search_grid:
+        def trial_error(alpha: float) -> float:
             scales = smoothing_scales(act_absmax, weight_absmax, alpha)
             trial.apply(scales)
             with _inputs_scaled(block, kept, scales):
                 error = quantized_error()
-            if error < best_error:
-                best_alpha, best_error = alpha, error
             with torch.no_grad():
                 for tensor, original in zip(trial.tensors(), saved):
                     tensor.copy_(original)
+            return error
+
+        unmigrated = quantized_error()
+        alpha, error = grid_minimum(self.search_grid, trial_error, descend=self.search_method == "descent")
+        best_alpha = alpha if error < unmigrated else None
         if best_alpha is None:
             migration.discard()
         self._chosen[block.qualified(migration.observe[0])] = best_alpha
@@ -251,6 +256,28 @@ def _same_rows(subset_output: torch.Tensor, output: torch.Tensor, chosen: list[i
         return False
     whole = output.index_select(0, torch.tensor(chosen, device=output.device))
     return whole.shape == subset_output.shape and relative_error(subset_output, whole) <= torch.finfo(output.dtype).eps
+
+
+def grid_minimum(grid: Sequence[float], error: Callable[[float], float], descend: bool) -> tuple[float, float]:
+    """The alpha of `grid` with the lowest `error`, and that error: of every alpha, or (`descend`) a local minimum
+    reached from the sorted grid's middle alpha by stepping to the better neighbour, each alpha measured once."""
+    if not descend:
+        errors = {alpha: error(alpha) for alpha in grid}
+        best = min(errors, key=errors.__getitem__)  # the first of equal errors, in the grid's order
+        return best, errors[best]
+    ordered, errors = sorted(set(grid)), {}
+
+    def measured(index: int) -> float:
+        if ordered[index] not in errors:
+            errors[ordered[index]] = error(ordered[index])
+        return errors[ordered[index]]
+
+    index = len(ordered) // 2
+    while True:
+        better = min((i for i in (index, index - 1, index + 1) if 0 <= i < len(ordered)), key=measured)
+        if better == index:
+            return ordered[index], errors[ordered[index]]
+        index = better
 
 
 def _quantized(block: Block, ctx: Context | None, readers: list[Consumer]) -> list[Consumer]:
