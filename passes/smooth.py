@@ -71,8 +71,8 @@ class Smooth(Pass):
     `scale_shift_table + temb` modulation), an explicit multiply by 1/s is put before each reader that
     a later step quantizes ("multiply"). The patterns decide; LLM blocks have neither.
 
-    With `search: true`, alpha is chosen per group from `search_grid` to minimise the block's output
-    error when the group's Linears are quantized with the schemes the pipeline will give them; a
+    With `search: true`, alpha is chosen per group from `search_grid` to minimise the output error
+    when the group's Linears are quantized with the schemes the pipeline will give them; a
     group where every alpha is worse than no migration is left as it is. The search runs on the first
     `search_batches` calibration batches, and of them on at most `search_tokens` tokens (whole rows,
     evenly spread over each batch, at least one row of each; null: every token); the channel maxima that
@@ -165,7 +165,8 @@ class Smooth(Pass):
 
     def _best_alpha(self, block: Block, ctx: Context, migration: Migration, act_absmax: torch.Tensor,
                     calls: list[BlockInput], reference: list[torch.Tensor]) -> float | None:
-        """The grid alpha with the lowest quantized block error, or None where no migration is better."""
+        """The grid alpha with the lowest quantized error (of the sublayer or the block), or None where no migration
+        is better."""
         planned = {}
         for reader in migration.readers:
             found = ctx.plan.scheme(block.qualified(reader.target)) if reader.kind == "linear" else None
