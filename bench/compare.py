@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from children import stop_children_on_sigterm
+
 HERE = Path(__file__).resolve().parent
 LLMC_VENV = HERE / ".venv-llmcompressor"
 TORCH_PIN = "torch==2.13.0"
@@ -158,6 +160,7 @@ def run_child(python: Path, code: str, *args: str) -> dict:
 
 
 def main() -> None:
+    stop_children_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=128, help="calibration windows of 512 tokens")
     parser.add_argument("--eval-samples", type=int, default=40, help="evaluation windows of 512 tokens")

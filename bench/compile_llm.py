@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from children import stop_children_on_sigterm
 
 VARIANTS = {  # variant -> (the rotate step: dropped, kept, or kept and learned; weight algorithm, None keeps the config's)
     "shipped": ("keep", None),
@@ -100,6 +101,7 @@ def variant_config(name: str, variant: str, directory: Path, learn: dict) -> str
 
 
 def main() -> None:
+    stop_children_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="", help="model dir or .gguf (default: SmolLM2-135M)")
     parser.add_argument("--configs", nargs="+", default=["llm/w8a8_dynamic.yaml", "llm/w8a8_static.yaml"])

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from children import stop_children_on_sigterm
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.core_model_loading import revert_weight_conversion
@@ -200,9 +201,15 @@ def compile_checkpoint(config_name: str, model: Path, out: Path, log: Path, samp
         child = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT)
         peaks = ResidentPeaks(child.pid)
         peaks.start()
-        _, status, usage = os.wait4(child.pid, 0)
-        peaks.done.set()
-        peaks.join()
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        except BaseException:  # SIGTERM or Ctrl-C: the compile stops with the script
+            child.kill()
+            child.wait()
+            raise
+        finally:
+            peaks.done.set()
+            peaks.join()
     wall = time.perf_counter() - start
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
@@ -254,6 +261,7 @@ def extrapolate(measured: dict) -> list[dict]:
 
 
 def main() -> None:
+    stop_children_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["llm/w8a8_dynamic.yaml"])
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
