@@ -1,15 +1,17 @@
-"""Learning rotate's residual rotation R1 (SpinQuant-style) before it is folded: the helper of `rotate: {learn: ...}`.
+"""Learning rotate's residual rotation R1 and its per-layer head rotations R2 (SpinQuant-style) before they are
+folded: the helper of `rotate: {learn: ...}`.
 
-R1 starts from the randomized Hadamard and descends an end-to-end loss: the KL divergence, on calibration
-sequences, of the next-token distribution of the model as it will be quantized (in the basis x·R1, with the per-head
-R2 and the online Hadamard before the down projections that rotate adds, weights and activations fake-quantized
-by the plan's schemes with straight-through rounding) from the float model's. Each step is a Cayley transform on
-the orthogonal group, so R1 stays a rotation and folding it leaves the float function unchanged. The model as it
-will be is rotate's folding itself: the same layers (`stream_layers`) and the same functions (numerics.folding).
+R1 and each attention layer's R2 start from the randomized Hadamards and descend one end-to-end loss: the KL
+divergence, on calibration sequences, of the next-token distribution of the model as it will be quantized (in the
+basis x·R1, each layer's values in v·R2, the online Hadamard before the down projections that rotate adds, weights
+and activations fake-quantized by the plan's schemes with straight-through rounding) from the float model's. Each
+step is a Cayley transform on the orthogonal group, so every rotation stays one and folding them leaves the float
+function unchanged. The model as it will be is rotate's folding itself: the same layers (`stream_layers`) and the
+same functions (numerics.folding).
 
 The model runs block by block, as the compile does: a forward without gradients keeps each block's call (its
 hidden states in), then the backward goes from the head to the embeddings one block at a time, recomputing that
-block with gradients for R1 only. So memory holds one block's weights and activations, the calls of every block on
+block with gradients for the rotations only. So memory holds one block's weights and activations, the calls of every block on
 the learning sequences and the float model's log-probabilities on them, and a streamed model is read twice a step.
 """
 
@@ -45,14 +47,27 @@ from slimc.schemes import QuantScheme
 
 
 class RotationLearning(BaseModel):
-    """SpinQuant-style learning of rotate's R1: `iterations` Cayley steps on the first `samples` calibration sequences (rounded up to
-    whole calibration batches), each turning R1 by about `lr` radians down the gradient, decaying linearly to 0."""
+    """SpinQuant-style learning of rotate's R1 and, with `heads` (where rotate has R2), each attention layer's R2:
+    `iterations` Cayley steps on the first `samples` calibration sequences (rounded up to whole calibration
+    batches), each turning every rotation by about `lr` radians down the gradient, decaying linearly to 0."""
 
     model_config = ConfigDict(extra="forbid")
 
     iterations: int = Field(20, ge=1)
     lr: float = Field(0.2, gt=0.0)
     samples: int = Field(8, ge=1)
+    heads: bool = True
+
+
+@dataclass
+class LearnedRotations:
+    """What learning gives rotate: R1, each learned R2 by its v projection's qualified name, and the loss of the
+    Hadamard start and of the rotations kept (the lowest met)."""
+
+    residual: torch.Tensor
+    heads: dict[str, torch.Tensor]
+    start_loss: float
+    loss: float
 
 
 @dataclass
@@ -105,7 +120,8 @@ def _kl(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 class ResidualRotationLearner:
-    """Learns R1 for `program` on `ctx`'s first calibration batches; `head_rotation(head_dim)` is rotate's R2."""
+    """Learns R1 (and R2 per layer) for `program` on `ctx`'s first calibration batches; `head_rotation(head_dim)` is
+    rotate's Hadamard R2 (the start of the learned ones)."""
 
     def __init__(self, program: Program, ctx: Context, options: RotationLearning, heads: bool, online_down: bool,
                  head_rotation: Callable[[int], KroneckerRotation]) -> None:
@@ -122,21 +138,33 @@ class ResidualRotationLearner:
         self.layers: list[StreamLayers] = []
         self.reference: list[torch.Tensor] = []  # the float model's log-probabilities, per batch
 
-    def learn(self, start: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-        """(the learned R1 with the lowest loss met, the loss of `start`, its loss), from the orthogonal `start`."""
+    def learn(self, start: torch.Tensor) -> LearnedRotations:
+        """The rotations of the lowest loss met, from the orthogonal R1 `start` and the Hadamard R2."""
         with self._head_on_device():
             self._float_reference()
             rotation = start.to(torch.float64)  # on the CPU, in float64: devices without float64 too
-            losses, rotations = [], []
+            heads = [{v: self.head_rotation(head_dim).matrix() for v, _, head_dim in layers.heads} if self.options.heads else {}
+                     for layers in self.layers]
+            losses, kept = [], []
             for step in range(self.options.iterations):
-                loss, gradient = self._loss(rotation, gradient=True)
+                loss, gradient, head_gradients = self._loss(rotation, heads, gradient=True)
                 losses.append(loss)
-                rotations.append(rotation)
-                rotation = cayley_step(rotation, gradient, self.options.lr * (1 - step / self.options.iterations))
-            losses.append(self._loss(rotation, gradient=False)[0])
-            rotations.append(rotation)
+                kept.append((rotation, heads))
+                # one step for R1 and every R2 together, each moving by its share of the gradient
+                names = [(index, v) for index, block in enumerate(heads) for v in block]
+                rotation, *stepped = cayley_step(
+                    [rotation, *(heads[i][v] for i, v in names)], [gradient, *(head_gradients[i][v] for i, v in names)],
+                    self.options.lr * (1 - step / self.options.iterations))
+                heads = [{} for _ in heads]
+                for (index, v), r2 in zip(names, stepped, strict=True):
+                    heads[index][v] = r2
+            losses.append(self._loss(rotation, heads, gradient=False)[0])
+            kept.append((rotation, heads))
         best = min(range(len(losses)), key=losses.__getitem__)  # the first of equals: the start if no step helped
-        return rotations[best].cpu(), losses[0], losses[best]
+        rotation, heads = kept[best]
+        learned_heads = {block.qualified(v): r2.cpu() for block, rotations in zip(self.blocks, heads, strict=True)
+                         for v, r2 in rotations.items()}
+        return LearnedRotations(rotation.cpu(), learned_heads, losses[0], losses[best])
 
     # --- the model, block by block -------------------------------------------------------------------------
 
@@ -195,9 +223,12 @@ class ResidualRotationLearner:
         norm = model.get_submodule(self.program.head_norm) if self.program.head_norm is not None else nn.Identity()
         return model.get_submodule(self.program.head), norm
 
-    def _loss(self, rotation: torch.Tensor, gradient: bool) -> tuple[float, torch.Tensor | None]:
-        """The quantized model's loss with R1 = `rotation` (summed over processes) and, if `gradient`, its gradient."""
+    def _loss(self, rotation: torch.Tensor, heads: list[dict[str, torch.Tensor]], gradient: bool
+              ) -> tuple[float, torch.Tensor | None, list[dict[str, torch.Tensor]] | None]:
+        """The quantized model's loss with R1 = `rotation` and each block's R2 by v projection = `heads` (the Hadamard
+        where absent), summed over processes, and, if `gradient`, its gradients in R1 and in each R2."""
         leaf = rotation.clone().requires_grad_(gradient)
+        head_leaves = [{v: r2.clone().requires_grad_(gradient) for v, r2 in block.items()} for block in heads]
 
         def working() -> torch.Tensor:  # R1 as the model multiplies by it, a new node of each graph
             return leaf.to(self.device, torch.float32)
@@ -208,7 +239,7 @@ class ResidualRotationLearner:
             calls = [[rebind_hidden(call, rotate_hidden(hidden_of(call), r)) for call in first]]
             for index, (block, layers) in enumerate(zip(self.blocks, self.layers, strict=True)):
                 with self._on_device(block), self._quantizers(layers):
-                    overrides = self._rotated(layers, r)
+                    overrides = self._rotated(layers, r, head_leaves[index])
                     calls.append([self._following(index, b, self._run(block, call, overrides)) for b, call in enumerate(calls[-1])])
         total, grads = 0.0, []
         for hidden, reference in zip(calls.pop(), self.reference, strict=True):
@@ -221,11 +252,11 @@ class ResidualRotationLearner:
             total += loss.item()
         total = self.ctx.world.sum(torch.tensor(total)).item()
         if not gradient:
-            return total, None
+            return total, None, None
         for index in reversed(range(len(self.blocks))):
             block, layers, block_calls = self.blocks[index], self.layers[index], calls.pop()
             with self._on_device(block), self._quantizers(layers):
-                overrides = self._rotated(layers, working())
+                overrides = self._rotated(layers, working(), head_leaves[index])
                 for b, call in enumerate(block_calls):
                     hidden = hidden_of(call).detach().requires_grad_()
                     following = self._following(index, b, self._run(block, rebind_hidden(call, hidden), overrides))
@@ -234,7 +265,11 @@ class ResidualRotationLearner:
                     grads[b] = hidden.grad
         for call, grad in zip(first, grads, strict=True):
             torch.autograd.backward(rotate_hidden(hidden_of(call), working()), grad)
-        return total, self.ctx.world.sum(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))  # none: no batch here
+        return total, self._summed_gradient(leaf), [{v: self._summed_gradient(r2) for v, r2 in block.items()} for block in head_leaves]
+
+    def _summed_gradient(self, leaf: torch.Tensor) -> torch.Tensor:
+        """A rotation's gradient over all processes (a process without learning batches has none of its own)."""
+        return self.ctx.world.sum(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
 
     # --- the rotated, fake-quantized weights --------------------------------------------------------------
 
@@ -242,8 +277,9 @@ class ResidualRotationLearner:
         assigned = self.ctx.plan.scheme(block.qualified(target))
         return None if assigned is None else assigned.scheme
 
-    def _rotated(self, layers: StreamLayers, r: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The block's tensors as rotate will leave them, R1 = r, fake-quantized where the plan quantizes them."""
+    def _rotated(self, layers: StreamLayers, r: torch.Tensor, heads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The block's tensors as rotate will leave them, R1 = r and R2 = `heads` by v projection (the Hadamard where
+        absent), fake-quantized where the plan quantizes them."""
         block = layers.block
         base: dict[str, torch.Tensor] = {}
         overrides: dict[str, torch.Tensor] = {}
@@ -260,7 +296,7 @@ class ResidualRotationLearner:
                 for name in weights:
                     base[name] = folding.scaled_inputs(weight(name), norm.weight.detach())
         for v_target, o_target, head_dim in layers.heads:
-            r2, bias = self.head_rotation(head_dim), block.leaf(v_target).bias
+            r2, bias = heads.get(v_target, self.head_rotation(head_dim)), block.leaf(v_target).bias
             base[f"{v_target}.weight"], v_bias = folding.rotated_outputs(weight(f"{v_target}.weight"), folding.precise(bias), r2)
             if v_bias is not None:
                 overrides[f"{v_target}.bias"] = v_bias

@@ -4,7 +4,7 @@ spread activation outliers over all channels, so 4-bit activations and weights l
 - R1, offline: the residual stream (hidden states between blocks) becomes x·R1, R1 a seeded
   randomised Hadamard, or one learned from it (`learn`, slimc.passes.learned_rotation). Every layer reading the stream (through a scale-free RMS norm) takes W·R1,
   every layer writing it R1ᵀ·W; the embeddings E·R1 and the head (W_head∘g)·R1 outside the blocks.
-- R2, offline: per attention head between v_proj and o_proj.
+- R2, offline: per attention head between v_proj and o_proj, a seeded Hadamard, or one learned per layer with R1.
 - online: a Hadamard node before each down projection (MLP and MoE experts), computed at run
   time by a fast Walsh–Hadamard transform, its transpose fused into the down weights.
 - online_qk: a Hadamard per head on the queries and keys after RoPE (nothing to fuse: q·kᵀ is unchanged), so
@@ -64,8 +64,8 @@ class Rotate(Pass):
     """QuaRot rotation: R1 on the residual stream (seeded by `seed`), R2 per attention head when
     `heads`, an online Hadamard before every down projection when `online_down`, and one on each text block's
     attention queries and keys after RoPE when `online_qk` (for fake_quant's kv_cache, whose key scales are then
-    calibrated on the rotated keys). With `learn`, R1 is learned from the Hadamard for the quantized model
-    (SpinQuant) before it is folded. Needs `norm_fusion` before it; passes that gather statistics (smooth,
+    calibrated on the rotated keys). With `learn`, R1 (and each layer's R2, unless `learn.heads` is false) is
+    learned from the Hadamard for the quantized model (SpinQuant) before it is folded. Needs `norm_fusion` before it; passes that gather statistics (smooth,
     fake_quant, calibrate) come after."""
 
     requires = ("norm_fusion",)
@@ -81,9 +81,14 @@ class Rotate(Pass):
     _rotation: torch.Tensor | None = PrivateAttr(None)  # dense, for the calibration inputs and the equivalence check
     _factored: folding.Rotation | None = PrivateAttr(None)  # the same R, for the weights (factored unless learned)
     _head_rotations: dict[int, KroneckerRotation] = PrivateAttr(default_factory=dict)
+    _learned_heads: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)  # qualified v_proj -> its layer's R2
 
     def stream_rotation(self) -> torch.Tensor | None:
         return self._rotation
+
+    def learned_head_rotations(self) -> dict[str, torch.Tensor]:
+        """Each learned R2 (float64), by the qualified name of the v projection it follows; empty unless learned."""
+        return dict(self._learned_heads)
 
     def prepare(self, program: Program, ctx: Context) -> None:
         if self.online_qk and not any(getattr(step, "kv_cache", None) is not None for step in ctx.steps):
@@ -108,14 +113,17 @@ class Rotate(Pass):
         program.rotations.residual = description
 
     def _learn(self, program: Program, ctx: Context, start: str) -> str:
-        """Replace the Hadamard R1 by the one learned from it; the description of what the stream is rotated by."""
+        """Replace the Hadamard R1 (and R2) by the ones learned from them; the description of what the stream is
+        rotated by."""
         learner = ResidualRotationLearner(program, ctx, self.learn, self.heads, self.online_down, self._head_rotation)
-        self._rotation, start_loss, loss = learner.learn(self._rotation)
-        self._factored = self._rotation
-        ctx.report.note(f"rotate: residual rotation learned from the Hadamard in {self.learn.iterations} Cayley steps "
-                        f"(lr {self.learn.lr}) on {len(learner.positions)} calibration batches: quantized-model KL to "
-                        f"float {start_loss:.4g} -> {loss:.4g}")
-        ctx.report.metrics["rotate.learn.kl_start"], ctx.report.metrics["rotate.learn.kl"] = start_loss, loss
+        learned = learner.learn(self._rotation)
+        self._rotation = self._factored = learned.residual
+        self._learned_heads = learned.heads
+        heads = f" and the head rotations of {len(learned.heads)} attention layers" if learned.heads else ""
+        ctx.report.note(f"rotate: residual rotation{heads} learned from the Hadamard in {self.learn.iterations} Cayley "
+                        f"steps (lr {self.learn.lr}) on {len(learner.positions)} calibration batches: quantized-model "
+                        f"KL to float {learned.start_loss:.4g} -> {learned.loss:.4g}")
+        ctx.report.metrics["rotate.learn.kl_start"], ctx.report.metrics["rotate.learn.kl"] = learned.start_loss, learned.loss
         return f"rotation learned from the {start}"
 
     def _untie_head(self, program: Program, ctx: Context) -> None:
@@ -148,7 +156,8 @@ class Rotate(Pass):
         for weight, bias in layers.writers:
             rotate_outputs(layers.parameter(weight), layers.parameter(bias), self._factored)
         for v_target, o_target, head_dim in layers.heads:  # each head's values become v·R2, which o_proj reads back
-            v, r2 = block.leaf(v_target), self._head_rotation(head_dim)
+            v, learned = block.leaf(v_target), self._learned_heads.get(block.qualified(v_target))
+            r2 = learned if learned is not None else self._head_rotation(head_dim)
             rotate_outputs(v.weight, v.bias, r2)
             rotate_inputs(block.leaf(o_target).weight, r2)
         if self.online_down:

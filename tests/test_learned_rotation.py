@@ -55,7 +55,7 @@ def test_a_cayley_step_keeps_a_rotation_orthogonal_and_descends():
     target = start @ torch.linalg.matrix_exp(0.1 * (turn - turn.T))  # a rotation the group's path reaches
     rotation = start
     for step in range(20):  # loss ‖R − T‖², gradient 2(R − T)
-        rotation = cayley_step(rotation, 2 * (rotation - target), angle=1.0 * (1 - step / 20))
+        [rotation] = cayley_step([rotation], [2 * (rotation - target)], angle=1.0 * (1 - step / 20))
     assert (rotation.T @ rotation - torch.eye(48, dtype=torch.float64)).abs().max() < 1e-12
     assert (rotation - target).norm() < 0.1 * (start - target).norm()
 
@@ -67,7 +67,23 @@ def test_the_learned_rotation_is_orthogonal_and_moved_from_the_hadamard():
     assert learned.dtype == torch.float64
     assert (learned.T @ learned - torch.eye(48, dtype=torch.float64)).abs().max() < 1e-12
     assert relative(learned, random_orthogonal(48, seed=3)[0]) > 1e-3
-    assert "rotation learned from the Hadamard in 8 Cayley steps" in "\n".join(report.notes)
+    heads = steps[1].learned_head_rotations()
+    assert sorted(heads) == [f"model.layers.{i}.self_attn.v_proj" for i in range(2)]
+    hadamard = random_orthogonal(heads["model.layers.0.self_attn.v_proj"].shape[0], seed=4)[0]
+    for r2 in heads.values():  # each layer's own R2, turned from the Hadamard it starts from
+        assert (r2.T @ r2 - torch.eye(r2.shape[0], dtype=torch.float64)).abs().max() < 1e-12
+        assert relative(r2, hadamard) > 1e-3
+    assert relative(*heads.values()) > 1e-3
+    assert "rotation and the head rotations of 2 attention layers learned from the Hadamard in 8 Cayley steps" in \
+        "\n".join(report.notes)
+
+
+def test_without_heads_only_r1_is_learned_and_r2_stays_the_hadamard():
+    _, report, steps = compile_steps(tiny_causal_lm("llama", sizes=ODD_SIZES),
+                                     [{"pass": "norm_fusion"}, rotate_step({**SHORT, "heads": False}), *QUANTIZE_W4A4[:1]])
+    assert relative(steps[1].stream_rotation(), random_orthogonal(48, seed=3)[0]) > 1e-3
+    assert steps[1].learned_head_rotations() == {}
+    assert "residual rotation learned from the Hadamard in 2 Cayley steps" in "\n".join(report.notes)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3_moe"])
@@ -81,8 +97,11 @@ def test_the_folded_learned_rotation_keeps_the_float_function(family):
     with torch.no_grad():
         expected = model(input_ids=ids, use_cache=False).logits
     quantize = {"pass": "fake_quant", "rules": [{"scheme": "w4a4", "exclude": ["*mlp.gate", "*mlp.experts"]}]}
-    _, _, steps = compile_steps(model, [{"pass": "norm_fusion"}, rotate_step(SHORT, online_down=False), quantize])
+    # a smaller turn than SHORT's, whose first step already lowers the loss of every family: the fold is of moved rotations
+    learn = {**SHORT, "lr": 0.1}
+    _, _, steps = compile_steps(model, [{"pass": "norm_fusion"}, rotate_step(learn, online_down=False), quantize])
     assert relative(steps[1].stream_rotation(), random_orthogonal(48, seed=3)[0]) > 1e-3
+    assert all(relative(r2, random_orthogonal(12, seed=4)[0]) > 1e-3 for r2 in steps[1].learned_head_rotations().values())
     with torch.no_grad():
         assert relative(model(input_ids=ids, use_cache=False).logits, expected) < 1e-5
 
@@ -100,8 +119,10 @@ def test_learning_lowers_the_quantized_models_loss_below_the_hadamard_start():
 
     hadamard, _ = compiled_kl(None)
     learned, metrics = compiled_kl(LEARN)
-    assert metrics["rotate.learn.kl_start"] == pytest.approx(hadamard, rel=1e-3)
-    assert metrics["rotate.learn.kl"] == pytest.approx(learned, rel=1e-3)
+    # the learner folds in another order and precision than rotate, which moves a few 4-bit roundings by one step:
+    # agreement within 0.5%, against the 10% and more that learning gains
+    assert metrics["rotate.learn.kl_start"] == pytest.approx(hadamard, rel=5e-3)
+    assert metrics["rotate.learn.kl"] == pytest.approx(learned, rel=5e-3)
     assert learned < 0.9 * hadamard
 
 
@@ -129,7 +150,7 @@ def test_a_streamed_compile_learns_the_rotation_of_a_whole_model_compile(tmp_pat
             *SMALL_CALIBRATION, "pipeline.1.learn={iterations: 2, samples: 2}", f"memory.stream_blocks={str(stream).lower()}"])
         compiled = compile_model(config, model_path=str(model), out_dir=tmp_path / f"stream-{stream}")
         assert (compiled.program.weights is not None) == stream
-        assert "rotation learned from the Hadamard in 2 Cayley steps" in "\n".join(compiled.report.notes)
+        assert "learned from the Hadamard in 2 Cayley steps" in "\n".join(compiled.report.notes)
         outputs[stream] = tmp_path / f"stream-{stream}"
     assert same_files(outputs[True], outputs[False]) == []
 
