@@ -60,6 +60,21 @@ def test_a_cayley_step_keeps_a_rotation_orthogonal_and_descends():
     assert (rotation - target).norm() < 0.1 * (start - target).norm()
 
 
+def test_one_cayley_step_turns_several_rotations_by_the_angle_in_all_each_by_its_share():
+    """A step on the product group: the rotations move as the blocks of one rotation would, so a large one with a
+    large gradient takes most of the turn, and one with no gradient stays."""
+    generator = torch.Generator().manual_seed(3)
+    rotations = [random_orthogonal(n, seed=n)[0] for n in (48, 12, 12)]
+    gradients = [torch.randn(48, 48, generator=generator, dtype=torch.float64),
+                 0.1 * torch.randn(12, 12, generator=generator, dtype=torch.float64), torch.zeros(12, 12, dtype=torch.float64)]
+    stepped = cayley_step(rotations, gradients, angle=1e-3)
+    moves = [float((after - before).norm()) for after, before in zip(stepped, rotations, strict=True)]
+    assert sum(m * m for m in moves) ** 0.5 == pytest.approx(1e-3, rel=1e-3)
+    assert moves[2] == 0.0 and 0.0 < moves[1] < 0.1 * moves[0]
+    for after in stepped:
+        assert (after.T @ after - torch.eye(after.shape[0], dtype=torch.float64)).abs().max() < 1e-12
+
+
 def test_the_learned_rotation_is_orthogonal_and_moved_from_the_hadamard():
     _, report, steps = compile_steps(tiny_causal_lm("llama", sizes=ODD_SIZES),
                                      [{"pass": "norm_fusion"}, rotate_step(), *QUANTIZE_W4A4[:1]])
