@@ -11,7 +11,7 @@ perplexity through the written Ascend files. Prints a table and one JSON object.
 `rtn` (no rotation, round to nearest), `rotation-rtn` (rotation, round to nearest), `gptq` (no
 rotation, GPTQ) — the rows of the low-bit table in docs/lowbit.md; `autoround` and `rotation-autoround`
 (AutoRound with its default settings, without or with rotation); `learned` and `learned-rtn` learn the
-residual rotation (`rotate: {learn: ...}` from `--learn`, e.g. `--learn iterations=20 samples=8`).
+rotations (`rotate: {learn: ...}` from `--learn`, e.g. `--learn iterations=20 samples=8`; `heads=false` learns R1 only).
 
 `--tune KEY=VALUE ...` adds a `tune:` section (e.g. `--tune max_ppl_increase=0.004 "fallback=[float]" step=4`):
 the rounds are measured on `builtin:validation` unless `dataset=` says otherwise, and the written round is then
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--tune", nargs="*", default=[], metavar="KEY=VALUE",
                         help="add a tune: section with these settings (max_ppl_increase and fallback at least)")
     parser.add_argument("--learn", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="the learned variants' rotate.learn settings (iterations, lr, samples; defaults otherwise)")
+                        help="the learned variants' rotate.learn settings (iterations, lr, samples, heads; defaults otherwise)")
     args = parser.parse_args()
     learn = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.learn)}
     rows = []
