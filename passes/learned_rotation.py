@@ -119,7 +119,7 @@ def _kl(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (reference.exp() * (reference - log_q)).sum(-1).mean()
 
 
-class ResidualRotationLearner:
+class RotationLearner:
     """Learns R1 (and R2 per layer) for `program` on `ctx`'s first calibration batches; `head_rotation(head_dim)` is
     rotate's Hadamard R2 (the start of the learned ones)."""
 

@@ -24,7 +24,7 @@ from slimc.numerics import folding
 from slimc.numerics.hadamard import KroneckerRotation, OnlineHadamard, describe_hadamard, random_rotation
 from slimc.numerics.modules import FakeQuantExperts, QKHadamard
 from slimc.pass_base import Context, Pass, register_pass
-from slimc.passes.learned_rotation import ResidualRotationLearner, RotationLearning, stream_layers
+from slimc.passes.learned_rotation import RotationLearner, RotationLearning, stream_layers
 from slimc.patterns import find_experts, find_kv_inputs
 from slimc.patterns.fold import norm_has_affine_weight, update_in_parts
 
@@ -115,7 +115,7 @@ class Rotate(Pass):
     def _learn(self, program: Program, ctx: Context, start: str) -> str:
         """Replace the Hadamard R1 (and R2) by the ones learned from them; the description of what the stream is
         rotated by."""
-        learner = ResidualRotationLearner(program, ctx, self.learn, self.heads, self.online_down, self._head_rotation)
+        learner = RotationLearner(program, ctx, self.learn, self.heads, self.online_down, self._head_rotation)
         learned = learner.learn(self._rotation)
         self._rotation = self._factored = learned.residual
         self._learned_heads = learned.heads
