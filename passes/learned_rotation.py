@@ -143,28 +143,22 @@ class RotationLearner:
         with self._head_on_device():
             self._float_reference()
             rotation = start.to(torch.float64)  # on the CPU, in float64: devices without float64 too
-            heads = [{v: self.head_rotation(head_dim).matrix() for v, _, head_dim in layers.heads} if self.options.heads else {}
-                     for layers in self.layers]
+            heads = {layers.block.qualified(v): self.head_rotation(head_dim).matrix()
+                     for layers in self.layers for v, _, head_dim in layers.heads} if self.options.heads else {}
             losses, kept = [], []
             for step in range(self.options.iterations):
                 loss, gradient, head_gradients = self._loss(rotation, heads, gradient=True)
                 losses.append(loss)
                 kept.append((rotation, heads))
                 # one step for R1 and every R2 together, each moving by its share of the gradient
-                names = [(index, v) for index, block in enumerate(heads) for v in block]
-                rotation, *stepped = cayley_step(
-                    [rotation, *(heads[i][v] for i, v in names)], [gradient, *(head_gradients[i][v] for i, v in names)],
-                    self.options.lr * (1 - step / self.options.iterations))
-                heads = [{} for _ in heads]
-                for (index, v), r2 in zip(names, stepped, strict=True):
-                    heads[index][v] = r2
+                rotation, *stepped = cayley_step([rotation, *heads.values()], [gradient, *head_gradients.values()],
+                                                 self.options.lr * (1 - step / self.options.iterations))
+                heads = dict(zip(heads, stepped, strict=True))
             losses.append(self._loss(rotation, heads, gradient=False)[0])
             kept.append((rotation, heads))
         best = min(range(len(losses)), key=losses.__getitem__)  # the first of equals: the start if no step helped
         rotation, heads = kept[best]
-        learned_heads = {block.qualified(v): r2.cpu() for block, rotations in zip(self.blocks, heads, strict=True)
-                         for v, r2 in rotations.items()}
-        return LearnedRotations(rotation.cpu(), learned_heads, losses[0], losses[best])
+        return LearnedRotations(rotation.cpu(), {v: r2.cpu() for v, r2 in heads.items()}, losses[0], losses[best])
 
     # --- the model, block by block -------------------------------------------------------------------------
 
@@ -223,12 +217,12 @@ class RotationLearner:
         norm = model.get_submodule(self.program.head_norm) if self.program.head_norm is not None else nn.Identity()
         return model.get_submodule(self.program.head), norm
 
-    def _loss(self, rotation: torch.Tensor, heads: list[dict[str, torch.Tensor]], gradient: bool
-              ) -> tuple[float, torch.Tensor | None, list[dict[str, torch.Tensor]] | None]:
-        """The quantized model's loss with R1 = `rotation` and each block's R2 by v projection = `heads` (the Hadamard
+    def _loss(self, rotation: torch.Tensor, heads: dict[str, torch.Tensor], gradient: bool
+              ) -> tuple[float, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+        """The quantized model's loss with R1 = `rotation` and the R2 by qualified v projection = `heads` (the Hadamard
         where absent), summed over processes, and, if `gradient`, its gradients in R1 and in each R2."""
         leaf = rotation.clone().requires_grad_(gradient)
-        head_leaves = [{v: r2.clone().requires_grad_(gradient) for v, r2 in block.items()} for block in heads]
+        head_leaves = {v: r2.clone().requires_grad_(gradient) for v, r2 in heads.items()}
 
         def working() -> torch.Tensor:  # R1 as the model multiplies by it, a new node of each graph
             return leaf.to(self.device, torch.float32)
@@ -239,7 +233,7 @@ class RotationLearner:
             calls = [[rebind_hidden(call, rotate_hidden(hidden_of(call), r)) for call in first]]
             for index, (block, layers) in enumerate(zip(self.blocks, self.layers, strict=True)):
                 with self._on_device(block), self._quantizers(layers):
-                    overrides = self._rotated(layers, r, head_leaves[index])
+                    overrides = self._rotated(layers, r, head_leaves)
                     calls.append([self._following(index, b, self._run(block, call, overrides)) for b, call in enumerate(calls[-1])])
         total, grads = 0.0, []
         for hidden, reference in zip(calls.pop(), self.reference, strict=True):
@@ -256,7 +250,7 @@ class RotationLearner:
         for index in reversed(range(len(self.blocks))):
             block, layers, block_calls = self.blocks[index], self.layers[index], calls.pop()
             with self._on_device(block), self._quantizers(layers):
-                overrides = self._rotated(layers, working(), head_leaves[index])
+                overrides = self._rotated(layers, working(), head_leaves)
                 for b, call in enumerate(block_calls):
                     hidden = hidden_of(call).detach().requires_grad_()
                     following = self._following(index, b, self._run(block, rebind_hidden(call, hidden), overrides))
@@ -265,7 +259,7 @@ class RotationLearner:
                     grads[b] = hidden.grad
         for call, grad in zip(first, grads, strict=True):
             torch.autograd.backward(rotate_hidden(hidden_of(call), working()), grad)
-        return total, self._summed_gradient(leaf), [{v: self._summed_gradient(r2) for v, r2 in block.items()} for block in head_leaves]
+        return total, self._summed_gradient(leaf), {v: self._summed_gradient(r2) for v, r2 in head_leaves.items()}
 
     def _summed_gradient(self, leaf: torch.Tensor) -> torch.Tensor:
         """A rotation's gradient over all processes (a process without learning batches has none of its own)."""
@@ -278,8 +272,8 @@ class RotationLearner:
         return None if assigned is None else assigned.scheme
 
     def _rotated(self, layers: StreamLayers, r: torch.Tensor, heads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The block's tensors as rotate will leave them, R1 = r and R2 = `heads` by v projection (the Hadamard where
-        absent), fake-quantized where the plan quantizes them."""
+        """The block's tensors as rotate will leave them, R1 = r and R2 = `heads` by qualified v projection (the
+        Hadamard where absent), fake-quantized where the plan quantizes them."""
         block = layers.block
         base: dict[str, torch.Tensor] = {}
         overrides: dict[str, torch.Tensor] = {}
@@ -296,7 +290,7 @@ class RotationLearner:
                 for name in weights:
                     base[name] = folding.scaled_inputs(weight(name), norm.weight.detach())
         for v_target, o_target, head_dim in layers.heads:
-            r2, bias = heads.get(v_target, self.head_rotation(head_dim)), block.leaf(v_target).bias
+            r2, bias = heads.get(block.qualified(v_target), self.head_rotation(head_dim)), block.leaf(v_target).bias
             base[f"{v_target}.weight"], v_bias = folding.rotated_outputs(weight(f"{v_target}.weight"), folding.precise(bias), r2)
             if v_bias is not None:
                 overrides[f"{v_target}.bias"] = v_bias
