@@ -17,6 +17,9 @@ rotations (`rotate: {learn: ...}` from `--learn`, e.g. `--learn iterations=20 sa
 the rounds are measured on `builtin:validation` unless `dataset=` says otherwise, and the written round is then
 evaluated on `--eval-corpus` like any other row; the row adds the rounds, the fallen-back layers and their size cost.
 
+`--set KEY=VALUE ...` overrides settings of every compiled config as `slimc compile --set` does (list items by
+index: `pipeline.3.gptq.sequential=true` is the W4A4 config's calibrate step).
+
 Each config is compiled in its own process so that peak memory is that config's own.
 """
 
@@ -54,11 +57,11 @@ from slimc.commands.evaluate import evaluate_perplexity
 from slimc.report import peak_memory_bytes
 
 name, model, out, samples, eval_samples = sys.argv[1], sys.argv[2] or None, Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-eval_corpus, calibration, tune = sys.argv[6] or None, sys.argv[7], sys.argv[8:]
+eval_corpus, calibration, changes = sys.argv[6] or None, sys.argv[7], json.loads(sys.argv[8])
 warnings.simplefilter("ignore")
 config = load_config(resolve_config_path(name), [f"calibration.samples={samples}",
                                                 *([f"calibration.dataset={calibration}"] if calibration else []),
-                                                *(f"tune.{setting}" for setting in tune)])
+                                                *(f"tune.{setting}" for setting in changes["tune"]), *changes["set"]])
 start = time.perf_counter()
 if config.tune is None:
     report, tuned = compile_model(config, model_path=model, out_dir=out).report, {}
@@ -113,6 +116,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["shipped"])
     parser.add_argument("--tune", nargs="*", default=[], metavar="KEY=VALUE",
                         help="add a tune: section with these settings (max_ppl_increase and fallback at least)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every compile, as slimc compile --set takes them "
+                        "(e.g. pipeline.3.gptq.sequential=true)")
     parser.add_argument("--learn", nargs="*", default=[], metavar="KEY=VALUE",
                         help="the learned variants' rotate.learn settings (iterations, lr, samples, heads; defaults otherwise)")
     args = parser.parse_args()
@@ -125,7 +131,7 @@ def main() -> None:
                 config = variant_config(name, variant, Path(tmp), learn)
                 done = subprocess.run(
                     [sys.executable, "-c", CHILD, config, args.model, str(out), str(args.samples), str(args.eval_samples),
-                     args.eval_corpus, args.calibration, *args.tune],
+                     args.eval_corpus, args.calibration, json.dumps({"tune": args.tune, "set": args.set})],
                     check=True, capture_output=True, text=True,
                 )
                 rows.append({**json.loads(done.stdout.strip().splitlines()[-1]), "config": name, "variant": variant})

@@ -15,6 +15,7 @@ from torch import nn
 from slimc.errors import PassError
 from slimc.ir import Block
 from slimc.ir.hooks import temporary_hooks
+from slimc.ir.partial import ObservedPrefix
 from slimc.numerics.autoround import LearnedRounding, learn_rounding
 from slimc.numerics.fidelity import relative_error
 from slimc.numerics.gptq import (
@@ -24,24 +25,34 @@ from slimc.numerics.gptq import (
     gptq_quantize,
     reduce_hessians,
 )
-from slimc.numerics.modules import EXPERT_WEIGHTS, FakeQuantExperts, FakeQuantize, routed_tokens
+from slimc.numerics.modules import (
+    EXPERT_WEIGHTS,
+    FakeQuantExperts,
+    FakeQuantize,
+    KVCacheQuantize,
+    routed_tokens,
+)
 from slimc.numerics.observers import reduce_observers
 from slimc.numerics.quant import dequantize_weight, quantize_weight
 from slimc.pass_base import Context, Pass, register_pass
-from slimc.patterns import find_shared_inputs, linear_roles
+from slimc.patterns import dependency_levels, find_shared_inputs, linear_roles
 from slimc.report import LayerRecord
 from slimc.schemes import TensorScheme
 
 
 class GPTQOptions(BaseModel):
     """GPTQ settings: `damp` is the fraction of the mean Hessian diagonal added to it; `act_order`
-    quantizes the columns with the largest inputs first; `block_size` columns are updated lazily."""
+    quantizes the columns with the largest inputs first; `block_size` columns are updated lazily. `sequential`
+    quantizes a block's layers in dependency order (q/k/v, o, gate/up, down), each from the Hessian of its inputs
+    with the layers before it already quantized (weights and inputs, as they will run), as the GPTQ paper's
+    true-sequential option; at the cost of one more run of the block (up to those layers) per level."""
 
     model_config = ConfigDict(extra="forbid")
 
     damp: float = Field(0.01, gt=0.0, le=1.0)
     act_order: bool = True
     block_size: int = Field(128, ge=1)
+    sequential: bool = False
 
 
 class AutoRoundOptions(BaseModel):
@@ -102,7 +113,10 @@ class Calibrate(Pass):
         before = {target: self._layer_outputs(module, samples[target], block, target, quantize_inputs=False)
                   for target, module in layers.items()}
         learned = self._learn_rounding(block, ctx, layers, quantizers) if self.weight_algorithm == "autoround" else {}
-        self._quantize_weights(block, ctx, layers, hessians, learned)
+        if self.weight_algorithm == "gptq" and self.gptq.sequential:
+            self._quantize_in_order(block, ctx, layers, quantizers, hessians)
+        else:
+            self._quantize_weights(block, ctx, layers, hessians, learned)
         # Roles and depth are recorded now, while the block's graph is here: a resumed or streamed compile has
         # released it by the time the report is plotted.
         roles = linear_roles(block.graph_module)
@@ -126,7 +140,9 @@ class Calibrate(Pass):
                     hooks.before(module, lambda m, args, t=target: samples[t].append(tuple(a.detach() for a in args)))
                 ctx.run(block, ctx.leading(self.error_batches))
             if static or self.weight_algorithm == "gptq":
-                with _quantizer_modes(static, "observe"), self._hessians(block, layers) as hessians:
+                # sequential GPTQ takes the later levels' Hessians after the levels before them are quantized
+                first = self._levels(block, layers)[0] if self.gptq.sequential else list(layers)
+                with _quantizer_modes(static, "observe"), self._hessians(block, {t: layers[t] for t in first}) as hessians:
                     self._run_all(block, ctx, layers)
         reduce_observers([q.observer for q in quantizers if q.observer is not None], ctx.world)
         reduce_hessians({t: h for t, h in hessians.items() if not isinstance(h, RoutedCalls)}, ctx.world)
@@ -154,6 +170,41 @@ class Calibrate(Pass):
                 hessians.update(dict.fromkeys(group, accumulator))
                 hooks.before(layers[group[0]], lambda m, args, a=accumulator: a.add(args[0]))
             yield hessians
+
+    @staticmethod
+    def _levels(block: Block, layers: dict) -> list[list[str]]:
+        return dependency_levels(block.graph_module, list(layers))
+
+    def _quantize_in_order(self, block: Block, ctx: Context, layers: dict, quantizers: list[FakeQuantize],
+                           hessians: dict) -> None:
+        """Sequential GPTQ: the first level's layers from the Hessians `_observe` took, then each later level's from
+        a run of the block as far as that level, with the levels before it quantized."""
+        quantized: list[str] = []
+        for depth, level in enumerate(self._levels(block, layers)):
+            chosen = {target: layers[target] for target in level}
+            if depth:
+                hessians = self._hessians_after(block, ctx, chosen, quantizers, {t: layers[t] for t in quantized})
+            self._quantize_weights(block, ctx, chosen, hessians, {})
+            quantized += level
+
+    @torch.no_grad()
+    def _hessians_after(self, block: Block, ctx: Context, chosen: dict, quantizers: list[FakeQuantize],
+                        quantized: dict) -> dict:
+        """The Hessians of `chosen`'s inputs on every batch, with the `quantized` layers' input quantizers (and
+        their keys' and values' cache quantizers) quantizing and every other quantizer off."""
+        running = [q for target, module in quantized.items()
+                   for q in (block.input_quantizer(target), *module.modules()) if isinstance(q, FakeQuantize)]
+        running += [q for q in quantizers if isinstance(q, KVCacheQuantize) and q.projection in quantized]
+        prefix = ObservedPrefix.of(block.graph_module, dict.fromkeys(chosen, "output"))
+        with _quantizer_modes(quantizers, "off"), _quantizer_modes(running, "quantize"), \
+                self._hessians(block, chosen) as hessians:
+            for args, kwargs in ctx.inputs:  # in order: a store may hold some on disk
+                if prefix is None:
+                    block.traced(*args, **kwargs)
+                else:
+                    prefix.run(block.traced.flatten_inputs(args, kwargs), lambda target, value: None)
+        reduce_hessians({t: h for t, h in hessians.items() if not isinstance(h, RoutedCalls)}, ctx.world)
+        return hessians
 
     def _run_all(self, block: Block, ctx: Context, layers: dict) -> None:
         """All calibration batches through the block, so static observers see the whole set."""

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from conftest import save_tiny_model
-from programs import run_pipeline
+from programs import calibration_ids, run_pipeline
 from safetensors.torch import load_file
 from test_streaming import same_files
 from tiny_models import tiny_causal_lm
@@ -283,3 +283,63 @@ def test_routed_calls_give_each_routed_expert_the_hessians_of_its_tokens_and_cou
     gate, up = (hidden @ experts.gate_up_proj[1].T).chunk(2, dim=-1)
     assert torch.allclose(found["down_proj", 1].hessian(), hessian_of(experts.act_fn(gate) * up), rtol=1e-4)
     assert routed.hessians(range(1, 2), SINGLE).keys() == {("gate_up_proj", 1), ("down_proj", 1)}
+
+
+def sequential_model(family: str, sequential: bool, kv_cache: bool = False):
+    """A tiny model of `family` and its float copy, through W4A8 GPTQ calibrate (the router left out), sequential or
+    not, with an int8 KV cache or not."""
+    model = tiny_causal_lm(family)
+    original = copy.deepcopy(model)
+    schemes = {"w4a8": {"weight": {"dtype": "int4", "granularity": "per_channel"},
+                        "act": {"dtype": "int8", "granularity": "per_token", "dynamic": True}}}
+    kv = {"kv_cache": {"dtype": "int8", "granularity": "per_channel"}} if kv_cache else {}
+    pipeline = [{"pass": "fake_quant", "rules": [{"scheme": "w4a8", "exclude": ["*mlp.gate"]}], **kv},
+                {"pass": "calibrate", "weight_algorithm": "gptq", "gptq": {"sequential": sequential}}]
+    return run_pipeline(model, pipeline, schemes=schemes, batches=calibration_ids(model.config.vocab_size))[0], original
+
+
+@torch.no_grad()
+def inputs_as_run(program, targets: list[str]) -> dict[str, HessianAccumulator]:
+    """The Hessians of the Linears' inputs (before their input quantizers) in a run of the program as calibrated
+    (every weight quantized, every quantizer quantizing) on the calibration batches."""
+    hessians = {}
+    handles = []
+    for block in program.blocks:
+        for target in targets:
+            accumulator = hessians[block.qualified(target)] = HessianAccumulator()
+            handles.append(block.input_quantizer(target).register_forward_pre_hook(
+                lambda module, args, a=accumulator: a.add(args[0])))
+    with program.executing_graphs():
+        for ids in calibration_ids(program.model.config.vocab_size):
+            program.model(input_ids=ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return hessians
+
+
+@pytest.mark.parametrize(("family", "kv_cache", "later"), [
+    ("llama", False, ["self_attn.o_proj", "mlp.down_proj"]),
+    ("llama", True, ["self_attn.o_proj", "mlp.down_proj"]),
+    ("qwen3_moe", False, ["self_attn.o_proj"]),
+])
+def test_sequential_gptq_quantizes_each_layer_on_the_inputs_the_quantized_layers_before_it_give(family, kv_cache, later):
+    """Sequential GPTQ's o and down projections are GPTQ of the float weights on the Hessian of their inputs with
+    everything before them quantized (the KV cache too), which the finished program's own run reproduces; q/k/v
+    (nothing quantized before them) come out as without it in the first block (the later blocks' inputs differ),
+    the later layers (fused experts too) do not."""
+    program, original = sequential_model(family, sequential=True, kv_cache=kv_cache)
+    plain, _ = sequential_model(family, sequential=False, kv_cache=kv_cache)
+    weights = dict(program.model.named_parameters())
+    plain_weights = dict(plain.model.named_parameters())
+    scheme = TensorScheme(dtype="int4")
+    for name, hessian in inputs_as_run(program, later).items():
+        float_weight = original.get_submodule(name).weight
+        expected = dequantize_weight(*gptq_quantize(float_weight, hessian.hessian(), scheme, damp=0.01, act_order=True), scheme)
+        assert torch.equal(weights[f"{name}.weight"], expected), name
+        assert not torch.equal(plain_weights[f"{name}.weight"], expected), name
+    for projection in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{projection}.weight"
+        assert torch.equal(weights[name], plain_weights[name]), name
+    experts = [name for name in weights if "experts" in name]
+    assert bool(experts) == (family == "qwen3_moe")
+    assert all(not torch.equal(weights[name], plain_weights[name]) for name in experts)

@@ -12,6 +12,7 @@ from slimc.ir.tracer import is_leaf_module, trace_block
 from slimc.numerics.modules import ChannelScale, FakeQuantize
 from slimc.patterns import (
     block_graph,
+    dependency_levels,
     find_experts,
     find_linears,
     find_modulation_groups,
@@ -248,3 +249,22 @@ def test_linears_reading_one_node_behind_their_quantizers_share_an_input_and_a_r
         ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     block.insert_input_node("self_attn.q_proj", block.rotation_target("self_attn.q_proj"), nn.Identity())
     assert find_shared_inputs(block.graph_module, linears)[:2] == [["self_attn.q_proj"], ["self_attn.k_proj", "self_attn.v_proj"]]
+
+
+def test_dependency_levels_order_a_decoder_layers_linears_by_what_reaches_them():
+    block = traced_blocks("llama")[0]
+    linears = find_linears(block.graph_module)
+    for target in linears:  # seen through, as when calibrate asks
+        block.insert_input_quantizer(target, FakeQuantize(TensorScheme()))
+    assert dependency_levels(block.graph_module, linears) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_dependency_levels_put_fused_experts_beside_the_shared_experts_gate_and_up():
+    _, moe = traced_blocks("glm4_moe")
+    gm = moe.graph_module
+    levels = dependency_levels(gm, [*find_linears(gm), *find_experts(gm)])
+    assert levels[:2] == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"]]
+    assert sorted(levels[2]) == ["mlp.experts", "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"]
+    assert levels[3:] == [["mlp.shared_experts.down_proj"]]

@@ -254,6 +254,21 @@ def find_shared_inputs(gm: fx.GraphModule, targets: Iterable[str]) -> list[list[
     return list(groups.values())
 
 
+def dependency_levels(gm: fx.GraphModule, targets: Iterable[str]) -> list[list[str]]:
+    """`targets` (modules the graph calls) in levels, in graph order within each: a module is one level after the
+    deepest of the others whose output reaches one of its calls (q/k/v, then o, then gate/up, then down in a
+    decoder layer); one the graph does not call is in the first."""
+    graph, targets = block_graph(gm), list(targets)
+    wanted = set(targets)
+    level: dict[str, int] = dict.fromkeys(targets, 0)
+    calls = [node for node in graph.nodes if node.op == "call_module" and node.target in wanted]
+    for node in calls:  # graph order: every call before it already has its level
+        before = {ancestor.target for ancestor in nx.ancestors(graph.digraph, node)
+                  if ancestor.op == "call_module" and ancestor.target in wanted and ancestor.target != node.target}
+        level[node.target] = max(level[node.target], 1 + max((level[t] for t in before), default=-1))
+    return [[t for t in targets if level[t] == depth] for depth in sorted(set(level.values()))]
+
+
 # --- what one node does to the channel (last) dimension, judged from the shapes `propagate_shapes` records
 
 
