@@ -29,11 +29,13 @@ TESTS = Path(__file__).parent
 # 3 batches of 2 samples: process 0 runs batches 0 and 2, process 1 batch 1.
 CALIBRATION = ["calibration.samples=6", "calibration.seq_len=32", "calibration.batch_size=2"]
 # name: (model, config, overrides): static ranges (minmax), per channel of an int8 KV cache too, and on MoE experts
-# static percentile ranges (sampled) with GPTQ (Hessians summed per expert, from the tokens each process routed to it)
+# static percentile ranges (sampled) with sequential GPTQ (Hessians summed per expert, from the tokens each process
+# routed to it, and per level of the block, with the levels before it quantized)
 CASES = {
     "llama-w8a8-static-c8": ("llama", "llm/w8a8_static.yaml", [*CALIBRATION, "pipeline.1.kv_cache={dtype: int8}"]),
     "qwen3_moe-w8a8-static-percentile-gptq": ("qwen3_moe", "llm/w8a8_static.yaml",
                                               [*CALIBRATION, "pipeline.2.weight_algorithm=gptq",
+                                               "pipeline.2.gptq.sequential=true",
                                                "schemes.w8a8_static.act.observer=percentile"]),
     # each process's batches on disk (memory.activations_gb below one batch): what tests/test_activations.py
     # shows gives the files of a compile without it
