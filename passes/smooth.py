@@ -18,12 +18,14 @@ from slimc.ir.hooks import temporary_hooks
 from slimc.ir.partial import ObservedPrefix, PartialRuns
 from slimc.numerics.calib import channel_absmax, simulated_quantization
 from slimc.numerics.fidelity import relative_error
+from slimc.numerics.folding import precise
 from slimc.numerics.modules import ChannelScale
 from slimc.numerics.quant import smoothing_scales
 from slimc.pass_base import Context, Pass, register_pass
 from slimc.patterns import (
     Consumer,
     ModulationGroup,
+    UpDownPair,
     find_modulation_groups,
     find_multiply_groups,
     find_norm_linear_groups,
@@ -39,6 +41,8 @@ from slimc.patterns.fold import (
     scale_modulation,
     scale_norm,
     scale_output_channels,
+    tensor_parts,
+    update_in_parts,
 )
 
 Subgraph = Literal["norm-linear", "v-o", "up-down", "modulation", "multiply"]
@@ -238,7 +242,8 @@ class Smooth(Pass):
         if "v-o" in self.subgraphs:
             found += [_ov_migration(block, p.v, p.o, p.head_dim) for p in find_ov_pairs(gm)]
         if "up-down" in self.subgraphs:
-            found += [_up_down_migration(block, p.up, p.down) for p in find_up_down_pairs(gm)]
+            found += [_up_down_migration(block, p.up, p.down) if p.rotation is None else _rotated_up_down_migration(block, p)
+                      for p in find_up_down_pairs(gm)]
         if "modulation" in self.subgraphs:
             found += [_modulation_migration(block, g) for g in find_modulation_groups(gm) if g.foldable]
         if "multiply" in self.subgraphs:
@@ -359,6 +364,28 @@ def _up_down_migration(block: Block, up_target: str, down_target: str) -> Migrat
         return [up.weight, *([up.bias] if up.bias is not None else []), block.leaf(down_target).weight]
 
     return Migration("up-down", (down_target, "input"), readers, lambda: input_channel_absmax(block, readers), apply, tensors)
+
+
+def _rotated_up_down_migration(block: Block, pair: UpDownPair) -> Migration:
+    """up -> down across rotate's online rotation R before down (which reads x·R with the weight W·R): the scales are
+    of x's channels, before R, so down's weight is taken back to W, its columns scaled, and rotated again."""
+    up, down = block.leaf(pair.up), block.leaf(pair.down)
+    rotation = block.graph_module.get_submodule(pair.rotation).rotation()
+
+    def unrotated_absmax() -> torch.Tensor:
+        maxima = [rotation.apply_transposed(precise(part)).abs().amax(0) for part in tensor_parts(down.weight.detach())]
+        return torch.stack(maxima).amax(0).float()
+
+    def apply(scales: torch.Tensor) -> None:
+        factor = precise(scales)
+        scale_output_channels(up, 1.0 / scales)
+        with torch.no_grad():
+            update_in_parts(down.weight, lambda part: rotation.apply(rotation.apply_transposed(precise(part)) * factor.to(part.device)).to(part.dtype))
+
+    def tensors() -> list[torch.Tensor]:
+        return [up.weight, *([up.bias] if up.bias is not None else []), down.weight]
+
+    return Migration("up-down", (pair.rotation, "input"), [Consumer("linear", pair.down)], unrotated_absmax, apply, tensors)
 
 
 def _modulation_migration(block: Block, group: ModulationGroup) -> Migration:

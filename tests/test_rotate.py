@@ -198,3 +198,32 @@ def test_a_rotation_of_fewer_channels_than_the_layer_turns_each_group_of_them():
     assert torch.allclose(folded, block_diagonal.T @ weight)
     assert torch.allclose(folded_bias, bias @ block_diagonal)
     assert torch.allclose(rotated_inputs(weight.T, rotation), weight.T @ block_diagonal)
+
+
+SMOOTH_DOWN = [*ROTATE, {"pass": "smooth", "subgraphs": ["up-down"], "alpha": 0.5}]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_smoothing_after_rotate_migrates_up_to_down_across_the_online_rotation(family):
+    """With alpha 0.5 each channel of the down projection's input before its online rotation ends with the same
+    maximum as the down weight's column taken back through the rotation (SmoothQuant's balance), and the logits
+    stay the float model's."""
+    model = tiny_causal_lm(family, sizes=ODD_SIZES)
+    ids = calibration_ids(model.config.vocab_size, seed=9)[0]
+    expected = float_logits(model, ids)
+    program, _ = run_pipeline(model, SMOOTH_DOWN)
+    assert relative(logits(program, ids), expected) < 1e-5
+    block = program.blocks[0]
+    rotation = block.graph_module.get_submodule(block.rotation_target("mlp.down_proj"))
+    seen = []
+    handle = rotation.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().abs().amax((0, 1))))
+    with program.executing_graphs(), torch.no_grad():
+        for batch in calibration_ids(model.config.vocab_size):  # the batches run_pipeline calibrates on
+            program.model(input_ids=batch, use_cache=False)
+    handle.remove()
+    activation_max = torch.stack(seen).amax(0)
+    down = block.leaf("mlp.down_proj").weight.detach().double()
+    column_max = (down @ rotation.matrix().T).abs().amax(0).float()
+    assert torch.allclose(activation_max, column_max, rtol=1e-4)
+    unsmoothed, _ = run_pipeline(tiny_causal_lm(family, sizes=ODD_SIZES), ROTATE)
+    assert relative(block.leaf("mlp.up_proj").weight.detach(), unsmoothed.blocks[0].leaf("mlp.up_proj").weight.detach()) > 0.1

@@ -45,7 +45,7 @@ def channel_absmax(block: Block, batches: Sequence, targets: dict[str, str], run
 
     with temporary_hooks() as hooks:
         for target, where in targets.items():
-            module = block.leaf(target)
+            module = block.graph_module.get_submodule(target)  # a node a pass inserted, such as an online rotation, too
             if where == "input":
                 hooks.before(module, lambda m, args, t=target: record(t, args[0]))
             else:

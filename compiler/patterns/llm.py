@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 from torch import fx
 
+from slimc.numerics.hadamard import OnlineHadamard
 from slimc.patterns.graph import (
     BlockGraph,
     Consumer,
@@ -81,6 +82,7 @@ class UpDownPair:
     gate: str | None
     up: str
     down: str
+    rotation: str | None = None  # the online rotation before the down projection (rotate's), which the pair spans
 
 
 def _router_weight(graph: BlockGraph, node: fx.Node, source: fx.Node) -> str | None:
@@ -210,11 +212,15 @@ def _linear_behind(graph: BlockGraph, node: fx.Node) -> fx.Node | None:
 
 
 def find_up_down_pairs(gm: fx.GraphModule) -> list[UpDownPair]:
-    """Linears `down(act(gate) * up)`: a scale on up's output rows moves exactly into down's input columns."""
+    """Linears `down(act(gate) * up)`, or `down(rotation(act(gate) * up))` with an online rotation between: a scale on
+    up's output rows moves exactly into down's input columns (taken back through the rotation)."""
     graph = block_graph(gm)
     pairs = []
     for down in graph.of_kind("linear"):
-        product = graph.back(down.args[0], is_cast)
+        source, rotation = graph.arg(down), None
+        if _is_online_rotation(gm, source) and len(graph.users(source)) == 1:
+            source, rotation = graph.arg(source), source.target
+        product = graph.back(source, is_cast)
         if not (is_mul(product) and len(product.args) == 2):
             continue
         if not all(isinstance(a, fx.Node) for a in product.args) or len(graph.through(product, is_cast)) != 1:
@@ -228,9 +234,13 @@ def find_up_down_pairs(gm: fx.GraphModule) -> list[UpDownPair]:
                 continue
             gate = _linear_behind(graph, activation.args[0]) if activation.args and isinstance(activation.args[0], fx.Node) else None
             if gate is not None and gate is not up:
-                pairs.append(UpDownPair(gate=gate.target, up=up.target, down=down.target))
+                pairs.append(UpDownPair(gate=gate.target, up=up.target, down=down.target, rotation=rotation))
                 break
     return pairs
+
+
+def _is_online_rotation(gm: fx.GraphModule, value: object) -> bool:
+    return isinstance(value, fx.Node) and value.op == "call_module" and isinstance(gm.get_submodule(value.target), OnlineHadamard)
 
 
 def _source_linear(graph: BlockGraph, value: fx.Node) -> fx.Node | None:
