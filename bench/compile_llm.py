@@ -18,7 +18,7 @@ the rounds are measured on `builtin:validation` unless `dataset=` says otherwise
 evaluated on `--eval-corpus` like any other row; the row adds the rounds, the fallen-back layers and their size cost.
 
 `--set KEY=VALUE ...` overrides settings of every compiled config as `slimc compile --set` does (list items by
-index: `pipeline.3.gptq.sequential=true` is the W4A4 config's calibrate step).
+index: `pipeline.4.gptq.sequential=true` is the W4A4 config's calibrate step).
 
 Each config is compiled in its own process so that peak memory is that config's own.
 """
@@ -118,7 +118,7 @@ def main() -> None:
                         help="add a tune: section with these settings (max_ppl_increase and fallback at least)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for every compile, as slimc compile --set takes them "
-                        "(e.g. pipeline.3.gptq.sequential=true)")
+                        "(e.g. pipeline.4.gptq.sequential=true)")
     parser.add_argument("--learn", nargs="*", default=[], metavar="KEY=VALUE",
                         help="the learned variants' rotate.learn settings (iterations, lr, samples, heads; defaults otherwise)")
     args = parser.parse_args()

@@ -139,5 +139,5 @@ def test_configs_json_describes_every_shipped_config():
     assert set(listing) == set(shipped_configs())
     quarot = listing["llm/w4a4_quarot_gptq.yaml"]
     assert quarot["description"].endswith("Ascend runtimes apply the online rotation listed in the description's metadata.")
-    assert quarot["passes"] == ["norm_fusion", "rotate", "fake_quant", "calibrate", "lower"]
+    assert quarot["passes"] == ["norm_fusion", "rotate", "smooth", "fake_quant", "calibrate", "lower"]
     assert quarot["export"] == ["mindie"] and Path(quarot["path"]).is_file()
