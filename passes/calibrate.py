@@ -109,12 +109,15 @@ class Calibrate(Pass):
         quantizers += [m for e in layers.values() if isinstance(e, FakeQuantExperts) for m in e.modules() if isinstance(m, FakeQuantize)]
         if not layers and not quantizers:
             return
-        samples, hessians = self._observe(block, ctx, layers, quantizers)
+        # sequential GPTQ quantizes level by level, the later levels from Hessians taken once the levels before are quantized
+        levels = (dependency_levels(block.graph_module, list(layers)) if self.weight_algorithm == "gptq" and self.gptq.sequential
+                  else [list(layers)])
+        samples, hessians = self._observe(block, ctx, layers, quantizers, levels[0])
         before = {target: self._layer_outputs(module, samples[target], block, target, quantize_inputs=False)
                   for target, module in layers.items()}
         learned = self._learn_rounding(block, ctx, layers, quantizers) if self.weight_algorithm == "autoround" else {}
-        if self.weight_algorithm == "gptq" and self.gptq.sequential:
-            self._quantize_in_order(block, ctx, layers, quantizers, hessians)
+        if len(levels) > 1:
+            self._quantize_in_order(block, ctx, layers, quantizers, hessians, levels)
         else:
             self._quantize_weights(block, ctx, layers, hessians, learned)
         # Roles and depth are recorded now, while the block's graph is here: a resumed or streamed compile has
@@ -128,9 +131,10 @@ class Calibrate(Pass):
             role = "experts" if isinstance(module, FakeQuantExperts) else roles.get(target, "linear")
             ctx.report.layers.append(LayerRecord(block.qualified(target), spec.scheme.label, spec.output_error, role, position))
 
-    def _observe(self, block: Block, ctx: Context, layers: dict, quantizers: list[FakeQuantize]) -> tuple[dict[str, list], dict]:
+    def _observe(self, block: Block, ctx: Context, layers: dict, quantizers: list[FakeQuantize],
+                 hessian_targets: list[str]) -> tuple[dict[str, list], dict]:
         """Keep the layers' float inputs of the first batches, then observe static quantizers (and
-        accumulate GPTQ Hessians) on every batch once."""
+        accumulate the GPTQ Hessians of `hessian_targets`) on every batch once."""
         samples: dict[str, list] = {target: [] for target in layers}
         static = [q for q in quantizers if not q.scheme.dynamic]
         hessians: dict = {}
@@ -140,9 +144,8 @@ class Calibrate(Pass):
                     hooks.before(module, lambda m, args, t=target: samples[t].append(tuple(a.detach() for a in args)))
                 ctx.run(block, ctx.leading(self.error_batches))
             if static or self.weight_algorithm == "gptq":
-                # sequential GPTQ takes the later levels' Hessians after the levels before them are quantized
-                first = self._levels(block, layers)[0] if self.gptq.sequential else list(layers)
-                with _quantizer_modes(static, "observe"), self._hessians(block, {t: layers[t] for t in first}) as hessians:
+                chosen = {target: layers[target] for target in hessian_targets}
+                with _quantizer_modes(static, "observe"), self._hessians(block, chosen) as hessians:
                     self._run_all(block, ctx, layers)
         reduce_observers([q.observer for q in quantizers if q.observer is not None], ctx.world)
         reduce_hessians({t: h for t, h in hessians.items() if not isinstance(h, RoutedCalls)}, ctx.world)
@@ -171,16 +174,12 @@ class Calibrate(Pass):
                 hooks.before(layers[group[0]], lambda m, args, a=accumulator: a.add(args[0]))
             yield hessians
 
-    @staticmethod
-    def _levels(block: Block, layers: dict) -> list[list[str]]:
-        return dependency_levels(block.graph_module, list(layers))
-
     def _quantize_in_order(self, block: Block, ctx: Context, layers: dict, quantizers: list[FakeQuantize],
-                           hessians: dict) -> None:
+                           hessians: dict, levels: list[list[str]]) -> None:
         """Sequential GPTQ: the first level's layers from the Hessians `_observe` took, then each later level's from
         a run of the block as far as that level, with the levels before it quantized."""
         quantized: list[str] = []
-        for depth, level in enumerate(self._levels(block, layers)):
+        for depth, level in enumerate(levels):
             chosen = {target: layers[target] for target in level}
             if depth:
                 hessians = self._hessians_after(block, ctx, chosen, quantizers, {t: layers[t] for t in quantized})

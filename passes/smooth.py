@@ -242,8 +242,7 @@ class Smooth(Pass):
         if "v-o" in self.subgraphs:
             found += [_ov_migration(block, p.v, p.o, p.head_dim) for p in find_ov_pairs(gm)]
         if "up-down" in self.subgraphs:
-            found += [_up_down_migration(block, p.up, p.down) if p.rotation is None else _rotated_up_down_migration(block, p)
-                      for p in find_up_down_pairs(gm)]
+            found += [_up_down_migration(block, p) for p in find_up_down_pairs(gm)]
         if "modulation" in self.subgraphs:
             found += [_modulation_migration(block, g) for g in find_modulation_groups(gm) if g.foldable]
         if "multiply" in self.subgraphs:
@@ -352,40 +351,32 @@ def _ov_migration(block: Block, v_target: str, o_target: str, head_dim: int) -> 
     return Migration("v-o", (o_target, "input"), readers, lambda: reduce(input_channel_absmax(block, readers)), apply, tensors, reduce)
 
 
-def _up_down_migration(block: Block, up_target: str, down_target: str) -> Migration:
-    up = block.leaf(up_target)
-    readers = [Consumer("linear", down_target)]
-
-    def apply(scales: torch.Tensor) -> None:
-        scale_output_channels(up, 1.0 / scales)
-        scale_input_channels(block, readers, scales)
-
-    def tensors() -> list[torch.Tensor]:
-        return [up.weight, *([up.bias] if up.bias is not None else []), block.leaf(down_target).weight]
-
-    return Migration("up-down", (down_target, "input"), readers, lambda: input_channel_absmax(block, readers), apply, tensors)
-
-
-def _rotated_up_down_migration(block: Block, pair: UpDownPair) -> Migration:
-    """up -> down across rotate's online rotation R before down (which reads x·R with the weight W·R): the scales are
+def _up_down_migration(block: Block, pair: UpDownPair) -> Migration:
+    """up -> down; across rotate's online rotation R before down (which reads x·R with the weight W·R) the scales are
     of x's channels, before R, so down's weight is taken back to W, its columns scaled, and rotated again."""
     up, down = block.leaf(pair.up), block.leaf(pair.down)
-    rotation = block.graph_module.get_submodule(pair.rotation).rotation()
+    readers = [Consumer("linear", pair.down)]
+    rotation = None if pair.rotation is None else block.graph_module.get_submodule(pair.rotation).rotation()
 
-    def unrotated_absmax() -> torch.Tensor:
+    def weight_absmax() -> torch.Tensor:
+        if rotation is None:
+            return input_channel_absmax(block, readers)
         maxima = [rotation.apply_transposed(precise(part)).abs().amax(0) for part in tensor_parts(down.weight.detach())]
         return torch.stack(maxima).amax(0).float()
 
     def apply(scales: torch.Tensor) -> None:
-        factor = precise(scales)
         scale_output_channels(up, 1.0 / scales)
+        if rotation is None:
+            scale_input_channels(block, readers, scales)
+            return
+        factor = precise(scales)
         with torch.no_grad():
             update_in_parts(down.weight, lambda part: rotation.apply(rotation.apply_transposed(precise(part)) * factor.to(part.device)).to(part.dtype))
 
     def tensors() -> list[torch.Tensor]:
         return [up.weight, *([up.bias] if up.bias is not None else []), down.weight]
 
-    return Migration("up-down", (pair.rotation, "input"), [Consumer("linear", pair.down)], unrotated_absmax, apply, tensors)
+    return Migration("up-down", (pair.down if rotation is None else pair.rotation, "input"), readers, weight_absmax, apply, tensors)
 
 
 def _modulation_migration(block: Block, group: ModulationGroup) -> Migration:
