@@ -21,6 +21,7 @@ from slimc.numerics.fidelity import relative_error
 from slimc.numerics.gptq import (
     HessianAccumulator,
     HessianFactor,
+    QuantizedInputAccumulator,
     factor_hessian,
     gptq_quantize,
     reduce_hessians,
@@ -45,7 +46,11 @@ class GPTQOptions(BaseModel):
     quantizes the columns with the largest inputs first; `block_size` columns are updated lazily. `sequential`
     quantizes a block's layers in dependency order (q/k/v, o, gate/up, down), each from the Hessian of its inputs
     with the layers before it already quantized (weights and inputs, as they will run), as the GPTQ paper's
-    true-sequential option; at the cost of one more run of the block (up to those layers) per level."""
+    true-sequential option; at the cost of one more run of the block (up to those layers) per level.
+    `quantized_inputs` fits each Linear with a dynamic input quantizer to its float output on its inputs as they will
+    run, quantized: its weight first corrected by least squares for the inputs' quantization error, then GPTQ on the
+    Hessian of the quantized inputs (`QuantizedInputAccumulator`; fused MoE experts and static inputs as without it),
+    at one more matrix of the Hessian's size per input."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -53,6 +58,7 @@ class GPTQOptions(BaseModel):
     act_order: bool = True
     block_size: int = Field(128, ge=1)
     sequential: bool = False
+    quantized_inputs: bool = False
 
 
 class AutoRoundOptions(BaseModel):
@@ -168,11 +174,22 @@ class Calibrate(Pass):
                 if isinstance(module, FakeQuantExperts):
                     routed = hessians[target] = RoutedCalls(module)
                     hooks.before(module, routed.record, with_kwargs=True)
-            for group in find_shared_inputs(block.graph_module, linears):
-                accumulator = HessianAccumulator()
-                hessians.update(dict.fromkeys(group, accumulator))
-                hooks.before(layers[group[0]], lambda m, args, a=accumulator: a.add(args[0]))
+            for shared in find_shared_inputs(block.graph_module, linears):
+                for scheme, group in self._by_input_scheme(block, shared).items():
+                    accumulator = HessianAccumulator() if scheme is None else QuantizedInputAccumulator(scheme)
+                    hessians.update(dict.fromkeys(group, accumulator))
+                    hooks.before(layers[group[0]], lambda m, args, a=accumulator: a.add(args[0]))
             yield hessians
+
+    def _by_input_scheme(self, block: Block, readers: list[str]) -> dict[TensorScheme | None, list[str]]:
+        """Linears reading one input, by the dynamic scheme their inputs are quantized with where `quantized_inputs`
+        fits to it (None: the float inputs)."""
+        groups: dict[TensorScheme | None, list[str]] = {}
+        for target in readers:
+            quantizer = block.input_quantizer(target) if self.gptq.quantized_inputs else None
+            dynamic = isinstance(quantizer, FakeQuantize) and quantizer.scheme.dynamic
+            groups.setdefault(quantizer.scheme if dynamic else None, []).append(target)
+        return groups
 
     def _quantize_in_order(self, block: Block, ctx: Context, layers: dict, quantizers: list[FakeQuantize],
                            hessians: dict, levels: list[list[str]]) -> None:
@@ -289,17 +306,23 @@ class Calibrate(Pass):
                                 "calibration tokens; their weights were rounded to nearest instead of GPTQ")
 
     def _quantize_weight(self, weight: torch.Tensor, scheme: TensorScheme, hessian: HessianAccumulator | None,
-                         factors: dict[int, HessianFactor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Round to nearest, or GPTQ when a Hessian was collected for this weight; its factor is taken from
-        `factors` (by the accumulator's id), or computed and left there for the other Linears reading it."""
+                         factors: dict[int, tuple[HessianFactor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Round to nearest, or GPTQ when a Hessian was collected for this weight; its factor (and input correction,
+        with `quantized_inputs`) is taken from `factors` (by the accumulator's id), or computed and left there for
+        the other Linears reading it."""
         if hessian is None or hessian.count == 0:
             return quantize_weight(weight, scheme)
         options = self.gptq
         if id(hessian) not in factors:
+            correction = (hessian.input_correction(options.damp, release=True)
+                          if isinstance(hessian, QuantizedInputAccumulator) else None)
             # the float64 sum is released: only the factor is read from here on
-            factors[id(hessian)] = factor_hessian(hessian.hessian(release=True), damp=options.damp,
-                                                  act_order=options.act_order)
-        return gptq_quantize(weight, factors[id(hessian)], scheme, block_size=options.block_size)
+            factors[id(hessian)] = (factor_hessian(hessian.hessian(release=True), damp=options.damp,
+                                                   act_order=options.act_order), correction)
+        factor, correction = factors[id(hessian)]
+        if correction is not None:
+            weight = weight.float() @ correction
+        return gptq_quantize(weight, factor, scheme, block_size=options.block_size)
 
     @staticmethod
     @torch.no_grad()

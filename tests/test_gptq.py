@@ -15,14 +15,16 @@ from slimc.commands.compile import compile_model
 from slimc.config import load_config
 from slimc.errors import PassError
 from slimc.numerics import gptq
-from slimc.numerics.gptq import HessianAccumulator, gptq_quantize
-from slimc.numerics.quant import dequantize_weight, quantize_weight
+from slimc.numerics.gptq import HessianAccumulator, QuantizedInputAccumulator, gptq_quantize
+from slimc.numerics.quant import dequantize_weight, dynamic_fake_quantize, quantize_weight
 from slimc.schemes import TensorScheme
 
 INT4_CHANNEL = TensorScheme(dtype="int4")
 INT4_G32 = TensorScheme(dtype="int4", granularity="per_group", group_size=32)
 INT4_G32_ASYM = TensorScheme(dtype="int4", granularity="per_group", group_size=32, symmetric=False)
 INT4_CHANNEL_MSE = TensorScheme(dtype="int4", observer="mse")
+INT4_PER_TOKEN = TensorScheme(dtype="int4", granularity="per_token", dynamic=True)
+INT8_PER_TOKEN = TensorScheme(dtype="int8", granularity="per_token", dynamic=True)
 
 
 def correlated_inputs_with_outliers(tokens: int = 2048, features: int = 128, seed: int = 0) -> torch.Tensor:
@@ -58,6 +60,44 @@ def test_gptq_lowers_the_layer_output_error_of_rtn_on_a_layer_with_outliers(sche
 def test_hessian_accumulates_two_over_n_x_transpose_x():
     x = torch.randn(300, 16, dtype=torch.float32)
     assert torch.allclose(hessian_of(x), 2.0 / 300 * x.T @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_the_quantized_input_statistics_are_the_hessian_of_the_quantized_inputs_and_the_least_squares_correction():
+    x = correlated_inputs_with_outliers(tokens=1000, features=32).double()
+    quantized = dynamic_fake_quantize(x.float(), INT4_PER_TOKEN).double()
+    accumulator = QuantizedInputAccumulator(INT4_PER_TOKEN)
+    for chunk in x.split(300):
+        accumulator.add(chunk)
+    assert torch.allclose(accumulator.hessian(), (2.0 / 1000 * quantized.T @ quantized).float(), rtol=1e-5, atol=1e-5)
+    weight = torch.randn(8, 32, dtype=torch.float64)
+    # the weight that maps the quantized inputs closest to the float outputs, to the damping's bias
+    least_squares = torch.linalg.lstsq(quantized, x @ weight.T).solution.T
+    corrected = weight.float() @ accumulator.input_correction(damp=1e-9)
+    assert torch.allclose(corrected.double(), least_squares, rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(corrected.double(), weight, rtol=1e-2, atol=1e-2)
+
+
+def test_gptq_on_quantized_inputs_lowers_the_error_the_layer_makes_on_them():
+    """What the layer computes at run time, Q(W) on quantized inputs, against its float output: GPTQ of the corrected
+    weight on the quantized inputs' Hessian beats GPTQ on the float inputs' and GPTQ on the quantized inputs' alone."""
+    x = correlated_inputs_with_outliers(tokens=4096)
+    quantized = dynamic_fake_quantize(x, INT4_PER_TOKEN)
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    accumulator = QuantizedInputAccumulator(INT4_PER_TOKEN)
+    for chunk in x.split(500):
+        accumulator.add(chunk)
+    reference = x @ weight.T
+
+    def run_time_error(candidate: torch.Tensor, scheme=INT4_CHANNEL) -> float:
+        codes = dequantize_weight(*gptq_quantize(candidate, hessian, scheme, act_order=True), scheme)
+        return float((quantized @ codes.T - reference).norm() / reference.norm())
+
+    hessian = hessian_of(x)
+    on_float_inputs = run_time_error(weight)
+    hessian = accumulator.hessian()
+    on_quantized_inputs = run_time_error(weight)
+    corrected = run_time_error(weight @ accumulator.input_correction(damp=0.01))
+    assert corrected < 0.9 * min(on_float_inputs, on_quantized_inputs)
 
 
 def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
@@ -285,28 +325,29 @@ def test_routed_calls_give_each_routed_expert_the_hessians_of_its_tokens_and_cou
     assert routed.hessians(range(1, 2), SINGLE).keys() == {("gate_up_proj", 1), ("down_proj", 1)}
 
 
-def sequential_model(family: str, sequential: bool, kv_cache: bool = False):
+def sequential_model(family: str, sequential: bool, kv_cache: bool = False, quantized_inputs: bool = False):
     """A tiny model of `family` and its float copy, through W4A8 GPTQ calibrate (the router left out), sequential or
-    not, with an int8 KV cache or not."""
+    not, with an int8 KV cache or not, fitted to quantized inputs or not."""
     model = tiny_causal_lm(family)
     original = copy.deepcopy(model)
     schemes = {"w4a8": {"weight": {"dtype": "int4", "granularity": "per_channel"},
                         "act": {"dtype": "int8", "granularity": "per_token", "dynamic": True}}}
     kv = {"kv_cache": {"dtype": "int8", "granularity": "per_channel"}} if kv_cache else {}
     pipeline = [{"pass": "fake_quant", "rules": [{"scheme": "w4a8", "exclude": ["*mlp.gate"]}], **kv},
-                {"pass": "calibrate", "weight_algorithm": "gptq", "gptq": {"sequential": sequential}}]
+                {"pass": "calibrate", "weight_algorithm": "gptq",
+                 "gptq": {"sequential": sequential, "quantized_inputs": quantized_inputs}}]
     return run_pipeline(model, pipeline, schemes=schemes, batches=calibration_ids(model.config.vocab_size))[0], original
 
 
 @torch.no_grad()
-def inputs_as_run(program, targets: list[str]) -> dict[str, HessianAccumulator]:
-    """The Hessians of the Linears' inputs (before their input quantizers) in a run of the program as calibrated
-    (every weight quantized, every quantizer quantizing) on the calibration batches."""
+def inputs_as_run(program, targets: list[str], accumulator_type=HessianAccumulator) -> dict[str, HessianAccumulator]:
+    """The Hessians (`accumulator_type()`) of the Linears' inputs (before their input quantizers) in a run of the
+    program as calibrated (every weight quantized, every quantizer quantizing) on the calibration batches."""
     hessians = {}
     handles = []
     for block in program.blocks:
         for target in targets:
-            accumulator = hessians[block.qualified(target)] = HessianAccumulator()
+            accumulator = hessians[block.qualified(target)] = accumulator_type()
             handles.append(block.input_quantizer(target).register_forward_pre_hook(
                 lambda module, args, a=accumulator: a.add(args[0])))
     with program.executing_graphs():
@@ -343,3 +384,23 @@ def test_sequential_gptq_quantizes_each_layer_on_the_inputs_the_quantized_layers
     experts = [name for name in weights if "experts" in name]
     assert bool(experts) == (family == "qwen3_moe")
     assert all(not torch.equal(weights[name], plain_weights[name]) for name in experts)
+
+
+@pytest.mark.parametrize(("family", "targets"), [
+    ("llama", ["self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"]),
+    ("qwen3_moe", ["self_attn.k_proj", "self_attn.o_proj"]),
+])
+def test_gptq_with_quantized_inputs_is_gptq_of_the_corrected_weight_on_the_quantized_inputs_as_run(family, targets):
+    """With `quantized_inputs` (and sequential, so that every layer's inputs are those of the finished program's run),
+    each Linear is GPTQ of its float weight times the least-squares correction, on the Hessian of its inputs quantized
+    by its per-token int8 input scheme, both from that run; without it the weights differ."""
+    program, original = sequential_model(family, sequential=True, quantized_inputs=True)
+    plain, _ = sequential_model(family, sequential=True)
+    weights = dict(program.model.named_parameters())
+    plain_weights = dict(plain.model.named_parameters())
+    scheme = TensorScheme(dtype="int4")
+    for name, statistics in inputs_as_run(program, targets, lambda: QuantizedInputAccumulator(INT8_PER_TOKEN)).items():
+        corrected = original.get_submodule(name).weight.float() @ statistics.input_correction(0.01)
+        expected = dequantize_weight(*gptq_quantize(corrected, statistics.hessian(), scheme, damp=0.01, act_order=True), scheme)
+        assert torch.equal(weights[f"{name}.weight"], expected), name
+        assert not torch.equal(plain_weights[f"{name}.weight"], expected), name

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from slimc.distributed import World
-from slimc.numerics.quant import expand_to_weight, fake_quantize, group_count, quantize, weight_qparams
+from slimc.numerics.quant import (
+    dynamic_fake_quantize,
+    expand_to_weight,
+    fake_quantize,
+    group_count,
+    quantize,
+    weight_qparams,
+)
 from slimc.schemes import TensorScheme
 
 HESSIAN_ROWS = 1024  # rows of the float64 sum scaled at a time when the float32 Hessian is made
@@ -48,6 +55,45 @@ class HessianAccumulator:
         return hessian
 
 
+class QuantizedInputAccumulator(HessianAccumulator):
+    """The statistics of GPTQ on a layer's inputs as it will read them, quantized by its dynamic input `scheme`: the
+    Hessian of the quantized inputs q(x) (``2/N · Σ q(x) q(x)ᵀ``, what `hessian` gives) and their cross sum with the
+    float inputs (``C = Σ x q(x)ᵀ``). The weight that best maps the quantized inputs to the float outputs,
+    ``W' = W C (Σ q(x) q(x)ᵀ)⁻¹``, leaves a residual orthogonal to the quantized inputs, so the run-time error
+    ``Σ |W x − V q(x)|²`` of any V is that residual's plus ``Σ |(W' − V) q(x)|²``: GPTQ of W' on this Hessian
+    minimises the error the layer makes on quantized inputs (GPTAQ's asymmetric calibration, for the layer's own
+    input quantization)."""
+
+    def __init__(self, scheme: TensorScheme) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.cross: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        quantized = dynamic_fake_quantize(x.float(), self.scheme).double()
+        if self.cross is None:
+            self.cross = torch.zeros(x.shape[-1], x.shape[-1], device=x.device, dtype=torch.float64)
+        self.cross.addmm_(x.double().T, quantized)
+        super().add(quantized)
+
+    def input_correction(self, damp: float, release: bool = False) -> torch.Tensor:
+        """M (in, in) float32 with ``W' = W M``: ``C (H + λI)⁻¹`` in float64, λ = damp · mean(diag H) as GPTQ damps
+        H. `release` then frees the cross sum."""
+        if self.sum is None or self.cross is None or self.count == 0:
+            raise ValueError("no inputs were seen")
+        damped = self.sum.clone()
+        damped.diagonal().add_(damp * self.sum.diagonal().mean().clamp_min(1e-12))
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if info != 0:
+            raise ValueError("the Hessian of the quantized inputs stays singular after damping")
+        correction = torch.cholesky_solve(self.cross.T.contiguous(), factor).T.float()  # C H⁻¹ = (H⁻¹ Cᵀ)ᵀ, H symmetric
+        if release:
+            self.cross = None
+        return correction
+
+
 def reduce_hessians(hessians: dict, world: World) -> None:
     """Sum each accumulator of `hessians` (target -> accumulator, or -> {(weight, expert): accumulator} for fused
     experts) over the processes; an expert some process saw gets an accumulator on all."""
@@ -68,6 +114,8 @@ def reduce_hessians(hessians: dict, world: World) -> None:
             accumulators.append(found)
     for accumulator in accumulators:
         accumulator.sum = world.sum(accumulator.sum)
+        if isinstance(accumulator, QuantizedInputAccumulator):
+            accumulator.cross = world.sum(accumulator.cross)
     counts = world.sum(torch.tensor([a.count for a in accumulators], dtype=torch.float64))
     for accumulator, count in zip(accumulators, counts.tolist(), strict=True):
         accumulator.count = int(count)
