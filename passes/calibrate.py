@@ -47,10 +47,11 @@ class GPTQOptions(BaseModel):
     quantizes a block's layers in dependency order (q/k/v, o, gate/up, down), each from the Hessian of its inputs
     with the layers before it already quantized (weights and inputs, as they will run), as the GPTQ paper's
     true-sequential option; at the cost of one more run of the block (up to those layers) per level.
-    `quantized_inputs` fits each Linear with a dynamic input quantizer to its float output on its inputs as they will
-    run, quantized: its weight first corrected by least squares for the inputs' quantization error, then GPTQ on the
-    Hessian of the quantized inputs (`QuantizedInputAccumulator`; fused MoE experts and static inputs as without it),
-    at one more matrix of the Hessian's size per input."""
+    `quantized_inputs` fits each Linear with an input quantizer to its float output on its inputs as they will run,
+    quantized: its weight first corrected by least squares for the inputs' quantization error, then GPTQ on the
+    Hessian of the quantized inputs (`QuantizedInputAccumulator`; fused MoE experts as without it), at one more
+    matrix of the Hessian's size per input, and for static inputs one more run of the block (their scales are fixed
+    by the calibration run first)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -143,6 +144,11 @@ class Calibrate(Pass):
         accumulate the GPTQ Hessians of `hessian_targets`) on every batch once."""
         samples: dict[str, list] = {target: [] for target in layers}
         static = [q for q in quantizers if not q.scheme.dynamic]
+        chosen = {target: layers[target] for target in hessian_targets}
+        # GPTQ fitted to static quantized inputs needs their scales first: its Hessians then take a run of their own
+        after_freezing = (self.weight_algorithm == "gptq" and self.gptq.quantized_inputs
+                          and any(isinstance(q, FakeQuantize) and not q.scheme.dynamic
+                                  for q in map(block.input_quantizer, chosen)))
         hessians: dict = {}
         with _quantizer_modes(quantizers, "off"):
             with temporary_hooks() as hooks:
@@ -150,12 +156,14 @@ class Calibrate(Pass):
                     hooks.before(module, lambda m, args, t=target: samples[t].append(tuple(a.detach() for a in args)))
                 ctx.run(block, ctx.leading(self.error_batches))
             if static or self.weight_algorithm == "gptq":
-                chosen = {target: layers[target] for target in hessian_targets}
-                with _quantizer_modes(static, "observe"), self._hessians(block, chosen) as hessians:
+                with _quantizer_modes(static, "observe"), self._hessians(block, {} if after_freezing else chosen) as hessians:
                     self._run_all(block, ctx, layers)
         reduce_observers([q.observer for q in quantizers if q.observer is not None], ctx.world)
-        reduce_hessians({t: h for t, h in hessians.items() if not isinstance(h, RoutedCalls)}, ctx.world)
         self._freeze(block, ctx, quantizers, layers)
+        if after_freezing:
+            with _quantizer_modes(quantizers, "off"), self._hessians(block, chosen) as hessians:
+                self._run_all(block, ctx, layers)
+        reduce_hessians({t: h for t, h in hessians.items() if not isinstance(h, RoutedCalls)}, ctx.world)
         return samples, hessians
 
     @contextlib.contextmanager
@@ -175,20 +183,25 @@ class Calibrate(Pass):
                     routed = hessians[target] = RoutedCalls(module)
                     hooks.before(module, routed.record, with_kwargs=True)
             for shared in find_shared_inputs(block.graph_module, linears):
-                for scheme, group in self._by_input_scheme(block, shared).items():
-                    accumulator = HessianAccumulator() if scheme is None else QuantizedInputAccumulator(scheme)
+                for key, group in self._by_input_quantization(block, shared).items():
+                    accumulator = HessianAccumulator() if key is None else QuantizedInputAccumulator(key[0].quantize)
                     hessians.update(dict.fromkeys(group, accumulator))
                     hooks.before(layers[group[0]], lambda m, args, a=accumulator: a.add(args[0]))
             yield hessians
 
-    def _by_input_scheme(self, block: Block, readers: list[str]) -> dict[TensorScheme | None, list[str]]:
-        """Linears reading one input, by the dynamic scheme their inputs are quantized with where `quantized_inputs`
-        fits to it (None: the float inputs)."""
-        groups: dict[TensorScheme | None, list[str]] = {}
+    def _by_input_quantization(self, block: Block, readers: list[str]) -> dict[tuple | None, list[str]]:
+        """Linears reading one input, by how they will quantize it where `quantized_inputs` fits to that (its scales
+        fixed: dynamic, or static and frozen), each such group under a key that holds its quantizer; None: the float
+        inputs. Static quantizers with equal scales share a group."""
+        groups: dict[tuple | None, list[str]] = {}
         for target in readers:
             quantizer = block.input_quantizer(target) if self.gptq.quantized_inputs else None
-            dynamic = isinstance(quantizer, FakeQuantize) and quantizer.scheme.dynamic
-            groups.setdefault(quantizer.scheme if dynamic else None, []).append(target)
+            key = None
+            if isinstance(quantizer, FakeQuantize) and quantizer.observer is None:
+                key = ((quantizer.scheme,) if quantizer.scheme.dynamic else
+                       (quantizer.scheme, tuple(quantizer.scale.flatten().tolist()), tuple(quantizer.offset.flatten().tolist())))
+                key = next((k for k in groups if k is not None and k[1:] == key), (quantizer, *key))
+            groups.setdefault(key, []).append(target)
         return groups
 
     def _quantize_in_order(self, block: Block, ctx: Context, layers: dict, quantizers: list[FakeQuantize],

@@ -24,7 +24,6 @@ INT4_G32 = TensorScheme(dtype="int4", granularity="per_group", group_size=32)
 INT4_G32_ASYM = TensorScheme(dtype="int4", granularity="per_group", group_size=32, symmetric=False)
 INT4_CHANNEL_MSE = TensorScheme(dtype="int4", observer="mse")
 INT4_PER_TOKEN = TensorScheme(dtype="int4", granularity="per_token", dynamic=True)
-INT8_PER_TOKEN = TensorScheme(dtype="int8", granularity="per_token", dynamic=True)
 
 
 def correlated_inputs_with_outliers(tokens: int = 2048, features: int = 128, seed: int = 0) -> torch.Tensor:
@@ -65,7 +64,7 @@ def test_hessian_accumulates_two_over_n_x_transpose_x():
 def test_the_quantized_input_statistics_are_the_hessian_of_the_quantized_inputs_and_the_least_squares_correction():
     x = correlated_inputs_with_outliers(tokens=1000, features=32).double()
     quantized = dynamic_fake_quantize(x.float(), INT4_PER_TOKEN).double()
-    accumulator = QuantizedInputAccumulator(INT4_PER_TOKEN)
+    accumulator = QuantizedInputAccumulator(lambda inputs: dynamic_fake_quantize(inputs, INT4_PER_TOKEN))
     for chunk in x.split(300):
         accumulator.add(chunk)
     assert torch.allclose(accumulator.hessian(), (2.0 / 1000 * quantized.T @ quantized).float(), rtol=1e-5, atol=1e-5)
@@ -83,7 +82,7 @@ def test_gptq_on_quantized_inputs_lowers_the_error_the_layer_makes_on_them():
     x = correlated_inputs_with_outliers(tokens=4096)
     quantized = dynamic_fake_quantize(x, INT4_PER_TOKEN)
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
-    accumulator = QuantizedInputAccumulator(INT4_PER_TOKEN)
+    accumulator = QuantizedInputAccumulator(lambda inputs: dynamic_fake_quantize(inputs, INT4_PER_TOKEN))
     for chunk in x.split(500):
         accumulator.add(chunk)
     reference = x @ weight.T
@@ -325,13 +324,17 @@ def test_routed_calls_give_each_routed_expert_the_hessians_of_its_tokens_and_cou
     assert routed.hessians(range(1, 2), SINGLE).keys() == {("gate_up_proj", 1), ("down_proj", 1)}
 
 
-def sequential_model(family: str, sequential: bool, kv_cache: bool = False, quantized_inputs: bool = False):
-    """A tiny model of `family` and its float copy, through W4A8 GPTQ calibrate (the router left out), sequential or
-    not, with an int8 KV cache or not, fitted to quantized inputs or not."""
+PER_TOKEN = {"dtype": "int8", "granularity": "per_token", "dynamic": True}
+PER_TENSOR_STATIC = {"dtype": "int8", "granularity": "per_tensor", "dynamic": False, "symmetric": False}
+
+
+def sequential_model(family: str, sequential: bool, kv_cache: bool = False, quantized_inputs: bool = False,
+                     act: dict = PER_TOKEN):
+    """A tiny model of `family` and its float copy, through GPTQ calibrate with int4 weights and `act` inputs (the
+    router left out), sequential or not, with an int8 KV cache or not, fitted to quantized inputs or not."""
     model = tiny_causal_lm(family)
     original = copy.deepcopy(model)
-    schemes = {"w4a8": {"weight": {"dtype": "int4", "granularity": "per_channel"},
-                        "act": {"dtype": "int8", "granularity": "per_token", "dynamic": True}}}
+    schemes = {"w4a8": {"weight": {"dtype": "int4", "granularity": "per_channel"}, "act": act}}
     kv = {"kv_cache": {"dtype": "int8", "granularity": "per_channel"}} if kv_cache else {}
     pipeline = [{"pass": "fake_quant", "rules": [{"scheme": "w4a8", "exclude": ["*mlp.gate"]}], **kv},
                 {"pass": "calibrate", "weight_algorithm": "gptq",
@@ -340,14 +343,17 @@ def sequential_model(family: str, sequential: bool, kv_cache: bool = False, quan
 
 
 @torch.no_grad()
-def inputs_as_run(program, targets: list[str], accumulator_type=HessianAccumulator) -> dict[str, HessianAccumulator]:
-    """The Hessians (`accumulator_type()`) of the Linears' inputs (before their input quantizers) in a run of the
-    program as calibrated (every weight quantized, every quantizer quantizing) on the calibration batches."""
+def inputs_as_run(program, targets: list[str], quantized: bool = False) -> dict[str, HessianAccumulator]:
+    """The Hessians of the Linears' inputs (before their input quantizers; with `quantized`, the statistics of those
+    inputs as the quantizers quantize them) in a run of the program as calibrated (every weight quantized, every
+    quantizer quantizing) on the calibration batches."""
     hessians = {}
     handles = []
     for block in program.blocks:
         for target in targets:
-            accumulator = hessians[block.qualified(target)] = accumulator_type()
+            quantizer = block.input_quantizer(target)
+            accumulator = hessians[block.qualified(target)] = (QuantizedInputAccumulator(quantizer.quantize) if quantized
+                                                               else HessianAccumulator())
             handles.append(block.input_quantizer(target).register_forward_pre_hook(
                 lambda module, args, a=accumulator: a.add(args[0])))
     with program.executing_graphs():
@@ -386,20 +392,24 @@ def test_sequential_gptq_quantizes_each_layer_on_the_inputs_the_quantized_layers
     assert all(not torch.equal(weights[name], plain_weights[name]) for name in experts)
 
 
-@pytest.mark.parametrize(("family", "targets"), [
-    ("llama", ["self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"]),
-    ("qwen3_moe", ["self_attn.k_proj", "self_attn.o_proj"]),
+@pytest.mark.parametrize(("family", "act", "sequential", "targets"), [
+    ("llama", PER_TOKEN, True, ["self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"]),
+    ("llama", PER_TENSOR_STATIC, True, ["self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]),
+    ("llama", PER_TENSOR_STATIC, False, ["self_attn.q_proj", "self_attn.v_proj"]),
+    ("qwen3_moe", PER_TOKEN, True, ["self_attn.k_proj", "self_attn.o_proj"]),
 ])
-def test_gptq_with_quantized_inputs_is_gptq_of_the_corrected_weight_on_the_quantized_inputs_as_run(family, targets):
-    """With `quantized_inputs` (and sequential, so that every layer's inputs are those of the finished program's run),
-    each Linear is GPTQ of its float weight times the least-squares correction, on the Hessian of its inputs quantized
-    by its per-token int8 input scheme, both from that run; without it the weights differ."""
-    program, original = sequential_model(family, sequential=True, quantized_inputs=True)
-    plain, _ = sequential_model(family, sequential=True)
+def test_gptq_with_quantized_inputs_is_gptq_of_the_corrected_weight_on_the_quantized_inputs_as_run(family, act, sequential,
+                                                                                                   targets):
+    """With `quantized_inputs`, each Linear whose inputs are those of the finished program's run (all with sequential
+    GPTQ; q/k/v without) is GPTQ of its float weight times the least-squares correction, on the Hessian of its inputs
+    as its input quantizer quantizes them (per token, or per tensor with the calibrated static scale: a run after the
+    calibration run), both from that run; without it the weights differ."""
+    program, original = sequential_model(family, sequential=sequential, quantized_inputs=True, act=act)
+    plain, _ = sequential_model(family, sequential=sequential, act=act)
     weights = dict(program.model.named_parameters())
     plain_weights = dict(plain.model.named_parameters())
     scheme = TensorScheme(dtype="int4")
-    for name, statistics in inputs_as_run(program, targets, lambda: QuantizedInputAccumulator(INT8_PER_TOKEN)).items():
+    for name, statistics in inputs_as_run(program, targets, quantized=True).items():
         corrected = original.get_submodule(name).weight.float() @ statistics.input_correction(0.01)
         expected = dequantize_weight(*gptq_quantize(corrected, statistics.hessian(), scheme, damp=0.01, act_order=True), scheme)
         assert torch.equal(weights[f"{name}.weight"], expected), name

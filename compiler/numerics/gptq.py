@@ -8,19 +8,13 @@ inputs x (in,). Quantized codes, scales and offsets come back in the stored shap
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from slimc.distributed import World
-from slimc.numerics.quant import (
-    dynamic_fake_quantize,
-    expand_to_weight,
-    fake_quantize,
-    group_count,
-    quantize,
-    weight_qparams,
-)
+from slimc.numerics.quant import expand_to_weight, fake_quantize, group_count, quantize, weight_qparams
 from slimc.schemes import TensorScheme
 
 HESSIAN_ROWS = 1024  # rows of the float64 sum scaled at a time when the float32 Hessian is made
@@ -56,23 +50,23 @@ class HessianAccumulator:
 
 
 class QuantizedInputAccumulator(HessianAccumulator):
-    """The statistics of GPTQ on a layer's inputs as it will read them, quantized by its dynamic input `scheme`: the
-    Hessian of the quantized inputs q(x) (``2/N · Σ q(x) q(x)ᵀ``, what `hessian` gives) and their cross sum with the
-    float inputs (``C = Σ x q(x)ᵀ``). The weight that best maps the quantized inputs to the float outputs,
-    ``W' = W C (Σ q(x) q(x)ᵀ)⁻¹``, leaves a residual orthogonal to the quantized inputs, so the run-time error
-    ``Σ |W x − V q(x)|²`` of any V is that residual's plus ``Σ |(W' − V) q(x)|²``: GPTQ of W' on this Hessian
-    minimises the error the layer makes on quantized inputs (GPTAQ's asymmetric calibration, for the layer's own
-    input quantization)."""
+    """The statistics of GPTQ on a layer's inputs as it will read them, `quantize`d (its input quantizer's
+    quantize-dequantize, with scales fixed): the Hessian of the quantized inputs q(x) (``2/N · Σ q(x) q(x)ᵀ``, what
+    `hessian` gives) and their cross sum with the float inputs (``C = Σ x q(x)ᵀ``). The weight that best maps the
+    quantized inputs to the float outputs, ``W' = W C (Σ q(x) q(x)ᵀ)⁻¹``, leaves a residual orthogonal to the
+    quantized inputs, so the run-time error ``Σ |W x − V q(x)|²`` of any V is that residual's plus
+    ``Σ |(W' − V) q(x)|²``: GPTQ of W' on this Hessian minimises the error the layer makes on quantized inputs
+    (GPTAQ's asymmetric calibration, for the layer's own input quantization)."""
 
-    def __init__(self, scheme: TensorScheme) -> None:
+    def __init__(self, quantize: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
-        self.scheme = scheme
+        self.quantize = quantize
         self.cross: torch.Tensor | None = None
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
-        quantized = dynamic_fake_quantize(x.float(), self.scheme).double()
+        quantized = self.quantize(x.float()).double()
         if self.cross is None:
             self.cross = torch.zeros(x.shape[-1], x.shape[-1], device=x.device, dtype=torch.float64)
         self.cross.addmm_(x.double().T, quantized)

@@ -59,6 +59,10 @@ class FakeQuantize(nn.Module):
             return x
         if self.mode == "off":
             return x
+        return self.quantize(x)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as mode ``quantize`` gives it, whatever the mode (a static scale as `freeze` fixed it)."""
         if self.scheme.dynamic:
             return (self.shared or dynamic_fake_quantize)(x, self.scheme)
         return fake_quantize(x, self.scale, self.offset, self.scheme)
