@@ -183,26 +183,25 @@ class Calibrate(Pass):
                     routed = hessians[target] = RoutedCalls(module)
                     hooks.before(module, routed.record, with_kwargs=True)
             for shared in find_shared_inputs(block.graph_module, linears):
-                for key, group in self._by_input_quantization(block, shared).items():
-                    accumulator = HessianAccumulator() if key is None else QuantizedInputAccumulator(key[0].quantize)
+                for quantizer, group in self._by_input_quantization(block, shared):
+                    accumulator = HessianAccumulator() if quantizer is None else QuantizedInputAccumulator(quantizer.quantize)
                     hessians.update(dict.fromkeys(group, accumulator))
                     hooks.before(layers[group[0]], lambda m, args, a=accumulator: a.add(args[0]))
             yield hessians
 
-    def _by_input_quantization(self, block: Block, readers: list[str]) -> dict[tuple | None, list[str]]:
-        """Linears reading one input, by how they will quantize it where `quantized_inputs` fits to that (its scales
-        fixed: dynamic, or static and frozen), each such group under a key that holds its quantizer; None: the float
-        inputs. Static quantizers with equal scales share a group."""
-        groups: dict[tuple | None, list[str]] = {}
+    def _by_input_quantization(self, block: Block, readers: list[str]) -> list[tuple[FakeQuantize | None, list[str]]]:
+        """Linears reading one input, grouped with the quantizer whose quantized inputs `quantized_inputs` fits them to
+        (its scales fixed: dynamic, or static and frozen), or None (the float inputs). Quantizers of one scheme, and
+        for static inputs equal scales, quantize alike and share a group."""
+        groups: dict[tuple | None, tuple[FakeQuantize | None, list[str]]] = {}
         for target in readers:
             quantizer = block.input_quantizer(target) if self.gptq.quantized_inputs else None
-            key = None
-            if isinstance(quantizer, FakeQuantize) and quantizer.observer is None:
-                key = ((quantizer.scheme,) if quantizer.scheme.dynamic else
-                       (quantizer.scheme, tuple(quantizer.scale.flatten().tolist()), tuple(quantizer.offset.flatten().tolist())))
-                key = next((k for k in groups if k is not None and k[1:] == key), (quantizer, *key))
-            groups.setdefault(key, []).append(target)
-        return groups
+            if not isinstance(quantizer, FakeQuantize) or quantizer.observer is not None:
+                quantizer = None
+            key = (None if quantizer is None else (quantizer.scheme,) if quantizer.scheme.dynamic else
+                   (quantizer.scheme, tuple(quantizer.scale.flatten().tolist()), tuple(quantizer.offset.flatten().tolist())))
+            groups.setdefault(key, (quantizer, []))[1].append(target)
+        return list(groups.values())
 
     def _quantize_in_order(self, block: Block, ctx: Context, layers: dict, quantizers: list[FakeQuantize],
                            hessians: dict, levels: list[list[str]]) -> None:

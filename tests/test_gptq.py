@@ -87,15 +87,13 @@ def test_gptq_on_quantized_inputs_lowers_the_error_the_layer_makes_on_them():
         accumulator.add(chunk)
     reference = x @ weight.T
 
-    def run_time_error(candidate: torch.Tensor, scheme=INT4_CHANNEL) -> float:
-        codes = dequantize_weight(*gptq_quantize(candidate, hessian, scheme, act_order=True), scheme)
+    def run_time_error(candidate: torch.Tensor, hessian: torch.Tensor) -> float:
+        codes = dequantize_weight(*gptq_quantize(candidate, hessian, INT4_CHANNEL, act_order=True), INT4_CHANNEL)
         return float((quantized @ codes.T - reference).norm() / reference.norm())
 
-    hessian = hessian_of(x)
-    on_float_inputs = run_time_error(weight)
-    hessian = accumulator.hessian()
-    on_quantized_inputs = run_time_error(weight)
-    corrected = run_time_error(weight @ accumulator.input_correction(damp=0.01))
+    on_float_inputs = run_time_error(weight, hessian_of(x))
+    on_quantized_inputs = run_time_error(weight, accumulator.hessian())
+    corrected = run_time_error(weight @ accumulator.input_correction(damp=0.01), accumulator.hessian())
     assert corrected < 0.9 * min(on_float_inputs, on_quantized_inputs)
 
 
