@@ -91,9 +91,10 @@ def test_gptq_on_quantized_inputs_lowers_the_error_the_layer_makes_on_them():
         codes = dequantize_weight(*gptq_quantize(candidate, hessian, INT4_CHANNEL, act_order=True), INT4_CHANNEL)
         return float((quantized @ codes.T - reference).norm() / reference.norm())
 
+    quantized_hessian = accumulator.hessian()
     on_float_inputs = run_time_error(weight, hessian_of(x))
-    on_quantized_inputs = run_time_error(weight, accumulator.hessian())
-    corrected = run_time_error(weight @ accumulator.input_correction(damp=0.01), accumulator.hessian())
+    on_quantized_inputs = run_time_error(weight, quantized_hessian)
+    corrected = run_time_error(weight @ accumulator.input_correction(damp=0.01), quantized_hessian)
     assert corrected < 0.9 * min(on_float_inputs, on_quantized_inputs)
 
 
