@@ -248,9 +248,12 @@ class AscendLinear(nn.Module):
     """One quantized Linear as the Ascend runtime computes it, from the written tensors only.
 
     static W8A8: ``x_q = clamp(round(x / input_scale + input_offset), -128, 127)``,
-    ``y = (x_q · W_qᵀ + quant_bias) · deq_scale`` (integer products summed exactly, in float64);
+    ``y = (x_q · W_qᵀ + quant_bias) · deq_scale`` (integer products summed exactly: in int32 as the runtime sums
+    them where that cannot overflow, on the CPU, otherwise in float64; the same values);
     *_DYNAMIC: per token ``s = amax|x| / qmax``, ``x_q = clamp(round(x / s))``,
-    ``y = (x_q · s)((W_q − weight_offset) · weight_scale)ᵀ + bias``; W8A16: dequantized weight.
+    ``y = (x_q · W_qᵀ) · s · weight_scale + bias`` with the products summed in int32 as the runtime's integer
+    matmul sums them (on the CPU, for a scale per row, zero weight offsets and sums int32 holds), otherwise
+    ``y = (x_q · s)((W_q − weight_offset) · weight_scale)ᵀ + bias`` in float32; W8A16: dequantized weight.
     """
 
     def __init__(self, quant_type: str, tensors: dict[str, torch.Tensor], group_size: int = 0) -> None:
@@ -273,21 +276,39 @@ class AscendLinear(nn.Module):
             self.register_buffer("quant_bias", tensors["quant_bias"].double())
         else:
             scale, offset = tensors["weight_scale"].float(), tensors["weight_offset"].float()
-            w = (self.weight.float() - _expand_groups(offset, self.in_features)) * _expand_groups(scale, self.in_features)
-            self.register_buffer("dequantized_weight", w)
+            act, weight_bound = LINEAR_TYPES[quant_type], 8 if quant_type.startswith("W4") else 128
+            if (act is not None and scale.shape[-1] == 1 and not offset.any()
+                    and max(-act[0], act[1]) * weight_bound * self.in_features <= torch.iinfo(torch.int32).max):
+                self.register_buffer("weight_scale", scale.reshape(1, -1))  # one per row: it factors out of the sums
+            else:
+                w = (self.weight.float() - _expand_groups(offset, self.in_features)) * _expand_groups(scale, self.in_features)
+                self.register_buffer("dequantized_weight", w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         if self.quant_type == "W8A8":
             x_q = torch.clamp(torch.round(x32 / self.input_scale + self.input_offset), -128, 127)
-            acc = x_q.double() @ self.weight.double().T + self.quant_bias
-            return (acc * self.deq_scale).to(x.dtype)
+            if x.device.type == "cpu" and 128 * 128 * self.in_features <= torch.iinfo(torch.int32).max:
+                products = torch._int_mm(x_q.to(torch.int8).reshape(-1, self.in_features), self.weight.t())
+                products = products.reshape(*x.shape[:-1], self.out_features).double()
+            else:
+                products = x_q.double() @ self.weight.double().T
+            return ((products + self.quant_bias) * self.deq_scale).to(x.dtype)
         act = LINEAR_TYPES[self.quant_type]
-        if act is not None:
-            qmin, qmax = act
-            s = torch.clamp(x32.abs().amax(dim=-1, keepdim=True) / qmax, min=_TINY)
-            x32 = torch.clamp(torch.round(x32 / s), qmin, qmax) * s
-        return F.linear(x32, self.dequantized_weight, self.bias).to(x.dtype)
+        if act is None:
+            return F.linear(x32, self.dequantized_weight, self.bias).to(x.dtype)
+        qmin, qmax = act
+        s = torch.clamp(x32.abs().amax(dim=-1, keepdim=True) / qmax, min=_TINY)
+        x_q = torch.clamp(torch.round(x32 / s), qmin, qmax)
+        if not hasattr(self, "weight_scale"):
+            return F.linear(x_q * s, self.dequantized_weight, self.bias).to(x.dtype)
+        if x.device.type != "cpu":
+            return F.linear(x_q * s, self.weight.float() * self.weight_scale.T, self.bias).to(x.dtype)
+        products = torch._int_mm(x_q.to(torch.int8).reshape(-1, self.in_features), self.weight.t())
+        y = products.float().mul_(s.reshape(-1, 1)).mul_(self.weight_scale)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.quant_type}"

@@ -40,7 +40,7 @@ from slimc.ir.capture import BlockInput, StageInputs, StageNotReached, capture_s
 from slimc.ir.tracer import trace_block
 from slimc.journal import BlockState, Journal
 from slimc.numerics.fidelity import relative_error
-from slimc.numerics.modules import reusing_within_runs
+from slimc.numerics.modules import float_matmuls, reusing_within_runs
 from slimc.pass_base import Context, Pass
 from slimc.patterns import propagate_shapes
 from slimc.progress import Progress
@@ -303,7 +303,8 @@ class Pipeline:
         if rotation is not None:
             batch = rebind_hidden(batch, rotate_hidden(hidden_of(batch), rotation.T))
         calls = [batch] + [perturbed(batch, seed) for seed in range(PERTURBATION_SAMPLES)]
-        outputs = ctx.run(block, calls)
+        with float_matmuls(block.graph_module):
+            outputs = ctx.run(block, calls)
         if rotation is not None:
             outputs = [rotate_hidden(output, rotation) for output in outputs]
         reference = outputs[0]
@@ -312,7 +313,8 @@ class Pipeline:
     def _check_equivalence(self, step: Pass, block: Block, ctx: Context,
                            reference: tuple[torch.Tensor, float, list[int] | None]) -> None:
         expected, sensitivity, rows = reference
-        error = relative_error(ctx.run(block, [self._check_call(ctx, rows)])[0], expected)
+        with float_matmuls(block.graph_module):  # the lowering is checked, not the integer matmul (modules.py)
+            error = relative_error(ctx.run(block, [self._check_call(ctx, rows)])[0], expected)
         tolerance = equivalence_tolerance(ctx.config, ctx.program.dtype, sensitivity)
         if not error <= tolerance:
             if ctx.config.checks.equivalence_tolerance is not None:

@@ -3,6 +3,8 @@ passes, for tests of backends and readers."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ from slimc.config import config_from_data
 from slimc.frontends.llm import DecoderLLM
 from slimc.ir import Program
 from slimc.ir.source import ModelSource
-from slimc.numerics.modules import QuantizedExperts, QuantizedLinear
+from slimc.numerics.modules import QuantizedExperts, QuantizedLinear, float_matmuls
 from slimc.numerics.quant import act_range, qparams_from_range, quantize_weight
 from slimc.pipeline import Context, Pipeline
 from slimc.report import RunReport
@@ -64,6 +66,23 @@ def logits(program: Program, ids: torch.Tensor) -> torch.Tensor:
     """The model's logits, computed through the blocks' (rewritten) graphs."""
     with program.executing_graphs():
         return program.model(input_ids=ids, use_cache=False).logits
+
+
+@contextlib.contextmanager
+def simulating_in_float(program: Program) -> Iterator[None]:
+    """Within: the program's lowered layers multiply dequantized values in float32 (`float_matmuls`), as
+    compressed-tensors' simulation of a scheme in transformers does, instead of summing integer products (which
+    differ by float32 rounding, and a code a layer later can round the other way on it)."""
+    with contextlib.ExitStack() as stack:
+        for block in program.blocks:
+            stack.enter_context(float_matmuls(block.module if block.traced is None else block.graph_module))
+        yield
+
+
+def simulated_logits(program: Program, ids: torch.Tensor) -> torch.Tensor:
+    """`logits` with float matmuls (`simulating_in_float`)."""
+    with simulating_in_float(program):
+        return logits(program, ids)
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -335,6 +335,19 @@ def test_reader_static_linear_differs_only_by_the_quant_bias_rounding(tmp_path):
     assert torch.all(error <= 0.5 * deq + 1e-5 * lowered(x).abs().max())
 
 
+def test_reader_static_linear_sums_in_int32_what_float64_sums():
+    """The reader's static W8A8 sums the integer products in int32 on the CPU; exact, as the float64 sum is."""
+    torch.manual_seed(6)
+    weight = torch.randint(-128, 128, (48, 1536), dtype=torch.int8)
+    tensors = {"weight": weight, "input_scale": torch.tensor([0.02]), "input_offset": torch.tensor([-3.0]),
+               "deq_scale": torch.rand(48) * 1e-4, "quant_bias": torch.randint(-5000, 5000, (48,))}
+    ascend = AscendLinear("W8A8", tensors)
+    x = torch.randn(2, 9, 1536) * 2
+    x_q = torch.clamp(torch.round(x / 0.02 - 3.0), -128, 127)
+    expected = (x_q.double() @ weight.double().T + tensors["quant_bias"].double()) * ascend.deq_scale
+    assert torch.equal(ascend(x), expected.float())
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("label", ["W8A8_DYNAMIC", "W8A16_G32", "W4A4_DYNAMIC"])
 def test_reader_whole_model_logits_match_the_lowered_model(tmp_path, family, label):

@@ -5,7 +5,7 @@ import torch
 
 from slimc.numerics import quant
 from slimc.numerics.calib import activation_channel_absmax
-from slimc.numerics.modules import FakeQuantize
+from slimc.numerics.modules import FakeQuantize, QuantizedExperts, QuantizedLinear, float_matmuls
 from slimc.numerics.observers import Observer
 from slimc.numerics.quant import (
     dequantize_weight,
@@ -178,3 +178,91 @@ def test_activation_channel_absmax_is_the_maximum_of_the_absolute_values_per_cha
     x[..., 1] = 0.0
     got = activation_channel_absmax(x)
     assert got.dtype == torch.float32 and torch.equal(got, x.abs().float().reshape(-1, 16).amax(0))
+
+
+INTEGER_SCHEMES = [
+    QuantScheme(weight=TensorScheme(), act=TensorScheme(granularity="per_token", dynamic=True)),
+    QuantScheme(weight=TensorScheme(), act=TensorScheme(granularity="per_token", symmetric=False, dynamic=True)),
+    QuantScheme(weight=TensorScheme(), act=TensorScheme(granularity="per_tensor", symmetric=False)),
+    QuantScheme(weight=TensorScheme(dtype="int4"), act=TensorScheme(dtype="int4", granularity="per_token", dynamic=True)),
+    QuantScheme(weight=TensorScheme(granularity="per_tensor"), act=TensorScheme(granularity="per_token", dynamic=True)),
+]
+
+
+def lowered_layer(scheme: QuantScheme, in_features: int, out_features: int, dtype: torch.dtype) -> QuantizedLinear:
+    torch.manual_seed(3)
+    codes, scale, offset = quantize_weight(torch.randn(out_features, in_features) * torch.rand(in_features), scheme.weight)
+    input_qparams = None if scheme.act.dynamic else (torch.tensor([0.05]), torch.tensor([7.0]))
+    return QuantizedLinear(scheme, codes, scale, offset, torch.randn(out_features), input_qparams, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme", INTEGER_SCHEMES, ids=lambda s: s.label + ("" if s.act.symmetric else "-asym") + f"-{s.weight.granularity}")
+def test_lowered_layers_sum_integer_products_exactly_and_the_float_path_within_its_rounding(scheme, dtype):
+    """The integer matmul is the codes' products summed exactly, then scaled: it equals that sum taken in float64
+    up to the float32 scaling after it. The float path (dequantized values multiplied in float32) agrees with it
+    within float32 accumulation error."""
+    layer = lowered_layer(scheme, in_features=1536, out_features=96, dtype=dtype)
+    x = (torch.randn(3, 40, 1536) * 2 + 0.5).to(dtype)
+    act = scheme.act
+    codes, scale, offset = quant.activation_codes(x, act, layer.input_scale, layer.input_offset)
+    products = (codes.double() - offset.double()) @ layer.weight.double().T
+    exact = products * scale.double() * layer.weight_scale.double().reshape(1, -1) + layer.bias.double()
+    exact = exact.reshape(3, 40, 96)
+
+    assert quant.integer_products(act, scheme.weight, 1536)
+    integer = layer(x)
+    with float_matmuls(layer):
+        dequantized = layer(x)
+    assert integer.dtype == dequantized.dtype == dtype
+
+    def error(y):
+        return float((y.double() - exact).norm() / exact.norm())
+    if dtype == torch.float32:
+        assert float((integer.double() - exact).abs().max() / exact.abs().max()) < 1e-6
+        assert error(integer) <= error(dequantized) < 1e-5
+    else:  # both rounded to bfloat16 at the end
+        assert error(integer) < 4e-3 and error(dequantized) < 4e-3
+
+
+def test_integer_products_only_where_the_scales_factor_out_and_int32_holds_the_sum():
+    dynamic8 = TensorScheme(granularity="per_token", dynamic=True)
+    asymmetric8 = TensorScheme(granularity="per_tensor", symmetric=False)
+    assert not quant.integer_products(None, TensorScheme(), 64)
+    assert not quant.integer_products(dynamic8, TensorScheme(dtype="int4", granularity="per_group", group_size=32), 64)
+    assert not quant.integer_products(dynamic8, TensorScheme(symmetric=False), 64)
+    assert quant.integer_products(dynamic8, TensorScheme(), 131_000)  # 128 · 128 · 131,000 < 2³¹
+    assert not quant.integer_products(dynamic8, TensorScheme(), 132_000)
+    assert quant.integer_products(asymmetric8, TensorScheme(), 65_000)  # the offset term doubles the bound
+    assert not quant.integer_products(asymmetric8, TensorScheme(), 66_000)
+
+
+def test_lowered_experts_compute_each_expert_as_a_lowered_layer_does():
+    scheme = INTEGER_SCHEMES[0]
+    torch.manual_seed(4)
+    num_experts, hidden, inner = 3, 64, 32
+    tensors = {}
+    for name, shape in (("gate_up_proj", (num_experts, 2 * inner, hidden)), ("down_proj", (num_experts, hidden, inner))):
+        codes, scale, offset = zip(*(quantize_weight(torch.randn(shape[1:]), scheme.weight) for _ in range(num_experts)))
+        tensors[name], tensors[f"{name}_scale"], tensors[f"{name}_offset"] = map(torch.stack, (codes, scale, offset))
+    experts = QuantizedExperts(scheme, torch.nn.SiLU(), torch.float32, tensors)
+    x = torch.randn(10, hidden)
+    top_k_index = torch.tensor([[0, 2]] * 5 + [[1, 2]] * 5)
+    top_k_weights = torch.rand(10, 2)
+    integer = experts(x, top_k_index, top_k_weights)
+    with float_matmuls(experts):
+        dequantized = experts(x, top_k_index, top_k_weights)
+    expected = torch.zeros_like(x)
+    for expert in range(num_experts):
+        gate_up = lowered_layer_of(experts, scheme, "gate_up_proj", expert)
+        down = lowered_layer_of(experts, scheme, "down_proj", expert)
+        gate, up = gate_up(x).chunk(2, dim=-1)
+        routed = (top_k_index == expert).float() * top_k_weights
+        expected += down(torch.nn.functional.silu(gate) * up) * routed.sum(dim=1, keepdim=True)
+    assert torch.allclose(integer, expected, rtol=1e-5, atol=1e-5)
+    assert float((dequantized - integer).norm() / integer.norm()) < 1e-5
+
+
+def lowered_layer_of(experts: QuantizedExperts, scheme: QuantScheme, which: str, expert: int) -> QuantizedLinear:
+    return QuantizedLinear(scheme, getattr(experts, which)[expert], getattr(experts, f"{which}_scale")[expert],
+                           getattr(experts, f"{which}_offset")[expert], None, None, torch.float32)

@@ -22,7 +22,14 @@ from compile_settings import (
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.quantization import QuantizationConfig
 from conftest import save_tiny_model
-from programs import CHECK_IDS, W8A8_DYNAMIC, logits, relative, run_pipeline
+from programs import (
+    CHECK_IDS,
+    W8A8_DYNAMIC,
+    relative,
+    run_pipeline,
+    simulated_logits,
+    simulating_in_float,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_causal_lm
@@ -61,14 +68,14 @@ def test_dynamic_w8a8_checkpoint_runs_in_transformers_as_the_lowered_model(tmp_p
     compiled = compile_tiny(tmp_path, family, "llm/w8a8_dynamic.yaml")
     with torch.no_grad():
         loaded = load_with_transformers(tmp_path / "out")(input_ids=CHECK_IDS, use_cache=False).logits
-    assert relative(loaded, logits(compiled.program, CHECK_IDS)) < 1e-5
+    assert relative(loaded, simulated_logits(compiled.program, CHECK_IDS)) < 1e-5
 
 
 def test_transformers_own_per_token_scales_stay_within_a_quantization_step_of_vllms(tmp_path):
     compiled = compile_tiny(tmp_path, "llama", "llm/w8a8_dynamic.yaml")
     with torch.no_grad():
         loaded = load_with_transformers(tmp_path / "out")(input_ids=CHECK_IDS, use_cache=False).logits
-    assert 1e-5 < relative(loaded, logits(compiled.program, CHECK_IDS)) < 2e-2
+    assert 1e-5 < relative(loaded, simulated_logits(compiled.program, CHECK_IDS)) < 2e-2
 
 
 def test_static_w8a8_checkpoint_keeps_input_scales_and_zero_points(tmp_path, vllm_per_token_scales):
@@ -87,7 +94,7 @@ def test_static_w8a8_checkpoint_keeps_input_scales_and_zero_points(tmp_path, vll
     assert config.format == "int-quantized" and len(config.config_groups) == 2  # static, and dynamic down_proj
     with torch.no_grad():
         loaded = load_with_transformers(tmp_path / "out")(input_ids=CHECK_IDS, use_cache=False).logits
-    assert relative(loaded, logits(compiled.program, CHECK_IDS)) < 1e-5
+    assert relative(loaded, simulated_logits(compiled.program, CHECK_IDS)) < 1e-5
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
@@ -103,7 +110,7 @@ def test_w4a16_groups_are_pack_quantized_and_load_exactly(tmp_path, family):
     assert group["input_activations"] is None and "lm_head" in config["ignore"]
     with torch.no_grad():
         loaded = load_with_transformers(tmp_path / "out")(input_ids=CHECK_IDS, use_cache=False).logits
-    assert relative(loaded, logits(compiled.program, CHECK_IDS)) < 1e-6
+    assert relative(loaded, simulated_logits(compiled.program, CHECK_IDS)) < 1e-6
 
 
 def test_asymmetric_w4a16_groups_decompress_with_their_packed_zero_points(tmp_path):
@@ -166,7 +173,7 @@ def test_weight_only_and_w4a4_schemes_are_expressed(tmp_path):
     assert schemes == {(4, 4), (8, None)}
     with torch.no_grad():
         loaded = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=CHECK_IDS, use_cache=False).logits
-    assert torch.nn.functional.cosine_similarity(loaded.flatten(), logits(program, CHECK_IDS).flatten(), dim=0) > 0.99
+    assert torch.nn.functional.cosine_similarity(loaded.flatten(), simulated_logits(program, CHECK_IDS).flatten(), dim=0) > 0.99
 
 
 def test_verify_fails_when_a_written_weight_changed(tmp_path):
@@ -201,7 +208,7 @@ def test_vision_language_checkpoint_loads_under_its_own_names(tmp_path, kind, vl
     loaded = type(program.model).from_pretrained(tmp_path / "out" / "vllm").eval()
     held_out = config.calibration.model_copy(update={"dataset": "builtin:image-text-eval", "samples": 2})
     for batch in MultimodalLLM().calibration_batches(held_out, program.source, program):
-        with torch.no_grad(), program.executing_graphs():
+        with torch.no_grad(), simulating_in_float(program), program.executing_graphs():
             expected = program.model(**batch, use_cache=False).logits
         with torch.no_grad():
             actual = loaded(**batch, use_cache=False).logits
@@ -220,7 +227,7 @@ def test_small_max_shard_size_writes_transformers_style_shards(tmp_path):
     assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     with torch.no_grad():
         loaded = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=CHECK_IDS, use_cache=False).logits
-    assert torch.nn.functional.cosine_similarity(loaded.flatten(), logits(program, CHECK_IDS).flatten(), dim=0) > 0.999
+    assert torch.nn.functional.cosine_similarity(loaded.flatten(), simulated_logits(program, CHECK_IDS).flatten(), dim=0) > 0.999
     with pytest.raises(ValueError, match="is not a size"):
         VllmBackend(max_shard_size="five gigs")
 

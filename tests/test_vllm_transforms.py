@@ -18,7 +18,7 @@ from compressed_tensors.transform import (
     apply_transform_config,
 )
 from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix, random_hadamard_matrix
-from programs import CHECK_IDS, W8A8_DYNAMIC, logits, relative, run_pipeline
+from programs import CHECK_IDS, W8A8_DYNAMIC, relative, run_pipeline, simulated_logits, simulating_in_float
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_causal_lm
 from tiny_tokenizer import tiny_tokenizer
@@ -101,9 +101,10 @@ def load_with_transforms(out: Path) -> torch.nn.Module:
 def logit_sensitivity(program: Program, ids: torch.Tensor) -> float:
     """How far the program's logits move (relative) when the first block's hidden states move by one epsilon of the
     model's dtype (the equivalence check's perturbation, largest of its samples): the rounding noise that two
-    correct implementations of the same arithmetic differ by, as the model's quantizers amplify it."""
-    reference, first, changes = logits(program, ids), program.blocks[0], []
-    with program.executing_graphs():
+    correct implementations of the same arithmetic differ by, as the model's quantizers amplify it. With float
+    matmuls, the arithmetic of compressed-tensors' simulation that it is compared with."""
+    reference, first, changes = simulated_logits(program, ids), program.blocks[0], []
+    with simulating_in_float(program), program.executing_graphs():
         layer = first.container[first.index]
         for seed in range(PERTURBATION_SAMPLES):
             hook = layer.register_forward_pre_hook(lambda _, args, kwargs, s=seed: perturbed((args, kwargs), s),
@@ -144,7 +145,7 @@ def test_compressed_tensors_applies_each_down_projections_rotation_as_the_progra
 
 
 def test_checkpoint_with_transforms_gives_the_programs_logits_within_its_rounding_noise(rotated, vllm_per_token_scales):
-    program_logits = logits(rotated.program, CHECK_IDS)
+    program_logits = simulated_logits(rotated.program, CHECK_IDS)
     tolerance = SENSITIVITY_FACTOR * logit_sensitivity(rotated.program, CHECK_IDS)
     with torch.no_grad():
         plain = AutoModelForCausalLM.from_pretrained(rotated.out).eval()(input_ids=CHECK_IDS, use_cache=False).logits
@@ -198,7 +199,7 @@ def test_rotated_inputs_of_q_k_v_are_one_transform_that_gives_the_programs_logit
         type="hadamard", apply=[TransformArgs(targets=targets, location="input")])})
     with torch.no_grad():
         transformed = load_with_transforms(out)(input_ids=CHECK_IDS, use_cache=False).logits
-    assert relative(transformed, logits(program, CHECK_IDS)) <= SENSITIVITY_FACTOR * logit_sensitivity(program, CHECK_IDS)
+    assert relative(transformed, simulated_logits(program, CHECK_IDS)) <= SENSITIVITY_FACTOR * logit_sensitivity(program, CHECK_IDS)
 
 
 def test_a_rotation_of_only_some_linears_that_vllm_fuses_is_refused(tmp_path):

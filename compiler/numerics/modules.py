@@ -17,11 +17,14 @@ from slimc.numerics.hadamard import OnlineHadamard
 from slimc.numerics.observers import ChannelObserver, Observer
 from slimc.numerics.quant import (
     LastQuantized,
+    activation_codes,
     dequantize_weight,
     dynamic_fake_quantize,
     fake_quantize,
     fp8_fake_quantize,
     fp8_scale,
+    integer_linear,
+    integer_products,
 )
 from slimc.schemes import KVCacheScheme, QuantScheme, TensorScheme
 
@@ -126,14 +129,20 @@ class QKHadamard(OnlineHadamard):
 
 @register_leaf("linear")
 class QuantizedLinear(nn.Module):
-    """A Linear lowered to integer weights and scales; computes what the quantized runtime computes.
+    """A Linear lowered to integer weights and scales; computes what the quantized runtime computes: on the CPU,
+    where `integer_products` allows, the integer matmul of activation and weight codes, scaled after (several
+    times faster than a float32 matmul, and exact where the float one rounds every partial sum); otherwise the
+    dequantized activation times the dequantized weight in float32.
 
     Buffers: ``weight`` int8 codes (out, in) (int4 codes are stored unpacked in int8);
     ``weight_scale``/``weight_offset`` float32 (out, 1) or (out, in / group); ``bias`` float32 or
     absent; static activations add ``input_scale``/``input_offset`` float32 (1,).
     """
 
-    shared: LastQuantized | None = None  # set within `reusing_within_runs` (class defaults: journals pickle modules)
+    # set within `reusing_within_runs` and `float_matmuls` (class defaults: journals pickle modules)
+    shared: LastQuantized | None = None
+    shared_codes: LastQuantized | None = None
+    integer_matmul = True
 
     def __init__(
         self,
@@ -164,6 +173,13 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self.scheme.act
+        if self.integer_matmul and x.device.type == "cpu" and integer_products(act, self.scheme.weight, self.in_features):
+            if act.dynamic:
+                codes, scale, offset = (self.shared_codes or activation_codes)(x, act)
+            else:
+                codes, scale, offset = activation_codes(x, act, self.input_scale, self.input_offset)
+            out = integer_linear(codes, scale, offset, act.symmetric, self.weight, self.weight_scale, self.bias)
+            return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         if act is None:
             x32 = x.float()
         elif act.dynamic:
@@ -185,19 +201,39 @@ def dynamic_fake_quantize_float32(x: torch.Tensor, scheme: TensorScheme) -> torc
 def reusing_within_runs(module: nn.Module) -> Iterator[None]:
     """While `module` (a block) runs on batch after batch: its dynamic quantizers and lowered Linears that read one
     tensor with one scheme (q, k and v) quantize it once per call, and compute the same values. Lowered weights are
-    still dequantized per call: holding a block's in float32 would add four bytes per weight to the peak."""
+    still dequantized per call where the float path runs: holding a block's in float32 would add four bytes per
+    weight to the peak."""
     quantizers = [m for m in module.modules() if type(m) is FakeQuantize]
     linears = [m for m in module.modules() if isinstance(m, QuantizedLinear)]
     quantized, quantized_float32 = LastQuantized(dynamic_fake_quantize), LastQuantized(dynamic_fake_quantize_float32)
+    codes = LastQuantized(activation_codes)
     try:
         for quantizer in quantizers:
             quantizer.shared = quantized
         for linear in linears:
-            linear.shared = quantized_float32
+            linear.shared, linear.shared_codes = quantized_float32, codes
         yield
     finally:
-        for layer in (*quantizers, *linears):
+        for layer in quantizers:
             layer.shared = None
+        for linear in linears:
+            linear.shared = linear.shared_codes = None
+
+
+@contextlib.contextmanager
+def float_matmuls(module: nn.Module) -> Iterator[None]:
+    """Within: `module`'s lowered layers multiply their dequantized activations and weights in float32, as the
+    fake-quantized layers they replace do, instead of summing integer products. The two differ by float32
+    rounding per layer, and a code a layer later can round the other way on it, which says nothing about whether
+    the lowering kept the codes and scales: the equivalence check compares the two this way."""
+    lowered = [m for m in module.modules() if isinstance(m, QuantizedLinear | QuantizedExperts)]
+    try:
+        for layer in lowered:
+            layer.integer_matmul = False
+        yield
+    finally:
+        for layer in lowered:
+            del layer.integer_matmul
 
 
 class ChannelScale(nn.Module):
@@ -303,7 +339,10 @@ class QuantizedExperts(nn.Module):
     Buffers: ``gate_up_proj`` int8 (E, 2I, H), ``down_proj`` int8 (E, H, I), each with
     ``*_scale``/``*_offset`` float32 (E, rows, 1) or (E, rows, in / group); static activations add
     ``gate_up_input_scale``/``_offset`` and ``down_input_scale``/``_offset`` float32 (E,).
+    Each expert's projections are computed as QuantizedLinear computes a layer.
     """
+
+    integer_matmul = True  # False within `float_matmuls`
 
     def __init__(self, scheme: QuantScheme, act_fn: nn.Module, dtype: torch.dtype, tensors: dict[str, torch.Tensor],
                  down_transform: nn.Module | None = None) -> None:
@@ -316,29 +355,32 @@ class QuantizedExperts(nn.Module):
             self.register_buffer(name, tensor)
         self.num_experts = self.gate_up_proj.shape[0]
 
-    def _act(self, x: torch.Tensor, which: str, expert: int) -> torch.Tensor:
-        act = self.scheme.act
-        if act is None:
-            return x
-        if act.dynamic:
-            return dynamic_fake_quantize(x, act)
-        scale = getattr(self, f"{which}_input_scale")[expert]
-        offset = getattr(self, f"{which}_input_offset")[expert]
-        return fake_quantize(x, scale, offset, act)
-
-    def _weight(self, which: str, expert: int) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, which: str, expert: int) -> torch.Tensor:
+        """Expert `expert`'s projection `which` (gate_up_proj / down_proj) of its tokens x, float32."""
+        act, stem = self.scheme.act, which.removesuffix("_proj")
         codes = getattr(self, which)[expert]
-        return dequantize_weight(codes, getattr(self, f"{which}_scale")[expert], getattr(self, f"{which}_offset")[expert], self.scheme.weight)
+        bias = getattr(self, f"{which}_bias", None)
+        bias = None if bias is None else bias[expert]
+        input_scale = input_offset = None
+        if act is not None and not act.dynamic:
+            input_scale = getattr(self, f"{stem}_input_scale")[expert]
+            input_offset = getattr(self, f"{stem}_input_offset")[expert]
+        if self.integer_matmul and x.device.type == "cpu" and integer_products(act, self.scheme.weight, codes.shape[1]):
+            x_codes, scale, offset = activation_codes(x, act, input_scale, input_offset)
+            out = integer_linear(x_codes, scale, offset, act.symmetric, codes, getattr(self, f"{which}_scale")[expert], bias)
+            return out.reshape(*x.shape[:-1], codes.shape[0])
+        x32 = x.float()
+        if act is not None:
+            x32 = dynamic_fake_quantize(x32, act) if act.dynamic else fake_quantize(x32, input_scale, input_offset, act)
+        weight = dequantize_weight(codes, getattr(self, f"{which}_scale")[expert], getattr(self, f"{which}_offset")[expert], self.scheme.weight)
+        return F.linear(x32, weight, bias)
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        bias = getattr(self, "gate_up_proj_bias", None)
-        gate_up = F.linear(self._act(x.float(), "gate_up", expert), self._weight("gate_up_proj", expert), None if bias is None else bias[expert])
-        gate, up = gate_up.chunk(2, dim=-1)
+        gate, up = self._project(x, "gate_up_proj", expert).chunk(2, dim=-1)
         h = self.act_fn(gate) * up
         if self.down_transform is not None:
             h = self.down_transform(h)
-        bias = getattr(self, "down_proj_bias", None)
-        return F.linear(self._act(h, "down", expert), self._weight("down_proj", expert), None if bias is None else bias[expert])
+        return self._project(h, "down_proj", expert)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return combine_experts(self.expert_forward, hidden_states, top_k_index, top_k_weights, self.num_experts)

@@ -136,6 +136,46 @@ def dynamic_fake_quantize(x: torch.Tensor, scheme: TensorScheme) -> torch.Tensor
     return fake_quantize(x, scale, offset, scheme)
 
 
+INT32_MAX = torch.iinfo(torch.int32).max
+
+
+def integer_products(act: TensorScheme | None, weight: TensorScheme, in_features: int) -> bool:
+    """Whether a lowered layer's products can be summed as integers, exactly: integer activation codes against
+    symmetric weights with one scale per output row (a per-group scale varies along the summed dimension, so it
+    cannot factor out of the sum), in int32 sums that cannot overflow. An asymmetric activation subtracts its
+    offset times the weight codes' row sums, which doubles the bound."""
+    if act is None or not weight.symmetric or weight.granularity not in ("per_channel", "per_tensor"):
+        return False
+    largest = max(-act.qmin, act.qmax) * max(-weight.qmin, weight.qmax) * in_features
+    return largest * (1 if act.symmetric else 2) <= INT32_MAX
+
+
+def activation_codes(x: torch.Tensor, scheme: TensorScheme, scale: torch.Tensor | None = None,
+                     offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An activation (..., in) as int8 codes (rows, in) with its scale and offset, (rows, 1) or broadcastable:
+    computed from ``x`` (dynamic) where `scale` is None, else the calibrated ones. The codes are the ones
+    `fake_quantize` rounds to, by the same steps."""
+    rows = x.reshape(-1, x.shape[-1])
+    if scale is None:
+        scale, offset = qparams_from_range(*act_range(rows, scheme), scheme)
+    values = rows.float() / scale
+    if not scheme.symmetric:
+        values.add_(offset)
+    return values.round_().clamp_(scheme.qmin, scheme.qmax).to(torch.int8), scale, offset
+
+
+def integer_linear(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, symmetric: bool,
+                   weight_codes: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``((codes − offset) · weight_codesᵀ) · scale · weight_scale + bias``, float32 (rows, out): the products summed
+    exactly in int32 (`integer_products` says where they fit), then scaled, as the quantized runtimes' integer
+    matmul computes it. The codes (rows, in) and weight codes (out, in) are int8; the weight scale is one per row."""
+    acc = torch._int_mm(codes, weight_codes.t())
+    if not symmetric:
+        acc.sub_(offset.to(torch.int32) * weight_codes.sum(dim=1, dtype=torch.int32))
+    out = acc.float().mul_(scale).mul_(weight_scale.reshape(1, -1))
+    return out if bias is None else out.add_(bias)
+
+
 class LastQuantized:
     """`quantize(x, scheme)` with its last result kept: Linears that read one tensor with one scheme (q, k and v;
     gate and up) get it quantized once, the first of them. A tensor written in place since (its version moved) is
