@@ -213,7 +213,10 @@ def test_lowered_layers_sum_integer_products_exactly_and_the_float_path_within_i
     assert quant.integer_products(act, scheme.weight, 1536)
     integer = layer(x)
     with float_matmuls(layer):
+        with float_matmuls(layer):  # nested: the outer one still holds after the inner
+            pass
         dequantized = layer(x)
+    assert layer.integer_matmul and torch.equal(layer(x), integer)
     assert integer.dtype == dequantized.dtype == dtype
 
     def error(y):

@@ -227,13 +227,14 @@ def float_matmuls(module: nn.Module) -> Iterator[None]:
     rounding per layer, and a code a layer later can round the other way on it, which says nothing about whether
     the lowering kept the codes and scales: the equivalence check compares the two this way."""
     lowered = [m for m in module.modules() if isinstance(m, QuantizedLinear | QuantizedExperts)]
+    before = [layer.integer_matmul for layer in lowered]
     try:
         for layer in lowered:
             layer.integer_matmul = False
         yield
     finally:
-        for layer in lowered:
-            del layer.integer_matmul
+        for layer, integer in zip(lowered, before, strict=True):
+            layer.integer_matmul = integer
 
 
 class ChannelScale(nn.Module):
