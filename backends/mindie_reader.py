@@ -26,6 +26,7 @@ from safetensors import safe_open
 from torch import nn
 
 from slimc.errors import ModelLoadError
+from slimc.numerics.int_mm import integer_matmul_available
 
 DESCRIPTION_FILE = "quant_model_description.json"
 WEIGHTS_FILE = "quant_model_weights.safetensors"
@@ -249,10 +250,12 @@ class AscendLinear(nn.Module):
 
     static W8A8: ``x_q = clamp(round(x / input_scale + input_offset), -128, 127)``,
     ``y = (x_q · W_qᵀ + quant_bias) · deq_scale`` (integer products summed exactly: in int32 as the runtime sums
-    them where that cannot overflow, on the CPU, otherwise in float64; the same values);
+    them where that cannot overflow, on a CPU whose int8 matmul is exact (`integer_matmul_available`), otherwise in
+    float64; the same values);
     *_DYNAMIC: per token ``s = amax|x| / qmax``, ``x_q = clamp(round(x / s))``,
     ``y = (x_q · W_qᵀ) · s · weight_scale + bias`` with the products summed in int32 as the runtime's integer
-    matmul sums them (on the CPU, for a scale per row, zero weight offsets and sums int32 holds), otherwise
+    matmul sums them (where the int8 matmul is exact, for a scale per row, zero weight offsets and sums int32
+    holds), otherwise
     ``y = (x_q · s)((W_q − weight_offset) · weight_scale)ᵀ + bias`` in float32; W8A16: dequantized weight.
     """
 
@@ -288,7 +291,7 @@ class AscendLinear(nn.Module):
         x32 = x.float()
         if self.quant_type == "W8A8":
             x_q = torch.clamp(torch.round(x32 / self.input_scale + self.input_offset), -128, 127)
-            if x.device.type == "cpu" and 128 * 128 * self.in_features <= torch.iinfo(torch.int32).max:
+            if integer_matmul_available(x.device) and 128 * 128 * self.in_features <= torch.iinfo(torch.int32).max:
                 products = torch._int_mm(x_q.to(torch.int8).reshape(-1, self.in_features), self.weight.t())
                 products = products.reshape(*x.shape[:-1], self.out_features).double()
             else:
@@ -302,7 +305,7 @@ class AscendLinear(nn.Module):
         x_q = torch.clamp(torch.round(x32 / s), qmin, qmax)
         if not hasattr(self, "weight_scale"):
             return F.linear(x_q * s, self.dequantized_weight, self.bias).to(x.dtype)
-        if x.device.type != "cpu":
+        if not integer_matmul_available(x.device):
             return F.linear(x_q * s, self.weight.float() * self.weight_scale.T, self.bias).to(x.dtype)
         products = torch._int_mm(x_q.to(torch.int8).reshape(-1, self.in_features), self.weight.t())
         y = products.float().mul_(s.reshape(-1, 1)).mul_(self.weight_scale)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from slimc.numerics import quant
+from slimc.numerics import int_mm, quant
 from slimc.numerics.calib import activation_channel_absmax
 from slimc.numerics.modules import FakeQuantize, QuantizedExperts, QuantizedLinear, float_matmuls
 from slimc.numerics.observers import Observer
@@ -269,3 +269,30 @@ def test_lowered_experts_compute_each_expert_as_a_lowered_layer_does():
 def lowered_layer_of(experts: QuantizedExperts, scheme: QuantScheme, which: str, expert: int) -> QuantizedLinear:
     return QuantizedLinear(scheme, getattr(experts, which)[expert], getattr(experts, f"{which}_scale")[expert],
                            getattr(experts, f"{which}_offset")[expert], None, None, torch.float32)
+
+
+def saturating_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """An int8 matmul as x86 CPUs without VNNI compute it: (a + 128) × b in pairs summed in 16 bits, saturating,
+    then the 128 · Σb compensation."""
+    products = (a.long() + 128)[:, None, :] * b.t().long()[None, :, :]
+    pairs = (products[..., 0::2] + products[..., 1::2]).clamp(-32768, 32767)
+    return (pairs.sum(-1) - 128 * b.long().sum(0)[None, :]).int()
+
+
+def refused_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("_int_mm: not implemented for this CPU")
+
+
+@pytest.mark.parametrize("kernel", [saturating_int_mm, refused_int_mm], ids=["saturating", "missing"])
+def test_lowered_layers_multiply_in_float_where_this_cpus_int8_matmul_is_not_exact(monkeypatch, kernel):
+    layer = lowered_layer(INTEGER_SCHEMES[0], in_features=64, out_features=24, dtype=torch.float32)
+    x = torch.randn(5, 64)
+    with float_matmuls(layer):
+        expected = layer(x)
+    monkeypatch.setattr(torch, "_int_mm", kernel)
+    int_mm.exact_on_this_cpu.cache_clear()
+    try:
+        assert not int_mm.integer_matmul_available(torch.device("cpu"))
+        assert torch.equal(layer(x), expected)
+    finally:
+        int_mm.exact_on_this_cpu.cache_clear()

@@ -14,6 +14,7 @@ from torch import nn
 
 from slimc.ir.leaves import register_leaf
 from slimc.numerics.hadamard import OnlineHadamard
+from slimc.numerics.int_mm import integer_matmul_available
 from slimc.numerics.observers import ChannelObserver, Observer
 from slimc.numerics.quant import (
     LastQuantized,
@@ -129,10 +130,11 @@ class QKHadamard(OnlineHadamard):
 
 @register_leaf("linear")
 class QuantizedLinear(nn.Module):
-    """A Linear lowered to integer weights and scales; computes what the quantized runtime computes: on the CPU,
-    where `integer_products` allows, the integer matmul of activation and weight codes, scaled after (several
-    times faster than a float32 matmul, and exact where the float one rounds every partial sum); otherwise the
-    dequantized activation times the dequantized weight in float32.
+    """A Linear lowered to integer weights and scales; computes what the quantized runtime computes: on a CPU
+    whose int8 matmul is exact (`integer_matmul_available`), where `integer_products` allows, the integer matmul
+    of activation and weight codes, scaled after (several times faster than a float32 matmul, and exact where the
+    float one rounds every partial sum); otherwise the dequantized activation times the dequantized weight in
+    float32.
 
     Buffers: ``weight`` int8 codes (out, in) (int4 codes are stored unpacked in int8);
     ``weight_scale``/``weight_offset`` float32 (out, 1) or (out, in / group); ``bias`` float32 or
@@ -173,7 +175,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self.scheme.act
-        if self.integer_matmul and x.device.type == "cpu" and integer_products(act, self.scheme.weight, self.in_features):
+        if self.integer_matmul and integer_matmul_available(x.device) and integer_products(act, self.scheme.weight, self.in_features):
             if act.dynamic:
                 codes, scale, offset = (self.shared_codes or activation_codes)(x, act)
             else:
@@ -366,7 +368,7 @@ class QuantizedExperts(nn.Module):
         if act is not None and not act.dynamic:
             input_scale = getattr(self, f"{stem}_input_scale")[expert]
             input_offset = getattr(self, f"{stem}_input_offset")[expert]
-        if self.integer_matmul and x.device.type == "cpu" and integer_products(act, self.scheme.weight, codes.shape[1]):
+        if self.integer_matmul and integer_matmul_available(x.device) and integer_products(act, self.scheme.weight, codes.shape[1]):
             x_codes, scale, offset = activation_codes(x, act, input_scale, input_offset)
             out = integer_linear(x_codes, scale, offset, act.symmetric, codes, getattr(self, f"{which}_scale")[expert], bias)
             return out.reshape(*x.shape[:-1], codes.shape[0])
