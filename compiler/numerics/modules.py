@@ -175,7 +175,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self.scheme.act
-        if self.integer_matmul and integer_matmul_available(x.device) and integer_products(act, self.scheme.weight, self.in_features):
+        if sums_integers(self, x, self.in_features):
             if act.dynamic:
                 codes, scale, offset = (self.shared_codes or activation_codes)(x, act)
             else:
@@ -192,6 +192,13 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.scheme.label}"
+
+
+def sums_integers(layer: QuantizedLinear | QuantizedExperts, x: torch.Tensor, in_features: int) -> bool:
+    """Whether a lowered layer computes its products of `x` as an integer matmul: not within `float_matmuls`, on a
+    device whose int8 matmul is exact, where its scheme allows (`integer_products`)."""
+    scheme = layer.scheme
+    return layer.integer_matmul and integer_matmul_available(x.device) and integer_products(scheme.act, scheme.weight, in_features)
 
 
 def dynamic_fake_quantize_float32(x: torch.Tensor, scheme: TensorScheme) -> torch.Tensor:
@@ -368,14 +375,15 @@ class QuantizedExperts(nn.Module):
         if act is not None and not act.dynamic:
             input_scale = getattr(self, f"{stem}_input_scale")[expert]
             input_offset = getattr(self, f"{stem}_input_offset")[expert]
-        if self.integer_matmul and integer_matmul_available(x.device) and integer_products(act, self.scheme.weight, codes.shape[1]):
+        weight_scale = getattr(self, f"{which}_scale")[expert]
+        if sums_integers(self, x, codes.shape[1]):
             x_codes, scale, offset = activation_codes(x, act, input_scale, input_offset)
-            out = integer_linear(x_codes, scale, offset, act.symmetric, codes, getattr(self, f"{which}_scale")[expert], bias)
+            out = integer_linear(x_codes, scale, offset, act.symmetric, codes, weight_scale, bias)
             return out.reshape(*x.shape[:-1], codes.shape[0])
         x32 = x.float()
         if act is not None:
             x32 = dynamic_fake_quantize(x32, act) if act.dynamic else fake_quantize(x32, input_scale, input_offset, act)
-        weight = dequantize_weight(codes, getattr(self, f"{which}_scale")[expert], getattr(self, f"{which}_offset")[expert], self.scheme.weight)
+        weight = dequantize_weight(codes, weight_scale, getattr(self, f"{which}_offset")[expert], self.scheme.weight)
         return F.linear(x32, weight, bias)
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
